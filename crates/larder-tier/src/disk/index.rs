@@ -1,0 +1,179 @@
+//! The disk tier's in-memory index: which revisions exist, how big they are, when they expire
+//! and when they were last read, so that eviction (least recently read first) and the size limit
+//! need no file-system scan. The files are the truth; the index is rebuilt from them at start.
+//!
+//! Every mutation of the file system (commit rename, delete, eviction) happens while holding the
+//! index lock, which makes "check precondition, then rename" a compare-and-swap.
+
+use larder_proto::{ETag, Validators};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `(namespace, BLAKE3 of the key)`: the key's file is named by its hash.
+pub type EntryId = (Arc<str>, [u8; 32]);
+
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// File length (header + body): what counts against the limit.
+    pub file_len: u64,
+    pub body_len: u64,
+    pub etag: [u8; 32],
+    pub expires_ms: u64,
+    pub last_modified_s: u64,
+    pub last_access: u64,
+}
+
+impl Entry {
+    pub fn validators(&self) -> Validators {
+        Validators {
+            etag: ETag::from_bytes(self.etag),
+            size: self.body_len,
+            last_modified: UNIX_EPOCH + Duration::from_secs(self.last_modified_s),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Index {
+    entries: HashMap<EntryId, Entry>,
+    /// (last_access tick, id): the front is the least recently used entry.
+    lru: BTreeSet<(u64, EntryId)>,
+    tick: u64,
+    pub total_bytes: u64,
+    pub evictions: u64,
+    pub expirations: u64,
+}
+
+impl Index {
+    pub fn get(&self, id: &EntryId) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Inserts or replaces; returns the replaced entry.
+    pub fn insert(&mut self, id: EntryId, mut entry: Entry) -> Option<Entry> {
+        let old = self.remove(&id);
+        entry.last_access = self.next_tick();
+        self.total_bytes += entry.file_len;
+        self.lru.insert((entry.last_access, id.clone()));
+        self.entries.insert(id, entry);
+        old
+    }
+
+    pub fn remove(&mut self, id: &EntryId) -> Option<Entry> {
+        let old = self.entries.remove(id)?;
+        self.lru.remove(&(old.last_access, id.clone()));
+        self.total_bytes -= old.file_len;
+        Some(old)
+    }
+
+    /// Marks a read of the revision with this ETag (a reader of an older revision that was
+    /// replaced meanwhile does not refresh the new one).
+    pub fn touch(&mut self, id: &EntryId, etag: &[u8; 32]) {
+        let tick = self.tick + 1;
+        if let Some(e) = self.entries.get_mut(id)
+            && &e.etag == etag
+        {
+            self.tick = tick;
+            self.lru.remove(&(e.last_access, id.clone()));
+            e.last_access = tick;
+            self.lru.insert((tick, id.clone()));
+        }
+    }
+
+    /// The least recently used entry, skipping `keep`.
+    pub fn coldest(&self, keep: Option<&EntryId>) -> Option<EntryId> {
+        self.lru
+            .iter()
+            .map(|(_, id)| id)
+            .find(|id| Some(*id) != keep)
+            .cloned()
+    }
+
+    pub fn expired(&self, now: SystemTime) -> Vec<EntryId> {
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.expires_ms <= now_ms)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Per-namespace (objects, body bytes).
+    pub fn usage(&self) -> HashMap<Arc<str>, (u64, u64)> {
+        let mut out: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
+        for ((ns, _), e) in &self.entries {
+            let u = out.entry(ns.clone()).or_default();
+            u.0 += 1;
+            u.1 += e.body_len;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> EntryId {
+        (Arc::from("ns"), [n; 32])
+    }
+
+    fn entry(len: u64) -> Entry {
+        Entry {
+            file_len: len,
+            body_len: len,
+            etag: [0; 32],
+            expires_ms: u64::MAX,
+            last_modified_s: 0,
+            last_access: 0,
+        }
+    }
+
+    #[test]
+    fn lru_order_follows_reads_not_writes() {
+        let mut idx = Index::default();
+        idx.insert(id(1), entry(10));
+        idx.insert(id(2), entry(20));
+        idx.insert(id(3), entry(30));
+        assert_eq!(idx.total_bytes, 60);
+        assert_eq!(idx.coldest(None), Some(id(1)));
+        idx.touch(&id(1), &[0; 32]);
+        assert_eq!(idx.coldest(None), Some(id(2)));
+        assert_eq!(idx.coldest(Some(&id(2))), Some(id(3)));
+        idx.remove(&id(2));
+        assert_eq!(idx.total_bytes, 40);
+        assert_eq!(idx.coldest(None), Some(id(3)));
+    }
+
+    #[test]
+    fn touch_of_a_replaced_revision_is_ignored() {
+        let mut idx = Index::default();
+        idx.insert(id(1), entry(10));
+        idx.insert(id(2), entry(10));
+        idx.touch(&id(1), &[9; 32]);
+        assert_eq!(idx.coldest(None), Some(id(1)));
+    }
+
+    #[test]
+    fn replacing_adjusts_total() {
+        let mut idx = Index::default();
+        idx.insert(id(1), entry(10));
+        let old = idx.insert(id(1), entry(25));
+        assert_eq!(old.unwrap().file_len, 10);
+        assert_eq!(idx.total_bytes, 25);
+        assert_eq!(idx.len(), 1);
+    }
+}

@@ -1,0 +1,744 @@
+//! The disk tier: one immutable file per revision under `DIR/objects/<ns>/<hh>/<hash(key)>`.
+//!
+//! A revision is written to `DIR/tmp`, fsynced, and renamed over the key's file, so opening the
+//! key's path yields one complete revision, and a reader keeps reading its revision through its
+//! file descriptor even while a writer replaces it or eviction unlinks it. Nothing else is ever
+//! written in place, so a `kill -9` at any instant leaves either the old or the new revision,
+//! plus temp files that the next start removes.
+//!
+//! Reads are positioned reads of large chunks (`read_chunk`, 1 MiB by default) on the blocking
+//! pool with a little read-ahead, so memory stays flat in the object size; small objects come
+//! back from the very read that decoded the header.
+
+mod format;
+mod index;
+
+use crate::error::{ErrorKind, TierError};
+use crate::tier::{
+    BodyStream, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
+    TierStats, UploadStream,
+};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use format::{Fixed, MetaJson};
+use futures_util::StreamExt;
+use index::{Entry, EntryId, Index};
+use larder_proto::{ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// How much of a file the first read takes: the header plus, for small objects, the whole body.
+const FIRST_READ: usize = 64 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub dir: PathBuf,
+    /// Total bytes of revision files allowed; the least recently read are evicted beyond it.
+    pub limit: Option<u64>,
+    /// Size of each positioned read when streaming a body.
+    pub read_chunk: usize,
+    /// Chunks read ahead of the one being sent.
+    pub read_ahead: usize,
+    /// How often expired revisions are swept (they are also refused at read time).
+    pub sweep_interval: Duration,
+}
+
+impl DiskConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> DiskConfig {
+        DiskConfig {
+            dir: dir.into(),
+            limit: None,
+            read_chunk: 1 << 20,
+            read_ahead: 2,
+            sweep_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Inner {
+    config: DiskConfig,
+    objects: PathBuf,
+    tmp: PathBuf,
+    index: Mutex<Index>,
+}
+
+#[derive(Clone)]
+pub struct DiskTier {
+    inner: Arc<Inner>,
+}
+
+/// A temp file that removes itself unless it was renamed into place.
+struct TempFile {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+enum Upload {
+    Chunk(Bytes),
+    /// The body ended cleanly; without it the writer discards the temp file.
+    Finish,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    ETag::from_bytes(*bytes).as_str().to_string()
+}
+
+fn key_hash(key: &Key) -> [u8; 32] {
+    *blake3::hash(key.as_str().as_bytes()).as_bytes()
+}
+
+fn parse_hex32(name: &str) -> Option<[u8; 32]> {
+    ETag::parse(name).map(|e| e.to_bytes())
+}
+
+impl DiskTier {
+    /// Opens (creating if needed) the tier at `config.dir`: removes temp files and anything in
+    /// the object tree that is not a complete, unexpired revision, and rebuilds the index.
+    pub async fn open(config: DiskConfig) -> Result<DiskTier, TierError> {
+        let inner = tokio::task::spawn_blocking(move || Inner::open(config))
+            .await
+            .map_err(|e| TierError::internal("disk tier start-up", e))??;
+        let tier = DiskTier {
+            inner: Arc::new(inner),
+        };
+        tier.spawn_sweeper();
+        Ok(tier)
+    }
+
+    fn spawn_sweeper(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let interval = self.inner.config.sweep_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let _ = tokio::task::spawn_blocking(move || inner.sweep_expired()).await;
+            }
+        });
+    }
+
+    /// Removes every expired revision now (also runs periodically).
+    pub async fn sweep_expired(&self) -> usize {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.sweep_expired())
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Total bytes of revision files (header + body) counted against the limit.
+    pub fn used_bytes(&self) -> u64 {
+        self.inner.index.lock().unwrap().total_bytes
+    }
+}
+
+impl Inner {
+    fn open(config: DiskConfig) -> Result<Inner, TierError> {
+        let objects = config.dir.join("objects");
+        let tmp = config.dir.join("tmp");
+        for d in [&objects, &tmp] {
+            fs::create_dir_all(d)
+                .map_err(|e| TierError::io(&format!("create {}", d.display()), &e))?;
+        }
+        // Uploads that were in flight when the previous process died.
+        let mut removed_tmp = 0;
+        for entry in fs::read_dir(&tmp).map_err(|e| TierError::io("read tmp dir", &e))? {
+            let entry = entry.map_err(|e| TierError::io("read tmp dir", &e))?;
+            if fs::remove_file(entry.path()).is_ok() {
+                removed_tmp += 1;
+            }
+        }
+        let started = std::time::Instant::now();
+        let (index, removed) = scan(&objects)?;
+        tracing::info!(
+            dir = %config.dir.display(),
+            objects = index.len(),
+            bytes = index.total_bytes,
+            removed_temp_files = removed_tmp,
+            removed_orphans = removed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "disk tier opened"
+        );
+        let inner = Inner {
+            config,
+            objects,
+            tmp,
+            index: Mutex::new(index),
+        };
+        inner.evict_over_limit(None);
+        Ok(inner)
+    }
+
+    fn path_of(&self, ns: &str, hash: &[u8; 32]) -> PathBuf {
+        let h = hex(hash);
+        self.objects.join(ns).join(&h[..2]).join(h)
+    }
+
+    /// Reads the current revision's header and a first slice of its body from one descriptor.
+    fn open_revision(&self, path: &Path) -> Result<Option<OpenRevision>, TierError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(TierError::io("open revision", &e)),
+        };
+        let mut buf = vec![0u8; FIRST_READ];
+        let n = read_full_at(&file, &mut buf, 0).map_err(|e| TierError::io("read revision", &e))?;
+        buf.truncate(n);
+        let fixed = match Fixed::decode(&buf) {
+            Ok(f) => f,
+            Err(e) => {
+                return Err(TierError::internal(
+                    &format!("revision {}", path.display()),
+                    e,
+                ));
+            }
+        };
+        if (fixed.header_len as usize) > buf.len() {
+            let mut more = vec![0u8; fixed.header_len as usize - buf.len()];
+            let m = read_full_at(&file, &mut more, buf.len() as u64)
+                .map_err(|e| TierError::io("read revision", &e))?;
+            buf.extend_from_slice(&more[..m]);
+        }
+        let (fixed, meta) = format::decode_header(&buf)
+            .map_err(|e| TierError::internal(&format!("revision {}", path.display()), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| TierError::io("stat revision", &e))?
+            .len();
+        if len != fixed.file_len() {
+            return Err(TierError::internal(
+                &format!("revision {}", path.display()),
+                "file length does not match its header",
+            ));
+        }
+        let prefix = Bytes::from(buf).slice(fixed.header_len as usize..);
+        Ok(Some(OpenRevision {
+            file,
+            fixed,
+            meta,
+            prefix,
+        }))
+    }
+
+    fn get_blocking(
+        self: &Arc<Self>,
+        ns: &Namespace,
+        key: &Key,
+        opts: &GetOptions,
+    ) -> Result<GetResponse, TierError> {
+        let hash = key_hash(key);
+        let path = self.path_of(ns.as_str(), &hash);
+        let Some(rev) = self.open_revision(&path)? else {
+            return Err(TierError::not_found());
+        };
+        let id: EntryId = (Arc::from(ns.as_str()), hash);
+        if rev.fixed.expires_ms <= now_ms() {
+            self.remove_if_current(&id, &rev.fixed.etag, true);
+            return Err(TierError::not_found());
+        }
+        let meta = ObjectMeta {
+            etag: rev.fixed.etag(),
+            size: rev.fixed.body_len,
+            last_modified: rev.fixed.last_modified(),
+            expires: rev.fixed.expires(),
+            headers: rev.meta.headers,
+        };
+        let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
+        let range = match outcome {
+            ReadOutcome::Full => Some((0, meta.size)),
+            ReadOutcome::Partial(r) => Some((r.start, r.len)),
+            _ => None,
+        };
+        let body = match range {
+            Some((start, len)) if !opts.head => {
+                self.index.lock().unwrap().touch(&id, &rev.fixed.etag);
+                Some(self.body_stream(
+                    rev.file,
+                    rev.fixed.header_len as u64,
+                    rev.prefix,
+                    start,
+                    len,
+                ))
+            }
+            _ => None,
+        };
+        Ok(GetResponse {
+            outcome,
+            meta,
+            body,
+        })
+    }
+
+    fn body_stream(
+        &self,
+        file: File,
+        body_offset: u64,
+        prefix: Bytes,
+        start: u64,
+        len: u64,
+    ) -> BodyStream {
+        if len == 0 {
+            return futures_util::stream::empty().boxed();
+        }
+        if start + len <= prefix.len() as u64 {
+            let chunk = prefix.slice(start as usize..(start + len) as usize);
+            return futures_util::stream::once(async move { Ok(chunk) }).boxed();
+        }
+        let file = Arc::new(file);
+        let chunk = self.config.read_chunk as u64;
+        let end = start + len;
+        let offsets = (0..len.div_ceil(chunk)).map(move |i| start + i * chunk);
+        let reads = futures_util::stream::iter(offsets).map(move |off| {
+            let file = file.clone();
+            let n = chunk.min(end - off) as usize;
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = BytesMut::zeroed(n);
+                    let got = read_full_at(&file, &mut buf, body_offset + off)
+                        .map_err(|e| TierError::io("read body", &e))?;
+                    if got != n {
+                        // Revision files are immutable; a short read means the disk lied.
+                        return Err(TierError::internal(
+                            "read body",
+                            "revision file is shorter than its header says",
+                        ));
+                    }
+                    Ok(buf.freeze())
+                })
+                .await
+                .map_err(|e| TierError::internal("read body", e))?
+            }
+        });
+        reads.buffered(self.config.read_ahead.max(1)).boxed()
+    }
+
+    /// Removes the key's file if the index still says it holds revision `etag`.
+    fn remove_if_current(&self, id: &EntryId, etag: &[u8; 32], expired: bool) {
+        let mut index = self.index.lock().unwrap();
+        if index.get(id).is_some_and(|e| &e.etag == etag) {
+            let _ = fs::remove_file(self.path_of(&id.0, &id.1));
+            index.remove(id);
+            if expired {
+                index.expirations += 1;
+                metrics::counter!("larder_disk_expirations_total").increment(1);
+            }
+        }
+    }
+
+    fn sweep_expired(&self) -> usize {
+        let expired = self.index.lock().unwrap().expired(SystemTime::now());
+        let n = expired.len();
+        for id in expired {
+            let etag = match self.index.lock().unwrap().get(&id) {
+                Some(e) => e.etag,
+                None => continue,
+            };
+            self.remove_if_current(&id, &etag, true);
+        }
+        n
+    }
+
+    fn evict_over_limit(&self, keep: Option<&EntryId>) {
+        let Some(limit) = self.config.limit else {
+            return;
+        };
+        let mut index = self.index.lock().unwrap();
+        while index.total_bytes > limit {
+            let Some(victim) = index.coldest(keep) else {
+                break;
+            };
+            let _ = fs::remove_file(self.path_of(&victim.0, &victim.1));
+            if let Some(e) = index.remove(&victim) {
+                tracing::debug!(ns = %victim.0, bytes = e.file_len, "evicted");
+            }
+            index.evictions += 1;
+            metrics::counter!("larder_disk_evictions_total").increment(1);
+        }
+        metrics::gauge!("larder_disk_bytes").set(index.total_bytes as f64);
+    }
+
+    /// Checks the precondition against the current revision and renames the temp file into
+    /// place, atomically with respect to every other commit, delete and eviction.
+    fn commit(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        mut temp: TempFile,
+        fixed: &Fixed,
+        opts: &PutOptions,
+    ) -> Result<bool, TierError> {
+        let hash = key_hash(key);
+        let id: EntryId = (Arc::from(ns.as_str()), hash);
+        let path = self.path_of(ns.as_str(), &hash);
+        let dir = path.parent().expect("object path has a parent");
+        fs::create_dir_all(dir).map_err(|e| TierError::io("create object dir", &e))?;
+        let created = {
+            let mut index = self.index.lock().unwrap();
+            let now = now_ms();
+            // An expired revision is not current, even before the sweeper removes it.
+            let current = index
+                .get(&id)
+                .filter(|e| e.expires_ms > now)
+                .map(Entry::validators);
+            if decide_write(&opts.precondition, current.as_ref())
+                == WriteOutcome::PreconditionFailed
+            {
+                return Err(TierError::precondition_failed(current.map(|v| v.etag)));
+            }
+            fs::rename(&temp.path, &path).map_err(|e| TierError::io("publish revision", &e))?;
+            temp.armed = false;
+            let entry = Entry {
+                file_len: fixed.file_len(),
+                body_len: fixed.body_len,
+                etag: fixed.etag,
+                expires_ms: fixed.expires_ms,
+                last_modified_s: fixed.last_modified_s,
+                last_access: 0,
+            };
+            index.insert(id.clone(), entry);
+            current.is_none()
+        };
+        // Durability of the rename itself; readers already see the new revision.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        self.evict_over_limit(Some(&id));
+        Ok(created)
+    }
+}
+
+struct OpenRevision {
+    file: File,
+    fixed: Fixed,
+    meta: MetaJson,
+    /// Body bytes that came with the header read.
+    prefix: Bytes,
+}
+
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Writes the temp file from the upload channel, hashing on the way, then patches the header,
+/// fsyncs, and hands back the still-armed temp file.
+fn write_temp(
+    path: PathBuf,
+    header: Vec<u8>,
+    mut rx: mpsc::Receiver<Upload>,
+) -> Result<(TempFile, Fixed), TierError> {
+    let temp = TempFile { path, armed: true };
+    let file = File::create_new(&temp.path).map_err(|e| TierError::io("create temp file", &e))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&header)
+        .map_err(|e| TierError::io("write temp file", &e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut body_len = 0u64;
+    let mut finished = false;
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Upload::Chunk(chunk) => {
+                hasher.update(&chunk);
+                body_len += chunk.len() as u64;
+                out.write_all(&chunk)
+                    .map_err(|e| TierError::io("write temp file", &e))?;
+            }
+            Upload::Finish => {
+                finished = true;
+                break;
+            }
+        }
+    }
+    if !finished {
+        return Err(TierError::new(ErrorKind::BodyAborted, "upload aborted"));
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| TierError::io("write temp file", e.error()))?;
+    let etag = *hasher.finalize().as_bytes();
+    file.write_all_at(&body_len.to_le_bytes(), format::BODY_LEN_OFFSET)
+        .and_then(|_| file.write_all_at(&etag, format::ETAG_OFFSET))
+        .and_then(|_| file.sync_all())
+        .map_err(|e| TierError::io("write temp file", &e))?;
+    let mut fixed = Fixed::decode(&header).map_err(|e| TierError::internal("encode header", e))?;
+    fixed.body_len = body_len;
+    fixed.etag = etag;
+    Ok((temp, fixed))
+}
+
+/// What one scanning thread found: valid revisions with their mtime, and how many files it removed.
+type ScanResult = (Vec<(EntryId, Entry, SystemTime)>, usize);
+
+/// Rebuilds the index from the object tree, removing whatever is not a complete, unexpired
+/// revision. Directories are scanned on all cores: start-up time is what an operator waits for.
+fn scan(objects: &Path) -> Result<(Index, usize), TierError> {
+    let mut dirs = Vec::new();
+    for ns_entry in fs::read_dir(objects).map_err(|e| TierError::io("scan objects", &e))? {
+        let ns_entry = ns_entry.map_err(|e| TierError::io("scan objects", &e))?;
+        let ns_name = ns_entry.file_name().to_string_lossy().into_owned();
+        if Namespace::parse(&ns_name).is_err() {
+            tracing::warn!(path = %ns_entry.path().display(), "ignoring unexpected entry in object tree");
+            continue;
+        }
+        let ns: Arc<str> = Arc::from(ns_name.as_str());
+        for sub in fs::read_dir(ns_entry.path()).map_err(|e| TierError::io("scan objects", &e))? {
+            let sub = sub.map_err(|e| TierError::io("scan objects", &e))?;
+            dirs.push((ns.clone(), sub.path()));
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
+    let now = now_ms();
+    let chunks: Vec<_> = dirs.chunks(dirs.len().div_ceil(threads).max(1)).collect();
+    let results: Vec<ScanResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|chunk| s.spawn(move || scan_dirs(chunk, now)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut found = Vec::new();
+    let mut removed = 0;
+    for (entries, r) in results {
+        found.extend(entries);
+        removed += r;
+    }
+    // Last access is not persisted; commit time is the best estimate of recency after a restart.
+    found.sort_by_key(|(_, _, mtime)| *mtime);
+    let mut index = Index::default();
+    for (id, entry, _) in found {
+        index.insert(id, entry);
+    }
+    Ok((index, removed))
+}
+
+fn scan_dirs(
+    dirs: &[(Arc<str>, PathBuf)],
+    now_ms: u64,
+) -> (Vec<(EntryId, Entry, SystemTime)>, usize) {
+    let mut found = Vec::new();
+    let mut removed = 0;
+    let mut buf = [0u8; format::FIXED_LEN];
+    for (ns, dir) in dirs {
+        let Ok(rd) = fs::read_dir(dir) else { continue };
+        for entry in rd.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let valid = parse_hex32(&name.to_string_lossy()).and_then(|hash| {
+                let file = File::open(&path).ok()?;
+                let n = read_full_at(&file, &mut buf, 0).ok()?;
+                let fixed = Fixed::decode(&buf[..n]).ok()?;
+                let md = file.metadata().ok()?;
+                if md.len() != fixed.file_len() || fixed.expires_ms <= now_ms {
+                    return None;
+                }
+                let entry = Entry {
+                    file_len: fixed.file_len(),
+                    body_len: fixed.body_len,
+                    etag: fixed.etag,
+                    expires_ms: fixed.expires_ms,
+                    last_modified_s: fixed.last_modified_s,
+                    last_access: 0,
+                };
+                Some((
+                    (ns.clone(), hash),
+                    entry,
+                    md.modified().unwrap_or(UNIX_EPOCH),
+                ))
+            });
+            match valid {
+                Some(v) => found.push(v),
+                None => {
+                    if fs::remove_file(&path).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+        }
+    }
+    (found, removed)
+}
+
+#[async_trait]
+impl Tier for DiskTier {
+    fn name(&self) -> &'static str {
+        "disk"
+    }
+
+    async fn get(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: GetOptions,
+    ) -> Result<GetResponse, TierError> {
+        let inner = self.inner.clone();
+        let (ns, key) = (ns.clone(), key.clone());
+        tokio::task::spawn_blocking(move || inner.get_blocking(&ns, &key, &opts))
+            .await
+            .map_err(|e| TierError::internal("disk read", e))?
+    }
+
+    async fn put(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        mut body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<PutResult, TierError> {
+        let now = now_ms();
+        let expires_ms = now.saturating_add(opts.ttl.as_millis() as u64);
+        let meta = MetaJson {
+            ns: ns.as_str().to_string(),
+            key: key.as_str().to_string(),
+            headers: opts.headers.clone(),
+        };
+        let header = format::encode_header(&meta, expires_ms, now / 1000)
+            .map_err(|e| TierError::new(ErrorKind::InvalidInput, e))?;
+        let temp_path = self
+            .inner
+            .tmp
+            .join(format!("{:016x}.tmp", rand::random::<u64>()));
+        let (tx, rx) = mpsc::channel(8);
+        let writer = tokio::task::spawn_blocking(move || write_temp(temp_path, header, rx));
+        let max = opts
+            .max_size
+            .unwrap_or(u64::MAX)
+            .min(self.inner.config.limit.unwrap_or(u64::MAX));
+        let mut received = 0u64;
+        let mut failure = None;
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(chunk) => {
+                    received += chunk.len() as u64;
+                    if received > max {
+                        failure = Some(if opts.max_size.is_some_and(|m| received > m) {
+                            TierError::new(
+                                ErrorKind::TooLarge,
+                                format!(
+                                    "body exceeds the maximum object size of {} bytes",
+                                    opts.max_size.unwrap_or(0)
+                                ),
+                            )
+                        } else {
+                            TierError::new(
+                                ErrorKind::InsufficientStorage,
+                                "object is larger than the disk tier's size limit",
+                            )
+                        });
+                        break;
+                    }
+                    if tx.send(Upload::Chunk(chunk)).await.is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    failure = Some(TierError::new(
+                        ErrorKind::BodyAborted,
+                        format!("request body failed: {e}"),
+                    ));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            let _ = tx.send(Upload::Finish).await;
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| TierError::internal("disk write", e))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        let (temp, fixed) = written?;
+        let inner = self.inner.clone();
+        let (ns, key) = (ns.clone(), key.clone());
+        let commit_fixed = fixed.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            inner.commit(&ns, &key, temp, &commit_fixed, &opts)
+        })
+        .await
+        .map_err(|e| TierError::internal("disk commit", e))??;
+        Ok(PutResult {
+            etag: fixed.etag(),
+            size: fixed.body_len,
+            created,
+        })
+    }
+
+    async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
+        let inner = self.inner.clone();
+        let id: EntryId = (Arc::from(ns.as_str()), key_hash(key));
+        tokio::task::spawn_blocking(move || {
+            let mut index = inner.index.lock().unwrap();
+            index.remove(&id);
+            match fs::remove_file(inner.path_of(&id.0, &id.1)) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(TierError::io("delete revision", &e)),
+            }
+        })
+        .await
+        .map_err(|e| TierError::internal("disk delete", e))?
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
+        let usage = self.inner.index.lock().unwrap().usage();
+        let mut out: Vec<NamespaceUsage> = usage
+            .into_iter()
+            .map(|(name, (objects, bytes))| NamespaceUsage {
+                name: name.to_string(),
+                objects,
+                bytes,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
+        let index = self.inner.index.lock().unwrap();
+        Ok(vec![TierStats {
+            tier: "disk".into(),
+            objects: index.len() as u64,
+            bytes: index.total_bytes,
+            limit: self.inner.config.limit,
+            evictions: index.evictions,
+            expirations: index.expirations,
+        }])
+    }
+}
+
+#[cfg(test)]
+mod tests;

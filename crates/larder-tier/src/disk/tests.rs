@@ -1,0 +1,206 @@
+//! The conformance suite against the disk tier, plus what only a disk tier has: restart,
+//! start-up clean-up, eviction by last read.
+
+use super::*;
+use crate::conformance::{TierRef, pattern, upload};
+use tempfile::TempDir;
+
+async fn fresh() -> TierRef {
+    // Each test owns its directory for its whole life; leaking the TempDir keeps it alive.
+    let dir = Box::leak(Box::new(TempDir::new().unwrap()));
+    Arc::new(DiskTier::open(DiskConfig::new(dir.path())).await.unwrap())
+}
+
+crate::conformance_suite!(fresh().await);
+
+fn ns(s: &str) -> Namespace {
+    Namespace::parse(s).unwrap()
+}
+fn key(s: &str) -> Key {
+    Key::parse(s).unwrap()
+}
+
+async fn read_all(t: &DiskTier, n: &Namespace, k: &Key) -> Option<Vec<u8>> {
+    match t.get(n, k, GetOptions::default()).await {
+        Ok(r) => Some(crate::body_to_bytes(r.body.unwrap()).await.unwrap()),
+        Err(e) if e.kind == ErrorKind::NotFound => None,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn committed_objects_survive_restart() {
+    let dir = TempDir::new().unwrap();
+    let data = pattern(3 << 20, 5);
+    {
+        let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+        t.put(
+            &ns("ci"),
+            &key("a/b"),
+            upload(data.clone()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    assert_eq!(read_all(&t, &ns("ci"), &key("a/b")).await.unwrap(), data);
+    let stats = t.stats().await.unwrap();
+    assert_eq!(stats[0].objects, 1);
+    assert!(stats[0].bytes > data.len() as u64);
+}
+
+#[tokio::test]
+async fn start_up_removes_temp_files_and_orphans() {
+    let dir = TempDir::new().unwrap();
+    {
+        let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+        t.put(
+            &ns("ci"),
+            &key("keep"),
+            upload(b"keep".to_vec()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let tmp = dir.path().join("tmp/deadbeef.tmp");
+    fs::write(&tmp, b"half an upload").unwrap();
+    let orphan_dir = dir.path().join("objects/ci/ab");
+    fs::create_dir_all(&orphan_dir).unwrap();
+    let garbage = orphan_dir.join("not-a-hash");
+    fs::write(&garbage, b"junk").unwrap();
+    let truncated = orphan_dir.join("ab".to_string() + &"0".repeat(62));
+    fs::write(
+        &truncated,
+        &format::encode_header(
+            &MetaJson {
+                ns: "ci".into(),
+                key: "x".into(),
+                headers: vec![],
+            },
+            u64::MAX,
+            0,
+        )
+        .unwrap()[..40],
+    )
+    .unwrap();
+
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    assert!(!tmp.exists(), "temp files are removed at start");
+    assert!(
+        !garbage.exists(),
+        "unknown files in the object tree are removed"
+    );
+    assert!(!truncated.exists(), "incomplete revision files are removed");
+    assert_eq!(
+        read_all(&t, &ns("ci"), &key("keep")).await.unwrap(),
+        b"keep"
+    );
+}
+
+#[tokio::test]
+async fn eviction_removes_least_recently_read_first() {
+    let dir = TempDir::new().unwrap();
+    let mut config = DiskConfig::new(dir.path());
+    config.limit = Some(350_000);
+    let t = DiskTier::open(config).await.unwrap();
+    let n = ns("ev");
+    for name in ["a", "b", "c"] {
+        t.put(
+            &n,
+            &key(name),
+            upload(pattern(100_000, 1)),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // Reading "a" makes "b" the coldest.
+    read_all(&t, &n, &key("a")).await.unwrap();
+    t.put(
+        &n,
+        &key("d"),
+        upload(pattern(100_000, 2)),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        read_all(&t, &n, &key("b")).await.is_none(),
+        "b was least recently read"
+    );
+    for name in ["a", "c", "d"] {
+        assert!(read_all(&t, &n, &key(name)).await.is_some(), "{name} kept");
+    }
+    assert!(t.used_bytes() <= 350_000);
+    assert_eq!(t.stats().await.unwrap()[0].evictions, 1);
+}
+
+#[tokio::test]
+async fn object_larger_than_the_limit_is_refused_with_insufficient_storage() {
+    let dir = TempDir::new().unwrap();
+    let mut config = DiskConfig::new(dir.path());
+    config.limit = Some(10_000);
+    let t = DiskTier::open(config).await.unwrap();
+    let err = t
+        .put(
+            &ns("ci"),
+            &key("huge"),
+            upload(pattern(20_000, 1)),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InsufficientStorage);
+    assert_eq!(
+        fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0,
+        "no temp file left"
+    );
+}
+
+#[tokio::test]
+async fn reader_keeps_its_revision_while_it_is_replaced_and_evicted() {
+    let dir = TempDir::new().unwrap();
+    let mut config = DiskConfig::new(dir.path());
+    config.read_chunk = 64 * 1024;
+    let t = DiskTier::open(config).await.unwrap();
+    let (n, k) = (ns("ci"), key("k"));
+    let old = pattern(2 << 20, 1);
+    t.put(&n, &k, upload(old.clone()), PutOptions::default())
+        .await
+        .unwrap();
+    let mut r = t.get(&n, &k, GetOptions::default()).await.unwrap();
+    let mut body = r.body.take().unwrap();
+    let mut got = body.next().await.unwrap().unwrap().to_vec();
+    t.put(&n, &k, upload(pattern(1 << 20, 2)), PutOptions::default())
+        .await
+        .unwrap();
+    t.delete(&n, &k).await.unwrap();
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(
+        got == old,
+        "the open revision is read to its end, unchanged"
+    );
+    assert_eq!(ETag::of(&got), r.meta.etag);
+}
+
+#[tokio::test]
+async fn expired_revisions_are_swept() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    let opts = PutOptions {
+        ttl: Duration::from_millis(10),
+        ..Default::default()
+    };
+    t.put(&ns("ci"), &key("gone"), upload(b"x".to_vec()), opts)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(t.sweep_expired().await, 1);
+    assert_eq!(t.stats().await.unwrap()[0].objects, 0);
+    assert_eq!(t.stats().await.unwrap()[0].expirations, 1);
+}

@@ -1,0 +1,23 @@
+//! The storage tiers of larder and the one abstraction they share.
+//!
+//! A [`Tier`] stores revisions of objects under `(namespace, key)`. Every method takes an
+//! options struct (in the spirit of the `object_store` crate) so that new options break nobody,
+//! and every read is decided by `larder_proto::decide_read` against the revision the tier
+//! actually opened — the revision's metadata and bytes come from the same open handle, so a
+//! reader can never see the metadata of one revision with the bytes of another.
+//!
+//! Tiers compose by wrapping: the tiered cache (disk over S3) is itself a `Tier`. The
+//! [`conformance`] module holds the scenarios every tier must pass; each tier's tests run all of
+//! them through [`conformance_suite!`].
+
+pub mod conformance;
+pub mod disk;
+mod error;
+mod tier;
+
+pub use disk::{DiskConfig, DiskTier};
+pub use error::{ErrorKind, TierError};
+pub use tier::{
+    BodyStream, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
+    TierStats, UploadStream, body_to_bytes,
+};
