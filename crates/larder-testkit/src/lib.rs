@@ -1,0 +1,174 @@
+//! Test harness for larder's integration tests: builds and starts the real `larderd` binary on
+//! a loopback port with a throw-away data directory, and stops it (gracefully or with
+//! `kill -9`) when asked or when dropped.
+//!
+//! Tests talk to the process over HTTP exactly as users do; nothing here reaches into the
+//! server. The binary is (re)built once per test process with `cargo build`, so a test never
+//! runs against a stale server.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace's target directory, derived from the running test executable
+/// (`target/<profile>/deps/<test>`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, built up to date on first use.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let release = profile_dir().file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "larderd",
+            "-p",
+            "larder-client",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build of the larder binaries failed"
+        );
+    });
+    let path = profile_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A running larderd.
+pub struct Larderd {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    _owned_dir: Option<tempfile::TempDir>,
+}
+
+impl Larderd {
+    /// Starts larderd on a free loopback port with a fresh data directory and extra `args`.
+    pub fn start(args: &[&str]) -> Larderd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let mut l = Larderd::start_in(&data_dir, args);
+        l._owned_dir = Some(dir);
+        l
+    }
+
+    /// Starts larderd on `data_dir` (kept after the process stops, for restart tests).
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Larderd {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (child, addr) = spawn(data_dir, &args);
+        Larderd {
+            child: Some(child),
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            args,
+            _owned_dir: None,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn object_url(&self, ns: &str, key: &str) -> String {
+        format!("http://{}/api/v1/object/{ns}/{key}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        send_signal(c.id(), "TERM");
+        c.wait().expect("wait")
+    }
+
+    /// Starts a new process on the same data directory and arguments (a fresh port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let (child, addr) = spawn(&self.data_dir, &self.args);
+        self.child = Some(child);
+        self.addr = addr;
+    }
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+fn spawn(data_dir: &Path, args: &[String]) -> (Child, String) {
+    let mut child = Command::new(binary("larderd"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env(
+            "LARDER_LOG",
+            std::env::var("LARDER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn larderd");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(addr) = line.strip_prefix("larderd listening on http://") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
+            return (child, addr);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("larderd exited during start-up: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "larderd did not start within 30 s"
+        );
+    }
+}
+
+impl Drop for Larderd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,463 @@
+//! The HTTP object API (DESIGN.md "HTTP object API"): routing, and the translation of tier
+//! outcomes into status lines and headers.
+//!
+//! Handlers decide nothing themselves: the tier applies `larder_proto::decide_read` to the
+//! revision it opened, and a handler only turns the outcome into a response. A response with a
+//! body is built only once the tier has opened its first byte source, and a body stream that
+//! fails later makes hyper abort the connection (the declared `Content-Length` is never met),
+//! so a failure can never look like a clean short body.
+
+use crate::metrics::RequestMetrics;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use larder_proto::units::parse_duration;
+use larder_proto::{Key, Namespace, ReadConditions, ReadOutcome, WritePrecondition};
+use larder_tier::{ErrorKind, GetOptions, ObjectMeta, PutOptions, Tier, TierError};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub type Body = UnsyncBoxBody<Bytes, TierError>;
+
+pub struct State {
+    pub tier: Arc<dyn Tier>,
+    pub max_ttl: Duration,
+    pub max_object_size: u64,
+    pub metrics: PrometheusHandle,
+    pub started: Instant,
+}
+
+const OBJECT_PREFIX: &str = "/api/v1/object/";
+const OBJECT_METHODS: &str = "GET, HEAD, PUT, POST, DELETE";
+const READ_METHODS: &str = "GET, HEAD";
+
+/// Response headers a client may store with an object. Everything else (Authorization, Cookie,
+/// hop-by-hop headers, …) is dropped so a cache can never replay credentials.
+fn is_storable_header(name: &str) -> bool {
+    matches!(
+        name,
+        "content-type" | "content-encoding" | "content-disposition" | "cache-control"
+    ) || name.starts_with("x-larder-meta-")
+}
+
+pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (route, response) = route(&state, req).await;
+    RequestMetrics {
+        route,
+        method: &method,
+        status: response.status(),
+        started,
+    }
+    .record();
+    tracing::info!(
+        target: "larderd::access",
+        %method,
+        path,
+        status = response.status().as_u16(),
+        etag = response.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).unwrap_or(""),
+        micros = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+async fn route(state: &Arc<State>, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+    let path = req.uri().path().to_string();
+    if let Some(rest) = path.strip_prefix(OBJECT_PREFIX) {
+        return ("object", object(state, req_parts(rest), req).await);
+    }
+    let route: &'static str = match path.as_str() {
+        "/_liveness" => "liveness",
+        "/_readiness" => "readiness",
+        "/metrics" => "metrics",
+        "/api/v1/namespaces" => "namespaces",
+        "/api/v1/stats" => "stats",
+        _ => {
+            return (
+                "unknown",
+                text(StatusCode::NOT_FOUND, format!("no route for {path}")),
+            );
+        }
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (route, method_not_allowed(READ_METHODS));
+    }
+    let response = match route {
+        "liveness" => text(StatusCode::OK, "ok"),
+        "readiness" => match state.tier.ready().await {
+            Ok(()) => text(StatusCode::OK, "ready"),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
+        },
+        "metrics" => {
+            let mut r = Response::new(full(state.metrics.render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "namespaces" => match state.tier.list_namespaces().await {
+            Ok(list) => json_response(StatusCode::OK, &json!({ "namespaces": list })),
+            Err(e) => tier_error(e),
+        },
+        _ => match state.tier.stats().await {
+            Ok(tiers) => json_response(
+                StatusCode::OK,
+                &json!({ "uptime_seconds": state.started.elapsed().as_secs(), "tiers": tiers }),
+            ),
+            Err(e) => tier_error(e),
+        },
+    };
+    (route, response)
+}
+
+/// The `{namespace}/{key}` part of an object path, still percent-encoded.
+fn req_parts(rest: &str) -> (&str, &str) {
+    rest.split_once('/').unwrap_or((rest, ""))
+}
+
+fn parse_names(ns: &str, key: &str) -> Result<(Namespace, Key), larder_proto::NameError> {
+    Ok((Namespace::parse(ns)?, Key::from_url_path(key)?))
+}
+
+async fn object(
+    state: &Arc<State>,
+    (ns, key): (&str, &str),
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let method = req.method().clone();
+    if !matches!(
+        method,
+        Method::GET | Method::HEAD | Method::PUT | Method::POST | Method::DELETE
+    ) {
+        return method_not_allowed(OBJECT_METHODS);
+    }
+    let (ns, key) = match parse_names(ns, key) {
+        Ok(names) => names,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let span = tracing::info_span!("object", %ns, %key, %method);
+    let _enter = span.enter();
+    match method {
+        Method::GET | Method::HEAD => {
+            get(state, &ns, &key, req.headers(), method == Method::HEAD).await
+        }
+        Method::PUT | Method::POST => put(state, &ns, &key, req).await,
+        _ => match state.tier.delete(&ns, &key).await {
+            Ok(_) => empty(StatusCode::NO_CONTENT),
+            Err(e) => tier_error(e),
+        },
+    }
+}
+
+/// A header value as text. A value that is not visible ASCII becomes `""`: for `If-Match` that
+/// matches nothing (412), for `Range` it is malformed (ignored) — never silently "absent".
+fn header_text(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
+    headers.get(name).map(|v| v.to_str().unwrap_or(""))
+}
+
+async fn get(
+    state: &State,
+    ns: &Namespace,
+    key: &Key,
+    headers: &HeaderMap,
+    head: bool,
+) -> Response<Body> {
+    let conditions = ReadConditions::from_headers(
+        header_text(headers, header::IF_MATCH),
+        header_text(headers, header::IF_NONE_MATCH),
+        header_text(headers, header::IF_MODIFIED_SINCE),
+        header_text(headers, header::IF_UNMODIFIED_SINCE),
+        header_text(headers, header::IF_RANGE),
+        header_text(headers, header::RANGE),
+    );
+    let got = match state
+        .tier
+        .get(ns, key, GetOptions { conditions, head })
+        .await
+    {
+        Ok(got) => got,
+        Err(e) => return tier_error(e),
+    };
+    let meta = &got.meta;
+    let (status, mut response) = match got.outcome {
+        ReadOutcome::Full | ReadOutcome::Partial(_) => {
+            let (status, len) = match got.outcome {
+                ReadOutcome::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.len),
+                _ => (StatusCode::OK, meta.size),
+            };
+            let body = match got.body {
+                Some(stream) => {
+                    let tier = state.tier.name();
+                    UnsyncBoxBody::new(StreamBody::new(stream.map_ok(move |chunk| {
+                        metrics::counter!("larder_bytes_served_total", "tier" => tier)
+                            .increment(chunk.len() as u64);
+                        Frame::data(chunk)
+                    })))
+                }
+                None => empty_body(),
+            };
+            let mut r = Response::new(body);
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            if let ReadOutcome::Partial(range) = got.outcome {
+                h.insert(
+                    header::CONTENT_RANGE,
+                    value(&range.content_range(meta.size)),
+                );
+            }
+            let mut has_type = false;
+            for (name, v) in &meta.headers {
+                if let (Ok(name), Ok(v)) = (
+                    HeaderName::try_from(name.as_str()),
+                    HeaderValue::try_from(v.as_str()),
+                ) {
+                    has_type |= name == header::CONTENT_TYPE;
+                    h.append(name, v);
+                }
+            }
+            if !has_type {
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+            }
+            (status, r)
+        }
+        ReadOutcome::NotModified => {
+            let mut r = Response::new(empty_body());
+            if let Some((_, cc)) = meta.headers.iter().find(|(n, _)| n == "cache-control") {
+                r.headers_mut().insert(header::CACHE_CONTROL, value(cc));
+            }
+            (StatusCode::NOT_MODIFIED, r)
+        }
+        ReadOutcome::PreconditionFailed => (
+            StatusCode::PRECONDITION_FAILED,
+            text(
+                StatusCode::PRECONDITION_FAILED,
+                format!("precondition failed: current ETag is {}", meta.etag),
+            ),
+        ),
+        ReadOutcome::RangeNotSatisfiable => {
+            let mut r = text(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("range not satisfiable: the object has {} bytes", meta.size),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                value(&larder_proto::range::unsatisfied_content_range(meta.size)),
+            );
+            (StatusCode::RANGE_NOT_SATISFIABLE, r)
+        }
+        ReadOutcome::NotFound => return tier_error(TierError::not_found()),
+    };
+    *response.status_mut() = status;
+    add_validators(response.headers_mut(), meta);
+    response
+}
+
+fn add_validators(h: &mut HeaderMap, meta: &ObjectMeta) {
+    h.insert(header::ETAG, value(&meta.etag.header_value()));
+    h.insert(
+        header::LAST_MODIFIED,
+        value(&httpdate::fmt_http_date(meta.last_modified)),
+    );
+}
+
+async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -> Response<Body> {
+    let headers = req.headers();
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        && len > state.max_object_size
+    {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "body of {len} bytes exceeds the maximum object size of {} bytes",
+                state.max_object_size
+            ),
+        );
+    }
+    let ttl = match headers.get("time-to-live") {
+        None => state.max_ttl,
+        Some(v) => match v
+            .to_str()
+            .map_err(|_| "not text".to_string())
+            .and_then(parse_duration)
+        {
+            Ok(ttl) => ttl.min(state.max_ttl),
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid Time-To-Live: {e}"),
+                );
+            }
+        },
+    };
+    let mut stored = Vec::new();
+    for (name, v) in headers {
+        if is_storable_header(name.as_str()) {
+            match v.to_str() {
+                Ok(v) => stored.push((name.as_str().to_string(), v.to_string())),
+                Err(_) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("header {name} is not visible ASCII"),
+                    );
+                }
+            }
+        }
+    }
+    let precondition = WritePrecondition::from_headers(
+        header_text(headers, header::IF_MATCH),
+        header_text(headers, header::IF_NONE_MATCH),
+    );
+    let opts = PutOptions {
+        ttl,
+        precondition,
+        headers: stored,
+        max_size: Some(state.max_object_size),
+    };
+    // The body is pumped through a channel rather than handed to the tier, so that when the tier
+    // refuses it half-way (disk full, too large) the handler still owns the connection's body
+    // and can drain a bounded remainder: the client then reads the 4xx/5xx instead of a reset.
+    let mut incoming = req.into_body();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let upload = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed();
+    let pump = async {
+        let tx = tx; // owned, so the upload stream ends when the body does
+        while let Some(frame) = incoming.frame().await {
+            let item = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => Ok(data),
+                    Err(_) => continue, // trailers carry nothing we store
+                },
+                Err(e) => Err(std::io::Error::other(e)),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return false;
+            }
+        }
+        true
+    };
+    let (result, body_complete) = tokio::join!(state.tier.put(ns, key, upload, opts), pump);
+    if result.is_err() && !body_complete {
+        drain(&mut incoming).await;
+    }
+    match result {
+        Ok(put) => {
+            let status = if put.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let mut r = json_response(
+                status,
+                &json!({ "etag": put.etag.header_value(), "size": put.size }),
+            );
+            r.headers_mut()
+                .insert(header::ETAG, value(&put.etag.header_value()));
+            tracing::info!(etag = %put.etag, size = put.size, created = put.created, "stored");
+            r
+        }
+        Err(e) => tier_error(e),
+    }
+}
+
+/// Reads and discards what is left of a refused upload, up to a bound: enough for a client that
+/// is still sending to see the answer, never an invitation to stream gigabytes into the void.
+async fn drain(body: &mut Incoming) {
+    const MAX_BYTES: u64 = 64 << 20;
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > MAX_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn value(s: &str) -> HeaderValue {
+    HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn full(data: impl Into<Bytes>) -> Body {
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn empty_body() -> Body {
+    full(Bytes::new())
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(empty_body());
+    *r.status_mut() = status;
+    r
+}
+
+/// A one-line plain-text response: every 4xx/5xx body is a reason a person can read.
+pub fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
+    let mut line = reason.into();
+    line.push('\n');
+    let mut r = Response::new(full(line));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(format!("{v}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed; allowed: {allow}"),
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+fn tier_error(e: TierError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_server_error() {
+        tracing::error!(kind = e.kind.label(), error = %e, "request failed");
+    }
+    let mut r = text(status, e.message.clone());
+    if e.kind == ErrorKind::PreconditionFailed
+        && let Some(etag) = &e.current_etag
+    {
+        r.headers_mut()
+            .insert(header::ETAG, value(&etag.header_value()));
+    }
+    r
+}
