@@ -16,8 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn init_logging(format: LogFormat) {
+    // Access lines (one per request) are off by default: at tens of thousands of small requests
+    // per second, formatting them costs more than serving. `LARDER_LOG=info` turns them on.
     let filter = tracing_subscriber::EnvFilter::try_from_env("LARDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,larderd::access=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 /// How much of a file the first read takes: the header plus, for small objects, the whole body.
-const FIRST_READ: usize = 64 * 1024;
+const FIRST_READ: usize = 16 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct DiskConfig {
