@@ -1,0 +1,153 @@
+//! Why a client operation failed, phrased for the person at the terminal.
+//!
+//! Every message says what happened and, where there is something to do, what to do; the CLI
+//! prints them as they are. The variants are kept by meaning rather than by source library so
+//! that callers (the CLI's exit codes now, download retries later) can decide without parsing
+//! text: "not there" is a different answer from "broken".
+
+use larder_proto::ETag;
+use reqwest::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad local input (names, flags, URL): nothing was sent.
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// No TCP/TLS connection to the server could be made.
+    #[error("cannot connect to {url}: is larderd running? set --url or LARDER_URL ({cause})")]
+    Connect { url: String, cause: String },
+
+    /// 404 on an object.
+    #[error("{target} not found")]
+    NotFound { target: String },
+
+    /// 412: the message already explains which precondition and why.
+    #[error("{message}")]
+    PreconditionFailed {
+        message: String,
+        current: Option<ETag>,
+    },
+
+    /// Any other 4xx/5xx, with the server's one-line reason.
+    #[error("{op} {target}: the server answered {status}: {reason}{}", server_hint(*status))]
+    Server {
+        op: &'static str,
+        target: String,
+        status: StatusCode,
+        reason: String,
+    },
+
+    /// The connection failed after it was established (reset, timeout, truncated body).
+    #[error(
+        "{op} {target}: {cause}; retry, and check the network or the larderd logs if it persists"
+    )]
+    Transport {
+        op: &'static str,
+        target: String,
+        cause: String,
+    },
+
+    /// What arrived is not what the server's ETag names.
+    #[error(
+        "{target}: the received bytes have digest {actual} but the server's ETag is {expected}; \
+         {consequence}"
+    )]
+    DigestMismatch {
+        target: String,
+        expected: ETag,
+        actual: ETag,
+        consequence: String,
+    },
+
+    /// The server answered something a larderd would not (missing ETag, bad JSON, …).
+    #[error("{0}")]
+    Protocol(String),
+
+    /// A local file or stream failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn server_hint(status: StatusCode) -> &'static str {
+    if status.is_server_error() {
+        " (a server-side problem: retry later or check the larderd logs)"
+    } else {
+        ""
+    }
+}
+
+impl Error {
+    /// The process exit status for this failure: 2 means "no such object", so scripts can treat
+    /// a cache miss differently from a broken cache.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::NotFound { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::NotFound { .. })
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Maps a reqwest failure. `base` is the server URL as the user gave it, so the connect
+    /// message names what they can fix.
+    pub(crate) fn request(op: &'static str, target: &str, base: &str, e: reqwest::Error) -> Error {
+        if e.is_connect() {
+            return Error::Connect {
+                url: base.to_string(),
+                cause: innermost_cause(&e),
+            };
+        }
+        let cause = if e.is_timeout() {
+            format!("timed out: {}", causes(&e))
+        } else {
+            causes(&e)
+        };
+        Error::Transport {
+            op,
+            target: target.to_string(),
+            cause,
+        }
+    }
+}
+
+/// The error's sources joined by ": ", leaving out reqwest's own top line (it only repeats the
+/// URL) and consecutive repeats, which hyper's layers like to produce.
+fn causes(e: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = std::error::Error::source(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// The deepest cause, usually the OS error ("Connection refused (os error 111)").
+fn innermost_cause(e: &reqwest::Error) -> String {
+    let mut last: &dyn std::error::Error = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}

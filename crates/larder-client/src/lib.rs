@@ -1,0 +1,277 @@
+//! The larder client library: talks to larderd's HTTP object API (DESIGN.md "HTTP object API"
+//! and "Client").
+//!
+//! It lives in a library rather than in the `larder` binary so the CLI stays thin wiring and the
+//! pieces (name validation, error mapping, digest verification, staged output files) can be
+//! reused when downloads become parallel ranged requests. Every name is validated with
+//! `larder_proto` before a request is made, so a typo is reported locally with the same reason
+//! the server would give, and every download is checked against its content-digest ETag.
+
+mod error;
+mod get;
+mod output;
+mod put;
+
+pub use error::Error;
+pub use larder_proto::{ETag, Key, Namespace};
+pub use put::{Precondition, PutOptions, PutResult};
+
+use reqwest::header::{self, HeaderMap};
+use reqwest::{Method, Response, StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime};
+
+/// A validated `namespace/key` pair: holding one proves both parts are acceptable to the server.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectName {
+    pub ns: Namespace,
+    pub key: Key,
+}
+
+impl ObjectName {
+    /// Validates both parts, echoing the offending value so the user sees what was refused.
+    pub fn parse(ns: &str, key: &str) -> Result<ObjectName, Error> {
+        let ns =
+            Namespace::parse(ns).map_err(|e| Error::InvalidInput(format!("{e} (got {ns:?})")))?;
+        let key = Key::parse(key).map_err(|e| Error::InvalidInput(format!("{e} (got {key:?})")))?;
+        Ok(ObjectName { ns, key })
+    }
+}
+
+impl std::fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.ns, self.key)
+    }
+}
+
+/// What HEAD (or the headers of a GET) says about the current revision of an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub etag: ETag,
+    pub size: u64,
+    pub last_modified: Option<SystemTime>,
+    pub content_type: Option<String>,
+}
+
+/// One line of `GET /api/v1/namespaces`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceUsage {
+    pub name: String,
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+#[derive(Deserialize)]
+struct NamespaceList {
+    namespaces: Vec<NamespaceUsage>,
+}
+
+/// A connection pool to one larderd.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    /// Without a trailing slash, so paths can be appended and messages show what the user typed.
+    base: String,
+}
+
+/// Long enough for a busy server, short enough that a black-holed address does not look hung.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Client {
+    /// A client for the server at `url` (for example `http://127.0.0.1:8080`).
+    pub fn new(url: &str) -> Result<Client, Error> {
+        let invalid = |why: String| {
+            Error::InvalidInput(format!(
+                "invalid server URL {url:?}: {why} (expected e.g. http://127.0.0.1:8080)"
+            ))
+        };
+        let parsed = Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(invalid(format!("unsupported scheme {:?}", parsed.scheme())));
+        }
+        if parsed.host().is_none() {
+            return Err(invalid("no host".into()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::InvalidInput(format!("cannot set up the HTTP client: {e}")))?;
+        let base = parsed.as_str().trim_end_matches('/').to_string();
+        Ok(Client { http, base })
+    }
+
+    /// The server URL, as used in messages.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The object's URL. Names are validated to the unreserved URL alphabet plus `/`, so they
+    /// need no percent-encoding.
+    pub fn object_url(&self, name: &ObjectName) -> String {
+        format!("{}/api/v1/object/{}/{}", self.base, name.ns, name.key)
+    }
+
+    pub(crate) fn request(&self, method: Method, name: &ObjectName) -> reqwest::RequestBuilder {
+        self.http.request(method, self.object_url(name))
+    }
+
+    pub(crate) async fn send(
+        &self,
+        op: &'static str,
+        name: &ObjectName,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Response, Error> {
+        req.send()
+            .await
+            .map_err(|e| Error::request(op, &name.to_string(), &self.base, e))
+    }
+
+    /// HEAD: the current revision's validators, without the body.
+    pub async fn stat(&self, name: &ObjectName) -> Result<ObjectInfo, Error> {
+        let resp = self
+            .send("HEAD", name, self.request(Method::HEAD, name))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(failure("HEAD", name, resp).await);
+        }
+        object_info(resp.headers(), name)
+    }
+
+    /// DELETE; deleting a missing object succeeds (the server treats it as idempotent).
+    pub async fn delete(&self, name: &ObjectName) -> Result<(), Error> {
+        let resp = self
+            .send("DELETE", name, self.request(Method::DELETE, name))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(failure("DELETE", name, resp).await);
+        }
+        Ok(())
+    }
+
+    /// Namespaces with their object counts and sizes.
+    pub async fn namespaces(&self) -> Result<Vec<NamespaceUsage>, Error> {
+        let url = format!("{}/api/v1/namespaces", self.base);
+        let target = "namespaces";
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| Error::request("GET", target, &self.base, e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let reason = reason_line(status, resp).await;
+            return Err(Error::Server {
+                op: "GET",
+                target: target.into(),
+                status,
+                reason,
+            });
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::request("GET", target, &self.base, e))?;
+        let list: NamespaceList = serde_json::from_slice(&body).map_err(|e| {
+            Error::Protocol(format!(
+                "{url} did not answer with a namespace list ({e}); is --url pointing at larderd?"
+            ))
+        })?;
+        Ok(list.namespaces)
+    }
+}
+
+/// Reads the validators a larderd always sends with a 200/206/HEAD.
+pub(crate) fn object_info(headers: &HeaderMap, name: &ObjectName) -> Result<ObjectInfo, Error> {
+    let text = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok());
+    let etag = text(header::ETAG).and_then(ETag::parse).ok_or_else(|| {
+        Error::Protocol(format!(
+            "{name}: the server sent no larder ETag (a quoted 64-hex BLAKE3 digest), so the object \
+             cannot be verified; is --url pointing at larderd?"
+        ))
+    })?;
+    // Read the header itself: reqwest reports the (empty) body's length for HEAD.
+    let size = text(header::CONTENT_LENGTH)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            Error::Protocol(format!(
+                "{name}: the server sent no Content-Length; is --url pointing at larderd?"
+            ))
+        })?;
+    Ok(ObjectInfo {
+        etag,
+        size,
+        last_modified: text(header::LAST_MODIFIED).and_then(|v| httpdate::parse_http_date(v).ok()),
+        content_type: text(header::CONTENT_TYPE).map(str::to_string),
+    })
+}
+
+/// Turns an unsuccessful response into an error carrying the server's reason.
+pub(crate) async fn failure(op: &'static str, name: &ObjectName, resp: Response) -> Error {
+    let status = resp.status();
+    let current = resp
+        .headers()
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ETag::parse);
+    match status {
+        StatusCode::NOT_FOUND => Error::NotFound {
+            target: name.to_string(),
+        },
+        StatusCode::PRECONDITION_FAILED => {
+            let reason = reason_line(status, resp).await;
+            let message = if reason.starts_with("precondition failed") {
+                reason
+            } else {
+                format!("precondition failed: {reason}")
+            };
+            Error::PreconditionFailed { message, current }
+        }
+        _ => {
+            let reason = reason_line(status, resp).await;
+            Error::Server {
+                op,
+                target: name.to_string(),
+                status,
+                reason,
+            }
+        }
+    }
+}
+
+/// Longest reason echoed: a proxy in the way may answer with a whole HTML page.
+const MAX_REASON: usize = 300;
+
+/// The first line of an error body, or the status's standard phrase when there is none (HEAD).
+async fn reason_line(status: StatusCode, resp: Response) -> String {
+    let html = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/html"));
+    let body = resp.bytes().await.unwrap_or_default();
+    // larderd answers in one line of text; a page of markup means something else answered.
+    if html || body.trim_ascii_start().starts_with(b"<") {
+        return format!(
+            "{} (an HTML page, not a larderd reason; is --url pointing at larderd?)",
+            status.canonical_reason().unwrap_or("error")
+        );
+    }
+    let text = String::from_utf8_lossy(&body);
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    if line.is_empty() {
+        return status
+            .canonical_reason()
+            .unwrap_or("no reason given")
+            .to_string();
+    }
+    match line.char_indices().nth(MAX_REASON) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
+    }
+}
