@@ -17,15 +17,49 @@ pub struct RequestMetrics<'a> {
 
 impl RequestMetrics<'_> {
     pub fn record(self) {
-        let method = self.method.as_str().to_string();
+        // Static label values: no allocation per request on the hot path.
+        let method = static_method(self.method);
         metrics::counter!(
             "larder_http_requests_total",
             "route" => self.route,
-            "method" => method.clone(),
-            "status" => self.status.as_str().to_string()
+            "method" => method,
+            "status" => static_status(self.status)
         )
         .increment(1);
         metrics::histogram!("larder_http_request_duration_seconds", "route" => self.route, "method" => method)
             .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+fn static_method(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        _ => "other",
+    }
+}
+
+fn static_status(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        206 => "206",
+        304 => "304",
+        400 => "400",
+        404 => "404",
+        405 => "405",
+        412 => "412",
+        413 => "413",
+        416 => "416",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        507 => "507",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }
