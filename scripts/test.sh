@@ -1,7 +1,24 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace: unit tests, the tier conformance suite, and the integration
-# tests that start the real larderd binary on loopback ports.
+# Runs every test of the workspace: unit tests, the tier conformance suite (disk, and S3 against
+# a real Ceph RGW on loopback), and the integration tests that start the real larderd binary.
+#
+# Unless AWS_ENDPOINT_URL and S3_BUCKET are already set, this starts a throw-away RGW with
+# scripts/s3-server.sh (installing it from Debian on first use, which needs root and apt) and
+# stops it afterwards. LARDER_TEST_S3=skip runs without S3; the S3 tests then print SKIPPED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --locked --workspace --bins
+
+if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ "${LARDER_TEST_S3:-}" != skip ]; then
+  s3_dir="$PWD/target/s3-test"
+  port=${LARDER_TEST_S3_PORT:-9100}
+  if [ -f "$s3_dir/run/s3.pid" ] && kill -0 "$(cat "$s3_dir/run/s3.pid")" 2>/dev/null; then
+    scripts/s3-server.sh stop "$s3_dir"
+  fi
+  set -a
+  eval "$(scripts/s3-server.sh --port "$port" --data-dir "$s3_dir" --bucket larder-test)"
+  set +a
+  trap 'scripts/s3-server.sh stop "$s3_dir" >/dev/null 2>&1 || true' EXIT
+fi
+
 cargo test --locked --workspace "$@"

@@ -13,10 +13,12 @@
 pub mod conformance;
 pub mod disk;
 mod error;
+pub mod s3;
 mod tier;
 
 pub use disk::{DiskConfig, DiskTier};
 pub use error::{ErrorKind, TierError};
+pub use s3::{ConditionalPut, ReapReport, S3Config, S3Tier};
 pub use tier::{
     BodyStream, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
     TierStats, UploadStream, body_to_bytes,

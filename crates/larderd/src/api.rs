@@ -280,13 +280,23 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         && len > state.max_object_size
     {
-        return text(
+        let response = text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "body of {len} bytes exceeds the maximum object size of {} bytes",
                 state.max_object_size
             ),
         );
+        // A client that did not ask for 100-continue is already sending; let it finish (within
+        // drain's bounds) so that it reads the 413 instead of a reset. One that asked has sent
+        // nothing, and polling its body would make hyper invite the upload.
+        let expects_continue = headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if !expects_continue {
+            drain(&mut req.into_body()).await;
+        }
+        return response;
     }
     let ttl = match headers.get("time-to-live") {
         None => state.max_ttl,

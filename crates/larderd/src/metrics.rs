@@ -59,7 +59,8 @@ fn static_status(s: StatusCode) -> &'static str {
         502 => "502",
         503 => "503",
         507 => "507",
-        400..=499 => "4xx",
-        _ => "5xx",
+        s if (400..500).contains(&s) => "4xx",
+        s if s >= 500 => "5xx",
+        _ => "other",
     }
 }

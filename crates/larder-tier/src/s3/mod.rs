@@ -1,0 +1,841 @@
+//! The S3 tier: the authoritative store that every replica shares, on any S3-compatible server.
+//!
+//! S3 offers no way to change an object's metadata and bytes together under a precondition
+//! except by rewriting the whole object, and no way to read a key pinned to a revision except
+//! `If-Match` on S3's own ETag. So a key is split in two (see [`layout`]): its bytes go into an
+//! immutable body object with a name used exactly once, and its revision — larder's ETag, size,
+//! headers, expiry and the body's name — into a small reference object that is written last with
+//! a conditional PUT. Committing a revision is therefore one atomic compare-and-swap of a small
+//! object, whatever the body's size, and every body read is pinned by construction: a reader
+//! that got a body name from a reference reads that revision's bytes or fails, never another
+//! revision's bytes.
+//!
+//! Replaced and deleted bodies are not removed at once, because downloads in flight (on this or
+//! another replica) may still be reading them; [`S3Tier::reap`] removes them after a grace period.
+
+mod config;
+mod error;
+mod layout;
+mod read;
+mod upload;
+
+pub use config::{MIN_PART_SIZE, S3Config};
+
+use crate::error::{ErrorKind, TierError};
+use crate::tier::{
+    GetOptions, GetResponse, NamespaceUsage, PutOptions, PutResult, Tier, TierStats, UploadStream,
+};
+use async_trait::async_trait;
+use error::{s3_error, timed_out};
+use futures_util::{StreamExt, TryStreamExt};
+use larder_proto::{Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
+use layout::{BODIES, Layout, PROBE, REFS, RETIRED, RefDoc};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
+use read::{BodyReader, OpenError};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use upload::Uploader;
+
+/// Compare-and-swap attempts on one reference before a write gives up with a 503: each failed
+/// attempt means another writer committed in between, so this only trips under heavy
+/// contention on a single key.
+const MAX_CAS_ATTEMPTS: u32 = 20;
+
+/// Reference objects read at once when listing (namespaces, stats, reaping).
+const LIST_READ_CONCURRENCY: usize = 16;
+
+/// What the start-up probe found out about conditional PUT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionalPut {
+    /// `If-None-Match: *` and `If-Match` on PUT are honoured.
+    Supported,
+    /// The server silently overwrites despite the preconditions (Garage), or refuses `If-Match`
+    /// even with the right ETag: create-only and compare-and-swap cannot be atomic.
+    Unsupported,
+}
+
+/// What one [`S3Tier::reap`] pass removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReapReport {
+    pub bodies_deleted: u64,
+    pub bytes_freed: u64,
+    pub expired_refs_deleted: u64,
+    pub markers_deleted: u64,
+    /// Unreferenced bodies kept because their grace period has not passed yet.
+    pub bodies_in_grace: u64,
+}
+
+#[derive(Clone)]
+pub struct S3Tier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for S3Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Tier")
+            .field("bucket", &self.inner.config.bucket)
+            .field("prefix", &self.inner.config.prefix)
+            .finish()
+    }
+}
+
+struct Inner {
+    config: S3Config,
+    store: Arc<dyn ObjectStore>,
+    layout: Layout,
+    /// RGW compares `If-Match` on PUT against the bare ETag, other servers against the quoted
+    /// header form; the probe finds out which (unquoted until then).
+    quoted_update_etag: AtomicBool,
+    /// Off only after the probe found conditional PUT unusable and the configuration accepted
+    /// that: references are then written unconditionally (last writer wins).
+    conditional_put: AtomicBool,
+    expirations: AtomicU64,
+}
+
+/// A reference object as read, with S3's ETag of it (the CAS token for replacing it).
+struct Current {
+    doc: RefDoc,
+    s3_etag: String,
+}
+
+impl S3Tier {
+    /// Builds the client without talking to S3 (a server may start while S3 is down; requests
+    /// then fail with 503 until it is back). Prefer [`S3Tier::connect`].
+    pub fn new(config: S3Config) -> Result<S3Tier, TierError> {
+        let store: Arc<dyn ObjectStore> = Arc::new(config.build_store()?);
+        Ok(S3Tier {
+            inner: Arc::new(Inner {
+                layout: Layout::new(&config.prefix),
+                config,
+                store,
+                quoted_update_etag: AtomicBool::new(false),
+                conditional_put: AtomicBool::new(true),
+                expirations: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Builds the client and checks that the bucket is reachable and honours conditional PUT;
+    /// refuses a server that ignores it unless `require_conditional_put` is off.
+    pub async fn connect(config: S3Config) -> Result<S3Tier, TierError> {
+        let tier = S3Tier::new(config)?;
+        match tier.check_conditional_put().await? {
+            ConditionalPut::Supported => tracing::info!(
+                bucket = %tier.inner.config.bucket,
+                prefix = %tier.inner.config.prefix,
+                quoted_if_match = tier.inner.quoted_update_etag.load(Ordering::Relaxed),
+                "S3 tier ready; conditional PUT supported"
+            ),
+            ConditionalPut::Unsupported if tier.inner.config.require_conditional_put => {
+                return Err(TierError::new(
+                    ErrorKind::Upstream,
+                    format!(
+                        "the S3 server behind bucket {:?} ignores conditional PUT \
+                         (If-None-Match / If-Match): create-only and compare-and-swap writes \
+                         would silently overwrite; use a server that supports it (AWS S3, \
+                         MinIO, Ceph RGW) or turn off require_conditional_put",
+                        tier.inner.config.bucket
+                    ),
+                ));
+            }
+            ConditionalPut::Unsupported => {
+                tier.inner.conditional_put.store(false, Ordering::Relaxed);
+                tracing::warn!(
+                    bucket = %tier.inner.config.bucket,
+                    "the S3 server does not support conditional PUT: references are written \
+                     unconditionally, so concurrent writers to one key may lose updates and \
+                     If-None-Match / If-Match writes are checked but not atomic"
+                )
+            }
+        }
+        Ok(tier)
+    }
+
+    pub fn config(&self) -> &S3Config {
+        &self.inner.config
+    }
+
+    /// Writes and rewrites a probe object with create-only and If-Match PUTs to see whether the
+    /// server enforces them, and which ETag form it wants in `If-Match`.
+    pub async fn check_conditional_put(&self) -> Result<ConditionalPut, TierError> {
+        let inner = &self.inner;
+        let path = inner
+            .layout
+            .path(&format!("{PROBE}/{:032x}", rand::random::<u128>()))?;
+        let put = |body: &'static str, mode: PutMode| {
+            let path = path.clone();
+            async move {
+                inner
+                    .small("conditional PUT probe", async {
+                        inner
+                            .store
+                            .put_opts(&path, PutPayload::from_static(body.as_bytes()), mode.into())
+                            .await
+                    })
+                    .await
+            }
+        };
+        let unexpected = |e: object_store::Error| Err(s3_error("conditional PUT probe", &e));
+        let verdict = async {
+            match put("1", PutMode::Create).await? {
+                Ok(_) => {}
+                Err(e) => return unexpected(e),
+            }
+            match put("2", PutMode::Create).await? {
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Ok(_) => return Ok(ConditionalPut::Unsupported),
+                Err(e) => return unexpected(e),
+            }
+            let wrong = UpdateVersion {
+                e_tag: Some("00000000000000000000000000000000".into()),
+                version: None,
+            };
+            match put("3", PutMode::Update(wrong)).await? {
+                Err(object_store::Error::Precondition { .. }) => {}
+                Ok(_) => return Ok(ConditionalPut::Unsupported),
+                Err(e) => return unexpected(e),
+            }
+            let head = inner
+                .small("conditional PUT probe", inner.store.head(&path))
+                .await?;
+            let quoted = match head {
+                Ok(meta) => meta.e_tag.unwrap_or_default(),
+                Err(e) => return unexpected(e),
+            };
+            for (form, quote) in [(unquote(&quoted).to_string(), false), (quoted, true)] {
+                let version = UpdateVersion {
+                    e_tag: Some(form),
+                    version: None,
+                };
+                match put("4", PutMode::Update(version)).await? {
+                    Ok(_) => {
+                        inner.quoted_update_etag.store(quote, Ordering::Relaxed);
+                        return Ok(ConditionalPut::Supported);
+                    }
+                    Err(object_store::Error::Precondition { .. }) => continue,
+                    Err(e) => return unexpected(e),
+                }
+            }
+            // It refuses even the right ETag: If-Match on PUT cannot be used.
+            Ok(ConditionalPut::Unsupported)
+        }
+        .await;
+        let _ = inner
+            .small("probe clean-up", inner.store.delete(&path))
+            .await;
+        verdict
+    }
+
+    /// Removes unreferenced bodies whose grace period has passed, expired references, and
+    /// stale retirement markers. A body's grace starts when it stopped being current (its
+    /// retirement marker, or its reference's expiry), or for a body that was never referenced
+    /// (an upload that lost its race or died) when it was written. `grace` must exceed the
+    /// longest download of one response and the longest upload.
+    ///
+    /// Cost: lists every body, marker and reference under the prefix and reads every reference.
+    pub async fn reap(&self, grace: Duration) -> Result<ReapReport, TierError> {
+        let inner = &self.inner;
+        let mut report = ReapReport::default();
+        // Bodies first: a body committed after this listing is not in it, and one committed
+        // before the reference listing below is seen as referenced.
+        let bodies = inner.list(BODIES).await?;
+        let markers: HashMap<String, SystemTime> = inner
+            .list(RETIRED)
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let rel = inner.layout.relative(&m.location)?;
+                Some((rel.to_string(), modified(&m)))
+            })
+            .collect();
+        let refs = inner.scan_refs().await?;
+        let now = SystemTime::now();
+        let mut referenced = HashSet::new();
+        // When each body of an expired reference stopped being current.
+        let mut expired_at: HashMap<String, SystemTime> = HashMap::new();
+        for (path, current) in &refs {
+            let Some(current) = current else { continue };
+            if !current.doc.expired_at(now) {
+                referenced.insert(current.doc.body.clone());
+                continue;
+            }
+            let expires = UNIX_EPOCH + Duration::from_millis(current.doc.expires_ms);
+            expired_at.insert(current.doc.body.clone(), expires);
+            if inner
+                .delete_ref_if_unchanged(path, &current.s3_etag)
+                .await?
+            {
+                report.expired_refs_deleted += 1;
+                inner.expirations.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("larder_s3_expirations_total").increment(1);
+            }
+        }
+        let mut existing = HashSet::new();
+        let mut doomed = Vec::new();
+        for body in bodies {
+            let Some(rel) = inner.layout.relative(&body.location) else {
+                continue;
+            };
+            existing.insert(rel.to_string());
+            if referenced.contains(rel) {
+                continue;
+            }
+            let marker = Layout::retired_name(rel).unwrap_or_default();
+            // The latest of the dates we know is when the body can last have been current.
+            let mut unreferenced_since = modified(&body);
+            for t in [markers.get(&marker), expired_at.get(rel)]
+                .into_iter()
+                .flatten()
+            {
+                unreferenced_since = unreferenced_since.max(*t);
+            }
+            if now.duration_since(unreferenced_since).unwrap_or_default() < grace {
+                report.bodies_in_grace += 1;
+                continue;
+            }
+            doomed.push((body.location.clone(), body.size, marker));
+        }
+        let markers = &markers;
+        let deleted: Vec<(u64, bool)> = futures_util::stream::iter(doomed)
+            .map(|(location, size, marker)| async move {
+                inner.delete_object(&location, "body delete").await?;
+                let had_marker = if markers.contains_key(&marker) {
+                    inner
+                        .delete_object(&inner.layout.path(&marker)?, "marker delete")
+                        .await?;
+                    true
+                } else {
+                    false
+                };
+                Ok::<_, TierError>((size, had_marker))
+            })
+            .buffer_unordered(LIST_READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for (size, had_marker) in deleted {
+            report.bodies_deleted += 1;
+            report.bytes_freed += size;
+            report.markers_deleted += u64::from(had_marker);
+        }
+        // Markers whose body is gone (deleted above, or by an earlier pass that died half-way).
+        for (marker, at) in markers {
+            let body = Layout::body_of_retired(marker).unwrap_or_default();
+            let stale = now.duration_since(*at).unwrap_or_default() >= grace;
+            if !existing.contains(&body) && stale {
+                inner
+                    .delete_object(&inner.layout.path(marker)?, "marker delete")
+                    .await?;
+                report.markers_deleted += 1;
+            }
+        }
+        metrics::counter!("larder_s3_reaped_bodies_total").increment(report.bodies_deleted);
+        tracing::info!(?report, grace_s = grace.as_secs(), "S3 reaper pass");
+        Ok(report)
+    }
+}
+
+fn unquote(etag: &str) -> &str {
+    etag.strip_prefix('"')
+        .and_then(|e| e.strip_suffix('"'))
+        .unwrap_or(etag)
+}
+
+/// When S3 says an object was last written.
+fn modified(m: &object_store::ObjectMeta) -> SystemTime {
+    let ms = m.last_modified.timestamp_millis();
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl Inner {
+    /// Runs one small S3 operation under the metadata deadline; the inner result is left to
+    /// the caller, who knows which S3 errors are answers (404 on a reference) and which are
+    /// failures.
+    async fn small<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<object_store::Result<T>, TierError> {
+        tokio::time::timeout(self.config.metadata_timeout, fut)
+            .await
+            .map_err(|_| timed_out(what))
+    }
+
+    async fn read_ref(&self, path: &Path) -> Result<Option<Current>, TierError> {
+        let fetched = self
+            .small("reference read", async {
+                let r = self.store.get(path).await?;
+                let e_tag = r.meta.e_tag.clone();
+                Ok((e_tag, r.bytes().await?))
+            })
+            .await?;
+        match fetched {
+            Ok((Some(s3_etag), bytes)) => Ok(Some(Current {
+                doc: RefDoc::parse(&bytes)?,
+                s3_etag,
+            })),
+            Ok((None, _)) => Err(TierError::new(
+                ErrorKind::Upstream,
+                "S3 answered a reference read without an ETag",
+            )),
+            Err(e) if error::is_missing_bucket(&e) => Err(s3_error("reference read", &e)),
+            // The one place where an S3 404 is an answer: there is no such key.
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(s3_error("reference read", &e)),
+        }
+    }
+
+    async fn delete_object(&self, path: &Path, what: &str) -> Result<(), TierError> {
+        match self.small(what, self.store.delete(path)).await? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s3_error(what, &e)),
+        }
+    }
+
+    /// Deletes an (expired) reference unless it changed since it was read. S3 has no
+    /// conditional DELETE everywhere, so this re-reads first; a writer that replaces it in the
+    /// few milliseconds between loses its write (a cache miss later, never wrong bytes).
+    async fn delete_ref_if_unchanged(&self, path: &Path, s3_etag: &str) -> Result<bool, TierError> {
+        match self.read_ref(path).await? {
+            Some(current) if current.s3_etag == s3_etag => {
+                self.delete_object(path, "reference delete").await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Records when a body stopped being current, so the reaper gives downloads in flight a
+    /// full grace period from now rather than from the body's upload time.
+    async fn retire(&self, body: &str) {
+        let Some(marker) = Layout::retired_name(body) else {
+            return;
+        };
+        let Ok(path) = self.layout.path(&marker) else {
+            return;
+        };
+        match self
+            .small("retire body", self.store.put(&path, PutPayload::new()))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            // Not fatal: the reaper then dates the body by its upload time, which only
+            // shortens the grace of downloads that started before the replacement.
+            Ok(Err(e)) => tracing::warn!(error = %e, body, "could not write retirement marker"),
+            Err(e) => tracing::warn!(error = %e, body, "could not write retirement marker"),
+        }
+    }
+
+    /// Deletes a body nobody references (its write lost a precondition race).
+    async fn discard_body(&self, body: &Path) {
+        if let Err(e) = self.delete_object(body, "body delete").await {
+            tracing::warn!(error = %e, body = %body, "left an unreferenced body for the reaper");
+        }
+    }
+
+    fn update_version(&self, s3_etag: &str) -> UpdateVersion {
+        let e_tag = if self.quoted_update_etag.load(Ordering::Relaxed) {
+            s3_etag.to_string()
+        } else {
+            unquote(s3_etag).to_string()
+        };
+        UpdateVersion {
+            e_tag: Some(e_tag),
+            version: None,
+        }
+    }
+
+    async fn list(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>, TierError> {
+        let prefix = self.layout.path(dir)?;
+        self.store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| s3_error("list", &e))
+    }
+
+    /// Every reference object under the prefix with its content (`None` if it vanished between
+    /// listing and reading).
+    async fn scan_refs(&self) -> Result<Vec<(Path, Option<Current>)>, TierError> {
+        let listed = self.list(REFS).await?;
+        futures_util::stream::iter(listed)
+            .map(|m| async move {
+                let current = self.read_ref(&m.location).await?;
+                Ok::<_, TierError>((m.location, current))
+            })
+            .buffer_unordered(LIST_READ_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// Namespace → (objects, bytes) of the live references.
+    async fn usage(&self) -> Result<BTreeMap<String, (u64, u64)>, TierError> {
+        let now = SystemTime::now();
+        let mut usage: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (path, current) in self.scan_refs().await? {
+            let Some(current) = current.filter(|c| !c.doc.expired_at(now)) else {
+                continue;
+            };
+            let Some(ns) = self
+                .layout
+                .relative(&path)
+                .and_then(Layout::namespace_of_ref)
+            else {
+                continue;
+            };
+            let entry = usage.entry(ns.to_string()).or_default();
+            entry.0 += 1;
+            entry.1 += current.doc.size;
+        }
+        Ok(usage)
+    }
+
+    /// Commits `doc` as the key's revision if `opts.precondition` holds against the current one
+    /// at the moment of the conditional PUT. Returns whether the key had no live revision.
+    async fn commit_ref(
+        &self,
+        ref_path: &Path,
+        body_path: &Path,
+        mut make_doc: impl FnMut(SystemTime) -> RefDoc,
+        opts: &PutOptions,
+    ) -> Result<bool, TierError> {
+        // The outcome of a PUT whose answer was lost: if the reference now names our body, it
+        // landed, and this is what it replaced.
+        let mut landed: Option<(bool, Option<String>)> = None;
+        let mut backoff = Duration::from_millis(5);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let current = self.read_ref(ref_path).await?;
+            let now = SystemTime::now();
+            let doc = make_doc(now);
+            if let (Some(c), Some((created, replaced))) = (&current, &landed)
+                && c.doc.body == doc.body
+            {
+                if let Some(old) = replaced {
+                    self.retire(old).await;
+                }
+                return Ok(*created);
+            }
+            let live = current
+                .as_ref()
+                .filter(|c| !c.doc.expired_at(now))
+                .map(|c| c.doc.meta().validators());
+            if decide_write(&opts.precondition, live.as_ref()) == WriteOutcome::PreconditionFailed {
+                self.discard_body(body_path).await;
+                return Err(TierError::precondition_failed(live.map(|v| v.etag)));
+            }
+            let created = live.is_none();
+            // An expired reference still exists in S3, so replacing it is an Update too.
+            let mode = match &current {
+                _ if !self.conditional_put.load(Ordering::Relaxed) => PutMode::Overwrite,
+                Some(c) => PutMode::Update(self.update_version(&c.s3_etag)),
+                None => PutMode::Create,
+            };
+            let replaced = current.map(|c| c.doc.body);
+            let payload = PutPayload::from(doc.to_json());
+            let put = self
+                .small("reference write", async {
+                    self.store.put_opts(ref_path, payload, mode.into()).await
+                })
+                .await;
+            match put {
+                Ok(Ok(_)) => {
+                    if let Some(old) = replaced {
+                        self.retire(&old).await;
+                    }
+                    return Ok(created);
+                }
+                Ok(Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                )) => {
+                    // Another writer committed between our read and our PUT — or our own PUT
+                    // landed and only its answer was lost (then the retry sees a conflict).
+                    metrics::counter!("larder_s3_cas_conflicts_total").increment(1);
+                    landed = Some((created, replaced));
+                    let jitter = Duration::from_micros(rand::random::<u64>() % 5_000);
+                    tokio::time::sleep(backoff + jitter).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(200));
+                }
+                other => {
+                    // The PUT may or may not have landed: look once before reporting failure.
+                    let failure = match other {
+                        Ok(Err(e)) => s3_error("reference write", &e),
+                        Err(e) => e,
+                        Ok(Ok(_)) => unreachable!("handled above"),
+                    };
+                    if let Ok(Some(c)) = self.read_ref(ref_path).await
+                        && c.doc.body == doc.body
+                    {
+                        if let Some(old) = replaced {
+                            self.retire(&old).await;
+                        }
+                        return Ok(created);
+                    }
+                    // The body stays: if the PUT is still in flight it may yet be referenced.
+                    return Err(failure);
+                }
+            }
+        }
+        self.discard_body(body_path).await;
+        Err(TierError::new(
+            ErrorKind::Unavailable,
+            "too many concurrent writers to this key; try again",
+        ))
+    }
+}
+
+#[async_trait]
+impl Tier for S3Tier {
+    fn name(&self) -> &'static str {
+        "s3"
+    }
+
+    async fn get(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: GetOptions,
+    ) -> Result<GetResponse, TierError> {
+        let inner = &self.inner;
+        let ref_path = inner
+            .layout
+            .path(&Layout::ref_name(ns.as_str(), key.as_str()))?;
+        let mut current = inner.read_ref(&ref_path).await?;
+        for attempt in 0..2 {
+            let Some(c) = current.take() else {
+                return Err(TierError::not_found());
+            };
+            if c.doc.expired_at(SystemTime::now()) {
+                return Err(TierError::not_found());
+            }
+            let meta = c.doc.meta();
+            let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
+            let (start, len) = match outcome {
+                ReadOutcome::Full => (0, meta.size),
+                ReadOutcome::Partial(r) => (r.start, r.len),
+                _ => (0, 0),
+            };
+            let wants_body = matches!(outcome, ReadOutcome::Full | ReadOutcome::Partial(_));
+            if !wants_body || opts.head {
+                return Ok(GetResponse {
+                    outcome,
+                    meta,
+                    body: None,
+                });
+            }
+            if len == 0 {
+                return Ok(GetResponse {
+                    outcome,
+                    meta,
+                    body: Some(futures_util::stream::empty().boxed()),
+                });
+            }
+            let reader = BodyReader {
+                store: inner.store.clone(),
+                path: inner.layout.path(&c.doc.body)?,
+                if_match: c.doc.body_etag.clone(),
+                part_size: inner.config.read_part_size,
+                concurrency: inner.config.read_concurrency,
+            };
+            match reader.open(start, len).await {
+                Ok(body) => {
+                    return Ok(GetResponse {
+                        outcome,
+                        meta,
+                        body: Some(body),
+                    });
+                }
+                // The reference moved on and the reaper took the old body between our two
+                // reads: decide again against the revision that is current now.
+                Err(OpenError::Missing(_)) if attempt == 0 => {
+                    current = inner.read_ref(&ref_path).await?;
+                }
+                Err(OpenError::Missing(e) | OpenError::Failed(e)) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    async fn put(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<PutResult, TierError> {
+        let inner = &self.inner;
+        let ref_path = inner
+            .layout
+            .path(&Layout::ref_name(ns.as_str(), key.as_str()))?;
+        // A conditional write that already fails needs no upload (CI clients save caches with
+        // If-None-Match: * over and over). The decisive check is the conditional PUT below.
+        let pre = &opts.precondition;
+        if pre.if_match.is_some() || pre.if_none_match.is_some() {
+            let now = SystemTime::now();
+            let live = inner
+                .read_ref(&ref_path)
+                .await?
+                .filter(|c| !c.doc.expired_at(now))
+                .map(|c| c.doc.meta().validators());
+            if decide_write(pre, live.as_ref()) == WriteOutcome::PreconditionFailed {
+                return Err(TierError::precondition_failed(live.map(|v| v.etag)));
+            }
+        }
+        let body_name = Layout::new_body_name(ns.as_str());
+        let body_path = inner.layout.path(&body_name)?;
+        let uploaded = Uploader {
+            store: &inner.store,
+            path: &body_path,
+            part_size: inner.config.part_size,
+            concurrency: inner.config.upload_concurrency,
+            max_size: opts.max_size,
+            metadata_timeout: inner.config.metadata_timeout,
+        }
+        .run(body)
+        .await?;
+        let make_doc = |now| {
+            RefDoc::new(
+                &uploaded.etag,
+                uploaded.size,
+                now,
+                opts.ttl,
+                opts.headers.clone(),
+                body_name.clone(),
+                uploaded.s3_etag.clone(),
+            )
+        };
+        let created = inner
+            .commit_ref(&ref_path, &body_path, make_doc, &opts)
+            .await?;
+        Ok(PutResult {
+            etag: uploaded.etag,
+            size: uploaded.size,
+            created,
+        })
+    }
+
+    async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
+        let inner = &self.inner;
+        let ref_path = inner
+            .layout
+            .path(&Layout::ref_name(ns.as_str(), key.as_str()))?;
+        let Some(current) = inner.read_ref(&ref_path).await? else {
+            return Ok(false);
+        };
+        inner.delete_object(&ref_path, "reference delete").await?;
+        // The body stays for the reaper: another replica may be streaming it right now.
+        inner.retire(&current.doc.body).await;
+        Ok(!current.doc.expired_at(SystemTime::now()))
+    }
+
+    /// Lists and reads every reference object: one request per key, so this is for
+    /// occasional use (the API's namespace listing), not a hot path.
+    async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
+        Ok(self
+            .inner
+            .usage()
+            .await?
+            .into_iter()
+            .map(|(name, (objects, bytes))| NamespaceUsage {
+                name,
+                objects,
+                bytes,
+            })
+            .collect())
+    }
+
+    /// As costly as [`Tier::list_namespaces`].
+    async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
+        let usage = self.inner.usage().await?;
+        Ok(vec![TierStats {
+            tier: "s3".into(),
+            objects: usage.values().map(|u| u.0).sum(),
+            bytes: usage.values().map(|u| u.1).sum(),
+            limit: None,
+            evictions: 0,
+            expirations: self.inner.expirations.load(Ordering::Relaxed),
+        }])
+    }
+
+    /// One listing of an empty prefix: proves the endpoint, the credentials and the bucket.
+    async fn ready(&self) -> Result<(), TierError> {
+        let inner = &self.inner;
+        let path = inner.layout.path(&format!("{PROBE}/ready"))?;
+        match inner
+            .small(
+                "readiness check",
+                inner.store.list_with_delimiter(Some(&path)),
+            )
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                let err = s3_error("readiness check", &e);
+                Err(TierError::new(ErrorKind::Unavailable, err.message))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unquote_strips_one_pair_of_quotes() {
+        assert_eq!(unquote("\"abc\""), "abc");
+        assert_eq!(unquote("abc"), "abc");
+        assert_eq!(unquote("\"abc"), "\"abc");
+    }
+
+    #[tokio::test]
+    async fn unreachable_endpoint_is_unavailable_quickly() {
+        // Port 9 (discard) on loopback: nothing listens, so the connection is refused.
+        let mut config = S3Config::new("bucket");
+        config.endpoint = Some("http://127.0.0.1:9".into());
+        config.allow_http = true;
+        config.access_key_id = Some("id".into());
+        config.secret_access_key = Some("secret".into());
+        let started = std::time::Instant::now();
+        let err = S3Tier::connect(config.clone()).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
+        let tier = S3Tier::new(config).unwrap();
+        let ns = Namespace::parse("ci").unwrap();
+        let key = Key::parse("k").unwrap();
+        let err = tier
+            .get(&ns, &key, GetOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.kind,
+            ErrorKind::Unavailable,
+            "an S3 failure is never a 404"
+        );
+        assert_eq!(tier.ready().await.unwrap_err().kind, ErrorKind::Unavailable);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn config_rejects_bad_settings() {
+        let mut c = S3Config::new("b");
+        c.part_size = 1 << 20;
+        assert_eq!(c.validate().unwrap_err().kind, ErrorKind::InvalidInput);
+        let mut c = S3Config::new("b");
+        c.prefix = "/x".into();
+        assert!(c.validate().is_err());
+        let mut c = S3Config::new("b");
+        c.secret_access_key = Some("hunter2".into());
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "secrets are not logged"
+        );
+    }
+}
