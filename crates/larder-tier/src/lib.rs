@@ -15,6 +15,7 @@ pub mod disk;
 mod error;
 pub mod s3;
 mod tier;
+pub mod tiered;
 
 pub use disk::{DiskConfig, DiskTier};
 pub use error::{ErrorKind, TierError};
@@ -23,3 +24,4 @@ pub use tier::{
     BodyStream, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
     TierStats, UploadStream, body_to_bytes,
 };
+pub use tiered::TieredTier;

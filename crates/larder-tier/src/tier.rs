@@ -75,6 +75,9 @@ pub struct PutOptions {
     pub headers: Vec<(String, String)>,
     /// Bodies longer than this fail with `TooLarge` and store nothing.
     pub max_size: Option<u64>,
+    /// When set, the revision is committed only if the body's digest is this ETag: a fill from
+    /// another tier must copy exactly the revision it was asked for.
+    pub expect_etag: Option<ETag>,
 }
 
 impl Default for PutOptions {
@@ -84,6 +87,7 @@ impl Default for PutOptions {
             precondition: WritePrecondition::default(),
             headers: Vec::new(),
             max_size: None,
+            expect_etag: None,
         }
     }
 }
@@ -144,6 +148,12 @@ pub trait Tier: Send + Sync + 'static {
     async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError>;
 
     async fn stats(&self) -> Result<Vec<TierStats>, TierError>;
+
+    /// Drops copies held locally (a cache tier's copy), leaving the authoritative tier alone.
+    /// Tiers that are their own authority hold nothing to drop.
+    async fn invalidate(&self, _ns: &Namespace, _key: &Key) -> Result<bool, TierError> {
+        Ok(false)
+    }
 
     /// Whether the tier can serve requests right now.
     async fn ready(&self) -> Result<(), TierError> {

@@ -689,6 +689,17 @@ impl Tier for DiskTier {
             return Err(f);
         }
         let (temp, fixed) = written?;
+        if let Some(expected) = &opts.expect_etag
+            && fixed.etag() != *expected
+        {
+            return Err(TierError::new(
+                ErrorKind::Upstream,
+                format!(
+                    "copied body has ETag {} instead of {expected}",
+                    fixed.etag()
+                ),
+            ));
+        }
         let inner = self.inner.clone();
         let (ns, key) = (ns.clone(), key.clone());
         let commit_fixed = fixed.clone();

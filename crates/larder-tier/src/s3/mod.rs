@@ -642,6 +642,9 @@ impl Tier for S3Tier {
             };
             match reader.open(start, len).await {
                 Ok(body) => {
+                    // Counted so operators (and the fill benchmark) can see how often bodies
+                    // come from the bucket rather than from a disk tier.
+                    metrics::counter!("larder_s3_body_reads_total").increment(1);
                     return Ok(GetResponse {
                         outcome,
                         meta,

@@ -1,0 +1,404 @@
+//! The tiered cache: a fast local tier (disk) in front of an authoritative remote tier (S3),
+//! itself a [`Tier`], so the server and the conformance suite treat it like any other.
+//!
+//! Reads:
+//! - **Pinned** (`If-Match` naming one ETag): the local tier serves it if it holds exactly that
+//!   revision; otherwise the remote tier decides (its current revision, or `412` with the
+//!   current ETag). A 412 from the local tier never reaches the client: local copies may lag.
+//! - **Unpinned**: the local copy is served while it is fresh — validated against the remote
+//!   tier less than `revalidate_after` ago. After that one small remote read (the reference)
+//!   tells whether the local copy is still current; replicas therefore converge on the newest
+//!   revision within the window, and a remote failure outside it is a 503, never stale bytes
+//!   presented as current.
+//! - Whatever the remote tier serves starts one background fill of the local tier per key
+//!   (single-flight), pinned to the served ETag, verified against the digest and committed only
+//!   when complete and only if the local tier still holds what it held when the fill began.
+//!
+//! Writes stream to both tiers at once; the remote tier commits first and decides the
+//! preconditions, and only then is the local copy allowed to commit. A local failure after a
+//! remote success drops the local copy rather than leaving an older one behind.
+
+use crate::error::{ErrorKind, TierError};
+use crate::tier::{
+    GetOptions, GetResponse, NamespaceUsage, PutOptions, PutResult, Tier, TierStats, UploadStream,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use larder_proto::{ETag, Key, Namespace, ReadConditions, ReadOutcome, WritePrecondition};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+
+type KeyId = (Namespace, Key);
+
+pub struct TieredTier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: Arc<dyn Tier>,
+    remote: Arc<dyn Tier>,
+    revalidate_after: Duration,
+    /// When each key's local copy was last known to be the remote's current revision.
+    validated: Mutex<HashMap<KeyId, (ETag, Instant)>>,
+    /// Keys with a fill in flight.
+    fills: Mutex<HashSet<KeyId>>,
+}
+
+impl TieredTier {
+    pub fn new(
+        local: Arc<dyn Tier>,
+        remote: Arc<dyn Tier>,
+        revalidate_after: Duration,
+    ) -> TieredTier {
+        TieredTier {
+            inner: Arc::new(Inner {
+                local,
+                remote,
+                revalidate_after,
+                validated: Mutex::new(HashMap::new()),
+                fills: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// Whether a fill of this key is running (for tests and metrics).
+    pub fn fill_in_flight(&self, ns: &Namespace, key: &Key) -> bool {
+        self.inner
+            .fills
+            .lock()
+            .unwrap()
+            .contains(&(ns.clone(), key.clone()))
+    }
+}
+
+fn is_body(outcome: ReadOutcome) -> bool {
+    matches!(outcome, ReadOutcome::Full | ReadOutcome::Partial(_))
+}
+
+fn hit(tier: &'static str) {
+    metrics::counter!("larder_tier_hits_total", "tier" => tier).increment(1);
+}
+
+fn miss(tier: &'static str) {
+    metrics::counter!("larder_tier_misses_total", "tier" => tier).increment(1);
+}
+
+impl Inner {
+    fn fresh_etag(&self, id: &KeyId) -> Option<ETag> {
+        let validated = self.validated.lock().unwrap();
+        validated
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < self.revalidate_after)
+            .map(|(etag, _)| etag.clone())
+    }
+
+    fn mark_validated(&self, id: KeyId, etag: ETag) {
+        self.validated
+            .lock()
+            .unwrap()
+            .insert(id, (etag, Instant::now()));
+    }
+
+    fn forget(&self, id: &KeyId) {
+        self.validated.lock().unwrap().remove(id);
+    }
+
+    /// The local tier's answer if it holds revision `etag`; local failures only cost a miss.
+    async fn local_if(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: &GetOptions,
+        etag: &str,
+    ) -> Option<GetResponse> {
+        match self.local.get(ns, key, opts.clone()).await {
+            Ok(r) if r.meta.etag.as_str() == etag => Some(r),
+            Ok(_) => None,
+            Err(e) if e.kind == ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(%ns, %key, error = %e, "local tier failed; reading the remote tier");
+                None
+            }
+        }
+    }
+
+    /// Serves from the remote tier and, for a body, starts a fill of the local tier.
+    async fn from_remote(
+        self: &Arc<Self>,
+        ns: &Namespace,
+        key: &Key,
+        opts: GetOptions,
+    ) -> Result<GetResponse, TierError> {
+        miss(self.local.name());
+        let r = self.remote.get(ns, key, opts).await?;
+        if is_body(r.outcome) || r.outcome == ReadOutcome::NotModified {
+            self.start_fill(
+                ns,
+                key,
+                r.meta.etag.clone(),
+                r.meta.expires,
+                r.meta.headers.clone(),
+            );
+        }
+        Ok(r)
+    }
+
+    fn start_fill(
+        self: &Arc<Self>,
+        ns: &Namespace,
+        key: &Key,
+        etag: ETag,
+        expires: SystemTime,
+        headers: Vec<(String, String)>,
+    ) {
+        let id = (ns.clone(), key.clone());
+        if !self.fills.lock().unwrap().insert(id.clone()) {
+            return;
+        }
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let result = inner.fill(&id, &etag, expires, headers).await;
+            inner.fills.lock().unwrap().remove(&id);
+            let label = match &result {
+                Ok(true) => "filled",
+                Ok(false) => "skipped",
+                Err(_) => "failed",
+            };
+            metrics::counter!("larder_fills_total", "result" => label).increment(1);
+            match result {
+                Ok(filled) => {
+                    tracing::debug!(ns = %id.0, key = %id.1, %etag, filled, "fill finished")
+                }
+                Err(e) => tracing::warn!(ns = %id.0, key = %id.1, %etag, error = %e, "fill failed"),
+            }
+        });
+    }
+
+    /// Copies revision `etag` from the remote tier into the local one. `Ok(false)` when there was
+    /// nothing to do (already local, or the revision is no longer current).
+    async fn fill(
+        &self,
+        id: &KeyId,
+        etag: &ETag,
+        expires: SystemTime,
+        headers: Vec<(String, String)>,
+    ) -> Result<bool, TierError> {
+        let (ns, key) = id;
+        let head = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        let local_current = match self.local.get(ns, key, head).await {
+            Ok(r) => Some(r.meta.etag),
+            Err(e) if e.kind == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if local_current.as_ref() == Some(etag) {
+            self.mark_validated(id.clone(), etag.clone());
+            return Ok(false);
+        }
+        let pinned = GetOptions {
+            conditions: ReadConditions::pinned(etag, None),
+            head: false,
+        };
+        let r = match self.remote.get(ns, key, pinned).await {
+            Ok(r) => r,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let Some(body) = r.body.filter(|_| r.outcome == ReadOutcome::Full) else {
+            return Ok(false); // replaced meanwhile; the next read fills the newer revision
+        };
+        let ttl = expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if ttl.is_zero() {
+            return Ok(false);
+        }
+        // Commit only over what the local tier held when the fill began: a local write that
+        // landed meanwhile is newer than this fill and must win.
+        let precondition = match &local_current {
+            Some(current) => WritePrecondition::replace_if(current),
+            None => WritePrecondition::create_only(),
+        };
+        let upload = body
+            .map(|chunk| chunk.map_err(std::io::Error::other))
+            .boxed();
+        let opts = PutOptions {
+            ttl,
+            precondition,
+            headers,
+            max_size: None,
+            expect_etag: Some(etag.clone()),
+        };
+        match self.local.put(ns, key, upload, opts).await {
+            Ok(_) => {
+                self.mark_validated(id.clone(), etag.clone());
+                Ok(true)
+            }
+            Err(e) if e.kind == ErrorKind::PreconditionFailed => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An upload stream fed from a channel; with `gate`, its end waits for the gate's verdict, so the
+/// consuming tier commits only once the gate opens (and discards on `false`).
+fn channel_stream(
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    gate: Option<oneshot::Receiver<bool>>,
+) -> UploadStream {
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let end = futures_util::stream::once(async move {
+        match gate {
+            None => None,
+            Some(gate) => match gate.await {
+                Ok(true) => None,
+                _ => Some(Err(std::io::Error::other(
+                    "the authoritative tier did not commit",
+                ))),
+            },
+        }
+    })
+    .filter_map(|item| async move { item });
+    body.chain(end).boxed()
+}
+
+#[async_trait]
+impl Tier for TieredTier {
+    fn name(&self) -> &'static str {
+        "tiered"
+    }
+
+    async fn get(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: GetOptions,
+    ) -> Result<GetResponse, TierError> {
+        let inner = &self.inner;
+        let id = (ns.clone(), key.clone());
+        let local_name = inner.local.name();
+        if let Some(pinned) = opts.conditions.pinned_etag().map(str::to_owned) {
+            if let Some(r) = inner.local_if(ns, key, &opts, &pinned).await {
+                hit(local_name);
+                return Ok(r);
+            }
+            return inner.from_remote(ns, key, opts).await;
+        }
+        if let Some(fresh) = inner.fresh_etag(&id)
+            && let Some(r) = inner.local_if(ns, key, &opts, fresh.as_str()).await
+        {
+            hit(local_name);
+            return Ok(r);
+        }
+        // Revalidate: one small read of the remote tier names the current revision.
+        let head = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        let current = match inner.remote.get(ns, key, head).await {
+            Ok(r) => r.meta.etag,
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                // Deleted through another replica: drop the local copy too.
+                inner.forget(&id);
+                let _ = inner.local.delete(ns, key).await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(r) = inner.local_if(ns, key, &opts, current.as_str()).await {
+            inner.mark_validated(id, current);
+            hit(local_name);
+            return Ok(r);
+        }
+        inner.from_remote(ns, key, opts).await
+    }
+
+    async fn put(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        mut body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<PutResult, TierError> {
+        let inner = &self.inner;
+        let (remote_tx, remote_rx) = mpsc::channel(4);
+        let (local_tx, local_rx) = mpsc::channel(4);
+        let (gate_tx, gate_rx) = oneshot::channel();
+        let remote_body = channel_stream(remote_rx, None);
+        let local_body = channel_stream(local_rx, Some(gate_rx));
+        let local_opts = PutOptions {
+            precondition: WritePrecondition::default(),
+            ..opts.clone()
+        };
+        let pump = async move {
+            let mut local_tx = Some(local_tx);
+            while let Some(item) = body.next().await {
+                let (for_remote, for_local) = match item {
+                    Ok(chunk) => (Ok(chunk.clone()), Ok(chunk)),
+                    Err(e) => (Err(std::io::Error::new(e.kind(), e.to_string())), Err(e)),
+                };
+                let failed = for_remote.is_err();
+                if let Some(tx) = &local_tx
+                    && tx.send(for_local).await.is_err()
+                {
+                    local_tx = None; // the local copy failed; the remote write goes on
+                }
+                if remote_tx.send(for_remote).await.is_err() || failed {
+                    break;
+                }
+            }
+        };
+        let remote = async {
+            let result = inner.remote.put(ns, key, remote_body, opts).await;
+            let _ = gate_tx.send(result.is_ok());
+            result
+        };
+        let local = inner.local.put(ns, key, local_body, local_opts);
+        let ((), remote_result, local_result) = tokio::join!(pump, remote, local);
+        let id = (ns.clone(), key.clone());
+        let put = remote_result?;
+        match local_result {
+            Ok(l) if l.etag == put.etag => inner.mark_validated(id, put.etag.clone()),
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(%ns, %key, error = %e, "local copy not stored; dropping any older one");
+                }
+                inner.forget(&id);
+                let _ = inner.local.delete(ns, key).await;
+            }
+        }
+        Ok(put)
+    }
+
+    async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
+        let existed = self.inner.remote.delete(ns, key).await?;
+        self.invalidate(ns, key).await?;
+        Ok(existed)
+    }
+
+    async fn invalidate(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
+        self.inner.forget(&(ns.clone(), key.clone()));
+        self.inner.local.delete(ns, key).await
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
+        self.inner.remote.list_namespaces().await
+    }
+
+    async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
+        let mut stats = self.inner.local.stats().await?;
+        stats.extend(self.inner.remote.stats().await?);
+        Ok(stats)
+    }
+
+    async fn ready(&self) -> Result<(), TierError> {
+        self.inner.remote.ready().await
+    }
+}

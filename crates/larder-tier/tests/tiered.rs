@@ -1,0 +1,326 @@
+//! The tiered cache (disk over S3): the whole conformance suite, and the behaviour only a tier
+//! made of tiers has — write-through, fills, pinned reads served locally, convergence of
+//! replicas within the revalidation window, and service while S3 is down.
+//!
+//! The S3 tests need a real server (`scripts/s3-server.sh`, started by `scripts/test.sh`);
+//! without one they say SKIPPED. The conformance suite also runs on disk over disk, which needs
+//! nothing and checks the composition itself.
+
+use larder_proto::{ByteRange, ETag, Key, Namespace, ReadConditions, ReadOutcome};
+use larder_tier::conformance::{TierRef, pattern, upload};
+use larder_tier::{
+    DiskConfig, DiskTier, ErrorKind, GetOptions, PutOptions, S3Config, S3Tier, Tier, TieredTier,
+    body_to_bytes,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn s3_config(test: &str) -> Option<S3Config> {
+    // Credentials are required too: without them the AWS client would ask the instance
+    // metadata service, which tests must never reach.
+    let configured = std::env::var_os("AWS_ENDPOINT_URL").is_some()
+        && std::env::var_os("AWS_ACCESS_KEY_ID").is_some();
+    let Some(mut config) = S3Config::from_env().filter(|_| configured) else {
+        println!("SKIPPED {test}: no S3 server (run scripts/s3-server.sh)");
+        return None;
+    };
+    config.prefix = format!("larder-tiered-test/{:016x}", rand::random::<u64>());
+    config.read_part_size = 1 << 20;
+    Some(config)
+}
+
+async fn disk() -> Arc<DiskTier> {
+    let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
+    Arc::new(DiskTier::open(DiskConfig::new(dir.path())).await.unwrap())
+}
+
+fn tiered(local: Arc<DiskTier>, remote: Arc<dyn Tier>, window: Duration) -> Arc<TieredTier> {
+    Arc::new(TieredTier::new(local, remote, window))
+}
+
+mod disk_over_disk {
+    use super::*;
+    larder_tier::conformance_suite!({
+        let t: TierRef = tiered(disk().await, disk().await, Duration::from_secs(5));
+        t
+    });
+}
+
+mod disk_over_s3 {
+    use super::*;
+    larder_tier::conformance_suite!({
+        let Some(config) = s3_config("conformance") else {
+            return;
+        };
+        let remote = Arc::new(S3Tier::connect(config).await.unwrap());
+        let t: TierRef = tiered(disk().await, remote, Duration::from_secs(5));
+        t
+    });
+}
+
+fn ns() -> Namespace {
+    Namespace::parse("tiered").unwrap()
+}
+
+fn key(s: &str) -> Key {
+    Key::parse(s).unwrap()
+}
+
+async fn read(
+    t: &dyn Tier,
+    k: &Key,
+    conditions: ReadConditions,
+) -> Result<(ReadOutcome, ETag, Vec<u8>), ErrorKind> {
+    let r = t
+        .get(
+            &ns(),
+            k,
+            GetOptions {
+                conditions,
+                head: false,
+            },
+        )
+        .await
+        .map_err(|e| e.kind)?;
+    let body = match r.body {
+        Some(b) => body_to_bytes(b).await.unwrap(),
+        None => Vec::new(),
+    };
+    Ok((r.outcome, r.meta.etag, body))
+}
+
+async fn local_etag(local: &DiskTier, k: &Key) -> Option<ETag> {
+    local
+        .get(
+            &ns(),
+            k,
+            GetOptions {
+                head: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .ok()
+        .map(|r| r.meta.etag)
+}
+
+async fn wait_for_fill(local: &DiskTier, k: &Key, etag: &ETag) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while local_etag(local, k).await.as_ref() != Some(etag) {
+        assert!(Instant::now() < deadline, "fill of {k} did not complete");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_through_to_both_tiers_with_one_etag() {
+    let Some(config) = s3_config("writes_go_through_to_both_tiers_with_one_etag") else {
+        return;
+    };
+    let remote = Arc::new(S3Tier::connect(config).await.unwrap());
+    let local = disk().await;
+    let t = tiered(local.clone(), remote.clone(), Duration::from_secs(5));
+    let data = pattern(3 << 20, 1);
+    let put = t
+        .put(
+            &ns(),
+            &key("w"),
+            upload(data.clone()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(local_etag(&local, &key("w")).await, Some(put.etag.clone()));
+    let (_, etag, body) = read(remote.as_ref(), &key("w"), ReadConditions::default())
+        .await
+        .unwrap();
+    assert_eq!(etag, put.etag);
+    assert!(body == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_miss_fills_the_disk_tier_once_and_pinned_reads_then_hit_it() {
+    let Some(config) = s3_config("a_range_miss_fills_the_disk_tier_once") else {
+        return;
+    };
+    let remote = Arc::new(S3Tier::connect(config).await.unwrap());
+    let local = disk().await;
+    let t = tiered(local.clone(), remote.clone(), Duration::from_secs(5));
+    let data = pattern(5 << 20, 2);
+    // Written through another replica: only S3 has it.
+    let etag = remote
+        .put(
+            &ns(),
+            &key("f"),
+            upload(data.clone()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap()
+        .etag;
+    let range = ByteRange {
+        start: 1 << 20,
+        len: 1000,
+    };
+    let (outcome, got, body) = read(
+        t.as_ref(),
+        &key("f"),
+        ReadConditions::pinned(&etag, Some(range)),
+    )
+    .await
+    .unwrap();
+    assert_eq!((outcome, got), (ReadOutcome::Partial(range), etag.clone()));
+    assert!(body == data[1 << 20..(1 << 20) + 1000]);
+    wait_for_fill(&local, &key("f"), &etag).await;
+    // Remove it from S3 behind the tier's back: a pinned read must now come from disk.
+    remote.delete(&ns(), &key("f")).await.unwrap();
+    let (outcome, _, body) = read(t.as_ref(), &key("f"), ReadConditions::pinned(&etag, None))
+        .await
+        .unwrap();
+    assert_eq!(outcome, ReadOutcome::Full);
+    assert!(body == data, "pinned read served from the disk tier");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_converge_within_the_revalidation_window() {
+    let Some(config) = s3_config("replicas_converge_within_the_revalidation_window") else {
+        return;
+    };
+    let window = Duration::from_millis(800);
+    let a = tiered(
+        disk().await,
+        Arc::new(S3Tier::connect(config.clone()).await.unwrap()),
+        window,
+    );
+    let b_local = disk().await;
+    let b = tiered(
+        b_local.clone(),
+        Arc::new(S3Tier::connect(config).await.unwrap()),
+        window,
+    );
+    let v1 = a
+        .put(
+            &ns(),
+            &key("c"),
+            upload(b"one".to_vec()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap()
+        .etag;
+    assert_eq!(
+        read(b.as_ref(), &key("c"), ReadConditions::default())
+            .await
+            .unwrap()
+            .1,
+        v1
+    );
+    wait_for_fill(&b_local, &key("c"), &v1).await;
+    let v2 = a
+        .put(
+            &ns(),
+            &key("c"),
+            upload(b"two".to_vec()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap()
+        .etag;
+    // Pinned to the old revision, B may still serve it from its disk; pinned to the new one, S3 does.
+    let (_, etag, body) = read(b.as_ref(), &key("c"), ReadConditions::pinned(&v2, None))
+        .await
+        .unwrap();
+    assert_eq!((etag, body.as_slice()), (v2.clone(), &b"two"[..]));
+    tokio::time::sleep(window + Duration::from_millis(100)).await;
+    let (_, etag, body) = read(b.as_ref(), &key("c"), ReadConditions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (etag, body.as_slice()),
+        (v2, &b"two"[..]),
+        "B serves the new revision after the window"
+    );
+    a.delete(&ns(), &key("c")).await.unwrap();
+    tokio::time::sleep(window + Duration::from_millis(100)).await;
+    assert_eq!(
+        read(b.as_ref(), &key("c"), ReadConditions::default())
+            .await
+            .unwrap_err(),
+        ErrorKind::NotFound
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_down_disk_hits_are_served_and_misses_fail_fast_with_503() {
+    // Nothing listens on port 1: every S3 request fails at connect.
+    let mut config = S3Config::new("unreachable");
+    config.endpoint = Some("http://127.0.0.1:1".into());
+    config.allow_http = true;
+    // Explicit credentials: without them the AWS client would ask the instance metadata service.
+    config.access_key_id = Some("unused".into());
+    config.secret_access_key = Some("unused".into());
+    let remote = Arc::new(S3Tier::new(config).unwrap());
+    let local = disk().await;
+    let t = tiered(local.clone(), remote, Duration::from_secs(5));
+    let etag = local
+        .put(
+            &ns(),
+            &key("hot"),
+            upload(b"cached".to_vec()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap()
+        .etag;
+
+    let (outcome, _, body) = read(t.as_ref(), &key("hot"), ReadConditions::pinned(&etag, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        (outcome, body.as_slice()),
+        (ReadOutcome::Full, &b"cached"[..]),
+        "a pinned disk hit needs no S3"
+    );
+    for k in ["hot", "cold"] {
+        let started = Instant::now();
+        let err = read(t.as_ref(), &key(k), ReadConditions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ErrorKind::Unavailable,
+            "{k}: S3 down is a 503, never a 404 or 412"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{k}: failed in {:?}",
+            started.elapsed()
+        );
+    }
+    let err = read(
+        t.as_ref(),
+        &key("hot"),
+        ReadConditions::pinned(&ETag::of(b"other"), None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err,
+        ErrorKind::Unavailable,
+        "a pinned miss with S3 down is a 503, not a 412"
+    );
+    let err = t
+        .put(
+            &ns(),
+            &key("new"),
+            upload(b"x".to_vec()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable);
+    assert!(
+        local_etag(&local, &key("new")).await.is_none(),
+        "no local copy of a write S3 did not take"
+    );
+}
