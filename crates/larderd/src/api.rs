@@ -140,6 +140,19 @@ async fn object(
     ) {
         return method_not_allowed(OBJECT_METHODS);
     }
+    // `POST …/{key}/invalidate` drops local copies only; other methods on such a path address
+    // a key ending in "/invalidate" like any other.
+    if method == Method::POST
+        && let Some(target) = key.strip_suffix("/invalidate")
+    {
+        return match parse_names(ns, target) {
+            Ok((ns, key)) => match state.tier.invalidate(&ns, &key).await {
+                Ok(_) => empty(StatusCode::NO_CONTENT),
+                Err(e) => tier_error(e),
+            },
+            Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+    }
     let (ns, key) = match parse_names(ns, key) {
         Ok(names) => names,
         Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
@@ -337,6 +350,7 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         precondition,
         headers: stored,
         max_size: Some(state.max_object_size),
+        expect_etag: None,
     };
     // The body is pumped through a channel rather than handed to the tier, so that when the tier
     // refuses it half-way (disk full, too large) the handler still owns the connection's body

@@ -60,6 +60,34 @@ pub struct Cli {
     /// How long shutdown waits for requests in flight [default: 30s] (TOML: shutdown_grace)
     #[arg(long, env = "LARDER_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+
+    /// S3 bucket: enables the S3 tier, with the disk tier as its cache (TOML: s3.bucket).
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the TOML file
+    #[arg(long, env = "LARDER_S3_BUCKET", value_name = "BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// S3-compatible endpoint, e.g. http://127.0.0.1:9000; also read from AWS_ENDPOINT_URL
+    /// [default: AWS S3] (TOML: s3.endpoint)
+    #[arg(long, env = "LARDER_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region [default: us-east-1] (TOML: s3.region)
+    #[arg(long, env = "AWS_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+
+    /// Key prefix inside the bucket, so several deployments can share one (TOML: s3.prefix)
+    #[arg(long, env = "LARDER_S3_PREFIX", value_name = "PREFIX")]
+    pub s3_prefix: Option<String>,
+
+    /// How long a disk copy is served without asking S3 whether it is still current; replicas
+    /// converge on a new revision within this window [default: 5s] (TOML: s3.revalidate_after)
+    #[arg(long, env = "LARDER_REVALIDATE_AFTER", value_name = "DURATION")]
+    pub revalidate_after: Option<String>,
+
+    /// How long an S3 body no longer referenced by any key is kept before the reaper deletes
+    /// it, so downloads in flight on other replicas can finish [default: 1h] (TOML: s3.reap_grace)
+    #[arg(long, env = "LARDER_S3_REAP_GRACE", value_name = "DURATION")]
+    pub s3_reap_grace: Option<String>,
 }
 
 /// The TOML file. Unknown keys are an error, so a typo never silently falls back to a default.
@@ -73,6 +101,38 @@ pub struct FileConfig {
     pub shutdown_grace: Option<String>,
     #[serde(default)]
     pub disk: DiskSection,
+    pub s3: Option<S3Section>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    pub bucket: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub prefix: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Virtual-hosted-style URLs (bucket.endpoint) instead of path-style.
+    pub virtual_hosted_style: Option<bool>,
+    pub revalidate_after: Option<String>,
+    pub reap_grace: Option<String>,
+    pub reap_interval: Option<String>,
+    /// Multipart upload part size.
+    pub part_size: Option<SizeValue>,
+    /// Size and number of parallel ranged GETs for large reads.
+    pub read_part_size: Option<SizeValue>,
+    pub read_concurrency: Option<usize>,
+    pub request_timeout: Option<String>,
+}
+
+/// The S3 tier's settings, when one is configured.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    pub tier: larder_tier::S3Config,
+    pub revalidate_after: Duration,
+    pub reap_grace: Duration,
+    pub reap_interval: Duration,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -115,6 +175,7 @@ pub struct Config {
     pub max_object_size: u64,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    pub s3: Option<S3Settings>,
 }
 
 impl Config {
@@ -129,6 +190,7 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        let s3 = resolve_s3(&cli, file.s3.unwrap_or_default())?;
         let listen_text = cli
             .listen
             .or(file.listen)
@@ -150,6 +212,7 @@ impl Config {
             Some(other) => bail!("log format: {other:?} is neither \"text\" nor \"json\""),
         };
         Ok(Config {
+            s3,
             listen,
             data_dir: cli
                 .data_dir
@@ -171,6 +234,82 @@ impl Config {
                 .unwrap_or(Duration::from_secs(30)),
         })
     }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn resolve_s3(cli: &Cli, file: S3Section) -> anyhow::Result<Option<S3Settings>> {
+    let Some(bucket) = cli.s3_bucket.clone().or(file.bucket) else {
+        return Ok(None);
+    };
+    let duration = |name: &str, v: Option<String>, default: Duration| -> anyhow::Result<Duration> {
+        Ok(
+            v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
+                .transpose()?
+                .unwrap_or(default),
+        )
+    };
+    let size = |name: &str, v: Option<SizeValue>| -> anyhow::Result<Option<u64>> {
+        v.map(|s| parse_size(&s.to_text()).map_err(|e| anyhow::anyhow!("{name}: {e}")))
+            .transpose()
+    };
+    let mut tier = larder_tier::S3Config::new(bucket);
+    tier.endpoint = cli
+        .s3_endpoint
+        .clone()
+        .or_else(|| env_var("AWS_ENDPOINT_URL"))
+        .or(file.endpoint);
+    tier.allow_http = tier
+        .endpoint
+        .as_deref()
+        .is_some_and(|e| e.starts_with("http://"));
+    if let Some(region) = cli
+        .s3_region
+        .clone()
+        .or_else(|| env_var("AWS_DEFAULT_REGION"))
+        .or(file.region)
+    {
+        tier.region = region;
+    }
+    tier.prefix = cli.s3_prefix.clone().or(file.prefix).unwrap_or_default();
+    tier.access_key_id = env_var("AWS_ACCESS_KEY_ID").or(file.access_key_id);
+    tier.secret_access_key = env_var("AWS_SECRET_ACCESS_KEY").or(file.secret_access_key);
+    tier.session_token = env_var("AWS_SESSION_TOKEN");
+    tier.virtual_hosted_style = file.virtual_hosted_style.unwrap_or(false);
+    if let Some(part) = size("s3 part size", file.part_size)? {
+        tier.part_size = part as usize;
+    }
+    if let Some(part) = size("s3 read part size", file.read_part_size)? {
+        tier.read_part_size = part;
+    }
+    if let Some(n) = file.read_concurrency {
+        tier.read_concurrency = n;
+    }
+    tier.request_timeout = duration(
+        "s3 request timeout",
+        file.request_timeout,
+        tier.request_timeout,
+    )?;
+    Ok(Some(S3Settings {
+        tier,
+        revalidate_after: duration(
+            "revalidate after",
+            cli.revalidate_after.clone().or(file.revalidate_after),
+            Duration::from_secs(5),
+        )?,
+        reap_grace: duration(
+            "s3 reap grace",
+            cli.s3_reap_grace.clone().or(file.reap_grace),
+            Duration::from_secs(3600),
+        )?,
+        reap_interval: duration(
+            "s3 reap interval",
+            file.reap_interval,
+            Duration::from_secs(600),
+        )?,
+    }))
 }
 
 #[cfg(test)]
@@ -232,6 +371,31 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("listen address"), "{e}");
+    }
+
+    #[test]
+    fn s3_settings_come_from_the_file_and_flags() {
+        let toml = "[s3]\nbucket = \"cache\"\nendpoint = \"http://127.0.0.1:9000\"\nprefix = \"larder\"\nrevalidate_after = \"10s\"\nread_part_size = \"16MiB\"\n";
+        let c = with_file(toml, Cli::default()).unwrap();
+        let s3 = c.s3.unwrap();
+        assert_eq!(s3.tier.bucket, "cache");
+        assert_eq!(s3.tier.prefix, "larder");
+        assert!(s3.tier.allow_http);
+        assert_eq!(s3.revalidate_after, Duration::from_secs(10));
+        assert_eq!(s3.tier.read_part_size, 16 << 20);
+        let c = with_file(
+            toml,
+            Cli {
+                s3_bucket: Some("other".into()),
+                ..Cli::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.s3.unwrap().tier.bucket, "other");
+        assert!(
+            Config::resolve(Cli::default()).unwrap().s3.is_none(),
+            "no bucket, no S3 tier"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod server;
 
 use clap::Parser;
 use config::{Cli, Config, LogFormat};
-use larder_tier::{DiskConfig, DiskTier};
+use larder_tier::{DiskConfig, DiskTier, S3Tier, Tier, TieredTier};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -53,18 +53,47 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = metrics::install()?;
     let mut disk = DiskConfig::new(&config.data_dir);
     disk.limit = config.disk_limit;
-    let tier = DiskTier::open(disk).await.map_err(|e| {
+    let disk = DiskTier::open(disk).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot open the disk tier in {}: {e}",
             config.data_dir.display()
         )
     })?;
+    let tier: Arc<dyn Tier> = match &config.s3 {
+        None => Arc::new(disk),
+        Some(s3) => {
+            let remote = S3Tier::connect(s3.tier.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot use S3 bucket {:?}: {e}", s3.tier.bucket))?;
+            tracing::info!(bucket = %s3.tier.bucket, prefix = %s3.tier.prefix, "S3 tier connected");
+            spawn_reaper(remote.clone(), s3.reap_grace, s3.reap_interval);
+            Arc::new(TieredTier::new(
+                Arc::new(disk),
+                Arc::new(remote),
+                s3.revalidate_after,
+            ))
+        }
+    };
     let state = Arc::new(api::State {
-        tier: Arc::new(tier),
+        tier,
         max_ttl: config.max_ttl,
         max_object_size: config.max_object_size,
         metrics,
         started: Instant::now(),
     });
     server::serve(config.listen, state, config.shutdown_grace).await
+}
+
+/// Deletes S3 bodies that no key references any more (after a grace period, so downloads in
+/// flight on other replicas finish) and expired keys. Every replica runs it; it is idempotent.
+fn spawn_reaper(s3: S3Tier, grace: std::time::Duration, interval: std::time::Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            match s3.reap(grace).await {
+                Ok(report) => tracing::info!(?report, "S3 reaper pass"),
+                Err(e) => tracing::warn!(error = %e, "S3 reaper pass failed"),
+            }
+        }
+    });
 }

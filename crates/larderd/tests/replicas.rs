@@ -1,0 +1,456 @@
+//! Several `larderd` replicas sharing one bucket of a real S3 server (Ceph RGW, started by
+//! `scripts/test.sh`): what one replica stores the others serve; a download pinned with
+//! `If-Match` and spread over all replicas never mixes revisions while the key is overwritten;
+//! replicas converge within the revalidation window; and S3 going away and coming back.
+//!
+//! Without `AWS_ENDPOINT_URL` / `S3_BUCKET` / credentials every test says SKIPPED.
+
+use larder_testkit::Larderd;
+use reqwest::{Client, StatusCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+
+const WINDOW: &str = "1s";
+
+fn s3_available(test: &str) -> bool {
+    let ok = ["AWS_ENDPOINT_URL", "S3_BUCKET", "AWS_ACCESS_KEY_ID"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_some());
+    if !ok {
+        println!("SKIPPED {test}: no S3 server (run scripts/s3-server.sh, or scripts/test.sh)");
+    }
+    ok
+}
+
+fn replicas(n: usize, extra: &[&str]) -> Vec<Larderd> {
+    let prefix = format!("replica-test/{:016x}", rand_u64());
+    let bucket = std::env::var("S3_BUCKET").unwrap();
+    (0..n)
+        .map(|_| {
+            let mut args = vec![
+                "--s3-bucket",
+                &bucket,
+                "--s3-prefix",
+                &prefix,
+                "--revalidate-after",
+                WINDOW,
+            ];
+            args.extend_from_slice(extra);
+            Larderd::start(&args)
+        })
+        .collect()
+}
+
+fn rand_u64() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    t ^ (std::process::id() as u64).rotate_left(32)
+}
+
+fn etag_of(data: &[u8]) -> String {
+    format!("\"{}\"", blake3::hash(data).to_hex())
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+async fn get(http: &Client, url: &str, headers: &[(&str, &str)]) -> (StatusCode, String, Vec<u8>) {
+    let mut req = http.get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let etag = r
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, etag, r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_written_through_one_replica_is_served_identically_by_the_others() {
+    if !s3_available("an_object_written_through_one_replica_is_served_identically_by_the_others") {
+        return;
+    }
+    let rs = replicas(3, &[]);
+    let http = Client::new();
+    let data = pattern(20 << 20, 1);
+    let r = http
+        .put(rs[0].object_url("ci", "shared/blob"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    for (i, replica) in rs.iter().enumerate() {
+        let (status, etag, body) = get(&http, &replica.object_url("ci", "shared/blob"), &[]).await;
+        assert_eq!(status, StatusCode::OK, "replica {i}");
+        assert_eq!(etag, etag_of(&data), "replica {i}: same ETag");
+        assert!(body == data, "replica {i}: same bytes");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_serves_the_new_revision_within_the_revalidation_window() {
+    if !s3_available("every_replica_serves_the_new_revision_within_the_revalidation_window") {
+        return;
+    }
+    let rs = replicas(3, &[]);
+    let http = Client::new();
+    http.put(rs[0].object_url("ci", "conv"))
+        .body("version one")
+        .send()
+        .await
+        .unwrap();
+    for r in &rs {
+        assert_eq!(
+            get(&http, &r.object_url("ci", "conv"), &[]).await.2,
+            b"version one"
+        );
+    }
+    http.put(rs[0].object_url("ci", "conv"))
+        .body("version two")
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (i, r) in rs.iter().enumerate() {
+        let (_, etag, body) = get(&http, &r.object_url("ci", "conv"), &[]).await;
+        assert_eq!(
+            body, b"version two",
+            "replica {i} converged within the window"
+        );
+        assert_eq!(etag, etag_of(b"version two"));
+    }
+    http.post(format!("{}/invalidate", rs[1].object_url("ci", "conv")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&http, &rs[1].object_url("ci", "conv"), &[]).await.2,
+        b"version two",
+        "invalidate drops only the local copy"
+    );
+    http.delete(rs[2].object_url("ci", "conv"))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for r in &rs {
+        assert_eq!(
+            get(&http, &r.object_url("ci", "conv"), &[]).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+}
+
+enum Trial {
+    Complete(String),
+    PreconditionFailed,
+}
+
+/// One download as the larder client does it: discover ETag and size, then fetch 8 chunks in
+/// parallel, each pinned with `If-Match`, round-robin over the replicas. Returns what was
+/// assembled, checked against its digest by the caller.
+async fn pinned_download(http: &Client, urls: &[String], first: usize) -> (Trial, Option<Vec<u8>>) {
+    let head = http.head(&urls[first % urls.len()]).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    let etag = head.headers()["etag"].to_str().unwrap().to_string();
+    let size: usize = head.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let chunk = size.div_ceil(8);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (http, url, etag) = (
+                http.clone(),
+                urls[(first + i) % urls.len()].clone(),
+                etag.clone(),
+            );
+            tokio::spawn(async move {
+                let (start, end) = (i * chunk, ((i + 1) * chunk).min(size) - 1);
+                let range = format!("bytes={start}-{end}");
+                let r = http
+                    .get(url)
+                    .header("if-match", &etag)
+                    .header("range", range)
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status() {
+                    StatusCode::PARTIAL_CONTENT => {
+                        assert_eq!(
+                            r.headers()["etag"].to_str().unwrap(),
+                            etag,
+                            "a 206 carries the pinned ETag"
+                        );
+                        let body = r.bytes().await.unwrap();
+                        assert_eq!(body.len(), end - start + 1, "a 206 is never short");
+                        Some(body)
+                    }
+                    StatusCode::PRECONDITION_FAILED => None,
+                    other => panic!("unexpected status {other} for a pinned range"),
+                }
+            })
+        })
+        .collect();
+    let mut parts = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(p) => parts.push(p),
+            None => return (Trial::PreconditionFailed, None),
+        }
+    }
+    (Trial::Complete(etag), Some(parts.concat()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_parallel_downloads_over_three_replicas_never_mix_revisions_during_overwrites() {
+    let test =
+        "pinned_parallel_downloads_over_three_replicas_never_mix_revisions_during_overwrites";
+    if !s3_available(test) {
+        return;
+    }
+    let trials: usize = std::env::var("LARDER_REPLICA_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let size: usize = std::env::var("LARDER_REPLICA_OBJECT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+        << 20;
+    let rs = replicas(3, &["--s3-reap-grace", "30s"]);
+    let http = Client::new();
+    let urls: Vec<String> = rs
+        .iter()
+        .map(|r| r.object_url("ci", "hot/snapshot"))
+        .collect();
+    let versions = [pattern(size, 1), pattern(size, 2)];
+    let etags = [etag_of(&versions[0]), etag_of(&versions[1])];
+    http.put(&urls[0])
+        .body(versions[0].clone())
+        .send()
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (http, url, stop, versions) = (
+            http.clone(),
+            urls[0].clone(),
+            stop.clone(),
+            versions.clone(),
+        );
+        tokio::spawn(async move {
+            let mut writes = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let r = http
+                    .put(&url)
+                    .body(versions[(writes + 1) % 2].clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "overwrite failed: {}", r.status());
+                writes += 1;
+            }
+            writes
+        })
+    };
+    let (mut complete, mut refused, mut seen) = (0, 0, [0usize; 2]);
+    for trial in 0..trials {
+        match pinned_download(&http, &urls, trial).await {
+            (Trial::Complete(etag), Some(bytes)) => {
+                assert_eq!(
+                    etag_of(&bytes),
+                    etag,
+                    "trial {trial}: the assembled bytes are exactly the pinned revision"
+                );
+                let which = etags
+                    .iter()
+                    .position(|e| *e == etag)
+                    .expect("one of the two revisions");
+                seen[which] += 1;
+                complete += 1;
+            }
+            _ => refused += 1,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    println!(
+        "{test}: {trials} trials of {} MiB, {writes} overwrites: {complete} complete ({} old-pattern, {} new-pattern), {refused} restarted after 412, 0 mixed",
+        size >> 20,
+        seen[0],
+        seen[1]
+    );
+    assert!(writes >= 2, "the key was overwritten during the trials");
+    assert_eq!(complete + refused, trials);
+}
+
+/// A TCP relay in front of the real S3 server that can be switched off (connections refused,
+/// open ones cut) and on again: S3 "down" and "back" as larderd sees it, without disturbing
+/// the S3 server the other tests share.
+struct Switch {
+    addr: String,
+    upstream: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Switch {
+    async fn new(upstream: String) -> Switch {
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = probe.local_addr().unwrap().to_string();
+        drop(probe);
+        let mut s = Switch {
+            addr,
+            upstream,
+            task: None,
+        };
+        s.on().await;
+        s
+    }
+
+    async fn on(&mut self) {
+        let listener = TcpListener::bind(&self.addr).await.unwrap();
+        let upstream = self.upstream.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let upstream = upstream.clone();
+                conns.spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    fn off(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort(); // drops the listener and, with the JoinSet, every relayed connection
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_down_disk_hits_are_served_misses_get_503_and_service_resumes() {
+    if !s3_available("with_s3_down_disk_hits_are_served_misses_get_503_and_service_resumes") {
+        return;
+    }
+    let upstream = std::env::var("AWS_ENDPOINT_URL")
+        .unwrap()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut switch = Switch::new(upstream).await;
+    let endpoint = format!("http://{}", switch.addr);
+    let bucket = std::env::var("S3_BUCKET").unwrap();
+    let prefix = format!("fault-test/{:016x}", rand_u64());
+    let srv = Larderd::start(&[
+        "--s3-bucket",
+        &bucket,
+        "--s3-prefix",
+        &prefix,
+        "--s3-endpoint",
+        &endpoint,
+        "--revalidate-after",
+        "30s",
+    ]);
+    let http = Client::new();
+    let url = |k: &str| srv.object_url("ci", k);
+    http.put(url("hot"))
+        .body("cached bytes")
+        .send()
+        .await
+        .unwrap();
+    let etag = etag_of(b"cached bytes");
+    let ready = |http: Client, base: String| async move {
+        http.get(format!("{base}/_readiness"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(ready(http.clone(), srv.url()).await, StatusCode::OK);
+
+    switch.off();
+    let (status, _, body) = get(&http, &url("hot"), &[("if-match", &etag)]).await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::OK, &b"cached bytes"[..]),
+        "pinned disk hit"
+    );
+    let (status, _, body) = get(&http, &url("hot"), &[]).await;
+    assert_eq!(
+        (status, body.as_slice()),
+        (StatusCode::OK, &b"cached bytes"[..]),
+        "unpinned within the window"
+    );
+    for (key, headers) in [
+        ("cold", vec![]),
+        ("hot", vec![("if-match", etag_of(b"other"))]),
+    ] {
+        let started = Instant::now();
+        let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, _, body) = get(&http, &url(key), &hdrs).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{key}: a miss with S3 down is 503, never 404 or 412"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{key}: answered in {:?}",
+            started.elapsed()
+        );
+        assert!(
+            String::from_utf8_lossy(&body).contains("S3"),
+            "the reason names S3"
+        );
+    }
+    assert_eq!(
+        ready(http.clone(), srv.url()).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready while S3 is unreachable"
+    );
+
+    switch.on().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http.put(url("after")).body("back").send().await.unwrap();
+        if r.status() == StatusCode::CREATED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service did not resume: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(get(&http, &url("after"), &[]).await.2, b"back");
+    assert_eq!(ready(http, srv.url()).await, StatusCode::OK);
+}
