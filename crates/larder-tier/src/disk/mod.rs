@@ -44,7 +44,8 @@ pub struct DiskConfig {
     pub limit: Option<u64>,
     /// Size of each positioned read when streaming a body.
     pub read_chunk: usize,
-    /// Chunks read ahead of the one being sent.
+    /// Chunks read ahead of the one being sent. One is enough to keep the socket busy (hyper
+    /// queues up to two more); each extra one costs a chunk of memory per download.
     pub read_ahead: usize,
     /// How often expired revisions are swept (they are also refused at read time).
     pub sweep_interval: Duration,
@@ -56,7 +57,7 @@ impl DiskConfig {
             dir: dir.into(),
             limit: None,
             read_chunk: 1 << 20,
-            read_ahead: 2,
+            read_ahead: 1,
             sweep_interval: Duration::from_secs(60),
         }
     }
@@ -182,7 +183,7 @@ impl Inner {
             "disk tier opened"
         );
         // Enough idle buffers for a few dozen downloads' read-ahead; beyond that, buffers are freed.
-        let buffers = BufferPool::new(config.read_chunk, 32);
+        let buffers = BufferPool::new(config.read_chunk, 8);
         let inner = Inner {
             buffers,
             config,
