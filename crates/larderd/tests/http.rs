@@ -44,6 +44,17 @@ impl Fixture {
             .await
             .unwrap()
     }
+    async fn json(&self, path: &str) -> serde_json::Value {
+        let url = format!("{}{path}", self.srv.url());
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
     async fn get_with(&self, ns: &str, key: &str, headers: &[(&str, &str)]) -> reqwest::Response {
         self.request(Method::GET, ns, key, headers).await
     }
@@ -429,15 +440,7 @@ async fn bad_names_are_400_with_a_reason() {
         StatusCode::OK,
         "keys are percent-decoded"
     );
-    let list: serde_json::Value = f
-        .http
-        .get(format!("{}/api/v1/namespaces", f.srv.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = f.json("/api/v1/namespaces").await;
     assert_eq!(
         list["namespaces"].as_array().unwrap().len(),
         1,
@@ -476,28 +479,12 @@ async fn routes_methods_and_health() {
     }
     f.put("ci", "a", vec![0; 100]).await;
     f.put("other", "b", vec![0; 10]).await;
-    let list: serde_json::Value = f
-        .http
-        .get(format!("{base}/api/v1/namespaces"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = f.json("/api/v1/namespaces").await;
     assert_eq!(list["namespaces"][0]["name"], "ci");
     assert_eq!(list["namespaces"][0]["objects"], 1);
     assert_eq!(list["namespaces"][0]["bytes"], 100);
     assert_eq!(list["namespaces"][1]["name"], "other");
-    let stats: serde_json::Value = f
-        .http
-        .get(format!("{base}/api/v1/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = f.json("/api/v1/stats").await;
     assert_eq!(stats["tiers"][0]["tier"], "disk");
     assert_eq!(stats["tiers"][0]["objects"], 2);
     f.get_with("ci", "a", &[]).await.bytes().await.unwrap();
