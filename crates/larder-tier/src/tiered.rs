@@ -18,18 +18,20 @@
 //! preconditions, and only then is the local copy allowed to commit. A local failure after a
 //! remote success drops the local copy rather than leaving an older one behind.
 
+use crate::disk::{DiskTier, Spool};
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    GetOptions, GetResponse, NamespaceUsage, PutOptions, PutResult, Tier, TierStats, UploadStream,
+    GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier, TierStats,
+    UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use larder_proto::{ETag, Key, Namespace, ReadConditions, ReadOutcome, WritePrecondition};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OnceCell, mpsc, oneshot};
 
 type KeyId = (Namespace, Key);
 
@@ -38,18 +40,25 @@ pub struct TieredTier {
 }
 
 struct Inner {
-    local: Arc<dyn Tier>,
+    local: Arc<DiskTier>,
     remote: Arc<dyn Tier>,
     revalidate_after: Duration,
     /// When each key's local copy was last known to be the remote's current revision.
     validated: Mutex<HashMap<KeyId, (ETag, Instant)>>,
-    /// Keys with a fill in flight.
-    fills: Mutex<HashSet<KeyId>>,
+    /// Keys with a fill in flight, and the revision each is copying.
+    fills: Mutex<HashMap<KeyId, Arc<ActiveFill>>>,
+}
+
+/// One fill: the revision it copies and, once its first S3 response is in, the spool that
+/// readers of that revision follow instead of reading S3 themselves.
+struct ActiveFill {
+    etag: ETag,
+    spool: OnceCell<Result<Spool, TierError>>,
 }
 
 impl TieredTier {
     pub fn new(
-        local: Arc<dyn Tier>,
+        local: Arc<DiskTier>,
         remote: Arc<dyn Tier>,
         revalidate_after: Duration,
     ) -> TieredTier {
@@ -59,7 +68,7 @@ impl TieredTier {
                 remote,
                 revalidate_after,
                 validated: Mutex::new(HashMap::new()),
-                fills: Mutex::new(HashSet::new()),
+                fills: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -70,12 +79,8 @@ impl TieredTier {
             .fills
             .lock()
             .unwrap()
-            .contains(&(ns.clone(), key.clone()))
+            .contains_key(&(ns.clone(), key.clone()))
     }
-}
-
-fn is_body(outcome: ReadOutcome) -> bool {
-    matches!(outcome, ReadOutcome::Full | ReadOutcome::Partial(_))
 }
 
 fn hit(tier: &'static str) {
@@ -125,7 +130,10 @@ impl Inner {
         }
     }
 
-    /// Serves from the remote tier and, for a body, starts a fill of the local tier.
+    /// Serves what only the remote tier can: the remote decides, and a body is streamed from the
+    /// fill of that revision into the local tier (started here if none runs), so concurrent
+    /// misses of one key cost a single remote body read per replica. Objects the local tier
+    /// cannot hold, and fills that cannot start, are read from the remote directly.
     async fn from_remote(
         self: &Arc<Self>,
         ns: &Namespace,
@@ -133,59 +141,145 @@ impl Inner {
         opts: GetOptions,
     ) -> Result<GetResponse, TierError> {
         miss(self.local.name());
-        let r = self.remote.get(ns, key, opts).await?;
-        if is_body(r.outcome) || r.outcome == ReadOutcome::NotModified {
-            self.start_fill(
-                ns,
-                key,
-                r.meta.etag.clone(),
-                r.meta.expires,
-                r.meta.headers.clone(),
-            );
+        let head = GetOptions {
+            conditions: opts.conditions.clone(),
+            head: true,
+        };
+        let decided = self.remote.get(ns, key, head).await?;
+        let range = match decided.outcome {
+            ReadOutcome::Full => (0, decided.meta.size),
+            ReadOutcome::Partial(r) => (r.start, r.len),
+            _ => return Ok(decided),
+        };
+        if opts.head {
+            return Ok(decided);
         }
-        Ok(r)
+        let fits = self
+            .local
+            .limit()
+            .is_none_or(|limit| decided.meta.size < limit);
+        if fits {
+            match self.follow_fill(ns, key, &decided.meta).await {
+                Ok(spool) => match self.local.read_spool(&spool, range.0, range.1).await {
+                    Ok(body) => {
+                        return Ok(GetResponse {
+                            outcome: decided.outcome,
+                            meta: decided.meta,
+                            body: Some(body),
+                        });
+                    }
+                    // The fill finished first: the revision is local now.
+                    Err(e) if e.kind == ErrorKind::NotFound => {
+                        if let Some(r) = self
+                            .local_if(ns, key, &opts, decided.meta.etag.as_str())
+                            .await
+                        {
+                            return Ok(r);
+                        }
+                    }
+                    Err(e) => tracing::warn!(%ns, %key, error = %e, "cannot follow the fill"),
+                },
+                Err(e) => {
+                    tracing::debug!(%ns, %key, error = %e, "no fill to follow; reading the remote tier")
+                }
+            }
+        }
+        self.remote.get(ns, key, opts).await
     }
 
-    fn start_fill(
+    /// The spool of the fill copying revision `meta.etag` of this key, starting the fill if
+    /// none runs. Fails when another revision's fill is running or the fill cannot start.
+    async fn follow_fill(
         self: &Arc<Self>,
         ns: &Namespace,
         key: &Key,
-        etag: ETag,
-        expires: SystemTime,
-        headers: Vec<(String, String)>,
-    ) {
+        meta: &ObjectMeta,
+    ) -> Result<Spool, TierError> {
         let id = (ns.clone(), key.clone());
-        if !self.fills.lock().unwrap().insert(id.clone()) {
-            return;
-        }
+        let fill = {
+            let mut fills = self.fills.lock().unwrap();
+            let fill = fills
+                .entry(id.clone())
+                .or_insert_with(|| {
+                    Arc::new(ActiveFill {
+                        etag: meta.etag.clone(),
+                        spool: OnceCell::new(),
+                    })
+                })
+                .clone();
+            if fill.etag != meta.etag {
+                return Err(TierError::new(
+                    ErrorKind::Unavailable,
+                    "a fill of another revision is running",
+                ));
+            }
+            fill
+        };
+        fill.spool
+            .get_or_init(|| self.begin_fill(id, fill.clone(), meta.clone()))
+            .await
+            .clone()
+    }
+
+    /// Opens the remote body pinned to the revision and starts writing it into the local tier.
+    /// Returns once the remote has answered, so that a reader following the spool has its first
+    /// byte source open before it answers its client.
+    async fn begin_fill(
+        self: &Arc<Self>,
+        id: KeyId,
+        fill: Arc<ActiveFill>,
+        meta: ObjectMeta,
+    ) -> Result<Spool, TierError> {
+        let started = self.clone().start_fill_write(&id, &meta).await;
+        let (spool, write) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                self.end_fill(&id, &fill);
+                metrics::counter!("larder_fills_total", "result" => "failed").increment(1);
+                return Err(e);
+            }
+        };
         let inner = self.clone();
         tokio::spawn(async move {
-            let result = inner.fill(&id, &etag, expires, headers).await;
-            inner.fills.lock().unwrap().remove(&id);
+            let result = write.await;
+            inner.end_fill(&id, &fill);
             let label = match &result {
-                Ok(true) => "filled",
-                Ok(false) => "skipped",
+                Ok(_) => {
+                    inner.mark_validated(id.clone(), meta.etag.clone());
+                    "filled"
+                }
+                Err(e) if e.kind == ErrorKind::PreconditionFailed => "superseded",
                 Err(_) => "failed",
             };
             metrics::counter!("larder_fills_total", "result" => label).increment(1);
             match result {
-                Ok(filled) => {
-                    tracing::debug!(ns = %id.0, key = %id.1, %etag, filled, "fill finished")
+                Ok(_) => tracing::debug!(ns = %id.0, key = %id.1, etag = %meta.etag, "filled"),
+                Err(e) => {
+                    tracing::warn!(ns = %id.0, key = %id.1, etag = %meta.etag, error = %e, "fill not committed")
                 }
-                Err(e) => tracing::warn!(ns = %id.0, key = %id.1, %etag, error = %e, "fill failed"),
             }
         });
+        Ok(spool)
     }
 
-    /// Copies revision `etag` from the remote tier into the local one. `Ok(false)` when there was
-    /// nothing to do (already local, or the revision is no longer current).
-    async fn fill(
-        &self,
+    fn end_fill(&self, id: &KeyId, fill: &Arc<ActiveFill>) {
+        let mut fills = self.fills.lock().unwrap();
+        if fills.get(id).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+            fills.remove(id);
+        }
+    }
+
+    async fn start_fill_write(
+        self: Arc<Self>,
         id: &KeyId,
-        etag: &ETag,
-        expires: SystemTime,
-        headers: Vec<(String, String)>,
-    ) -> Result<bool, TierError> {
+        meta: &ObjectMeta,
+    ) -> Result<
+        (
+            Spool,
+            impl Future<Output = Result<PutResult, TierError>> + Send + 'static + use<>,
+        ),
+        TierError,
+    > {
         let (ns, key) = id;
         let head = GetOptions {
             head: true,
@@ -196,28 +290,21 @@ impl Inner {
             Err(e) if e.kind == ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        if local_current.as_ref() == Some(etag) {
-            self.mark_validated(id.clone(), etag.clone());
-            return Ok(false);
-        }
-        let pinned = GetOptions {
-            conditions: ReadConditions::pinned(etag, None),
-            head: false,
-        };
-        let r = match self.remote.get(ns, key, pinned).await {
-            Ok(r) => r,
-            Err(e) if e.kind == ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        let Some(body) = r.body.filter(|_| r.outcome == ReadOutcome::Full) else {
-            return Ok(false); // replaced meanwhile; the next read fills the newer revision
-        };
-        let ttl = expires
+        let ttl = meta
+            .expires
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        if ttl.is_zero() {
-            return Ok(false);
+        if ttl.is_zero() || local_current.as_ref() == Some(&meta.etag) {
+            return Err(TierError::not_found());
         }
+        let pinned = GetOptions {
+            conditions: ReadConditions::pinned(&meta.etag, None),
+            head: false,
+        };
+        let r = self.remote.get(ns, key, pinned).await?;
+        let Some(body) = r.body.filter(|_| r.outcome == ReadOutcome::Full) else {
+            return Err(TierError::precondition_failed(Some(r.meta.etag)));
+        };
         // Commit only over what the local tier held when the fill began: a local write that
         // landed meanwhile is newer than this fill and must win.
         let precondition = match &local_current {
@@ -230,18 +317,11 @@ impl Inner {
         let opts = PutOptions {
             ttl,
             precondition,
-            headers,
+            headers: meta.headers.clone(),
             max_size: None,
-            expect_etag: Some(etag.clone()),
+            expect_etag: Some(meta.etag.clone()),
         };
-        match self.local.put(ns, key, upload, opts).await {
-            Ok(_) => {
-                self.mark_validated(id.clone(), etag.clone());
-                Ok(true)
-            }
-            Err(e) if e.kind == ErrorKind::PreconditionFailed => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.local.put_spooled(ns, key, upload, opts)
     }
 }
 

@@ -9,10 +9,12 @@
 use larder_proto::{ByteRange, ETag, Key, Namespace, ReadConditions, ReadOutcome};
 use larder_tier::conformance::{TierRef, pattern, upload};
 use larder_tier::{
-    DiskConfig, DiskTier, ErrorKind, GetOptions, PutOptions, S3Config, S3Tier, Tier, TieredTier,
+    DiskConfig, DiskTier, ErrorKind, GetOptions, GetResponse, NamespaceUsage, PutOptions,
+    PutResult, S3Config, S3Tier, Tier, TierError, TierStats, TieredTier, UploadStream,
     body_to_bytes,
 };
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 fn s3_config(test: &str) -> Option<S3Config> {
@@ -322,5 +324,118 @@ async fn with_s3_down_disk_hits_are_served_and_misses_fail_fast_with_503() {
     assert!(
         local_etag(&local, &key("new")).await.is_none(),
         "no local copy of a write S3 did not take"
+    );
+}
+
+/// A tier wrapper that counts the body reads that reach the tier it wraps (a real S3 here).
+struct CountingBodyReads {
+    inner: Arc<dyn Tier>,
+    body_reads: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Tier for CountingBodyReads {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn get(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: GetOptions,
+    ) -> Result<GetResponse, TierError> {
+        let r = self.inner.get(ns, key, opts).await?;
+        if r.body.is_some() {
+            self.body_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(r)
+    }
+    async fn put(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<PutResult, TierError> {
+        self.inner.put(ns, key, body, opts).await
+    }
+    async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
+        self.inner.delete(ns, key).await
+    }
+    async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
+        self.inner.list_namespaces().await
+    }
+    async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
+        self.inner.stats().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_readers_cost_one_s3_body_read() {
+    let Some(config) = s3_config("concurrent_cold_readers_cost_one_s3_body_read") else {
+        return;
+    };
+    let s3: Arc<dyn Tier> = Arc::new(S3Tier::connect(config).await.unwrap());
+    let counting = Arc::new(CountingBodyReads {
+        inner: s3.clone(),
+        body_reads: AtomicUsize::new(0),
+    });
+    let local = disk().await;
+    let t = tiered(local.clone(), counting.clone(), Duration::from_secs(5));
+    let data = Arc::new(pattern(24 << 20, 9));
+    let etag = s3
+        .put(
+            &ns(),
+            &key("cold"),
+            upload(data.to_vec()),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap()
+        .etag;
+    let readers: Vec<_> = (0..16u64)
+        .map(|i| {
+            let (t, data, etag) = (t.clone(), data.clone(), etag.clone());
+            tokio::spawn(async move {
+                // Half read the whole object, half a pinned range, as parallel downloaders do.
+                let (conditions, start, len) = if i % 2 == 0 {
+                    (ReadConditions::default(), 0, data.len() as u64)
+                } else {
+                    let r = ByteRange {
+                        start: i * (1 << 20),
+                        len: 3 << 20,
+                    };
+                    (ReadConditions::pinned(&etag, Some(r)), r.start, r.len)
+                };
+                let (_, got, body) = read(t.as_ref(), &key("cold"), conditions).await.unwrap();
+                assert_eq!(got, etag);
+                assert!(
+                    body == data[start as usize..(start + len) as usize],
+                    "reader {i}: exact bytes"
+                );
+            })
+        })
+        .collect();
+    for r in readers {
+        r.await.unwrap();
+    }
+    wait_for_fill(&local, &key("cold"), &etag).await;
+    assert_eq!(
+        counting.body_reads.load(Ordering::SeqCst),
+        1,
+        "16 concurrent cold readers, one S3 body read"
+    );
+    let (_, _, body) = read(
+        t.as_ref(),
+        &key("cold"),
+        ReadConditions::pinned(&etag, None),
+    )
+    .await
+    .unwrap();
+    assert!(body == *data);
+    assert_eq!(
+        counting.body_reads.load(Ordering::SeqCst),
+        1,
+        "later reads come from disk"
     );
 }

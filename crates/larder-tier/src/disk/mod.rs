@@ -32,7 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// How much of a file the first read takes: the header plus, for small objects, the whole body.
 const FIRST_READ: usize = 16 * 1024;
@@ -147,6 +147,104 @@ impl DiskTier {
         tokio::task::spawn_blocking(move || inner.sweep_expired())
             .await
             .unwrap_or(0)
+    }
+
+    /// The configured size limit.
+    pub fn limit(&self) -> Option<u64> {
+        self.inner.config.limit
+    }
+
+    /// Starts storing a revision that readers can follow while it is being written (a fill from
+    /// another tier), exactly as [`Tier::put`] would store it. Returns the spool to read from and
+    /// the future that performs the write; nothing happens until that future is polled.
+    pub fn put_spooled(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<
+        (
+            Spool,
+            impl Future<Output = Result<PutResult, TierError>> + Send + 'static + use<>,
+        ),
+        TierError,
+    > {
+        let prepared = self.inner.prepare(ns, key, &opts)?;
+        let (tx, rx) = watch::channel(0u64);
+        let spool = Spool {
+            path: prepared.temp.path.clone(),
+            body_offset: prepared.header.len() as u64,
+            progress: rx,
+        };
+        let write =
+            self.inner
+                .clone()
+                .write(ns.clone(), key.clone(), body, opts, prepared, Some(tx));
+        Ok((spool, write))
+    }
+
+    /// Streams `len` body bytes at `start` of a spooled revision, each chunk as soon as the
+    /// writer has put it in the file. `NotFound` when the spool is already gone (complete and
+    /// renamed, or discarded): read the committed revision instead. If the writer fails before
+    /// the range is complete the stream ends with an error.
+    pub async fn read_spool(
+        &self,
+        spool: &Spool,
+        start: u64,
+        len: u64,
+    ) -> Result<BodyStream, TierError> {
+        let path = spool.path.clone();
+        let file = tokio::task::spawn_blocking(move || File::open(path))
+            .await
+            .map_err(|e| TierError::internal("open spool", e))?;
+        let file = match file {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TierError::not_found()),
+            Err(e) => return Err(TierError::io("open spool", &e)),
+        };
+        let chunk = self.inner.config.read_chunk as u64;
+        let base = spool.body_offset;
+        let state = (file, spool.progress.clone(), start, start + len);
+        let stream =
+            futures_util::stream::unfold(state, move |(file, mut progress, pos, end)| async move {
+                if pos >= end {
+                    return None;
+                }
+                let n = chunk.min(end - pos);
+                // Wait until the writer has these bytes in the file.
+                while *progress.borrow_and_update() < pos + n {
+                    if progress.changed().await.is_err() {
+                        if *progress.borrow() >= pos + n {
+                            break;
+                        }
+                        let err = TierError::new(
+                            ErrorKind::Upstream,
+                            "the fill this read follows failed",
+                        );
+                        return Some((Err(err), (file, progress, end, end)));
+                    }
+                }
+                let f = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n as usize];
+                    let got = read_full_at(&f, &mut buf, base + pos)
+                        .map_err(|e| TierError::io("read spool", &e))?;
+                    if got as u64 != n {
+                        return Err(TierError::internal(
+                            "read spool",
+                            "spool shorter than its progress",
+                        ));
+                    }
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .map_err(|e| TierError::internal("read spool", e))
+                .and_then(|r| r);
+                let next = if read.is_ok() { pos + n } else { end };
+                Some((read, (file, progress, next, end)))
+            });
+        Ok(stream.boxed())
     }
 
     /// Total bytes of revision files (header + body) counted against the limit.
@@ -434,6 +532,134 @@ impl Inner {
     }
 }
 
+/// A new revision's temp file name and encoded header, decided before any byte arrives.
+struct Prepared {
+    temp: TempFile,
+    file: File,
+    header: Vec<u8>,
+}
+
+/// A revision being written that readers may follow: the body of the temp file at `path`
+/// starting at `body_offset`, of which `progress` bytes are in the file. The file is renamed
+/// into place when complete, which does not disturb a reader holding it open.
+#[derive(Clone)]
+pub struct Spool {
+    path: PathBuf,
+    body_offset: u64,
+    progress: watch::Receiver<u64>,
+}
+
+impl Inner {
+    fn prepare(&self, ns: &Namespace, key: &Key, opts: &PutOptions) -> Result<Prepared, TierError> {
+        let now = now_ms();
+        let expires_ms = now.saturating_add(opts.ttl.as_millis() as u64);
+        let meta = MetaJson {
+            ns: ns.as_str().to_string(),
+            key: key.as_str().to_string(),
+            headers: opts.headers.clone(),
+        };
+        let header = format::encode_header(&meta, expires_ms, now / 1000)
+            .map_err(|e| TierError::new(ErrorKind::InvalidInput, e))?;
+        let path = self.tmp.join(format!("{:016x}.tmp", rand::random::<u64>()));
+        // Created before any byte arrives, so that a reader following a spool finds the file.
+        let file = File::create_new(&path).map_err(|e| TierError::io("create temp file", &e))?;
+        Ok(Prepared {
+            temp: TempFile { path, armed: true },
+            file,
+            header,
+        })
+    }
+
+    async fn write(
+        self: Arc<Self>,
+        ns: Namespace,
+        key: Key,
+        mut body: UploadStream,
+        opts: PutOptions,
+        prepared: Prepared,
+        progress: Option<watch::Sender<u64>>,
+    ) -> Result<PutResult, TierError> {
+        let Prepared { temp, file, header } = prepared;
+        let (tx, rx) = mpsc::channel(8);
+        let writer =
+            tokio::task::spawn_blocking(move || write_temp(temp, file, header, rx, progress));
+        let max = opts
+            .max_size
+            .unwrap_or(u64::MAX)
+            .min(self.config.limit.unwrap_or(u64::MAX));
+        let mut received = 0u64;
+        let mut failure = None;
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(chunk) => {
+                    received += chunk.len() as u64;
+                    if received > max {
+                        failure = Some(if opts.max_size.is_some_and(|m| received > m) {
+                            TierError::new(
+                                ErrorKind::TooLarge,
+                                format!(
+                                    "body exceeds the maximum object size of {} bytes",
+                                    opts.max_size.unwrap_or(0)
+                                ),
+                            )
+                        } else {
+                            TierError::new(
+                                ErrorKind::InsufficientStorage,
+                                "object is larger than the disk tier's size limit",
+                            )
+                        });
+                        break;
+                    }
+                    if tx.send(Upload::Chunk(chunk)).await.is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    failure = Some(TierError::new(
+                        ErrorKind::BodyAborted,
+                        format!("request body failed: {e}"),
+                    ));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            let _ = tx.send(Upload::Finish).await;
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| TierError::internal("disk write", e))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        let (temp, fixed) = written?;
+        if let Some(expected) = &opts.expect_etag
+            && fixed.etag() != *expected
+        {
+            return Err(TierError::new(
+                ErrorKind::Upstream,
+                format!(
+                    "copied body has ETag {} instead of {expected}",
+                    fixed.etag()
+                ),
+            ));
+        }
+        let inner = self.clone();
+        let commit_fixed = fixed.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            inner.commit(&ns, &key, temp, &commit_fixed, &opts)
+        })
+        .await
+        .map_err(|e| TierError::internal("disk commit", e))??;
+        Ok(PutResult {
+            etag: fixed.etag(),
+            size: fixed.body_len,
+            created,
+        })
+    }
+}
+
 struct OpenRevision {
     file: File,
     fixed: Fixed,
@@ -458,14 +684,16 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 /// Writes the temp file from the upload channel, hashing on the way, then patches the header,
 /// fsyncs, and hands back the still-armed temp file.
 fn write_temp(
-    path: PathBuf,
+    temp: TempFile,
+    file: File,
     header: Vec<u8>,
     mut rx: mpsc::Receiver<Upload>,
+    progress: Option<watch::Sender<u64>>,
 ) -> Result<(TempFile, Fixed), TierError> {
-    let temp = TempFile { path, armed: true };
-    let file = File::create_new(&temp.path).map_err(|e| TierError::io("create temp file", &e))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
+    // Flushed at once, so that what BufWriter holds later is body only (see `progress`).
     out.write_all(&header)
+        .and_then(|_| out.flush())
         .map_err(|e| TierError::io("write temp file", &e))?;
     let mut hasher = blake3::Hasher::new();
     let mut body_len = 0u64;
@@ -477,6 +705,10 @@ fn write_temp(
                 body_len += chunk.len() as u64;
                 out.write_all(&chunk)
                     .map_err(|e| TierError::io("write temp file", &e))?;
+                if let Some(p) = &progress {
+                    // What BufWriter still holds is not in the file yet.
+                    p.send_replace(body_len - out.buffer().len() as u64);
+                }
             }
             Upload::Finish => {
                 finished = true;
@@ -490,6 +722,9 @@ fn write_temp(
     let file = out
         .into_inner()
         .map_err(|e| TierError::io("write temp file", e.error()))?;
+    if let Some(p) = &progress {
+        p.send_replace(body_len);
+    }
     let etag = *hasher.finalize().as_bytes();
     file.write_all_at(&body_len.to_le_bytes(), format::BODY_LEN_OFFSET)
         .and_then(|_| file.write_all_at(&etag, format::ETAG_OFFSET))
@@ -621,99 +856,14 @@ impl Tier for DiskTier {
         &self,
         ns: &Namespace,
         key: &Key,
-        mut body: UploadStream,
+        body: UploadStream,
         opts: PutOptions,
     ) -> Result<PutResult, TierError> {
-        let now = now_ms();
-        let expires_ms = now.saturating_add(opts.ttl.as_millis() as u64);
-        let meta = MetaJson {
-            ns: ns.as_str().to_string(),
-            key: key.as_str().to_string(),
-            headers: opts.headers.clone(),
-        };
-        let header = format::encode_header(&meta, expires_ms, now / 1000)
-            .map_err(|e| TierError::new(ErrorKind::InvalidInput, e))?;
-        let temp_path = self
-            .inner
-            .tmp
-            .join(format!("{:016x}.tmp", rand::random::<u64>()));
-        let (tx, rx) = mpsc::channel(8);
-        let writer = tokio::task::spawn_blocking(move || write_temp(temp_path, header, rx));
-        let max = opts
-            .max_size
-            .unwrap_or(u64::MAX)
-            .min(self.inner.config.limit.unwrap_or(u64::MAX));
-        let mut received = 0u64;
-        let mut failure = None;
-        while let Some(item) = body.next().await {
-            match item {
-                Ok(chunk) => {
-                    received += chunk.len() as u64;
-                    if received > max {
-                        failure = Some(if opts.max_size.is_some_and(|m| received > m) {
-                            TierError::new(
-                                ErrorKind::TooLarge,
-                                format!(
-                                    "body exceeds the maximum object size of {} bytes",
-                                    opts.max_size.unwrap_or(0)
-                                ),
-                            )
-                        } else {
-                            TierError::new(
-                                ErrorKind::InsufficientStorage,
-                                "object is larger than the disk tier's size limit",
-                            )
-                        });
-                        break;
-                    }
-                    if tx.send(Upload::Chunk(chunk)).await.is_err() {
-                        break; // the writer failed; its error is reported below
-                    }
-                }
-                Err(e) => {
-                    failure = Some(TierError::new(
-                        ErrorKind::BodyAborted,
-                        format!("request body failed: {e}"),
-                    ));
-                    break;
-                }
-            }
-        }
-        if failure.is_none() {
-            let _ = tx.send(Upload::Finish).await;
-        }
-        drop(tx);
-        let written = writer
+        let prepared = self.inner.prepare(ns, key, &opts)?;
+        self.inner
+            .clone()
+            .write(ns.clone(), key.clone(), body, opts, prepared, None)
             .await
-            .map_err(|e| TierError::internal("disk write", e))?;
-        if let Some(f) = failure {
-            return Err(f);
-        }
-        let (temp, fixed) = written?;
-        if let Some(expected) = &opts.expect_etag
-            && fixed.etag() != *expected
-        {
-            return Err(TierError::new(
-                ErrorKind::Upstream,
-                format!(
-                    "copied body has ETag {} instead of {expected}",
-                    fixed.etag()
-                ),
-            ));
-        }
-        let inner = self.inner.clone();
-        let (ns, key) = (ns.clone(), key.clone());
-        let commit_fixed = fixed.clone();
-        let created = tokio::task::spawn_blocking(move || {
-            inner.commit(&ns, &key, temp, &commit_fixed, &opts)
-        })
-        .await
-        .map_err(|e| TierError::internal("disk commit", e))??;
-        Ok(PutResult {
-            etag: fixed.etag(),
-            size: fixed.body_len,
-            created,
-        })
     }
 
     async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {

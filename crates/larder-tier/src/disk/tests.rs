@@ -204,3 +204,79 @@ async fn expired_revisions_are_swept() {
     assert_eq!(t.stats().await.unwrap()[0].objects, 0);
     assert_eq!(t.stats().await.unwrap()[0].expirations, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_is_readable_while_written_and_a_failed_writer_fails_its_readers() {
+    let dir = TempDir::new().unwrap();
+    let mut config = DiskConfig::new(dir.path());
+    config.read_chunk = 64 * 1024;
+    let t = DiskTier::open(config).await.unwrap();
+    let data = pattern(1 << 20, 3);
+    for fail in [false, true] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let body =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|i| (i, rx)) },
+            )
+            .boxed();
+        let k = key(if fail { "spool/fail" } else { "spool/ok" });
+        let (spool, write) = t
+            .put_spooled(&ns("ci"), &k, body, PutOptions::default())
+            .unwrap();
+        let write = tokio::spawn(write);
+        let mut reader = t
+            .read_spool(&spool, 1000, data.len() as u64 - 2000)
+            .await
+            .unwrap();
+        let feed = data.clone();
+        let feeder = tokio::spawn(async move {
+            for (i, c) in feed.chunks(100_000).enumerate() {
+                if fail && i == 5 {
+                    let _ = tx.send(Err(std::io::Error::other("upstream cut"))).await;
+                    return;
+                }
+                tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        let mut got = Vec::new();
+        let mut failed = false;
+        while let Some(chunk) = reader.next().await {
+            match chunk {
+                Ok(c) => got.extend_from_slice(&c),
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        feeder.await.unwrap();
+        let result = write.await.unwrap();
+        if fail {
+            assert!(
+                failed,
+                "a reader of a failed spool gets an error, never a clean short body"
+            );
+            assert!(result.is_err());
+            assert!(
+                read_all(&t, &ns("ci"), &k).await.is_none(),
+                "nothing committed"
+            );
+        } else {
+            assert!(!failed);
+            assert!(
+                got == data[1000..data.len() - 1000],
+                "the reader saw exactly the range"
+            );
+            assert_eq!(result.unwrap().etag, ETag::of(&data));
+            assert_eq!(read_all(&t, &ns("ci"), &k).await.unwrap(), data);
+            let late = t.read_spool(&spool, 0, 10).await.err().map(|e| e.kind);
+            assert_eq!(
+                late,
+                Some(ErrorKind::NotFound),
+                "a committed spool is gone; read the revision"
+            );
+        }
+    }
+}
