@@ -26,6 +26,7 @@ use futures_util::StreamExt;
 use index::{Entry, EntryId, Index};
 use larder_proto::{ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
 use pool::BufferPool;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -33,6 +34,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
+
+/// Open revisions kept for hot keys. Each holds a descriptor and up to `FIRST_READ` bytes.
+const OPEN_CACHE_ENTRIES: usize = 256;
 
 /// How much of a file the first read takes: the header plus, for small objects, the whole body.
 const FIRST_READ: usize = 16 * 1024;
@@ -69,6 +73,9 @@ struct Inner {
     tmp: PathBuf,
     index: Mutex<Index>,
     buffers: Arc<BufferPool>,
+    /// Recently read revisions, open: a hot key is served without open/read/fstat/close, and a
+    /// small object straight from the bytes of its first read.
+    open_cache: Mutex<HashMap<EntryId, Arc<OpenRevision>>>,
 }
 
 #[derive(Clone)]
@@ -283,6 +290,7 @@ impl Inner {
         // Enough idle buffers for a few dozen downloads' read-ahead; beyond that, buffers are freed.
         let buffers = BufferPool::new(config.read_chunk, 8);
         let inner = Inner {
+            open_cache: Mutex::new(HashMap::new()),
             buffers,
             config,
             objects,
@@ -337,7 +345,7 @@ impl Inner {
         }
         let prefix = Bytes::from(buf).slice(fixed.header_len as usize..);
         Ok(Some(OpenRevision {
-            file,
+            file: Arc::new(file),
             fixed,
             meta,
             prefix,
@@ -351,11 +359,19 @@ impl Inner {
         opts: &GetOptions,
     ) -> Result<GetResponse, TierError> {
         let hash = key_hash(key);
-        let path = self.path_of(ns.as_str(), &hash);
-        let Some(rev) = self.open_revision(&path)? else {
-            return Err(TierError::not_found());
-        };
         let id: EntryId = (Arc::from(ns.as_str()), hash);
+        let rev = match self.cached(&id) {
+            Some(rev) => rev,
+            None => {
+                let path = self.path_of(ns.as_str(), &hash);
+                let Some(rev) = self.open_revision(&path)? else {
+                    return Err(TierError::not_found());
+                };
+                let rev = Arc::new(rev);
+                self.cache_if_current(&id, &rev);
+                rev
+            }
+        };
         if rev.fixed.expires_ms <= now_ms() {
             self.remove_if_current(&id, &rev.fixed.etag, true);
             return Err(TierError::not_found());
@@ -365,7 +381,7 @@ impl Inner {
             size: rev.fixed.body_len,
             last_modified: rev.fixed.last_modified(),
             expires: rev.fixed.expires(),
-            headers: rev.meta.headers,
+            headers: rev.meta.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
         let range = match outcome {
@@ -377,9 +393,9 @@ impl Inner {
             Some((start, len)) if !opts.head => {
                 self.index.lock().unwrap().touch(&id, &rev.fixed.etag);
                 Some(self.body_stream(
-                    rev.file,
+                    rev.file.clone(),
                     rev.fixed.header_len as u64,
-                    rev.prefix,
+                    rev.prefix.clone(),
                     start,
                     len,
                 ))
@@ -395,7 +411,7 @@ impl Inner {
 
     fn body_stream(
         &self,
-        file: File,
+        file: Arc<File>,
         body_offset: u64,
         prefix: Bytes,
         start: u64,
@@ -408,7 +424,6 @@ impl Inner {
             let chunk = prefix.slice(start as usize..(start + len) as usize);
             return futures_util::stream::once(async move { Ok(chunk) }).boxed();
         }
-        let file = Arc::new(file);
         let chunk = self.config.read_chunk as u64;
         let end = start + len;
         let offsets = (0..len.div_ceil(chunk)).map(move |i| start + i * chunk);
@@ -437,10 +452,39 @@ impl Inner {
         reads.buffered(self.config.read_ahead.max(1)).boxed()
     }
 
+    fn cached(&self, id: &EntryId) -> Option<Arc<OpenRevision>> {
+        self.open_cache.lock().unwrap().get(id).cloned()
+    }
+
+    /// Keeps an opened revision for the next reads of its key, but only while the index still
+    /// names it current: the check and the insert happen under the index lock, which every
+    /// commit, delete and eviction holds while it also drops the key's cached revision, so a
+    /// replaced revision can never be cached after its replacement.
+    fn cache_if_current(&self, id: &EntryId, rev: &Arc<OpenRevision>) {
+        let index = self.index.lock().unwrap();
+        if index.get(id).is_none_or(|e| e.etag != rev.fixed.etag) {
+            return;
+        }
+        let mut cache = self.open_cache.lock().unwrap();
+        if cache.len() >= OPEN_CACHE_ENTRIES
+            && let Some(victim) = cache.keys().next().cloned()
+        {
+            cache.remove(&victim);
+        }
+        cache.insert(id.clone(), rev.clone());
+        drop(index);
+    }
+
+    /// Must be called with the index lock held, whenever the key's file changes.
+    fn uncache(&self, id: &EntryId) {
+        self.open_cache.lock().unwrap().remove(id);
+    }
+
     /// Removes the key's file if the index still says it holds revision `etag`.
     fn remove_if_current(&self, id: &EntryId, etag: &[u8; 32], expired: bool) {
         let mut index = self.index.lock().unwrap();
         if index.get(id).is_some_and(|e| &e.etag == etag) {
+            self.uncache(id);
             let _ = fs::remove_file(self.path_of(&id.0, &id.1));
             index.remove(id);
             if expired {
@@ -472,6 +516,7 @@ impl Inner {
             let Some(victim) = index.coldest(keep) else {
                 break;
             };
+            self.uncache(&victim);
             let _ = fs::remove_file(self.path_of(&victim.0, &victim.1));
             if let Some(e) = index.remove(&victim) {
                 tracing::debug!(ns = %victim.0, bytes = e.file_len, "evicted");
@@ -511,6 +556,7 @@ impl Inner {
                 return Err(TierError::precondition_failed(current.map(|v| v.etag)));
             }
             fs::rename(&temp.path, &path).map_err(|e| TierError::io("publish revision", &e))?;
+            self.uncache(&id);
             temp.armed = false;
             let entry = Entry {
                 file_len: fixed.file_len(),
@@ -661,7 +707,7 @@ impl Inner {
 }
 
 struct OpenRevision {
-    file: File,
+    file: Arc<File>,
     fixed: Fixed,
     meta: MetaJson,
     /// Body bytes that came with the header read.
@@ -871,6 +917,7 @@ impl Tier for DiskTier {
         let id: EntryId = (Arc::from(ns.as_str()), key_hash(key));
         tokio::task::spawn_blocking(move || {
             let mut index = inner.index.lock().unwrap();
+            inner.uncache(&id);
             index.remove(&id);
             match fs::remove_file(inner.path_of(&id.0, &id.1)) {
                 Ok(()) => Ok(true),

@@ -280,3 +280,61 @@ async fn a_spool_is_readable_while_written_and_a_failed_writer_fails_its_readers
         }
     }
 }
+
+#[tokio::test]
+async fn a_cached_open_revision_never_outlives_its_replacement() {
+    let dir = TempDir::new().unwrap();
+    let mut config = DiskConfig::new(dir.path());
+    config.limit = Some(250_000);
+    let t = DiskTier::open(config).await.unwrap();
+    let (n, k) = (ns("ci"), key("hot"));
+    for round in 0..3u64 {
+        let data = pattern(1000 + round as usize, round);
+        t.put(&n, &k, upload(data.clone()), PutOptions::default())
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                read_all(&t, &n, &k).await.unwrap(),
+                data,
+                "round {round}: the new revision, read twice"
+            );
+        }
+    }
+    t.delete(&n, &k).await.unwrap();
+    assert!(
+        read_all(&t, &n, &k).await.is_none(),
+        "deleted, even though it was cached"
+    );
+    t.put(&n, &k, upload(pattern(100_000, 9)), PutOptions::default())
+        .await
+        .unwrap();
+    read_all(&t, &n, &k).await.unwrap();
+    for other in ["a", "b", "c"] {
+        t.put(
+            &n,
+            &key(other),
+            upload(pattern(100_000, 1)),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        read_all(&t, &n, &k).await.is_none(),
+        "evicted, even though it was cached"
+    );
+    let opts = PutOptions {
+        ttl: Duration::from_millis(50),
+        ..Default::default()
+    };
+    t.put(&n, &key("brief"), upload(b"x".to_vec()), opts)
+        .await
+        .unwrap();
+    assert!(read_all(&t, &n, &key("brief")).await.is_some());
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(
+        read_all(&t, &n, &key("brief")).await.is_none(),
+        "expired, even though it was cached"
+    );
+}
