@@ -4,7 +4,8 @@
 --   BENCH_MODE=full   GET the URL given on wrk's command line (no request() function, so wrk
 --                     keeps its static-request fast path).
 --   BENCH_MODE=range  GET BENCH_PATH with "Range: bytes=S-E", a BENCH_RANGE_SIZE-byte range at a
---                     random BENCH_RANGE_SIZE-aligned offset inside a BENCH_OBJECT_SIZE-byte object.
+--                     random BENCH_RANGE_SIZE-aligned offset inside a BENCH_OBJECT_SIZE-byte object
+--                     (and "If-Match: BENCH_IF_MATCH" when that is set).
 --   BENCH_MODE=small  GET BENCH_PREFIX1 .. BENCH_PREFIX<BENCH_COUNT> in rotation (each thread
 --                     starts at its own offset); the requests are formatted once, in init().
 --
@@ -31,8 +32,11 @@ if mode == "range" then
       math.randomseed(os.time() * 1000 + (thread_id or 0) * 7919)
       for s = 0, slots - 1 do
          local first = s * size
-         requests[s + 1] = wrk.format("GET", path,
-            { ["Range"] = string.format("bytes=%.0f-%.0f", first, first + size - 1) })
+         local headers = { ["Range"] = string.format("bytes=%.0f-%.0f", first, first + size - 1) }
+         -- BENCH_IF_MATCH pins every range to one revision, as the larder client does.
+         local pin = os.getenv("BENCH_IF_MATCH")
+         if pin then headers["If-Match"] = pin end
+         requests[s + 1] = wrk.format("GET", path, headers)
       end
    end
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# bench/s3-tier.sh — larderd's S3 tier against the S3 server itself (issue 3).
+#
+# Everything over loopback, on a throw-away Ceph RGW started by scripts/s3-server.sh:
+#   (a) 1 GiB GET through larderd from the S3 tier (the local copy is invalidated before every
+#       GET, so each one is a miss streamed through a fill) vs the same bytes GET directly from
+#       RGW with the same client (curl, SigV4) -> ratio of throughputs, target >= 0.95x.
+#   (b) 16 clients asking at once for the same cold 1 GiB object on one replica -> how many
+#       S3 body reads larderd made (larder_s3_body_reads_total from /metrics), target 1.
+#   (c) 64 MiB pinned (If-Match) range GETs, 4 connections, served from disk after the fill,
+#       vs the same on a disk-only larderd (the foundation's disk benchmark) -> ratio, target ~1.
+#
+# Run as root from anywhere (installs radosgw and wrk when missing; ~5 minutes):
+#   bench/s3-tier.sh
+# Knobs: REPS=3 S3_PORT=9400 LARDER_PORT=18180 SIZE_MIB=1024. Prints a Markdown table.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=$REPO/target/bench-s3
+REPS=${REPS:-3}
+S3_PORT=${S3_PORT:-9400}
+LPORT=${LARDER_PORT:-18180}
+DPORT=$((LPORT + 1))
+SIZE_MIB=${SIZE_MIB:-1024}
+log() { echo "[$(date +%T)] $*" >&2; }
+
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >&2; }
+(cd "$REPO" && cargo build --release -q -p larderd)
+BIN=$REPO/target/release/larderd
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/s3/run/s3.pid" ] && "$REPO/scripts/s3-server.sh" stop "$WORK/s3" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+mkdir -p "$WORK"
+rm -rf "$WORK/larder" "$WORK/disk-only" "$WORK/big"
+set -a
+eval "$("$REPO/scripts/s3-server.sh" --port "$S3_PORT" --data-dir "$WORK/s3" --bucket bench)"
+set +a
+
+start_larderd() { # port data-dir [args...]
+  local port=$1 dir=$2; shift 2
+  LARDER_LOG=warn "$BIN" --listen "127.0.0.1:$port" --data-dir "$dir" "$@" >"$dir.out" 2>"$dir.err" &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q "listening" "$dir.out" 2>/dev/null && return 0; sleep 0.1; done
+  echo "larderd on $port did not start" >&2; cat "$dir.err" >&2; exit 1
+}
+start_larderd "$LPORT" "$WORK/larder" --s3-bucket bench --s3-prefix bench
+start_larderd "$DPORT" "$WORK/disk-only"
+
+log "writing a ${SIZE_MIB} MiB object"
+head -c "$((SIZE_MIB << 20))" /dev/urandom > "$WORK/big"
+URL=http://127.0.0.1:$LPORT/api/v1/object/bench/big
+curl -sf -T "$WORK/big" "$URL" >/dev/null
+curl -sf -T "$WORK/big" "http://127.0.0.1:$DPORT/api/v1/object/bench/big" >/dev/null
+ETAG=$(curl -sfI "$URL" | tr -d '\r' | awk 'tolower($1)=="etag:" {print $2}')
+# RGW wants the payload hash header on every SigV4 request; GETs have an empty payload.
+sigv4=(--aws-sigv4 "aws:amz:$AWS_REGION:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY")
+EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
+DIRECT=$AWS_ENDPOINT_URL/bench/direct-big
+curl -sf "${sigv4[@]}" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -T "$WORK/big" "$DIRECT" >/dev/null
+size=$(curl -sfI "${sigv4[@]}" -H "x-amz-content-sha256: $EMPTY_SHA256" "$DIRECT" | tr -d '\r' | awk 'tolower($1)=="content-length:" {print $2}')
+[ "$size" = $((SIZE_MIB << 20)) ] || { echo "direct object has $size bytes" >&2; exit 1; }
+
+body_reads() { curl -sf "http://127.0.0.1:$LPORT/metrics" | awk '/^larder_s3_body_reads_total/ {print $2}' | tail -1; }
+seconds() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null || { echo "failed: $*" >&2; exit 1; }; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+command -v bc >/dev/null || { apt-get install -y -qq --no-install-recommends bc >&2; }
+
+log "(a) GET through larderd (miss each time) vs GET directly from RGW"
+best_l=999; best_d=999
+for r in $(seq "$REPS"); do
+  curl -sf -X POST "$URL/invalidate" >/dev/null
+  t=$(seconds curl -sf -o /dev/null "$URL"); log "rep $r larderd-from-s3 ${t}s"
+  (( $(echo "$t < $best_l" | bc -l) )) && best_l=$t
+  t=$(seconds curl -sf -o /dev/null "${sigv4[@]}" -H "x-amz-content-sha256: $EMPTY_SHA256" "$DIRECT"); log "rep $r rgw-direct ${t}s"
+  (( $(echo "$t < $best_d" | bc -l) )) && best_d=$t
+done
+sleep 2 # let the last fill commit
+
+log "(b) 16 concurrent cold GETs on one replica"
+curl -sf -X POST "$URL/invalidate" >/dev/null
+before=$(body_reads)
+clients=()
+for _ in $(seq 16); do curl -sf -o /dev/null "$URL" & clients+=($!); done
+wait "${clients[@]}" # not a bare wait: the larderd servers are children too
+sleep 1
+after=$(body_reads)
+reads=$(echo "$after - $before" | bc)
+
+log "(c) pinned 64 MiB ranges from disk after the fill vs disk-only larderd"
+range_rate() { # port
+  BENCH_MODE=range BENCH_PATH=/api/v1/object/bench/big BENCH_RANGE_SIZE=$((64 << 20)) \
+    BENCH_OBJECT_SIZE=$((SIZE_MIB << 20)) BENCH_IF_MATCH=$ETAG \
+    wrk -t2 -c4 -d8s -s "$REPO/bench/wrk-bench.lua" "http://127.0.0.1:$1/" 2>/dev/null |
+    sed -n 's/.*WRKRESULT bytes=\([0-9]*\).*duration_us=\([0-9]*\).*err_status=\([0-9]*\).*/\1 \2 \3/p'
+}
+best_t=0; best_o=0
+for r in $(seq "$REPS"); do
+  for which in tiered disk; do
+    port=$LPORT; [ $which = disk ] && port=$DPORT
+    read -r bytes us bad < <(range_rate "$port")
+    [ "$bad" = 0 ] || { echo "non-2xx answers from $which: $bad" >&2; exit 1; }
+    rate=$(echo "$bytes / $us * 1000000 / 1073741824" | bc -l)
+    log "rep $r $which $(printf %.2f "$rate") GiB/s"
+    if [ $which = tiered ]; then (( $(echo "$rate > $best_t" | bc -l) )) && best_t=$rate
+    else (( $(echo "$rate > $best_o" | bc -l) )) && best_o=$rate; fi
+  done
+done
+
+gib=$(echo "$SIZE_MIB / 1024" | bc -l)
+rl=$(echo "$gib / $best_l" | bc -l); rd=$(echo "$gib / $best_d" | bc -l)
+echo "Run: $(date -u); $(nproc) cores; kernel $(uname -r); best of $REPS"
+echo
+echo "| row | larderd | reference | ratio | target |"
+echo "| --- | ---: | ---: | ---: | --- |"
+printf '| %s MiB GET, miss through the S3 tier vs direct from RGW (curl) | %.2f GiB/s | %.2f GiB/s | %.2f× | ≥ 0.95× |\n' "$SIZE_MIB" "$rl" "$rd" "$(echo "$rl / $rd" | bc -l)"
+printf '| 16 concurrent cold GETs of %s MiB: S3 body reads by the replica | %s | — | — | 1 |\n' "$SIZE_MIB" "$reads"
+printf '| 64 MiB pinned ranges, 4 conns, from disk after the fill vs disk-only larderd | %.2f GiB/s | %.2f GiB/s | %.2f× | ≈ 1× |\n' "$best_t" "$best_o" "$(echo "$best_t / $best_o" | bc -l)"
