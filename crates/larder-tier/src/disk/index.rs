@@ -5,10 +5,9 @@
 //! Every mutation of the file system (commit rename, delete, eviction) happens while holding the
 //! index lock, which makes "check precondition, then rename" a compare-and-swap.
 
-use larder_proto::{ETag, Validators};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `(namespace, BLAKE3 of the key)`: the key's file is named by its hash.
 pub type EntryId = (Arc<str>, [u8; 32]);
@@ -20,18 +19,7 @@ pub struct Entry {
     pub body_len: u64,
     pub etag: [u8; 32],
     pub expires_ms: u64,
-    pub last_modified_s: u64,
     pub last_access: u64,
-}
-
-impl Entry {
-    pub fn validators(&self) -> Validators {
-        Validators {
-            etag: ETag::from_bytes(self.etag),
-            size: self.body_len,
-            last_modified: UNIX_EPOCH + Duration::from_secs(self.last_modified_s),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -137,7 +125,6 @@ mod tests {
             body_len: len,
             etag: [0; 32],
             expires_ms: u64::MAX,
-            last_modified_s: 0,
             last_access: 0,
         }
     }

@@ -76,6 +76,8 @@ struct Inner {
     /// Recently read revisions, open: a hot key is served without open/read/fstat/close, and a
     /// small object straight from the bytes of its first read.
     open_cache: Mutex<HashMap<EntryId, Arc<OpenRevision>>>,
+    /// Becomes true once the start-up scan has filled the index.
+    loaded: watch::Sender<bool>,
 }
 
 #[derive(Clone)]
@@ -132,8 +134,21 @@ impl DiskTier {
         let tier = DiskTier {
             inner: Arc::new(inner),
         };
+        let loader = tier.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = loader.load_index() {
+                tracing::error!(error = %e, "disk tier index could not be loaded; size limit not enforced");
+            }
+        });
         tier.spawn_sweeper();
         Ok(tier)
+    }
+
+    /// Waits until the start-up scan has loaded the index (stats and the size limit are then
+    /// complete; reads and writes never wait for it).
+    pub async fn index_loaded(&self) {
+        let mut rx = self.inner.loaded.subscribe();
+        let _ = rx.wait_for(|loaded| *loaded).await;
     }
 
     fn spawn_sweeper(&self) {
@@ -276,29 +291,85 @@ impl Inner {
                 removed_tmp += 1;
             }
         }
-        let started = std::time::Instant::now();
-        let (index, removed) = scan(&objects)?;
-        tracing::info!(
-            dir = %config.dir.display(),
-            objects = index.len(),
-            bytes = index.total_bytes,
-            removed_temp_files = removed_tmp,
-            removed_orphans = removed,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "disk tier opened"
-        );
+        if removed_tmp > 0 {
+            tracing::info!(
+                removed_temp_files = removed_tmp,
+                "removed uploads of a previous process"
+            );
+        }
         // Enough idle buffers for a few dozen downloads' read-ahead; beyond that, buffers are freed.
         let buffers = BufferPool::new(config.read_chunk, 8);
-        let inner = Inner {
+        Ok(Inner {
             open_cache: Mutex::new(HashMap::new()),
             buffers,
             config,
             objects,
             tmp,
-            index: Mutex::new(index),
+            index: Mutex::new(Index::default()),
+            loaded: watch::channel(false).0,
+        })
+    }
+
+    /// Scans the object tree into the index while the tier already serves: reads and writes do
+    /// not depend on the index (reads open the key's file, a commit checks its precondition
+    /// against the file it replaces), only size accounting and eviction do. So a cold start with
+    /// many objects costs no unavailability. Commits made during the scan win over what the scan
+    /// found, and nothing the scan found is added once its file is gone.
+    fn load_index(&self) -> Result<(), TierError> {
+        let started = std::time::Instant::now();
+        let (found, removed) = scan(&self.objects)?;
+        let mut added = 0;
+        for batch in found.chunks(1024) {
+            let mut index = self.index.lock().unwrap();
+            for (id, entry) in batch {
+                if index.get(id).is_none() && self.path_of(&id.0, &id.1).exists() {
+                    index.insert(id.clone(), entry.clone());
+                    added += 1;
+                }
+            }
+        }
+        let (objects, bytes) = {
+            let index = self.index.lock().unwrap();
+            (index.len(), index.total_bytes)
         };
-        inner.evict_over_limit(None);
-        Ok(inner)
+        tracing::info!(
+            dir = %self.config.dir.display(),
+            objects,
+            bytes,
+            scanned = added,
+            removed_orphans = removed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "disk tier index loaded"
+        );
+        self.evict_over_limit(None);
+        self.loaded.send_replace(true);
+        Ok(())
+    }
+
+    /// The current revision's validators, from its file: the truth even while the index loads.
+    fn current_validators(
+        &self,
+        path: &Path,
+        now_ms: u64,
+    ) -> Result<Option<larder_proto::Validators>, TierError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(TierError::io("open current revision", &e)),
+        };
+        let mut buf = [0u8; format::FIXED_LEN];
+        let n = read_full_at(&file, &mut buf, 0)
+            .map_err(|e| TierError::io("read current revision", &e))?;
+        let fixed =
+            Fixed::decode(&buf[..n]).map_err(|e| TierError::internal("current revision", e))?;
+        if fixed.expires_ms <= now_ms {
+            return Ok(None); // an expired revision is not current, even before the sweeper runs
+        }
+        Ok(Some(larder_proto::Validators {
+            etag: fixed.etag(),
+            size: fixed.body_len,
+            last_modified: fixed.last_modified(),
+        }))
     }
 
     fn path_of(&self, ns: &str, hash: &[u8; 32]) -> PathBuf {
@@ -544,12 +615,7 @@ impl Inner {
         fs::create_dir_all(dir).map_err(|e| TierError::io("create object dir", &e))?;
         let created = {
             let mut index = self.index.lock().unwrap();
-            let now = now_ms();
-            // An expired revision is not current, even before the sweeper removes it.
-            let current = index
-                .get(&id)
-                .filter(|e| e.expires_ms > now)
-                .map(Entry::validators);
+            let current = self.current_validators(&path, now_ms())?;
             if decide_write(&opts.precondition, current.as_ref())
                 == WriteOutcome::PreconditionFailed
             {
@@ -563,7 +629,6 @@ impl Inner {
                 body_len: fixed.body_len,
                 etag: fixed.etag,
                 expires_ms: fixed.expires_ms,
-                last_modified_s: fixed.last_modified_s,
                 last_access: 0,
             };
             index.insert(id.clone(), entry);
@@ -787,7 +852,7 @@ type ScanResult = (Vec<(EntryId, Entry, SystemTime)>, usize);
 
 /// Rebuilds the index from the object tree, removing whatever is not a complete, unexpired
 /// revision. Directories are scanned on all cores: start-up time is what an operator waits for.
-fn scan(objects: &Path) -> Result<(Index, usize), TierError> {
+fn scan(objects: &Path) -> Result<(Vec<(EntryId, Entry)>, usize), TierError> {
     let mut dirs = Vec::new();
     for ns_entry in fs::read_dir(objects).map_err(|e| TierError::io("scan objects", &e))? {
         let ns_entry = ns_entry.map_err(|e| TierError::io("scan objects", &e))?;
@@ -825,11 +890,13 @@ fn scan(objects: &Path) -> Result<(Index, usize), TierError> {
     }
     // Last access is not persisted; commit time is the best estimate of recency after a restart.
     found.sort_by_key(|(_, _, mtime)| *mtime);
-    let mut index = Index::default();
-    for (id, entry, _) in found {
-        index.insert(id, entry);
-    }
-    Ok((index, removed))
+    Ok((
+        found
+            .into_iter()
+            .map(|(id, entry, _)| (id, entry))
+            .collect(),
+        removed,
+    ))
 }
 
 fn scan_dirs(
@@ -857,7 +924,6 @@ fn scan_dirs(
                     body_len: fixed.body_len,
                     etag: fixed.etag,
                     expires_ms: fixed.expires_ms,
-                    last_modified_s: fixed.last_modified_s,
                     last_access: 0,
                 };
                 Some((

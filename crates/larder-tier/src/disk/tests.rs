@@ -44,7 +44,12 @@ async fn committed_objects_survive_restart() {
         .unwrap();
     }
     let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
-    assert_eq!(read_all(&t, &ns("ci"), &key("a/b")).await.unwrap(), data);
+    assert_eq!(
+        read_all(&t, &ns("ci"), &key("a/b")).await.unwrap(),
+        data,
+        "readable before the index loads"
+    );
+    t.index_loaded().await;
     let stats = t.stats().await.unwrap();
     assert_eq!(stats[0].objects, 1);
     assert!(stats[0].bytes > data.len() as u64);
@@ -87,7 +92,11 @@ async fn start_up_removes_temp_files_and_orphans() {
     .unwrap();
 
     let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
-    assert!(!tmp.exists(), "temp files are removed at start");
+    assert!(
+        !tmp.exists(),
+        "temp files are removed before the tier serves"
+    );
+    t.index_loaded().await;
     assert!(
         !garbage.exists(),
         "unknown files in the object tree are removed"
