@@ -60,6 +60,11 @@ pub enum Error {
         consequence: String,
     },
 
+    /// A snapshot archive with an entry that would escape the target or is not allowed; the
+    /// message names the entry and says what was (not) restored.
+    #[error("{0}")]
+    UnsafeArchive(String),
+
     /// The server answered something a larderd would not (missing ETag, bad JSON, …).
     #[error("{0}")]
     Protocol(String),
@@ -126,7 +131,7 @@ impl Error {
 
 /// The error's sources joined by ": ", leaving out reqwest's own top line (it only repeats the
 /// URL) and consecutive repeats, which hyper's layers like to produce.
-fn causes(e: &reqwest::Error) -> String {
+pub(crate) fn causes(e: &reqwest::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut next = std::error::Error::source(e);
     while let Some(err) = next {
@@ -144,7 +149,7 @@ fn causes(e: &reqwest::Error) -> String {
 }
 
 /// The deepest cause, usually the OS error ("Connection refused (os error 111)").
-fn innermost_cause(e: &reqwest::Error) -> String {
+pub(crate) fn innermost_cause(e: &reqwest::Error) -> String {
     let mut last: &dyn std::error::Error = e;
     while let Some(next) = last.source() {
         last = next;

@@ -2,19 +2,31 @@
 //! and "Client").
 //!
 //! It lives in a library rather than in the `larder` binary so the CLI stays thin wiring and the
-//! pieces (name validation, error mapping, digest verification, staged output files) can be
-//! reused when downloads become parallel ranged requests. Every name is validated with
-//! `larder_proto` before a request is made, so a typo is reported locally with the same reason
-//! the server would give, and every download is checked against its content-digest ETag.
+//! pieces — parallel pinned downloads ([`Downloader`]), snapshot save and restore
+//! ([`Client::save`], [`Downloader::restore`]), staged outputs, error mapping — can be used by
+//! other programs and by the server's tests. Every name is validated with `larder_proto` before
+//! a request is made, so a typo is reported locally with the same reason the server would give,
+//! and every download is checked against its content-digest ETag.
 
+mod download;
 mod error;
-mod get;
 mod output;
+mod progress;
 mod put;
+mod restore;
+mod save;
 
+pub use download::{
+    DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_RESTARTS,
+    DEFAULT_RETRIES, DownloadOptions, DownloadSummary, Downloader, ReplicaUsage, Sink,
+};
 pub use error::Error;
 pub use larder_proto::{ETag, Key, Namespace};
+pub use output::{FileSink, WriterSink};
+pub use progress::Progress;
 pub use put::{Precondition, PutOptions, PutResult};
+pub use restore::{RestoreOptions, RestoreSummary};
+pub use save::{SaveOptions, SaveSummary};
 
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, Response, StatusCode, Url};
@@ -94,6 +106,10 @@ impl Client {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            // Parallel ranges want many independent streams; HTTP/1.1 gives one TCP connection
+            // (and one congestion window) per request in flight.
+            .http1_only()
+            .tcp_nodelay(true)
             .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::InvalidInput(format!("cannot set up the HTTP client: {e}")))?;
@@ -244,7 +260,7 @@ pub(crate) async fn failure(op: &'static str, name: &ObjectName, resp: Response)
 const MAX_REASON: usize = 300;
 
 /// The first line of an error body, or the status's standard phrase when there is none (HEAD).
-async fn reason_line(status: StatusCode, resp: Response) -> String {
+pub(crate) async fn reason_line(status: StatusCode, resp: Response) -> String {
     let html = resp
         .headers()
         .get(header::CONTENT_TYPE)

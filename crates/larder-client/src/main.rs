@@ -1,17 +1,23 @@
 //! `larder`, the command-line client of larderd.
 //!
 //! This file is only wiring: it parses arguments, validates them locally (so a typo costs no
-//! request), calls the client library and formats results. Data goes to stdout, status lines to
-//! stderr (silenced by `--quiet`), errors always to stderr. Exit status: 0 success, 2 object not
-//! found, 1 anything else — including usage errors, which clap would otherwise report as 2 and
-//! make indistinguishable from a cache miss.
+//! request), calls the client library and formats results. Data (objects, ETags, `--json`
+//! summaries) goes to stdout; progress bars (only when stderr is a terminal) and status lines go
+//! to stderr, both silenced by `--quiet`; errors always go to stderr. Exit status: 0 success,
+//! 2 object not found, 1 anything else — including usage errors, which clap would otherwise
+//! report as 2 and make indistinguishable from a cache miss.
 
 use clap::{Parser, Subcommand};
-use larder_client::{Client, ETag, Error, ObjectInfo, ObjectName, Precondition, PutOptions};
-use larder_proto::units::{format_size, parse_duration};
+use larder_client::{
+    Client, DownloadOptions, DownloadSummary, Downloader, ETag, Error, ObjectInfo, ObjectName,
+    Precondition, Progress, PutOptions, RestoreOptions, SaveOptions,
+};
+use larder_proto::units::{format_size, parse_duration, parse_size};
+use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -20,16 +26,18 @@ use std::process::ExitCode;
     about = "Store and fetch CI artifacts in a larder cache"
 )]
 struct Cli {
-    /// larderd server URL.
+    /// larderd server URL. Repeat it (or give a comma-separated list) to spread downloads
+    /// (`get`, `restore`) over replicas; other commands use the first.
     #[arg(
         long,
         env = "LARDER_URL",
         default_value = "http://127.0.0.1:8080",
+        value_delimiter = ',',
         global = true
     )]
-    url: String,
+    url: Vec<String>,
 
-    /// Print nothing but data and errors.
+    /// Print nothing but data and errors (no progress bar, no status lines).
     #[arg(long, short, global = true)]
     quiet: bool,
 
@@ -45,26 +53,67 @@ enum Command {
         target: Target,
         /// File to upload; `-` or absent reads stdin.
         file: Option<PathBuf>,
-        /// Only create: fail if NS/KEY already exists.
-        #[arg(long, conflicts_with = "if_match")]
-        if_none_match: bool,
-        /// Only replace the revision with this ETag (compare-and-swap).
-        #[arg(long, value_name = "ETAG")]
-        if_match: Option<String>,
-        /// Time to live, e.g. 30m, 12h, 7d (the server caps it).
-        #[arg(long, value_name = "DURATION")]
-        ttl: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Content-Type to store and serve with the object.
         #[arg(long, value_name = "TYPE")]
         content_type: Option<String>,
+        /// Print a JSON summary instead of the bare ETag.
+        #[arg(long)]
+        json: bool,
     },
-    /// Download NS/KEY, verified against its ETag.
+    /// Download NS/KEY in parallel ranges, verified against its ETag.
     Get {
         #[command(flatten)]
         target: Target,
         /// Output file, replaced only after a verified download; `-` or absent is stdout.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        download: DownloadArgs,
+        /// Print a JSON summary on stdout (needs -o FILE, since stdout otherwise carries the
+        /// object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Archive DIR (or PATHs inside it) as tar + zstd and store it as NS/KEY.
+    Save {
+        #[command(flatten)]
+        target: Target,
+        /// Directory to snapshot.
+        dir: PathBuf,
+        /// Paths inside DIR to include (default: all of DIR).
+        paths: Vec<PathBuf>,
+        /// Leave out matching paths; repeatable. `*.o` or `node_modules` match at any depth,
+        /// `build/tmp` only from DIR's top, a trailing `/` only directories.
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// zstd compression level, 1 (fast) to 19 (small).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// zstd worker threads (0: one per CPU).
+        #[arg(long, default_value_t = 0)]
+        threads: u32,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print a JSON summary instead of the bare ETag.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the snapshot NS/KEY into DIR, which appears only once complete and verified.
+    Restore {
+        #[command(flatten)]
+        target: Target,
+        /// Directory to create (or replace, with --force).
+        dir: PathBuf,
+        /// Replace DIR if it exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        download: DownloadArgs,
+        /// Print a JSON summary on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the ETag, size, modification time and content type of NS/KEY.
     Stat {
@@ -103,6 +152,80 @@ impl Target {
     }
 }
 
+/// How an upload may replace what is stored.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Only create: fail if NS/KEY already exists.
+    #[arg(long, conflicts_with = "if_match")]
+    if_none_match: bool,
+    /// Only replace the revision with this ETag (compare-and-swap).
+    #[arg(long, value_name = "ETAG")]
+    if_match: Option<String>,
+    /// Time to live, e.g. 30m, 12h, 7d (the server caps it).
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
+}
+
+impl StoreArgs {
+    fn options(&self, progress: Progress) -> Result<PutOptions, Error> {
+        let precondition = match (self.if_none_match, &self.if_match) {
+            (true, _) => Precondition::CreateOnly,
+            (false, Some(e)) => Precondition::IfMatch(parse_etag(e)?),
+            (false, None) => Precondition::None,
+        };
+        let ttl = self
+            .ttl
+            .as_deref()
+            .map(|t| parse_duration(t).map_err(|e| Error::InvalidInput(format!("--ttl: {e}"))))
+            .transpose()?;
+        Ok(PutOptions {
+            precondition,
+            ttl,
+            content_type: None,
+            progress,
+        })
+    }
+}
+
+/// Tuning of parallel downloads.
+#[derive(clap::Args)]
+struct DownloadArgs {
+    /// Ranges in flight at once, over all --url replicas.
+    #[arg(long, env = "LARDER_CONCURRENCY", default_value_t = larder_client::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Bytes per range request, e.g. 8MiB.
+    #[arg(
+        long,
+        env = "LARDER_CHUNK_SIZE",
+        default_value = "8MiB",
+        value_name = "SIZE"
+    )]
+    chunk_size: String,
+    /// Give up on a response that sends nothing for this long, and retry it.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    idle_timeout: String,
+    /// Retries per range after transient failures (resets, 5xx, stalls).
+    #[arg(long, default_value_t = larder_client::DEFAULT_RETRIES)]
+    retries: u32,
+}
+
+impl DownloadArgs {
+    fn options(&self, progress: Progress) -> Result<DownloadOptions, Error> {
+        let chunk_size = parse_size(&self.chunk_size)
+            .map_err(|e| Error::InvalidInput(format!("--chunk-size: {e}")))?;
+        let idle_timeout = parse_duration(&self.idle_timeout)
+            .map_err(|e| Error::InvalidInput(format!("--idle-timeout: {e}")))?;
+        Ok(DownloadOptions {
+            concurrency: self.concurrency,
+            chunk_size,
+            idle_timeout,
+            retries: self.retries,
+            progress,
+            ..DownloadOptions::default()
+        })
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -132,33 +255,39 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every URL, validated, so a typo in the third replica is reported before any transfer.
+fn clients(urls: &[String]) -> Result<Vec<Client>, Error> {
+    let clients: Vec<Client> = urls
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .map(Client::new)
+        .collect::<Result<_, _>>()?;
+    if clients.is_empty() {
+        return Err(Error::InvalidInput(
+            "no server URL: set --url or LARDER_URL".into(),
+        ));
+    }
+    Ok(clients)
+}
+
 async fn run(cli: Cli) -> Result<(), Error> {
     let quiet = cli.quiet;
+    // A bar only for a person watching; notes (restarts, skipped files) unless --quiet.
+    let progress = Progress::stderr(!quiet && std::io::stderr().is_terminal(), !quiet);
     // Validate every argument before connecting, so a bad name never reaches the network.
     match cli.command {
         Command::Put {
             target,
             file,
-            if_none_match,
-            if_match,
-            ttl,
+            store,
             content_type,
+            json,
         } => {
             let name = target.name()?;
-            let precondition = match (if_none_match, if_match) {
-                (true, _) => Precondition::CreateOnly,
-                (false, Some(e)) => Precondition::IfMatch(parse_etag(&e)?),
-                (false, None) => Precondition::None,
-            };
-            let ttl = ttl
-                .map(|t| parse_duration(&t).map_err(|e| Error::InvalidInput(format!("--ttl: {e}"))))
-                .transpose()?;
-            let opts = PutOptions {
-                precondition,
-                ttl,
-                content_type,
-            };
-            let client = Client::new(&cli.url)?;
+            let mut opts = store.options(progress)?;
+            opts.content_type = content_type;
+            let client = clients(&cli.url)?.swap_remove(0);
             let put = match file.filter(|f| f.as_os_str() != "-") {
                 Some(path) => client.put_file(&name, &path, &opts).await?,
                 None => {
@@ -171,49 +300,169 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         .await?
                 }
             };
-            write_stdout(&format!("{}\n", put.etag.as_str()))?;
+            if json {
+                let v = json!({
+                    "namespace": name.ns.as_str(),
+                    "key": name.key.as_str(),
+                    "etag": put.etag.as_str(),
+                    "size": put.size,
+                    "created": put.created,
+                });
+                write_stdout(&format!("{v}\n"))?;
+            } else {
+                write_stdout(&format!("{}\n", put.etag.as_str()))?;
+            }
             let how = if put.created { "new" } else { "replaced" };
             status(
                 quiet,
                 format_args!("stored {name}: {} ({how})", format_size(put.size)),
             );
         }
-        Command::Get { target, output } => {
+        Command::Get {
+            target,
+            output,
+            download,
+            json,
+        } => {
             let name = target.name()?;
-            let client = Client::new(&cli.url)?;
-            match output.filter(|o| o.as_os_str() != "-") {
+            let output = output.filter(|o| o.as_os_str() != "-");
+            if json && output.is_none() {
+                return Err(Error::InvalidInput(
+                    "--json needs -o FILE: without it stdout carries the object".into(),
+                ));
+            }
+            let opts = download.options(progress.clone())?;
+            let downloader = Downloader::new(clients(&cli.url)?, opts)?;
+            match output {
                 Some(path) => {
-                    let info = client.get_to_file(&name, &path).await?;
+                    let summary = downloader.download_to_file(&name, &path).await?;
+                    progress.finish();
+                    let dest = path.display().to_string();
+                    if json {
+                        write_stdout(&format!("{}\n", download_json(&name, &dest, &summary)))?;
+                    }
                     status(
                         quiet,
                         format_args!(
-                            "wrote {} from {name}: {}, verified",
-                            path.display(),
-                            format_size(info.size)
+                            "wrote {dest} from {name}: {}, verified",
+                            rate(summary.info.size, summary.elapsed, summary.restarts)
                         ),
                     );
                 }
                 None => {
-                    client
-                        .get_to_writer(&name, tokio::io::stdout(), "stdout")
+                    downloader
+                        .download_to_writer(&name, std::io::stdout(), "stdout")
                         .await?;
+                    progress.finish();
                 }
             }
         }
+        Command::Save {
+            target,
+            dir,
+            paths,
+            exclude,
+            level,
+            threads,
+            store,
+            json,
+        } => {
+            let name = target.name()?;
+            let opts = SaveOptions {
+                paths,
+                exclude,
+                level,
+                threads,
+                put: store.options(Progress::hidden())?,
+                progress: progress.clone(),
+            };
+            let client = clients(&cli.url)?.swap_remove(0);
+            let saved = client.save(&name, &dir, &opts).await?;
+            if json {
+                let v = json!({
+                    "namespace": name.ns.as_str(),
+                    "key": name.key.as_str(),
+                    "etag": saved.put.etag.as_str(),
+                    "archive_size": saved.put.size,
+                    "input_bytes": saved.input_bytes,
+                    "files": saved.files,
+                    "dirs": saved.dirs,
+                    "symlinks": saved.symlinks,
+                    "skipped": saved.skipped,
+                    "created": saved.put.created,
+                });
+                write_stdout(&format!("{v}\n"))?;
+            } else {
+                write_stdout(&format!("{}\n", saved.put.etag.as_str()))?;
+            }
+            status(
+                quiet,
+                format_args!(
+                    "saved {} as {name}: {} files, {} dirs, {} symlinks, {} in a {} archive",
+                    dir.display(),
+                    saved.files,
+                    saved.dirs,
+                    saved.symlinks,
+                    format_size(saved.input_bytes),
+                    format_size(saved.put.size),
+                ),
+            );
+        }
+        Command::Restore {
+            target,
+            dir,
+            force,
+            download,
+            json,
+        } => {
+            let name = target.name()?;
+            let opts = download.options(progress.clone())?;
+            let downloader = Downloader::new(clients(&cli.url)?, opts)?;
+            let restored = downloader
+                .restore(&name, &dir, &RestoreOptions { force })
+                .await?;
+            progress.finish();
+            if json {
+                let mut v = download_json(&name, &dir.display().to_string(), &restored.download);
+                v["files"] = json!(restored.files);
+                v["dirs"] = json!(restored.dirs);
+                v["symlinks"] = json!(restored.symlinks);
+                v["hardlinks"] = json!(restored.hardlinks);
+                v["bytes"] = json!(restored.bytes);
+                write_stdout(&format!("{v}\n"))?;
+            }
+            status(
+                quiet,
+                format_args!(
+                    "restored {name} into {}: {} files, {} dirs, {} symlinks, {} (archive {}), \
+                     verified",
+                    dir.display(),
+                    restored.files,
+                    restored.dirs,
+                    restored.symlinks,
+                    format_size(restored.bytes),
+                    rate(
+                        restored.download.info.size,
+                        restored.download.elapsed,
+                        restored.download.restarts
+                    ),
+                ),
+            );
+        }
         Command::Stat { target, json } => {
             let name = target.name()?;
-            let info = Client::new(&cli.url)?.stat(&name).await?;
+            let info = clients(&cli.url)?[0].stat(&name).await?;
             print_stat(&name, &info, json)?;
         }
         Command::Rm { target } => {
             let name = target.name()?;
-            Client::new(&cli.url)?.delete(&name).await?;
+            clients(&cli.url)?[0].delete(&name).await?;
             status(quiet, format_args!("removed {name}"));
         }
         Command::Ls { json } => {
-            let list = Client::new(&cli.url)?.namespaces().await?;
+            let list = clients(&cli.url)?[0].namespaces().await?;
             if json {
-                let v = serde_json::json!({ "namespaces": list });
+                let v = json!({ "namespaces": list });
                 write_stdout(&format!("{v}\n"))?;
             } else {
                 let rows: Vec<[String; 3]> = list
@@ -225,6 +474,40 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// "1.2 GiB in 3.4 s (360 MiB/s)", plus the restarts if there were any.
+fn rate(bytes: u64, elapsed: Duration, restarts: u32) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let mut s = format!(
+        "{} in {secs:.1} s ({}/s)",
+        format_size(bytes),
+        format_size((bytes as f64 / secs) as u64)
+    );
+    if restarts > 0 {
+        s.push_str(&format!(", after {restarts} restart(s) because it changed"));
+    }
+    s
+}
+
+fn download_json(name: &ObjectName, dest: &str, s: &DownloadSummary) -> serde_json::Value {
+    let secs = s.elapsed.as_secs_f64();
+    json!({
+        "namespace": name.ns.as_str(),
+        "key": name.key.as_str(),
+        "path": dest,
+        "etag": s.info.etag.as_str(),
+        "size": s.info.size,
+        "seconds": secs,
+        "bytes_per_second": if secs > 0.0 { (s.info.size as f64 / secs) as u64 } else { 0 },
+        "restarts": s.restarts,
+        "retries": s.retries,
+        "replicas": s.replicas.iter().map(|r| json!({
+            "url": r.url,
+            "bytes": r.bytes,
+            "failures": r.failures,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn parse_etag(s: &str) -> Result<ETag, Error> {

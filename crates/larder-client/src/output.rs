@@ -1,13 +1,21 @@
-//! Output files that appear only when complete.
+//! Download outputs: files that appear only when complete, and in-order streams.
 //!
 //! A download is written to a hidden temporary file beside the target and renamed over it only
 //! after the bytes are verified and synced, so a failed, interrupted or corrupt download never
 //! leaves a partial or wrong file where a build expects a good one. The temporary file lives in
 //! the target's directory because a rename is atomic only within one file system. Dropping a
 //! `StagedFile` without committing removes it.
+//!
+//! A stream (stdout) cannot take bytes back, so [`WriterSink`] refuses to restart once it has
+//! written anything, and its failure messages say to discard the output.
 
-use crate::Error;
+use crate::download::Sink;
+use crate::{Error, ObjectInfo};
+use bytes::Bytes;
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub(crate) struct StagedFile {
     tmp: tempfile::NamedTempFile,
@@ -56,14 +64,9 @@ impl StagedFile {
         })
     }
 
-    /// A second handle on the temporary file for async writing.
-    pub(crate) fn writer(&self) -> Result<tokio::fs::File, Error> {
-        let file = self
-            .tmp
-            .as_file()
-            .try_clone()
-            .map_err(|e| Error::io(format!("cannot open {}", self.tmp.path().display()), e))?;
-        Ok(tokio::fs::File::from_std(file))
+    /// The temporary file, for positioned writes from several threads.
+    pub(crate) fn file(&self) -> &File {
+        self.tmp.as_file()
     }
 
     /// Renames the (already synced) temporary file over the target.
@@ -76,5 +79,117 @@ impl StagedFile {
             )
         })?;
         Ok(())
+    }
+}
+
+/// A download into a staged file beside `target`, renamed over it after verification.
+pub struct FileSink {
+    target: PathBuf,
+    staged: Option<StagedFile>,
+    file: Option<Arc<File>>,
+}
+
+impl FileSink {
+    /// Nothing is created until the object is known to exist.
+    pub fn new(target: &Path) -> FileSink {
+        FileSink {
+            target: target.to_path_buf(),
+            staged: None,
+            file: None,
+        }
+    }
+}
+
+impl Sink for FileSink {
+    fn begin(&mut self, info: &ObjectInfo) -> Result<(), Error> {
+        if self.staged.is_none() {
+            let staged = StagedFile::create(&self.target)?;
+            let file = staged
+                .file()
+                .try_clone()
+                .map_err(|e| Error::io("cannot reopen the temporary file", e))?;
+            self.file = Some(Arc::new(file));
+            self.staged = Some(staged);
+        }
+        let file = self.file.as_ref().expect("created above");
+        // Truncating first drops whatever an earlier attempt wrote; sizing up front lets
+        // positioned writes land anywhere and a full disk show up as early as possible.
+        file.set_len(0)
+            .and_then(|()| file.set_len(info.size))
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot size the download of {}", self.target.display()),
+                    e,
+                )
+            })
+    }
+
+    fn positioned(&self) -> Option<Arc<File>> {
+        self.file.clone()
+    }
+
+    fn finish(&mut self) -> Result<(), Error> {
+        let dest = self.target.display().to_string();
+        let file = self.file.take().expect("begun");
+        // Durable before visible: after a crash the target is either the old file or this one.
+        file.sync_all()
+            .map_err(|e| Error::io(format!("cannot sync the download of {dest}"), e))?;
+        self.staged.take().expect("begun").commit()
+    }
+
+    fn failure_consequence(&self) -> String {
+        format!("{} was not written", self.target.display())
+    }
+}
+
+/// A download written in order to a stream such as stdout.
+pub struct WriterSink<W> {
+    out: W,
+    label: String,
+    written: u64,
+}
+
+impl<W: Write> WriterSink<W> {
+    pub fn new(out: W, label: String) -> WriterSink<W> {
+        WriterSink {
+            out,
+            label,
+            written: 0,
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Sink for WriterSink<W> {
+    fn begin(&mut self, _info: &ObjectInfo) -> Result<(), Error> {
+        if self.written > 0 {
+            return Err(Error::Protocol(format!(
+                "the object changed after {} bytes of it had been written to {}, which cannot be \
+                 taken back; use -o FILE to have the download restart instead",
+                self.written, self.label
+            )));
+        }
+        Ok(())
+    }
+
+    fn ordered(&mut self, data: &Bytes) -> Result<(), Error> {
+        self.out
+            .write_all(data)
+            .map_err(|e| Error::io(format!("writing to {}", self.label), e))?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), Error> {
+        self.out
+            .flush()
+            .map_err(|e| Error::io(format!("writing to {}", self.label), e))
+    }
+
+    fn failure_consequence(&self) -> String {
+        if self.written == 0 {
+            format!("nothing was written to {}", self.label)
+        } else {
+            format!("discard what was written to {}", self.label)
+        }
     }
 }

@@ -5,8 +5,10 @@
 //! digest of what it stored, comparing the two proves the stored object is exactly what was read
 //! here, which a status code alone cannot.
 
+use crate::progress::Progress;
 use crate::{Client, Error, ObjectName, failure};
-use futures_util::TryStreamExt;
+use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
 use larder_proto::ETag;
 use reqwest::header::{self, HeaderValue};
 use reqwest::{Method, StatusCode};
@@ -34,6 +36,8 @@ pub struct PutOptions {
     /// Time to live; the server clamps it to its maximum, which also applies when this is None.
     pub ttl: Option<Duration>,
     pub content_type: Option<String>,
+    /// Shows bytes sent; hidden by default.
+    pub progress: Progress,
 }
 
 /// What the server stored.
@@ -91,6 +95,23 @@ impl Client {
     where
         R: AsyncRead + Send + 'static,
     {
+        let stream = ReaderStream::with_capacity(reader, READ_CHUNK);
+        self.put_stream(name, stream, len, source, opts).await
+    }
+
+    /// Uploads everything `stream` yields; an error from the stream aborts the upload, and the
+    /// server then stores nothing. `len` and `source` as for [`Client::put_reader`].
+    pub async fn put_stream<S>(
+        &self,
+        name: &ObjectName,
+        stream: S,
+        len: Option<u64>,
+        source: &str,
+        opts: &PutOptions,
+    ) -> Result<PutResult, Error>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
         let mut req = self.request(Method::PUT, name);
         match &opts.precondition {
             Precondition::None => {}
@@ -121,27 +142,33 @@ impl Client {
             req = req.header(header::CONTENT_LENGTH, len);
         }
 
+        opts.progress.bytes_phase("uploading", len);
         let sent = Arc::new(Mutex::new(Sent::default()));
         let on_chunk = Arc::clone(&sent);
         let on_error = Arc::clone(&sent);
-        let stream = ReaderStream::with_capacity(reader, READ_CHUNK)
+        let progress = opts.progress.clone();
+        let stream = stream
             .inspect_ok(move |chunk| {
                 let mut s = on_chunk.lock().expect("upload state");
                 s.hasher.update(chunk);
                 s.bytes += chunk.len() as u64;
+                progress.inc(chunk.len() as u64);
             })
             .inspect_err(move |e| {
                 // reqwest would only report "error sending request"; keep the real cause.
-                on_error.lock().expect("upload state").read_error =
-                    Some(std::io::Error::new(e.kind(), e.to_string()));
+                let mut s = on_error.lock().expect("upload state");
+                if s.read_error.is_none() {
+                    s.read_error = Some(std::io::Error::new(e.kind(), e.to_string()));
+                }
             });
         let req = req.body(reqwest::Body::wrap_stream(stream));
 
         let result = self.send("PUT", name, req).await;
+        opts.progress.finish();
         let read_error = sent.lock().expect("upload state").read_error.take();
         if let Some(e) = read_error {
             return Err(Error::io(
-                format!("reading {source} failed, nothing was stored"),
+                format!("reading {source} failed, so nothing was stored"),
                 e,
             ));
         }

@@ -4,135 +4,14 @@
 //! messages as well as the library, and they check what scripts depend on: stdout carries only
 //! data, exit 2 means "not found", and a failed download leaves no file behind.
 
+mod common;
+
+use common::{data, dead_url, dir_entries, etag_of, larder};
 use larder_proto::ETag;
 use larder_testkit::{Larderd, binary};
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Run {
-    code: i32,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-impl Run {
-    fn stdout_text(&self) -> String {
-        String::from_utf8(self.stdout.clone()).expect("utf-8 stdout")
-    }
-
-    #[track_caller]
-    fn ok(self) -> Run {
-        assert_eq!(self.code, 0, "expected success; stderr: {}", self.stderr);
-        self
-    }
-
-    #[track_caller]
-    fn fails(self, code: i32, message: &str) -> Run {
-        assert_eq!(self.code, code, "stderr: {}", self.stderr);
-        assert!(
-            self.stderr.contains(message),
-            "expected {message:?} in stderr: {}",
-            self.stderr
-        );
-        self
-    }
-}
-
-/// Runs `larder --url URL ARGS…`, feeding `stdin` if given.
-fn larder(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Run {
-    let mut child = Command::new(binary("larder"))
-        .arg("--url")
-        .arg(url)
-        .args(args)
-        .env_remove("LARDER_URL")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn larder");
-    // Feed stdin from a thread so a large body cannot deadlock against unread output.
-    let feeder = stdin.map(|data| {
-        let data = data.to_vec();
-        let mut pipe = child.stdin.take().expect("stdin pipe");
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(&data);
-        })
-    });
-    let mut stdout_pipe = child.stdout.take().expect("stdout pipe");
-    let mut stderr_pipe = child.stderr.take().expect("stderr pipe");
-    let stdout = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let stderr = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr_pipe.read_to_end(&mut buf);
-        buf
-    });
-    // A request that should never have been sent may hang on a silent listener: fail instead.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for larder") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("larder {args:?} did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    if let Some(f) = feeder {
-        f.join().expect("stdin feeder");
-    }
-    Run {
-        code: status.code().expect("larder exited by a signal"),
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: String::from_utf8_lossy(&stderr.join().expect("stderr reader")).into_owned(),
-    }
-}
-
-/// Deterministic, incompressible-looking bytes, so a misplaced chunk changes the digest.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn etag_of(bytes: &[u8]) -> String {
-    ETag::of(bytes).as_str().to_string()
-}
-
-fn dir_entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .expect("read dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// A loopback URL where nothing listens.
-fn dead_url() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    drop(l);
-    format!("http://127.0.0.1:{port}")
-}
+use std::process::Command;
 
 #[test]
 fn put_and_get_round_trip_from_file_and_stdin() {
@@ -482,7 +361,8 @@ fn usage_errors_exit_1_not_2() {
         help.contains("put") && help.contains("LARDER_URL"),
         "{help}"
     );
-    larder(&url, &["--url", "not a url", "ls"], None).fails(1, "cannot be used multiple times");
+    // Every --url is checked, not only the first.
+    larder(&url, &["--url", "not a url", "ls"], None).fails(1, "invalid server URL \"not a url\"");
     let out = Command::new(binary("larder"))
         .args(["--url", "not a url", "ls"])
         .output()
@@ -562,4 +442,39 @@ fn a_download_that_does_not_match_its_etag_is_refused() {
     );
     // To stdout the bytes are already out, so the error says to discard them.
     larder(&url, &["get", "ci", "k"], None).fails(1, "discard what was written to stdout");
+}
+
+#[test]
+fn put_json_summary_and_ttl() {
+    let srv = Larderd::start(&[]);
+    let url = srv.url();
+    let v: serde_json::Value = serde_json::from_slice(
+        &larder(
+            &url,
+            &["put", "--json", "--ttl", "2h", "ci", "j"],
+            Some(b"abc"),
+        )
+        .ok()
+        .stdout,
+    )
+    .expect("put --json is JSON");
+    assert_eq!(v["etag"], etag_of(b"abc").as_str());
+    assert_eq!(v["size"], 3);
+    assert_eq!(v["created"], true);
+    assert_eq!(v["namespace"], "ci");
+    assert_eq!(v["key"], "j");
+    let etag = v["etag"].as_str().unwrap().to_string();
+    let v: serde_json::Value = serde_json::from_slice(
+        &larder(
+            &url,
+            &["put", "--json", "--if-match", &etag, "ci", "j"],
+            Some(b"abcd"),
+        )
+        .ok()
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(v["created"], false);
+    assert_eq!(v["size"], 4);
+    larder(&url, &["put", "--ttl", "0s", "ci", "j"], Some(b"x")).fails(1, "--ttl");
 }

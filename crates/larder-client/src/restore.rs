@@ -1,0 +1,985 @@
+//! Snapshot restore: a parallel download piped in order into zstd and tar extraction, into a
+//! staging directory that replaces the target only when everything succeeded.
+//!
+//! Why staging: a CI job that restores a cache and then builds must never see half a tree, nor a
+//! tree from a corrupt or tampered archive. The archive is extracted beside the target (same file
+//! system, so the final step is a rename), the download's digest is verified, the file system is
+//! synced, and only then is the staging directory renamed into place — with
+//! `renameat2(RENAME_NOREPLACE)` so a target that appeared meanwhile is not silently replaced, or
+//! with `RENAME_EXCHANGE` under `--force`, which swaps old and new in one step (there is no
+//! instant without a target) before the old tree is deleted. A failure at any point removes the staging directory; the target is untouched.
+//!
+//! Why stream: the archive is as big as the cache, and writing it to a temporary file first
+//! would double the disk traffic and the time. The download engine hands over bytes in order
+//! (see `download.rs`), a bounded channel carries them to the extraction thread, and the
+//! extraction runs while later chunks are still arriving.
+//!
+//! Why so suspicious: an archive is input from whoever could write the key. Entries with an
+//! absolute path or `..` are refused rather than rewritten (a renamed file is a silent
+//! surprise); so are symlinks whose target leaves the tree (checked once on the name as written,
+//! and again after extraction by resolving each link through the links actually created, since a
+//! chain of individually harmless links can climb out), hard links to anything but a regular file
+//! restored earlier, writes through a symlink, and device or FIFO entries. Ownership is not
+//! restored and set-id bits are dropped. Directory modes and times are applied last, deepest
+//! first, so read-only directories in the archive do not stop their own contents from being
+//! written and mtimes are not disturbed by later entries.
+
+use crate::download::{Downloader, Sink};
+use crate::progress::Progress;
+use crate::{DownloadSummary, Error, ObjectInfo, ObjectName};
+use bytes::{Buf, Bytes};
+use std::collections::{HashSet, VecDeque};
+use std::ffi::{CString, OsStr, OsString};
+use std::io::{self, BufRead, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Replace an existing target (file or directory); without it an existing target is an
+    /// error and is left untouched.
+    pub force: bool,
+}
+
+/// What a restore placed.
+#[derive(Clone, Debug)]
+pub struct RestoreSummary {
+    pub download: DownloadSummary,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub hardlinks: u64,
+    /// Sum of the regular files' sizes.
+    pub bytes: u64,
+}
+
+impl Downloader {
+    /// Restores the snapshot `name` into the directory `target`.
+    pub async fn restore(
+        &self,
+        name: &ObjectName,
+        target: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreSummary, Error> {
+        if target.file_name().is_none() {
+            return Err(Error::InvalidInput(format!(
+                "{} does not name a directory to restore into (give e.g. ./cache)",
+                target.display()
+            )));
+        }
+        // Refuse before the download, not after minutes of it.
+        if !opts.force && exists(target) {
+            return Err(already_exists(target));
+        }
+        let sink = RestoreSink {
+            target: target.to_path_buf(),
+            force: opts.force,
+            progress: self.options().progress.clone(),
+            run: None,
+            stats: None,
+        };
+        let (download, sink) = self.download(name, sink).await?;
+        let stats = sink.stats.clone().expect("finished");
+        Ok(RestoreSummary {
+            download,
+            files: stats.files,
+            dirs: stats.dirs,
+            symlinks: stats.symlinks,
+            hardlinks: stats.hardlinks,
+            bytes: stats.bytes,
+        })
+    }
+}
+
+fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
+fn already_exists(target: &Path) -> Error {
+    Error::InvalidInput(format!(
+        "{} already exists; pass --force to replace it, or restore somewhere else",
+        target.display()
+    ))
+}
+
+#[derive(Clone, Debug, Default)]
+struct Stats {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    hardlinks: u64,
+    bytes: u64,
+}
+
+/// Chunks queued between the verifier and the extractor, on top of the download window.
+const QUEUE: usize = 2;
+
+struct RestoreSink {
+    target: PathBuf,
+    force: bool,
+    progress: Progress,
+    run: Option<Extraction>,
+    stats: Option<Stats>,
+}
+
+/// One attempt's extraction thread and its staging directory.
+struct Extraction {
+    staging: PathBuf,
+    tx: Option<SyncSender<Bytes>>,
+    thread: Option<JoinHandle<Result<Stats, Error>>>,
+}
+
+impl Extraction {
+    /// Ends the input and waits for the thread's verdict.
+    fn join(&mut self) -> Result<Stats, Error> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| {
+                Err(Error::Protocol(
+                    "internal error: the extraction thread panicked".into(),
+                ))
+            }),
+            None => Err(Error::Protocol(
+                "internal error: extraction already ended".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for Extraction {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = remove_tree(&self.staging);
+    }
+}
+
+impl RestoreSink {
+    fn parent(&self) -> PathBuf {
+        match self.target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+}
+
+impl Sink for RestoreSink {
+    fn begin(&mut self, _info: &ObjectInfo) -> Result<(), Error> {
+        // A restart: whatever the previous attempt extracted goes (Extraction's Drop).
+        self.run = None;
+        if !self.force && exists(&self.target) {
+            return Err(already_exists(&self.target));
+        }
+        let parent = self.parent();
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+        let name = self.target.file_name().expect("checked").to_string_lossy();
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".larder-restore")
+            .tempdir_in(&parent)
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot create a staging directory in {}", parent.display()),
+                    e,
+                )
+            })?
+            .keep();
+        let (tx, rx) = sync_channel::<Bytes>(QUEUE);
+        let (root, progress, target) =
+            (staging.clone(), self.progress.clone(), self.target.clone());
+        let thread = std::thread::Builder::new()
+            .name("larder-extract".into())
+            .spawn(move || extract(rx, &root, &target, &progress));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = remove_tree(&staging);
+                return Err(Error::io("cannot start the extraction thread", e));
+            }
+        };
+        self.run = Some(Extraction {
+            staging,
+            tx: Some(tx),
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    fn ordered(&mut self, data: &Bytes) -> Result<(), Error> {
+        let run = self.run.as_mut().expect("begun");
+        let sent = run.tx.as_ref().map(|tx| tx.send(data.clone()));
+        if let Some(Ok(())) = sent {
+            return Ok(());
+        }
+        // The extractor stopped early: its verdict is the error to report.
+        match run.join() {
+            Err(e) => Err(e),
+            Ok(_) => Err(Error::Protocol(format!(
+                "the snapshot has data after the end of its archive; nothing was restored to {}",
+                self.target.display()
+            ))),
+        }
+    }
+
+    fn finish(&mut self) -> Result<(), Error> {
+        let mut run = self.run.take().expect("begun");
+        let stats = run.join()?;
+        self.progress.set_message("syncing");
+        sync_tree(&run.staging)?;
+        self.progress.set_message("placing");
+        place(&run.staging, &self.target, self.force, &self.progress)?;
+        // Placed: the staging path now holds nothing of ours (or the old tree, already removed).
+        run.staging = PathBuf::new();
+        self.stats = Some(stats);
+        Ok(())
+    }
+
+    fn failure_consequence(&self) -> String {
+        format!("nothing was restored to {}", self.target.display())
+    }
+
+    fn phase(&self) -> &'static str {
+        "restoring"
+    }
+}
+
+/// Reads the ordered download as a byte stream, without copying it.
+struct ChannelReader {
+    rx: Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.cur = b,
+                // The sender is gone: the end of the object (or an abort, which discards all).
+                Err(_) => break,
+            }
+        }
+        Ok(&self.cur[..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.cur.advance(n);
+    }
+}
+
+/// The extraction thread: zstd → tar → checked entries under `root`.
+fn extract(
+    rx: Receiver<Bytes>,
+    root: &Path,
+    target: &Path,
+    progress: &Progress,
+) -> Result<Stats, Error> {
+    let input = ChannelReader {
+        rx,
+        cur: Bytes::new(),
+    };
+    let corrupt = |e: io::Error| {
+        Error::Protocol(format!(
+            "the snapshot is not a valid tar + zstd archive ({e}); nothing was restored to {}; \
+             was it stored with `larder save`?",
+            target.display()
+        ))
+    };
+    let decoder = zstd::stream::read::Decoder::with_buffer(input).map_err(corrupt)?;
+    let mut archive = tar::Archive::new(decoder);
+    archive.set_preserve_permissions(false);
+    archive.set_preserve_mtime(true);
+    archive.set_preserve_ownerships(false);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let mut unpacker = Unpacker {
+        root,
+        target,
+        dirs: Vec::new(),
+        known_dirs: HashSet::new(),
+        symlinks: Vec::new(),
+        stats: Stats::default(),
+        progress,
+        writers: Writers::start(root, workers).map_err(|e| Error::io("cannot start writers", e))?,
+    };
+    for entry in archive.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        unpacker.entry(&mut entry)?;
+    }
+    // Read to the end of the zstd stream, so corruption or junk after the tar end is noticed
+    // and the whole object passes through the verifier before anything is placed.
+    let mut decoder = archive.into_inner();
+    io::copy(&mut decoder, &mut io::sink()).map_err(corrupt)?;
+    unpacker.settle()?;
+    unpacker.check_symlinks()?;
+    unpacker.apply_dir_metadata()?;
+    Ok(unpacker.stats)
+}
+
+struct Unpacker<'a> {
+    root: &'a Path,
+    target: &'a Path,
+    /// Directory entries: relative path, mode, mtime; applied at the end.
+    dirs: Vec<(PathBuf, u32, u64)>,
+    /// Directories verified (or created) as real directories, to skip re-checking ancestors.
+    known_dirs: HashSet<PathBuf>,
+    symlinks: Vec<PathBuf>,
+    stats: Stats,
+    progress: &'a Progress,
+    writers: Writers,
+}
+
+impl Unpacker<'_> {
+    fn refuse(&self, entry: &Path, why: impl std::fmt::Display) -> Error {
+        Error::UnsafeArchive(format!(
+            "refusing to restore the snapshot: entry {:?} {why}; nothing was restored to {}",
+            entry.display().to_string(),
+            self.target.display()
+        ))
+    }
+
+    fn io(&self, entry: &Path, e: io::Error) -> Error {
+        Error::io(
+            format!(
+                "cannot restore {:?} into {}",
+                entry.display().to_string(),
+                self.target.display()
+            ),
+            e,
+        )
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), Error> {
+        use tar::EntryType as T;
+        let raw = entry
+            .path()
+            .map_err(|e| self.io(Path::new("?"), e))?
+            .into_owned();
+        let rel = relative(&raw).map_err(|why| self.refuse(&raw, why))?;
+        let kind = entry.header().entry_type();
+        self.no_symlink_on_the_way(&raw, &rel)?;
+        let dest = self.root.join(&rel);
+        match kind {
+            T::Directory => {
+                self.wait_for(&rel)?;
+                if !rel.as_os_str().is_empty() {
+                    match std::fs::symlink_metadata(&dest) {
+                        Ok(m) if m.is_dir() => {}
+                        // A link or file of the same name earlier in the archive: the later
+                        // entry wins, as with tar.
+                        Ok(_) => std::fs::remove_file(&dest).map_err(|e| self.io(&raw, e))?,
+                        Err(_) => {}
+                    }
+                    std::fs::create_dir_all(&dest).map_err(|e| self.io(&raw, e))?;
+                    self.known_dirs.insert(rel.clone());
+                }
+                let header = entry.header();
+                let mode = header.mode().map_err(|e| self.io(&raw, e))?;
+                let mtime = header.mtime().map_err(|e| self.io(&raw, e))?;
+                self.dirs.push((rel, mode, mtime));
+                self.stats.dirs += 1;
+            }
+            T::Regular | T::Continuous if entry.size() <= SMALL_FILE => {
+                self.create_parent(&raw, &rel)?;
+                let header = entry.header();
+                let mode = header.mode().map_err(|e| self.io(&raw, e))?;
+                let mtime = header.mtime().map_err(|e| self.io(&raw, e))?;
+                let mut data = Vec::with_capacity(entry.size() as usize);
+                entry.read_to_end(&mut data).map_err(|e| self.io(&raw, e))?;
+                let job = FileJob {
+                    rel,
+                    data,
+                    mode,
+                    mtime,
+                };
+                self.writers
+                    .submit(job)
+                    .map_err(|(rel, e)| self.io(&rel, e))?;
+                self.stats.files += 1;
+                self.stats.bytes += entry.size();
+                if self.stats.files.is_multiple_of(512) {
+                    self.progress
+                        .set_message(format!("{} files", self.stats.files));
+                }
+            }
+            T::Regular | T::Continuous | T::GNUSparse => {
+                self.wait_for(&rel)?;
+                self.create_parent(&raw, &rel)?;
+                entry.unpack(&dest).map_err(|e| self.io(&raw, e))?;
+                self.stats.files += 1;
+                self.stats.bytes += entry.size();
+                if self.stats.files.is_multiple_of(512) {
+                    self.progress
+                        .set_message(format!("{} files", self.stats.files));
+                }
+            }
+            T::Symlink => {
+                let link = entry
+                    .link_name()
+                    .map_err(|e| self.io(&raw, e))?
+                    .ok_or_else(|| self.refuse(&raw, "is a symlink without a target"))?
+                    .into_owned();
+                if let Err(why) = lexically_inside(&rel, &link) {
+                    return Err(self.refuse(&raw, format_args!("is a symlink to {link:?}, {why}")));
+                }
+                self.wait_for(&rel)?;
+                self.create_parent(&raw, &rel)?;
+                entry.unpack(&dest).map_err(|e| self.io(&raw, e))?;
+                self.symlinks.push(rel);
+                self.stats.symlinks += 1;
+            }
+            T::Link => {
+                let link = entry
+                    .link_name()
+                    .map_err(|e| self.io(&raw, e))?
+                    .ok_or_else(|| self.refuse(&raw, "is a hard link without a target"))?
+                    .into_owned();
+                let src_rel = relative(&link).map_err(|why| {
+                    self.refuse(
+                        &raw,
+                        format_args!("is a hard link to {link:?}, which {why}"),
+                    )
+                })?;
+                self.no_symlink_on_the_way(&raw, &src_rel)?;
+                self.wait_for(&src_rel)?;
+                self.wait_for(&rel)?;
+                let src = self.root.join(&src_rel);
+                match std::fs::symlink_metadata(&src) {
+                    Ok(m) if m.is_file() => {}
+                    _ => {
+                        return Err(self.refuse(
+                            &raw,
+                            format_args!(
+                                "is a hard link to {link:?}, which is not a regular file restored \
+                                 earlier"
+                            ),
+                        ));
+                    }
+                }
+                self.create_parent(&raw, &rel)?;
+                if let Ok(m) = std::fs::symlink_metadata(&dest)
+                    && !m.is_dir()
+                {
+                    std::fs::remove_file(&dest).map_err(|e| self.io(&raw, e))?;
+                }
+                std::fs::hard_link(&src, &dest).map_err(|e| self.io(&raw, e))?;
+                self.stats.hardlinks += 1;
+            }
+            // Metadata records; `entries()` already applied them to the entry that follows.
+            T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => {}
+            other => {
+                return Err(self.refuse(
+                    &raw,
+                    format_args!("has type {other:?}, which restore does not create"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries after a small file at the same path must not overtake its pending write.
+    fn wait_for(&mut self, rel: &Path) -> Result<(), Error> {
+        self.writers
+            .wait_for(rel)
+            .map_err(|(rel, e)| self.io(&rel, e))
+    }
+
+    /// Waits for every pending file write.
+    fn settle(&mut self) -> Result<(), Error> {
+        self.writers.settle().map_err(|(rel, e)| self.io(&rel, e))
+    }
+
+    /// Refuses an entry whose existing ancestors include a symlink: writing through it would
+    /// land wherever the link points.
+    fn no_symlink_on_the_way(&mut self, raw: &Path, rel: &Path) -> Result<(), Error> {
+        let Some(parent) = rel.parent() else {
+            return Ok(());
+        };
+        let mut prefix = PathBuf::new();
+        for c in parent.components() {
+            prefix.push(c);
+            if self.known_dirs.contains(&prefix) {
+                continue;
+            }
+            match std::fs::symlink_metadata(self.root.join(&prefix)) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(self.refuse(
+                        raw,
+                        format_args!("would be written through the symlink {:?}", prefix),
+                    ));
+                }
+                Ok(m) if m.is_dir() => {
+                    self.known_dirs.insert(prefix.clone());
+                }
+                // A file in the way fails the write itself; a missing one is created.
+                _ => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn create_parent(&mut self, raw: &Path, rel: &Path) -> Result<(), Error> {
+        match rel.parent() {
+            Some(p) if !p.as_os_str().is_empty() && !self.known_dirs.contains(p) => {
+                std::fs::create_dir_all(self.root.join(p)).map_err(|e| self.io(raw, e))?;
+                self.known_dirs.insert(p.to_path_buf());
+                Ok(())
+            }
+            Some(_) => Ok(()),
+            None => Err(self.refuse(raw, "names the top directory but is not a directory")),
+        }
+    }
+
+    /// Resolves every symlink through the links actually created; one that leaves the tree is
+    /// refused even if its own text looked harmless.
+    fn check_symlinks(&self) -> Result<(), Error> {
+        for rel in &self.symlinks {
+            let path = self.root.join(rel);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_symlink() => {}
+                // Replaced by a later entry.
+                _ => continue,
+            }
+            if let Err(why) = resolves_inside(self.root, rel) {
+                return Err(self.refuse(rel, why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Modes and mtimes of directories, deepest first, once nothing more is written into them.
+    fn apply_dir_metadata(&mut self) -> Result<(), Error> {
+        self.dirs
+            .sort_by_key(|(rel, _, _)| std::cmp::Reverse(rel.components().count()));
+        for (rel, mode, mtime) in &self.dirs {
+            let path = self.root.join(rel);
+            let time = filetime::FileTime::from_unix_time(*mtime as i64, 0);
+            filetime::set_file_times(&path, time, time).map_err(|e| self.io(rel, e))?;
+            // Sticky and set-group-id matter for directories; set-user-id does not.
+            let perm = std::fs::Permissions::from_mode(mode & 0o3777);
+            std::fs::set_permissions(&path, perm).map_err(|e| self.io(rel, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Files up to this size are read into memory and written by the worker threads.
+const SMALL_FILE: u64 = 256 << 10;
+/// Jobs queued per worker: with `SMALL_FILE` at most 4 MiB of file data each.
+const JOBS_PER_WORKER: usize = 16;
+
+/// One small file to write.
+struct FileJob {
+    rel: PathBuf,
+    data: Vec<u8>,
+    mode: u32,
+    mtime: u64,
+}
+
+/// Writes small files on a few threads. Creating 100,000 files is dominated by the file
+/// system's per-inode work, which one thread cannot overlap with decompression and parsing.
+/// All files of one directory go to the same worker, so they are created in archive order and
+/// the workers do not contend for one directory's lock. The tar thread still does everything
+/// that orders or checks (directories, links, refusals); it waits for a pending write when a
+/// later entry touches the same path, and for all of them before links and the final checks.
+struct Writers {
+    queues: Vec<SyncSender<FileJob>>,
+    threads: Vec<JoinHandle<()>>,
+    shared: Arc<WritersShared>,
+    /// Paths with a write queued since the writers were last idle.
+    pending: HashSet<PathBuf>,
+}
+
+#[derive(Default)]
+struct WritersShared {
+    outstanding: Mutex<usize>,
+    idle: Condvar,
+    failed: Mutex<Option<(PathBuf, io::Error)>>,
+    abort: AtomicBool,
+}
+
+type WriteError = (PathBuf, io::Error);
+
+impl Writers {
+    fn start(root: &Path, n: usize) -> io::Result<Writers> {
+        let shared = Arc::new(WritersShared::default());
+        let mut queues = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = sync_channel::<FileJob>(JOBS_PER_WORKER);
+            let (shared, root) = (Arc::clone(&shared), root.to_path_buf());
+            let thread = std::thread::Builder::new()
+                .name(format!("larder-files-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        if !shared.abort.load(Ordering::Relaxed)
+                            && let Err(e) = write_file(&root.join(&job.rel), &job)
+                        {
+                            shared.abort.store(true, Ordering::Relaxed);
+                            lock(&shared.failed).get_or_insert((job.rel, e));
+                        }
+                        let mut left = lock(&shared.outstanding);
+                        *left -= 1;
+                        if *left == 0 {
+                            shared.idle.notify_all();
+                        }
+                    }
+                })?;
+            queues.push(tx);
+            threads.push(thread);
+        }
+        Ok(Writers {
+            queues,
+            threads,
+            shared,
+            pending: HashSet::new(),
+        })
+    }
+
+    fn submit(&mut self, job: FileJob) -> Result<(), WriteError> {
+        self.check()?;
+        {
+            let mut left = lock(&self.shared.outstanding);
+            if *left == 0 {
+                self.pending.clear();
+            }
+            *left += 1;
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&job.rel.parent(), &mut hasher);
+        let worker = (std::hash::Hasher::finish(&hasher) % self.queues.len() as u64) as usize;
+        self.pending.insert(job.rel.clone());
+        if self.queues[worker].send(job).is_err() {
+            // A worker thread is gone (it panicked): report rather than hang in `settle`.
+            return Err((
+                PathBuf::new(),
+                io::Error::other("a file writer thread stopped"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), WriteError> {
+        match lock(&self.shared.failed).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn wait_for(&mut self, rel: &Path) -> Result<(), WriteError> {
+        if self.pending.contains(rel) {
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self) -> Result<(), WriteError> {
+        let mut left = lock(&self.shared.outstanding);
+        while *left > 0 {
+            left = self
+                .shared
+                .idle
+                .wait(left)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(left);
+        self.pending.clear();
+        self.check()
+    }
+}
+
+impl Drop for Writers {
+    /// No write may outlive the extraction: the staging directory is removed right after.
+    fn drop(&mut self) {
+        self.shared.abort.store(true, Ordering::Relaxed);
+        self.queues.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What tar's own unpacking does for a regular file: a new inode (an existing file or link of
+/// that name is replaced, never written through), the data, the mtime, the permission bits.
+fn write_file(path: &Path, job: &FileJob) -> io::Result<()> {
+    use std::io::Write;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+    };
+    let mut f = match open() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            open()?
+        }
+        other => other?,
+    };
+    f.write_all(&job.data)?;
+    let time = filetime::FileTime::from_unix_time(job.mtime as i64, 0);
+    filetime::set_file_handle_times(&f, Some(time), Some(time))?;
+    f.set_permissions(std::fs::Permissions::from_mode(job.mode & 0o777))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An archive path made relative and free of `.`; refused when absolute or containing `..`.
+fn relative(path: &Path) -> Result<PathBuf, &'static str> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("contains `..`"),
+            Component::RootDir | Component::Prefix(_) => return Err("is an absolute path"),
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `link`, read from the directory that holds `rel`, stays inside the tree, judging by
+/// its text alone.
+fn lexically_inside(rel: &Path, link: &Path) -> Result<(), &'static str> {
+    let mut depth = rel.parent().map_or(0, |p| p.components().count());
+    for c in link.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if depth == 0 {
+                    return Err("which points outside the restored tree");
+                }
+                depth -= 1;
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err("which is an absolute path");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Follows the symlink at `rel` (and every link met on the way) within `root`, failing if the
+/// walk ever climbs above it. A component that does not exist ends the walk: nothing can be
+/// created there any more once extraction is over, so the rest is judged by its text.
+fn resolves_inside(root: &Path, rel: &Path) -> Result<(), String> {
+    const MAX_HOPS: u32 = 40;
+    let outside = || "is a symlink that, through other links, resolves outside the restored tree";
+    let mut at: Vec<OsString> = rel
+        .parent()
+        .map(|p| p.iter().map(OsStr::to_os_string).collect())
+        .unwrap_or_default();
+    let mut queue: VecDeque<OsString> = VecDeque::new();
+    let prepend = |queue: &mut VecDeque<OsString>, link: &Path| {
+        if link.has_root() {
+            return Err(format!(
+                "is a symlink that resolves to the absolute path {link:?}"
+            ));
+        }
+        for c in link.components().rev() {
+            queue.push_front(c.as_os_str().to_os_string());
+        }
+        Ok(())
+    };
+    let first = std::fs::read_link(root.join(rel)).map_err(|e| e.to_string())?;
+    prepend(&mut queue, &first)?;
+    let mut hops = 0u32;
+    while let Some(c) = queue.pop_front() {
+        if c == "." {
+            continue;
+        }
+        if c == ".." {
+            at.pop().ok_or_else(|| outside().to_string())?;
+            continue;
+        }
+        at.push(c);
+        let path = root.join(at.iter().collect::<PathBuf>());
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_HOPS {
+                    return Err("is a symlink in a loop".into());
+                }
+                let next = std::fs::read_link(&path).map_err(|e| e.to_string())?;
+                at.pop();
+                prepend(&mut queue, &next)?;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let mut depth = at.len();
+                for c in &queue {
+                    if c == ".." {
+                        depth = depth.checked_sub(1).ok_or_else(|| outside().to_string())?;
+                    } else if c != "." {
+                        depth += 1;
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves the staging directory to `target`; see the module comment for the rename flavours.
+fn place(staging: &Path, target: &Path, force: bool, progress: &Progress) -> Result<(), Error> {
+    let rename_err = |e: io::Error| {
+        Error::io(
+            format!("cannot move the restored tree to {}", target.display()),
+            e,
+        )
+    };
+    if force && exists(target) {
+        match renameat2(staging, target, libc::RENAME_EXCHANGE) {
+            Ok(()) => {}
+            Err(e) if unsupported(&e) => {
+                // No atomic swap here (an old kernel or an exotic file system): move the old
+                // target aside first; a crash in between leaves it under the staging name.
+                let aside = staging.with_extension("larder-old");
+                std::fs::rename(target, &aside).map_err(rename_err)?;
+                if let Err(e) = std::fs::rename(staging, target) {
+                    let _ = std::fs::rename(&aside, target);
+                    return Err(rename_err(e));
+                }
+                std::fs::rename(&aside, staging).map_err(rename_err)?;
+            }
+            Err(e) => return Err(rename_err(e)),
+        }
+        // The old tree now sits at the staging path.
+        if let Err(e) = remove_tree(staging) {
+            progress.note(&format!(
+                "restored {}, but could not remove the old tree now at {}: {e}",
+                target.display(),
+                staging.display()
+            ));
+        }
+        return Ok(());
+    }
+    match renameat2(staging, target, libc::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let _ = remove_tree(staging);
+            Err(Error::InvalidInput(format!(
+                "{} appeared while the snapshot was being restored; nothing was placed; pass \
+                 --force to replace it",
+                target.display()
+            )))
+        }
+        Err(e) if unsupported(&e) => {
+            if exists(target) {
+                let _ = remove_tree(staging);
+                return Err(already_exists(target));
+            }
+            std::fs::rename(staging, target).map_err(rename_err)
+        }
+        Err(e) => {
+            let _ = remove_tree(staging);
+            Err(rename_err(e))
+        }
+    }
+}
+
+/// Durable before visible, as for `larder get -o`: otherwise a crash soon after the rename could
+/// leave the target with files whose data never reached the disk. One `syncfs` flushes the
+/// whole tree (and anything else dirty on that file system) far faster than an fsync per file.
+fn sync_tree(staging: &Path) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    let dir = std::fs::File::open(staging)
+        .map_err(|e| Error::io(format!("cannot open {}", staging.display()), e))?;
+    // SAFETY: plain syscall on a file descriptor this function owns.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(Error::io(
+            "cannot flush the restored files to disk",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS))
+}
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let cstr = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+    };
+    let (from, to) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Deletes a file or tree, first making read-only directories writable (which `remove_dir_all`
+/// needs when not running as root). Symlinks are removed, never followed.
+pub(crate) fn remove_tree(path: &Path) -> io::Result<()> {
+    if path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        return std::fs::remove_file(path);
+    }
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_writable(path);
+            std::fs::remove_dir_all(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn make_writable(dir: &Path) {
+    if let Ok(m) = std::fs::symlink_metadata(dir)
+        && m.is_dir()
+    {
+        let mode = m.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+        }
+        if let Ok(children) = std::fs::read_dir(dir) {
+            for child in children.flatten() {
+                make_writable(&child.path());
+            }
+        }
+    }
+}
