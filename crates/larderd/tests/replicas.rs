@@ -516,7 +516,11 @@ async fn regression_new_bytes_never_go_out_under_an_old_etag() {
     // Whatever the fills left on the reader's disk is self-consistent too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, etag, _) = get(&http, &reader_url, &[("if-match", &etag_of(b"never"))]).await;
-    assert_eq!(status, StatusCode::PRECONDITION_FAILED, "a 412 names the current revision");
+    assert_eq!(
+        status,
+        StatusCode::PRECONDITION_FAILED,
+        "a 412 names the current revision"
+    );
     let (_, etag, body) = get(&http, &reader_url, &[("if-match", &etag)]).await;
     assert_eq!(etag, etag_of(&body));
 }
