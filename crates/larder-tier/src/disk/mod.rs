@@ -503,9 +503,20 @@ impl Inner {
             let (file, pool) = (file.clone(), pool.clone());
             let n = chunk.min(end - off) as usize;
             async move {
+                // Page-cached bytes are copied right here; only what would wait for the disk
+                // goes to the blocking pool (the hop costs more than the copy).
+                let mut buf = pool.take();
+                let cached = read_cached_at(&file, &mut buf[..n], body_offset + off);
+                if cached == n {
+                    return Ok(pool.freeze(buf, n));
+                }
                 tokio::task::spawn_blocking(move || {
-                    let mut buf = pool.take();
-                    let got = read_full_at(&file, &mut buf[..n], body_offset + off)
+                    let got = cached
+                        + read_full_at(
+                            &file,
+                            &mut buf[cached..n],
+                            body_offset + off + cached as u64,
+                        )
                         .map_err(|e| TierError::io("read body", &e))?;
                     if got != n {
                         // Revision files are immutable; a short read means the disk lied.
@@ -777,6 +788,35 @@ struct OpenRevision {
     meta: MetaJson,
     /// Body bytes that came with the header read.
     prefix: Bytes,
+}
+
+/// Reads what the page cache already holds at `offset` without blocking (`RWF_NOWAIT`), up to
+/// `buf.len()` bytes; returns how many it got (0 when nothing was cached or on any error, which
+/// the caller then meets again on the blocking path).
+fn read_cached_at(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    while done < buf.len() {
+        let iov = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: `iov` points into `buf`, which outlives the call; the descriptor is open.
+        let n = unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + done as u64) as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    done
 }
 
 fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
