@@ -761,6 +761,14 @@ fn help_documents_every_setting() {
         "LARDER_DISK_LIMIT",
         "LARDER_MAX_TTL",
         "LARDER_MAX_OBJECT_SIZE",
+        "--s3-bucket",
+        "--s3-endpoint",
+        "--s3-region",
+        "--s3-prefix",
+        "--revalidate-after",
+        "--s3-reap-grace",
+        "LARDER_S3_BUCKET",
+        "LARDER_REVALIDATE_AFTER",
     ] {
         assert!(help.contains(flag), "--help mentions {flag}:\n{help}");
     }
