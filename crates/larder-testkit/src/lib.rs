@@ -55,6 +55,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Larderd {
     child: Option<Child>,
     pub addr: String,
+    /// `http` or `https` (with --tls-cert).
+    pub scheme: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
     _owned_dir: Option<tempfile::TempDir>,
@@ -73,23 +75,24 @@ impl Larderd {
     /// Starts larderd on `data_dir` (kept after the process stops, for restart tests).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Larderd {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (child, addr) = spawn(data_dir, &args);
+        let (child, scheme, addr) = spawn(data_dir, &args);
         Larderd {
             child: Some(child),
             addr,
+            scheme,
             data_dir: data_dir.to_path_buf(),
             args,
             _owned_dir: None,
         }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (or `https://…`)
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn object_url(&self, ns: &str, key: &str) -> String {
-        format!("http://{}/api/v1/object/{ns}/{key}", self.addr)
+        format!("{}/api/v1/object/{ns}/{key}", self.url())
     }
 
     pub fn pid(&self) -> u32 {
@@ -114,8 +117,9 @@ impl Larderd {
     /// Starts a new process on the same data directory and arguments (a fresh port).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, addr) = spawn(&self.data_dir, &self.args);
+        let (child, scheme, addr) = spawn(&self.data_dir, &self.args);
         self.child = Some(child);
+        self.scheme = scheme;
         self.addr = addr;
     }
 }
@@ -127,7 +131,7 @@ fn send_signal(pid: u32, signal: &str) {
         .status();
 }
 
-fn spawn(data_dir: &Path, args: &[String]) -> (Child, String) {
+fn spawn(data_dir: &Path, args: &[String]) -> (Child, String, String) {
     let mut child = Command::new(binary("larderd"))
         .arg("--listen")
         .arg("127.0.0.1:0")
@@ -147,15 +151,18 @@ fn spawn(data_dir: &Path, args: &[String]) -> (Child, String) {
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         while let Some(Ok(line)) = lines.next() {
-            if let Some(addr) = line.strip_prefix("larderd listening on http://") {
-                let _ = tx.send(addr.to_string());
+            if let Some((scheme, addr)) = line
+                .strip_prefix("larderd listening on ")
+                .and_then(|url| url.split_once("://"))
+            {
+                let _ = tx.send((scheme.to_string(), addr.to_string()));
             }
         }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
-            return (child, addr);
+        if let Ok((scheme, addr)) = rx.recv_timeout(Duration::from_millis(50)) {
+            return (child, scheme, addr);
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!("larderd exited during start-up: {status}");

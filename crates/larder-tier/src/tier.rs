@@ -54,6 +54,8 @@ pub struct GetResponse {
     pub outcome: ReadOutcome,
     pub meta: ObjectMeta,
     pub body: Option<BodyStream>,
+    /// The tier the answer came from (`"disk"`, `"s3"`): for logs and per-tier byte counts.
+    pub source: &'static str,
 }
 
 impl std::fmt::Debug for GetResponse {
@@ -62,6 +64,7 @@ impl std::fmt::Debug for GetResponse {
             .field("outcome", &self.outcome)
             .field("meta", &self.meta)
             .field("body", &self.body.is_some())
+            .field("source", &self.source)
             .finish()
     }
 }

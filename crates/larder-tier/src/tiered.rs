@@ -166,6 +166,8 @@ impl Inner {
                             outcome: decided.outcome,
                             meta: decided.meta,
                             body: Some(body),
+                            // The bytes come from the S3 body being copied in.
+                            source: self.remote.name(),
                         });
                     }
                     // The fill finished first: the revision is local now.

@@ -7,7 +7,9 @@
 //! fails later makes hyper abort the connection (the declared `Content-Length` is never met),
 //! so a failure can never look like a clean short body.
 
-use crate::metrics::RequestMetrics;
+use crate::auth::{Auth, Caller, Denied, Scope};
+use crate::config::Limits;
+use crate::metrics::{RequestMetrics, limit_rejected};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -20,7 +22,9 @@ use larder_tier::{ErrorKind, GetOptions, ObjectMeta, PutOptions, Tier, TierError
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 pub type Body = UnsyncBoxBody<Bytes, TierError>;
 
@@ -30,6 +34,20 @@ pub struct State {
     pub max_object_size: u64,
     pub metrics: PrometheusHandle,
     pub started: Instant,
+    pub auth: Arc<Auth>,
+    pub limits: Limits,
+    /// One permit per upload in progress (`limits.max_uploads`).
+    pub uploads: Arc<Semaphore>,
+}
+
+/// What the access log line of a request reports beyond the status: filled in by the handler
+/// that knows it.
+#[derive(Default)]
+struct RequestLog {
+    ns: Option<Namespace>,
+    key: Option<Key>,
+    tier: &'static str,
+    token: String,
 }
 
 const OBJECT_PREFIX: &str = "/api/v1/object/";
@@ -48,8 +66,12 @@ fn is_storable_header(name: &str) -> bool {
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let (route, response) = route(&state, req).await;
+    let request_id = request_id(req.headers());
+    let mut log = RequestLog::default();
+    let (route, mut response) = match oversized_head(&state.limits, req.headers()) {
+        Some(refused) => ("unknown", refused),
+        None => route(&state, req, &mut log).await,
+    };
     RequestMetrics {
         route,
         method: &method,
@@ -59,20 +81,98 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     .record();
     tracing::info!(
         target: "larderd::access",
+        request_id = request_id.to_str().unwrap_or(""),
         %method,
-        path,
+        route,
+        ns = log.ns.as_ref().map_or("", |n| n.as_str()),
+        key = log.key.as_ref().map_or("", |k| k.as_str()),
         status = response.status().as_u16(),
+        tier = log.tier,
         etag = response.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).unwrap_or(""),
+        token = log.token,
         micros = started.elapsed().as_micros() as u64,
         "request"
     );
     response
+        .headers_mut()
+        .insert(HeaderName::from_static("x-request-id"), request_id);
+    response
 }
 
-async fn route(state: &Arc<State>, req: Request<Incoming>) -> (&'static str, Response<Body>) {
+/// The client's `X-Request-Id` when it is short and printable (so logs of a CI job and of the
+/// cache can be joined), else a new one, unique within this process.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    if let Some(v) = headers.get("x-request-id")
+        && !v.is_empty()
+        && v.len() <= 64
+        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return v.clone();
+    }
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from(n)
+}
+
+/// 431 for request heads over the configured limits. hyper's own limits sit above these (see
+/// `server`) and answer without a reason; these answer with one.
+fn oversized_head(limits: &Limits, headers: &HeaderMap) -> Option<Response<Body>> {
+    if headers.len() > limits.max_headers {
+        limit_rejected("header_count");
+        return Some(text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request has {} header fields; the limit is {}",
+                headers.len(),
+                limits.max_headers
+            ),
+        ));
+    }
+    // Counted as on the wire: "name: value\r\n".
+    let bytes: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > limits.max_header_bytes {
+        limit_rejected("header_bytes");
+        return Some(text(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "the request's header fields take {bytes} bytes; the limit is {}",
+                limits.max_header_bytes
+            ),
+        ));
+    }
+    None
+}
+
+fn denied(d: Denied) -> Response<Body> {
+    match d {
+        Denied::Unauthenticated(reason) => {
+            metrics::counter!("larder_auth_denied_total", "reason" => "unauthenticated")
+                .increment(1);
+            let mut r = text(StatusCode::UNAUTHORIZED, reason);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"larder\""),
+            );
+            r
+        }
+        Denied::Forbidden(reason) => {
+            metrics::counter!("larder_auth_denied_total", "reason" => "forbidden").increment(1);
+            text(StatusCode::FORBIDDEN, reason)
+        }
+    }
+}
+
+async fn route(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    log: &mut RequestLog,
+) -> (&'static str, Response<Body>) {
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix(OBJECT_PREFIX) {
-        return ("object", object(state, req_parts(rest), req).await);
+        return ("object", object(state, req_parts(rest), req, log).await);
     }
     let route: &'static str = match path.as_str() {
         "/_liveness" => "liveness",
@@ -90,6 +190,21 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> (&'static str, Res
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (route, method_not_allowed(READ_METHODS));
     }
+    // Health checks stay open: load balancers and supervisors carry no tokens.
+    let needs = match route {
+        "liveness" | "readiness" => None,
+        "metrics" if state.auth.public_metrics => None,
+        "metrics" | "stats" => Some(Scope::Admin),
+        _ => Some(Scope::Read),
+    };
+    let caller = match needs {
+        None => Caller::Open,
+        Some(scope) => match state.auth.authorize(req.headers(), scope, None) {
+            Ok(caller) => caller,
+            Err(d) => return (route, denied(d)),
+        },
+    };
+    log.token = caller.name().to_string();
     let response = match route {
         "liveness" => text(StatusCode::OK, "ok"),
         "readiness" => match state.tier.ready().await {
@@ -105,7 +220,14 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> (&'static str, Res
             r
         }
         "namespaces" => match state.tier.list_namespaces().await {
-            Ok(list) => json_response(StatusCode::OK, &json!({ "namespaces": list })),
+            Ok(mut list) => {
+                // A token sees only the namespaces it may read.
+                list.retain(|usage| {
+                    Namespace::parse(&usage.name)
+                        .is_ok_and(|ns| caller.allows(Scope::Read, Some(&ns)))
+                });
+                json_response(StatusCode::OK, &json!({ "namespaces": list }))
+            }
             Err(e) => tier_error(e),
         },
         _ => match state.tier.stats().await {
@@ -132,6 +254,7 @@ async fn object(
     state: &Arc<State>,
     (ns, key): (&str, &str),
     req: Request<Incoming>,
+    log: &mut RequestLog,
 ) -> Response<Body> {
     let method = req.method().clone();
     if !matches!(
@@ -145,23 +268,48 @@ async fn object(
     if method == Method::POST
         && let Some(target) = key.strip_suffix("/invalidate")
     {
-        return match parse_names(ns, target) {
-            Ok((ns, key)) => match state.tier.invalidate(&ns, &key).await {
-                Ok(_) => empty(StatusCode::NO_CONTENT),
-                Err(e) => tier_error(e),
-            },
-            Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+        let (ns, key) = match parse_names(ns, target) {
+            Ok(names) => names,
+            Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+        };
+        match state.auth.authorize(req.headers(), Scope::Admin, Some(&ns)) {
+            Ok(caller) => log.token = caller.name().to_string(),
+            Err(d) => return denied(d),
+        }
+        log.ns = Some(ns.clone());
+        log.key = Some(key.clone());
+        return match state.tier.invalidate(&ns, &key).await {
+            Ok(_) => empty(StatusCode::NO_CONTENT),
+            Err(e) => tier_error(e),
         };
     }
     let (ns, key) = match parse_names(ns, key) {
         Ok(names) => names,
         Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    let scope = match method {
+        Method::GET | Method::HEAD => Scope::Read,
+        _ => Scope::Write,
+    };
+    match state.auth.authorize(req.headers(), scope, Some(&ns)) {
+        Ok(caller) => log.token = caller.name().to_string(),
+        Err(d) => {
+            // An upload refused before it started: let a client that is already sending
+            // read the answer instead of a reset.
+            let response = denied(d);
+            if scope == Scope::Write && !expects_continue(req.headers()) {
+                drain(&mut req.into_body()).await;
+            }
+            return response;
+        }
+    }
+    log.ns = Some(ns.clone());
+    log.key = Some(key.clone());
     let span = tracing::info_span!("object", %ns, %key, %method);
     let _enter = span.enter();
     match method {
         Method::GET | Method::HEAD => {
-            get(state, &ns, &key, req.headers(), method == Method::HEAD).await
+            get(state, &ns, &key, req.headers(), method == Method::HEAD, log).await
         }
         Method::PUT | Method::POST => put(state, &ns, &key, req).await,
         _ => match state.tier.delete(&ns, &key).await {
@@ -183,6 +331,7 @@ async fn get(
     key: &Key,
     headers: &HeaderMap,
     head: bool,
+    log: &mut RequestLog,
 ) -> Response<Body> {
     let conditions = ReadConditions::from_headers(
         header_text(headers, header::IF_MATCH),
@@ -200,6 +349,7 @@ async fn get(
         Ok(got) => got,
         Err(e) => return tier_error(e),
     };
+    log.tier = got.source;
     let meta = &got.meta;
     let (status, mut response) = match got.outcome {
         ReadOutcome::Full | ReadOutcome::Partial(_) => {
@@ -209,7 +359,7 @@ async fn get(
             };
             let body = match got.body {
                 Some(stream) => {
-                    let tier = state.tier.name();
+                    let tier = got.source;
                     UnsyncBoxBody::new(StreamBody::new(stream.map_ok(move |chunk| {
                         metrics::counter!("larder_bytes_served_total", "tier" => tier)
                             .increment(chunk.len() as u64);
@@ -300,17 +450,29 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
                 state.max_object_size
             ),
         );
-        // A client that did not ask for 100-continue is already sending; let it finish (within
-        // drain's bounds) so that it reads the 413 instead of a reset. One that asked has sent
-        // nothing, and polling its body would make hyper invite the upload.
-        let expects_continue = headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if !expects_continue {
+        limit_rejected("object_size");
+        if !expects_continue(headers) {
             drain(&mut req.into_body()).await;
         }
         return response;
     }
+    let Ok(_upload_permit) = state.uploads.clone().try_acquire_owned() else {
+        limit_rejected("uploads");
+        let mut response = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many uploads in progress (limit {}); retry shortly",
+                state.limits.max_uploads
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if !expects_continue(req.headers()) {
+            drain(&mut req.into_body()).await;
+        }
+        return response;
+    };
     let ttl = match headers.get("time-to-live") {
         None => state.max_ttl,
         Some(v) => match v
@@ -361,25 +523,46 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         rx.recv().await.map(|item| (item, rx))
     })
     .boxed();
+    let idle = state.limits.idle_timeout;
     let pump = async {
         let tx = tx; // owned, so the upload stream ends when the body does
-        while let Some(frame) = incoming.frame().await {
-            let item = match frame {
-                Ok(frame) => match frame.into_data() {
+        loop {
+            let item = match tokio::time::timeout(idle, incoming.frame()).await {
+                Ok(None) => return Pump::Complete,
+                Ok(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => Ok(data),
                     Err(_) => continue, // trailers carry nothing we store
                 },
-                Err(e) => Err(std::io::Error::other(e)),
+                Ok(Some(Err(e))) => Err(std::io::Error::other(e)),
+                Err(_) => {
+                    // The tier sees a failed body and discards what it wrote.
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upload body idle",
+                        )))
+                        .await;
+                    return Pump::Idle;
+                }
             };
             let failed = item.is_err();
             if tx.send(item).await.is_err() || failed {
-                return false;
+                return Pump::Stopped;
             }
         }
-        true
     };
-    let (result, body_complete) = tokio::join!(state.tier.put(ns, key, upload, opts), pump);
-    if result.is_err() && !body_complete {
+    let (result, pumped) = tokio::join!(state.tier.put(ns, key, upload, opts), pump);
+    if pumped == Pump::Idle {
+        limit_rejected("request_body_idle");
+        return text(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the upload body sent nothing for {}s; nothing was stored",
+                idle.as_secs()
+            ),
+        );
+    }
+    if result.is_err() && pumped != Pump::Complete {
         drain(&mut incoming).await;
     }
     match result {
@@ -400,6 +583,25 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         }
         Err(e) => tier_error(e),
     }
+}
+
+#[derive(PartialEq, Eq)]
+enum Pump {
+    /// The whole body went to the tier.
+    Complete,
+    /// The tier stopped reading, or the body failed.
+    Stopped,
+    /// The client stopped sending for longer than the idle timeout.
+    Idle,
+}
+
+/// A client that did not ask for 100-continue is already sending, so a refusal should let it
+/// finish (within drain's bounds) to read the answer instead of a reset. One that asked has sent
+/// nothing, and polling its body would make hyper invite the upload.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads and discards what is left of a refused upload, up to a bound: enough for a client that

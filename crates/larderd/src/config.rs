@@ -5,12 +5,14 @@
 //! default, so that "not given" stays distinguishable and the file can fill it in. Defaults are
 //! applied last, in [`Config::resolve`].
 
+use crate::auth::{Auth, Grant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use larder_proto::units::{parse_duration, parse_size};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -30,6 +32,11 @@ pub struct Cli {
     /// TOML configuration file
     #[arg(long, env = "LARDER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Read a bearer token on stdin, print the `sha256 = "…"` line that grants it in a
+    /// [[tokens]] entry of the config file, and exit (the same as `sha256sum`)
+    #[arg(long)]
+    pub hash_token: bool,
 
     /// Address to listen on [default: 127.0.0.1:8080] (TOML: listen)
     #[arg(long, env = "LARDER_LISTEN", value_name = "ADDR")]
@@ -88,6 +95,42 @@ pub struct Cli {
     /// it, so downloads in flight on other replicas can finish [default: 1h] (TOML: s3.reap_grace)
     #[arg(long, env = "LARDER_S3_REAP_GRACE", value_name = "DURATION")]
     pub s3_reap_grace: Option<String>,
+
+    /// Serve without access control on a non-loopback address. Without tokens configured
+    /// ([[tokens]] in the config file) larderd otherwise refuses to listen beyond loopback
+    /// (TOML: allow_anonymous)
+    #[arg(long, env = "LARDER_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// PEM certificate chain: serve HTTPS (HTTP/1.1 and HTTP/2) instead of HTTP; needs
+    /// --tls-key (TOML: tls.cert)
+    #[arg(long, env = "LARDER_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (TOML: tls.key)
+    #[arg(long, env = "LARDER_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Most open client connections; more get 503 with Retry-After [default: 4096]
+    /// (TOML: limits.max_connections)
+    #[arg(long, env = "LARDER_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Most uploads in progress at once; more get 503 with Retry-After [default: 64]
+    /// (TOML: limits.max_uploads)
+    #[arg(long, env = "LARDER_MAX_UPLOADS", value_name = "N")]
+    pub max_uploads: Option<usize>,
+
+    /// Time a client has to send a complete request head; slower ones get 408, idle
+    /// keep-alive connections are closed after it [default: 30s] (TOML: limits.header_timeout)
+    #[arg(long, env = "LARDER_HEADER_TIMEOUT", value_name = "DURATION")]
+    pub header_timeout: Option<String>,
+
+    /// Longest pause in a request or response body before the transfer is abandoned
+    /// (upload: 408, nothing stored; download: connection closed) [default: 60s]
+    /// (TOML: limits.idle_timeout)
+    #[arg(long, env = "LARDER_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
 }
 
 /// The TOML file. Unknown keys are an error, so a typo never silently falls back to a default.
@@ -102,6 +145,77 @@ pub struct FileConfig {
     #[serde(default)]
     pub disk: DiskSection,
     pub s3: Option<S3Section>,
+    pub allow_anonymous: Option<bool>,
+    /// Whether /metrics answers without a token when tokens are configured (default true;
+    /// false requires the admin scope).
+    pub public_metrics: Option<bool>,
+    #[serde(default)]
+    pub tokens: Vec<TokenSection>,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    pub tls: Option<TlsSection>,
+}
+
+/// `[[tokens]]`: one bearer token, stored as the SHA-256 of the token (hex, as `sha256sum`
+/// prints it), never the token itself.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSection {
+    pub name: String,
+    pub sha256: String,
+    /// Any of "read", "write", "admin".
+    pub scopes: Vec<String>,
+    /// Namespace patterns (`*` matches any run of characters); default all namespaces.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_connections: Option<usize>,
+    pub max_uploads: Option<usize>,
+    pub max_header_bytes: Option<SizeValue>,
+    pub max_headers: Option<usize>,
+    pub header_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Protective limits on what one client can make the server hold.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_uploads: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 4096,
+            max_uploads: 64,
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -176,6 +290,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub s3: Option<S3Settings>,
+    pub allow_anonymous: bool,
+    pub auth: Arc<Auth>,
+    pub limits: Limits,
+    pub tls: Option<TlsFiles>,
 }
 
 impl Config {
@@ -191,6 +309,17 @@ impl Config {
             None => FileConfig::default(),
         };
         let s3 = resolve_s3(&cli, file.s3.unwrap_or_default())?;
+        let auth = resolve_auth(file.tokens, file.public_metrics.unwrap_or(true))?;
+        let limits = resolve_limits(&cli, file.limits)?;
+        let file_tls = file.tls.unwrap_or_default();
+        let tls = match (
+            cli.tls_cert.clone().or(file_tls.cert),
+            cli.tls_key.clone().or(file_tls.key),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => bail!("TLS needs both a certificate (--tls-cert) and a key (--tls-key)"),
+        };
         let listen_text = cli
             .listen
             .or(file.listen)
@@ -232,8 +361,71 @@ impl Config {
             log_format,
             shutdown_grace: duration("shutdown grace", cli.shutdown_grace.or(file.shutdown_grace))?
                 .unwrap_or(Duration::from_secs(30)),
+            allow_anonymous: cli.allow_anonymous || file.allow_anonymous.unwrap_or(false),
+            auth: Arc::new(auth),
+            limits,
+            tls,
         })
     }
+}
+
+fn resolve_auth(tokens: Vec<TokenSection>, public_metrics: bool) -> anyhow::Result<Auth> {
+    let grants = tokens
+        .into_iter()
+        .map(|t| Ok((t.sha256, Grant::new(t.name, &t.scopes, &t.namespaces)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Auth::new(grants, public_metrics)
+}
+
+fn resolve_limits(cli: &Cli, file: LimitsSection) -> anyhow::Result<Limits> {
+    let defaults = Limits::default();
+    let duration = |name: &str, v: Option<String>, default: Duration| -> anyhow::Result<Duration> {
+        // parse_duration refuses zero, which would disable a limit by accident.
+        Ok(
+            v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
+                .transpose()?
+                .unwrap_or(default),
+        )
+    };
+    let positive = |name: &str, v: Option<usize>, default: usize| -> anyhow::Result<usize> {
+        match v.unwrap_or(default) {
+            0 => bail!("{name} must be at least 1"),
+            n => Ok(n),
+        }
+    };
+    let header_bytes = match file.max_header_bytes {
+        None => defaults.max_header_bytes,
+        Some(v) => parse_size(&v.to_text())
+            .map_err(|e| anyhow::anyhow!("limits.max_header_bytes: {e}"))?
+            as usize,
+    };
+    if header_bytes < 1024 {
+        bail!("limits.max_header_bytes must be at least 1KiB");
+    }
+    Ok(Limits {
+        max_connections: positive(
+            "max connections",
+            cli.max_connections.or(file.max_connections),
+            defaults.max_connections,
+        )?,
+        max_uploads: positive(
+            "max uploads",
+            cli.max_uploads.or(file.max_uploads),
+            defaults.max_uploads,
+        )?,
+        max_header_bytes: header_bytes,
+        max_headers: positive("limits.max_headers", file.max_headers, defaults.max_headers)?,
+        header_timeout: duration(
+            "header timeout",
+            cli.header_timeout.clone().or(file.header_timeout),
+            defaults.header_timeout,
+        )?,
+        idle_timeout: duration(
+            "idle timeout",
+            cli.idle_timeout.clone().or(file.idle_timeout),
+            defaults.idle_timeout,
+        )?,
+    })
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -396,6 +588,54 @@ mod tests {
             Config::resolve(Cli::default()).unwrap().s3.is_none(),
             "no bucket, no S3 tier"
         );
+    }
+
+    #[test]
+    fn tokens_limits_and_tls_come_from_the_file() {
+        let digest = crate::auth::token_digest_hex("s3cret");
+        let toml = format!(
+            "public_metrics = false\n\
+             [[tokens]]\nname = \"ci\"\nsha256 = \"{digest}\"\nscopes = [\"read\", \"write\"]\nnamespaces = [\"ci-*\"]\n\
+             [limits]\nmax_connections = 10\nmax_header_bytes = \"8KiB\"\nheader_timeout = \"5s\"\n\
+             [tls]\ncert = \"/etc/larder/cert.pem\"\nkey = \"/etc/larder/key.pem\"\n"
+        );
+        let c = with_file(&toml, Cli::default()).unwrap();
+        assert!(c.auth.enabled());
+        assert!(!c.auth.public_metrics);
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.max_header_bytes, 8192);
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(5));
+        assert_eq!(c.limits.max_uploads, Limits::default().max_uploads);
+        assert_eq!(c.tls.unwrap().key, PathBuf::from("/etc/larder/key.pem"));
+        let c = with_file(
+            &toml,
+            Cli {
+                max_connections: Some(20),
+                ..Cli::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_connections, 20);
+    }
+
+    #[test]
+    fn bad_auth_limits_and_tls_settings_are_refused() {
+        for (toml, expect) in [
+            (
+                "[[tokens]]\nname = \"a\"\nsha256 = \"abc\"\nscopes = [\"read\"]\n",
+                "sha256",
+            ),
+            (
+                "[[tokens]]\nname = \"a\"\ntoken = \"plain\"\nscopes = [\"read\"]\n",
+                "unknown field",
+            ),
+            ("[limits]\nmax_connections = 0\n", "at least 1"),
+            ("[limits]\nidle_timeout = \"0s\"\n", "idle timeout"),
+            ("[tls]\ncert = \"c.pem\"\n", "--tls-key"),
+        ] {
+            let e = with_file(toml, Cli::default()).unwrap_err();
+            assert!(format!("{e:#}").contains(expect), "{toml}: {e:#}");
+        }
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! accept loop and shutdown in [`server`], storage in the `larder-tier` crate.
 
 mod api;
+mod auth;
 mod config;
+mod io;
 mod metrics;
 mod server;
+mod tls;
 
 use clap::Parser;
 use config::{Cli, Config, LogFormat};
@@ -30,7 +33,23 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() {
-    let config = match Config::resolve(Cli::parse()) {
+    let cli = Cli::parse();
+    if cli.hash_token {
+        let mut token = String::new();
+        if let Err(e) = std::io::stdin().read_line(&mut token) {
+            eprintln!("larderd: cannot read a token on stdin: {e}");
+            std::process::exit(2);
+        }
+        // A trailing newline from `echo` is not part of the token.
+        let token = token.trim_end_matches(['\r', '\n']);
+        if token.is_empty() {
+            eprintln!("larderd: no token on stdin");
+            std::process::exit(2);
+        }
+        println!("sha256 = \"{}\"", auth::token_digest_hex(token));
+        return;
+    }
+    let config = match Config::resolve(cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("larderd: {e:#}");
@@ -50,6 +69,11 @@ fn main() {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    auth::check_exposure(config.listen, &config.auth, config.allow_anonymous)?;
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    if !config.auth.enabled() {
+        tracing::info!("no tokens configured: every request may read and write");
+    }
     let metrics = metrics::install()?;
     let mut disk = DiskConfig::new(&config.data_dir);
     disk.limit = config.disk_limit;
@@ -80,8 +104,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_object_size: config.max_object_size,
         metrics,
         started: Instant::now(),
+        auth: config.auth.clone(),
+        uploads: Arc::new(tokio::sync::Semaphore::new(config.limits.max_uploads)),
+        limits: config.limits.clone(),
     });
-    server::serve(config.listen, state, config.shutdown_grace).await
+    let options = server::ServeOptions {
+        limits: config.limits,
+        tls,
+        grace: config.shutdown_grace,
+    };
+    server::serve(config.listen, state, options).await
 }
 
 /// Deletes S3 bodies that no key references any more (after a grace period, so downloads in

@@ -52,9 +52,13 @@ fn static_status(s: StatusCode) -> &'static str {
         400 => "400",
         404 => "404",
         405 => "405",
+        401 => "401",
+        403 => "403",
+        408 => "408",
         412 => "412",
         413 => "413",
         416 => "416",
+        431 => "431",
         500 => "500",
         502 => "502",
         503 => "503",
@@ -63,4 +67,10 @@ fn static_status(s: StatusCode) -> &'static str {
         s if s >= 500 => "5xx",
         _ => "other",
     }
+}
+
+/// Counts a request or connection refused by one of the protective limits (`limit` is a static
+/// name such as "uploads" or "header_timeout").
+pub fn limit_rejected(limit: &'static str) {
+    metrics::counter!("larder_limit_rejections_total", "limit" => limit).increment(1);
 }

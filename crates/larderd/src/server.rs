@@ -1,40 +1,93 @@
-//! The accept loop: HTTP/1.1 connections served by hyper, and graceful shutdown.
+//! The accept loop: connection limits, HTTP/1.1 (and HTTP/2 over TLS) served by hyper, the
+//! timeouts that keep slow or stalled clients from holding resources, and graceful shutdown.
 //!
 //! hyper's write buffer limit is raised well above the 1 MiB body chunks so that a few chunks
 //! can be queued for one `writev` while the next positioned read is in flight; with the default
 //! (~400 KiB) every chunk would be flushed alone.
 
 use crate::api::{self, State};
+use crate::config::Limits;
+use crate::io::GuardedIo;
+use crate::metrics::limit_rejected;
 use anyhow::Context;
-use hyper::server::conn::http1;
+use http::{Response, StatusCode, header};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 // Two 1 MiB chunks queued per connection: enough to keep the socket busy while the next read
 // runs, small enough that 16 concurrent 1 GiB downloads stay well under 100 MiB of RSS.
 const WRITE_BUFFER: usize = 2 << 20;
 
-pub async fn serve(addr: SocketAddr, state: Arc<State>, grace: Duration) -> anyhow::Result<()> {
+// HTTP/2 flow-control windows for uploads: large enough that one stream can fill a fast link
+// (bandwidth × delay of tens of MiB/s × tens of ms), bounded per connection.
+const H2_STREAM_WINDOW: u32 = 8 << 20;
+const H2_CONNECTION_WINDOW: u32 = 32 << 20;
+const H2_MAX_FRAME: u32 = 1 << 20;
+const H2_MAX_STREAMS: u32 = 128;
+
+pub struct ServeOptions {
+    pub limits: Limits,
+    pub tls: Option<TlsAcceptor>,
+    pub grace: Duration,
+}
+
+pub async fn serve(addr: SocketAddr, state: Arc<State>, opts: ServeOptions) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
-    tracing::info!(%local, "listening");
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    tracing::info!(%local, scheme, "listening");
     // One plain line on stdout, so scripts and tests can learn the port when binding to :0.
-    println!("larderd listening on http://{local}");
+    println!("larderd listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
 
+    let limits = opts.limits;
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
-    let mut http = http1::Builder::new();
-    http.max_buf_size(WRITE_BUFFER).keep_alive(true);
+    let mut h1 = http1::Builder::new();
+    // hyper's own header limits are a hard ceiling above the configured ones: between the two,
+    // `api` answers 431 with a reason; beyond, hyper answers 431 without reading further.
+    h1.max_buf_size(WRITE_BUFFER)
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(limits.max_headers * 2)
+        .max_header_size(limits.max_header_bytes * 2);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
+        .max_send_buf_size(WRITE_BUFFER)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size((limits.max_header_bytes * 2) as u32)
+        // A peer that stops answering pings is gone; its streams and buffers are released.
+        .keep_alive_interval(limits.idle_timeout / 2)
+        .keep_alive_timeout(limits.idle_timeout / 2);
+    let server = Arc::new(Server {
+        state,
+        h1,
+        h2,
+        tls: opts.tls,
+        idle: limits.idle_timeout,
+        header_timeout: limits.header_timeout,
+    });
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    // Connections beyond the limit are told so (503) while a few of them fit; past that they
+    // are closed at once, so a flood cannot buy memory by opening sockets.
+    let refusals = Arc::new(Semaphore::new((limits.max_connections / 16).clamp(8, 256)));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -49,28 +102,148 @@ pub async fn serve(addr: SocketAddr, state: Arc<State>, grace: Duration) -> anyh
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |req| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(api::handle(state, req).await) }
-        });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            limit_rejected("connections");
+            if let Ok(permit) = refusals.clone().try_acquire_owned() {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    server.refuse(stream, peer).await;
+                    drop(permit);
+                });
             }
+            continue;
+        };
+        let server = server.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            server.connection(stream, peer, watcher).await;
+            drop(permit);
         });
     }
     drop(listener);
     tracing::info!(
-        grace_seconds = grace.as_secs(),
+        grace_seconds = opts.grace.as_secs(),
         "shutting down: waiting for requests in flight"
     );
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+        _ = tokio::time::sleep(opts.grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     Ok(())
+}
+
+struct Server {
+    state: Arc<State>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    idle: Duration,
+    header_timeout: Duration,
+}
+
+impl Server {
+    async fn connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) {
+        let state = self.state.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(api::handle(state, req).await) }
+        });
+        let Some(tls) = &self.tls else {
+            // A second handle on the socket, so that a client too slow to send its request head
+            // can still be told 408 after hyper has given up the connection.
+            let raw = stream.as_fd().try_clone_to_owned().ok();
+            let io = GuardedIo::new(stream, self.idle);
+            let partial_head = io.read_since_write_flag();
+            let result = watcher
+                .watch(self.h1.serve_connection(TokioIo::new(io), service))
+                .await;
+            if let Err(e) = result {
+                if e.is_timeout() && partial_head.get() {
+                    limit_rejected("header_timeout");
+                    if let Some(raw) = raw {
+                        send_request_timeout(std::net::TcpStream::from(raw), self.header_timeout);
+                    }
+                }
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            return;
+        };
+        // The handshake gets the same bound as a request head: a client that opens a socket and
+        // then says nothing holds a connection slot for no longer than that.
+        let tls_stream = match tokio::time::timeout(self.header_timeout, tls.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                limit_rejected("header_timeout");
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(GuardedIo::new(tls_stream, self.idle));
+        let result = if h2 {
+            watcher.watch(self.h2.serve_connection(io, service)).await
+        } else {
+            watcher.watch(self.h1.serve_connection(io, service)).await
+        };
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+
+    /// Answers every request on a connection over the limit with 503, then closes it.
+    async fn refuse(&self, stream: TcpStream, peer: SocketAddr) {
+        let service = service_fn(|_req| async {
+            let mut r: Response<api::Body> = api::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections; retry shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            Ok::<_, Infallible>(r)
+        });
+        let mut h1 = self.h1.clone();
+        h1.keep_alive(false);
+        match &self.tls {
+            None => {
+                let io = TokioIo::new(GuardedIo::new(stream, self.idle));
+                let _ = h1.serve_connection(io, service).await;
+            }
+            // TLS clients need a handshake before they can read any answer.
+            Some(tls) => {
+                if let Ok(Ok(tls_stream)) =
+                    tokio::time::timeout(self.header_timeout, tls.accept(stream)).await
+                {
+                    let io = TokioIo::new(GuardedIo::new(tls_stream, self.idle));
+                    let _ = h1.serve_connection(io, service).await;
+                }
+            }
+        }
+        tracing::debug!(%peer, "connection refused: too many connections");
+    }
+}
+
+/// Writes a 408 on a connection whose request head did not arrive in time. Best effort: the
+/// answer is small enough for the socket buffer, and a client that vanished loses nothing.
+fn send_request_timeout(mut socket: std::net::TcpStream, after: Duration) {
+    let reason = format!(
+        "the request head did not arrive within {}s\n",
+        after.as_secs()
+    );
+    let response = format!(
+        "HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{reason}",
+        reason.len()
+    );
+    let _ = socket.write_all(response.as_bytes());
+    let _ = socket.shutdown(std::net::Shutdown::Write);
 }
 
 async fn shutdown_signal() {

@@ -477,6 +477,7 @@ impl Inner {
             outcome,
             meta,
             body,
+            source: "disk",
         })
     }
 

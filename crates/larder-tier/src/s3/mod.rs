@@ -624,6 +624,7 @@ impl Tier for S3Tier {
                     outcome,
                     meta,
                     body: None,
+                    source: "s3",
                 });
             }
             if len == 0 {
@@ -631,6 +632,7 @@ impl Tier for S3Tier {
                     outcome,
                     meta,
                     body: Some(futures_util::stream::empty().boxed()),
+                    source: "s3",
                 });
             }
             let reader = BodyReader {
@@ -649,6 +651,7 @@ impl Tier for S3Tier {
                         outcome,
                         meta,
                         body: Some(body),
+                        source: "s3",
                     });
                 }
                 // The reference moved on and the reaper took the old body between our two
