@@ -123,8 +123,16 @@ fn spawn_reaper(s3: S3Tier, grace: std::time::Duration, interval: std::time::Dur
         loop {
             tokio::time::sleep(interval).await;
             match s3.reap(grace).await {
-                Ok(report) => tracing::info!(?report, "S3 reaper pass"),
-                Err(e) => tracing::warn!(error = %e, "S3 reaper pass failed"),
+                Ok(report) => {
+                    ::metrics::counter!("larder_s3_reaper_passes_total", "result" => "ok")
+                        .increment(1);
+                    tracing::info!(?report, "S3 reaper pass");
+                }
+                Err(e) => {
+                    ::metrics::counter!("larder_s3_reaper_passes_total", "result" => "failed")
+                        .increment(1);
+                    tracing::warn!(error = %e, "S3 reaper pass failed");
+                }
             }
         }
     });

@@ -1,11 +1,20 @@
 //! Prometheus metrics: the recorder installed at start-up and the per-request series.
 
 use http::{Method, StatusCode};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::time::Instant;
 
+/// Latency buckets (seconds) from a page-cache hit to a multi-GiB transfer: histograms rather
+/// than the exporter's default summaries, so replicas can be aggregated and alerted on.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
 pub fn install() -> anyhow::Result<PrometheusHandle> {
-    Ok(PrometheusBuilder::new().install_recorder()?)
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), DURATION_BUCKETS)?
+        .install_recorder()?)
 }
 
 pub struct RequestMetrics<'a> {

@@ -15,6 +15,7 @@
 
 mod config;
 mod error;
+mod instrumented;
 mod layout;
 mod read;
 mod upload;
@@ -106,7 +107,9 @@ impl S3Tier {
     /// Builds the client without talking to S3 (a server may start while S3 is down; requests
     /// then fail with 503 until it is back). Prefer [`S3Tier::connect`].
     pub fn new(config: S3Config) -> Result<S3Tier, TierError> {
-        let store: Arc<dyn ObjectStore> = Arc::new(config.build_store()?);
+        let store: Arc<dyn ObjectStore> = Arc::new(instrumented::InstrumentedStore::new(Arc::new(
+            config.build_store()?,
+        )));
         Ok(S3Tier {
             inner: Arc::new(Inner {
                 layout: Layout::new(&config.prefix),

@@ -1,0 +1,185 @@
+//! What an operator relies on: the Prometheus series worth alerting on (in a tiered setup over a
+//! real S3 server), and the sample systemd unit and config shipped in the repository.
+//!
+//! The metrics test needs `AWS_ENDPOINT_URL` / `S3_BUCKET` / credentials (scripts/test.sh
+//! provides them) and says SKIPPED without.
+
+use larder_testkit::{Larderd, binary};
+use reqwest::{Client, StatusCode};
+use std::process::Command;
+
+fn s3_available(test: &str) -> bool {
+    let ok = ["AWS_ENDPOINT_URL", "S3_BUCKET", "AWS_ACCESS_KEY_ID"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_some());
+    if !ok {
+        println!("SKIPPED {test}: no S3 server (run scripts/s3-server.sh, or scripts/test.sh)");
+    }
+    ok
+}
+
+/// The value of the first series whose text starts with `prefix` (name and labels).
+fn series(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_cover_what_an_operator_alerts_on() {
+    if !s3_available("metrics_cover_what_an_operator_alerts_on") {
+        return;
+    }
+    let bucket = std::env::var("S3_BUCKET").unwrap();
+    let prefix = format!("ops-test/{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("larder.toml");
+    std::fs::write(&cfg, "[s3]\nreap_interval = \"1s\"\nreap_grace = \"1s\"\n").unwrap();
+    let common = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--s3-bucket",
+        &bucket,
+        "--s3-prefix",
+        &prefix,
+    ];
+    let writer = Larderd::start(&common);
+    let mut small = common.to_vec();
+    small.extend(["--disk-limit", "5MiB"]);
+    let reader = Larderd::start(&small);
+    let http = Client::new();
+    for i in 0..3 {
+        let r = http
+            .put(writer.object_url("ops", &format!("obj{i}")))
+            .body(vec![i as u8; 2 << 20])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    // Cold reads on the other replica come from S3 and fill its disk; warm reads come from
+    // disk; three 2 MiB objects in 5 MiB force an eviction.
+    for round in 0..2 {
+        for i in 0..3 {
+            let r = http
+                .get(reader.object_url("ops", &format!("obj{i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.bytes().await.unwrap().len(), 2 << 20);
+            if round == 0 {
+                // Let the fill commit before the next read.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }
+    }
+    let missing = http
+        .get(reader.object_url("ops", "nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await; // a reaper pass
+    let m = http
+        .get(format!("{}/metrics", reader.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let expect_positive = [
+        "larder_http_requests_total{route=\"object\",method=\"GET\",status=\"200\"}",
+        "larder_http_requests_total{route=\"object\",method=\"GET\",status=\"404\"}",
+        "larder_http_request_duration_seconds_bucket{route=\"object\",method=\"GET\",le=\"+Inf\"}",
+        "larder_bytes_served_total{tier=\"s3\"}",
+        "larder_bytes_served_total{tier=\"disk\"}",
+        "larder_tier_misses_total{tier=\"disk\"}",
+        "larder_tier_hits_total{tier=\"disk\"}",
+        "larder_fills_total{result=\"filled\"}",
+        "larder_s3_request_duration_seconds_bucket{op=\"get\",le=\"+Inf\"}",
+        "larder_s3_request_duration_seconds_bucket{op=\"head\",le=\"+Inf\"}",
+        "larder_disk_bytes",
+        "larder_disk_evictions_total",
+        "larder_s3_reaper_passes_total{result=\"ok\"}",
+    ];
+    for name in expect_positive {
+        let v = series(&m, name).unwrap_or_else(|| panic!("no series {name} in:\n{m}"));
+        assert!(v > 0.0, "{name} = {v}");
+    }
+    // Bytes served by S3 on the cold round and by disk on the warm one add up to what was read.
+    let served = series(&m, "larder_bytes_served_total{tier=\"s3\"}").unwrap()
+        + series(&m, "larder_bytes_served_total{tier=\"disk\"}").unwrap();
+    assert_eq!(served, (6 * (2 << 20)) as f64);
+    // A 404 from S3 on a reference is an answer, not an error.
+    assert!(series(&m, "larder_s3_errors_total").is_none(), "{m}");
+    assert!(series(&m, "larder_disk_bytes").unwrap() <= (5 << 20) as f64);
+}
+
+/// The sample unit must be one systemd accepts, and its command line one larderd accepts.
+#[test]
+fn the_sample_systemd_unit_verifies_and_starts_larderd() {
+    let unit_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/larderd.service");
+    let unit = std::fs::read_to_string(unit_path).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let mut words = exec.split_whitespace();
+    assert_eq!(words.next(), Some("/usr/local/bin/larderd"));
+    let args: Vec<&str> = words.collect();
+
+    // The same flags, with the sample config and a scratch data directory: larderd starts.
+    // (The test harness passes --data-dir itself, so the unit's is checked and dropped.)
+    let dir = tempfile::tempdir().unwrap();
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../../larder.example.toml");
+    let mut patched: Vec<&str> = Vec::new();
+    let mut saw_data_dir = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--config" => {
+                it.next();
+                patched.extend(["--config", sample]);
+            }
+            "--data-dir" => {
+                assert_eq!(it.next(), Some(&"/var/lib/larder/data"));
+                saw_data_dir = true;
+            }
+            other => patched.push(other),
+        }
+    }
+    assert!(saw_data_dir, "the unit names the data directory");
+    let mut srv = Larderd::start_in(&dir.path().join("data"), &patched);
+    assert!(srv.terminate().success(), "SIGTERM is a clean stop");
+
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        println!("SKIPPED systemd-analyze verify: systemd-analyze is not installed");
+        return;
+    };
+    assert!(out.status.success());
+    // verify insists that ExecStart exists: point it at the binary just built.
+    let local = dir.path().join("larderd.service");
+    std::fs::write(
+        &local,
+        unit.replace(
+            "/usr/local/bin/larderd",
+            binary("larderd").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&local)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze warnings: {stderr}"
+    );
+}

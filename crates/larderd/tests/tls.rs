@@ -1,0 +1,166 @@
+//! HTTPS on the real larderd: HTTP/2 and HTTP/1.1 offered through ALPN, pinned range reads and
+//! uploads over both, clients that do not trust the CA refused, bad certificate files refused
+//! at start-up with a reason.
+
+use larder_testkit::{Larderd, binary};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use reqwest::{Certificate, Client, StatusCode, Version};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Pki {
+    ca_pem: String,
+    cert: PathBuf,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A throw-away CA and a server certificate for 127.0.0.1 and localhost signed by it.
+fn pki() -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert,
+        key,
+        _dir: dir,
+    }
+}
+
+fn start(pki: &Pki) -> Larderd {
+    Larderd::start(&[
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+    ])
+}
+
+fn trusting(pki: &Pki) -> reqwest::ClientBuilder {
+    Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap())
+}
+
+#[tokio::test]
+async fn https_serves_pinned_ranges_over_http2_and_http1() {
+    let pki = pki();
+    let srv = start(&pki);
+    assert_eq!(srv.scheme, "https");
+    let url = srv.object_url("ci", "artifact");
+    let body: Vec<u8> = (0..(3 << 20) as u32)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+
+    let h2 = trusting(&pki).build().unwrap();
+    let r = h2.put(&url).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.version(), Version::HTTP_2, "ALPN should pick h2");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+
+    let h1 = trusting(&pki).http1_only().build().unwrap();
+    for client in [&h2, &h1] {
+        let r = client
+            .get(&url)
+            .header("range", "bytes=1000000-1999999")
+            .header("if-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(r.headers()["etag"].to_str().unwrap(), etag);
+        let got = r.bytes().await.unwrap();
+        assert_eq!(&got[..], &body[1_000_000..2_000_000]);
+        let r = client
+            .get(&url)
+            .header("range", "bytes=0-9")
+            .header(
+                "if-match",
+                "\"0000000000000000000000000000000000000000000000000000000000000000\"",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PRECONDITION_FAILED);
+    }
+    let r = h1.get(&url).send().await.unwrap();
+    assert_eq!(r.version(), Version::HTTP_11);
+    assert_eq!(r.bytes().await.unwrap().len(), body.len());
+}
+
+#[tokio::test]
+async fn clients_without_the_ca_and_plain_http_are_refused() {
+    let pki = pki();
+    let srv = start(&pki);
+    let untrusting = Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .build()
+        .unwrap();
+    let e = untrusting
+        .get(format!("{}/_liveness", srv.url()))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(e.is_connect(), "{e:?}");
+    let plain = Client::new()
+        .get(format!("http://{}/_liveness", srv.addr))
+        .send()
+        .await;
+    assert!(
+        plain.is_err() || plain.unwrap().status() != StatusCode::OK,
+        "plain HTTP must not be served on the TLS port"
+    );
+    // The server keeps serving trusted clients after those failures.
+    let ok = trusting(&pki)
+        .build()
+        .unwrap()
+        .get(format!("{}/_liveness", srv.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
+fn start_error(cert: &Path, key: &Path) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("larderd"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "larderd should refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_certificate_files_are_refused_with_a_reason() {
+    let pki = pki();
+    let other = self::pki();
+    let err = start_error(&pki.cert, &other.key);
+    assert!(err.contains("does not fit the certificate"), "{err}");
+    let err = start_error(&pki.key, &pki.key);
+    assert!(err.contains("holds no PEM certificate"), "{err}");
+    let err = start_error(Path::new("/nonexistent/cert.pem"), &pki.key);
+    assert!(err.contains("cannot read a PEM certificate chain"), "{err}");
+    let err = start_error(&pki.cert, &pki.cert);
+    assert!(err.contains("cannot read a PEM private key"), "{err}");
+}
