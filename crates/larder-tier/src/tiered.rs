@@ -47,6 +47,63 @@ struct Inner {
     validated: Mutex<HashMap<KeyId, (ETag, Instant)>>,
     /// Keys with a fill in flight, and the revision each is copying.
     fills: Mutex<HashMap<KeyId, Arc<ActiveFill>>>,
+    /// Writes in flight per key, and whether any two of them overlapped.
+    writes: Mutex<HashMap<KeyId, WritesInFlight>>,
+}
+
+#[derive(Default)]
+struct WritesInFlight {
+    active: usize,
+    overlapped: bool,
+}
+
+/// Registers one write of a key for as long as it runs, also when the request is cancelled.
+struct WriteInFlight<'a> {
+    inner: &'a Inner,
+    id: KeyId,
+    ended: bool,
+}
+
+impl<'a> WriteInFlight<'a> {
+    fn start(inner: &'a Inner, id: KeyId) -> WriteInFlight<'a> {
+        let mut writes = inner.writes.lock().unwrap();
+        let w = writes.entry(id.clone()).or_default();
+        w.active += 1;
+        w.overlapped |= w.active > 1;
+        drop(writes);
+        WriteInFlight {
+            inner,
+            id,
+            ended: false,
+        }
+    }
+
+    /// Whether this write overlapped another write of the key at any time.
+    fn end(mut self) -> bool {
+        self.ended = true;
+        self.release()
+    }
+
+    fn release(&self) -> bool {
+        let mut writes = self.inner.writes.lock().unwrap();
+        let Some(w) = writes.get_mut(&self.id) else {
+            return false;
+        };
+        let overlapped = w.overlapped;
+        w.active -= 1;
+        if w.active == 0 {
+            writes.remove(&self.id);
+        }
+        overlapped
+    }
+}
+
+impl Drop for WriteInFlight<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.release();
+        }
+    }
 }
 
 /// One fill: the revision it copies and, once its first S3 response is in, the spool that
@@ -69,6 +126,7 @@ impl TieredTier {
                 revalidate_after,
                 validated: Mutex::new(HashMap::new()),
                 fills: Mutex::new(HashMap::new()),
+                writes: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -105,6 +163,18 @@ impl Inner {
             .lock()
             .unwrap()
             .insert(id, (etag, Instant::now()));
+    }
+
+    /// The remote's current revision of a key; `None` when there is none or it cannot say.
+    async fn remote_etag(&self, ns: &Namespace, key: &Key) -> Option<ETag> {
+        let head = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        match self.remote.get(ns, key, head).await {
+            Ok(r) if r.outcome != ReadOutcome::NotFound => Some(r.meta.etag),
+            _ => None,
+        }
     }
 
     fn forget(&self, id: &KeyId) {
@@ -443,9 +513,24 @@ impl Tier for TieredTier {
             result
         };
         let local = inner.local.put(ns, key, local_body, local_opts);
-        let ((), remote_result, local_result) = tokio::join!(pump, remote, local);
         let id = (ns.clone(), key.clone());
+        let in_flight = WriteInFlight::start(inner, id.clone());
+        let ((), remote_result, local_result) = tokio::join!(pump, remote, local);
+        let overlapped = in_flight.end();
         let put = remote_result?;
+        // Overlapping writes of one key commit remotely in one order but may reach the local
+        // commit in another (acknowledgements travel at their own pace): then only the remote
+        // knows which revision won, and a local copy of the loser must not be served.
+        let local_result = match local_result {
+            Ok(l) if overlapped => match inner.remote_etag(ns, key).await {
+                Some(current) if current == l.etag => Ok(l),
+                _ => Err(TierError::new(
+                    ErrorKind::PreconditionFailed,
+                    "a concurrent write of this key won",
+                )),
+            },
+            other => other,
+        };
         match local_result {
             Ok(l) if l.etag == put.etag => inner.mark_validated(id, put.etag.clone()),
             other => {

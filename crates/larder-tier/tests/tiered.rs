@@ -327,10 +327,13 @@ async fn with_s3_down_disk_hits_are_served_and_misses_fail_fast_with_503() {
     );
 }
 
-/// A tier wrapper that counts the body reads that reach the tier it wraps (a real S3 here).
+/// A tier wrapper that counts the body reads that reach the tier it wraps (a real S3 here), and
+/// can answer writes after a random delay (as a remote answers late over a network), so that the
+/// order in which writes are acknowledged differs from the order in which they committed.
 struct CountingBodyReads {
     inner: Arc<dyn Tier>,
     body_reads: AtomicUsize,
+    late_acks: bool,
 }
 
 #[async_trait::async_trait]
@@ -357,7 +360,11 @@ impl Tier for CountingBodyReads {
         body: UploadStream,
         opts: PutOptions,
     ) -> Result<PutResult, TierError> {
-        self.inner.put(ns, key, body, opts).await
+        let result = self.inner.put(ns, key, body, opts).await;
+        if self.late_acks {
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..20))).await;
+        }
+        result
     }
     async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
         self.inner.delete(ns, key).await
@@ -379,6 +386,7 @@ async fn concurrent_cold_readers_cost_one_s3_body_read() {
     let counting = Arc::new(CountingBodyReads {
         inner: s3.clone(),
         body_reads: AtomicUsize::new(0),
+        late_acks: false,
     });
     let local = disk().await;
     let t = tiered(local.clone(), counting.clone(), Duration::from_secs(5));
@@ -438,4 +446,52 @@ async fn concurrent_cold_readers_cost_one_s3_body_read() {
         1,
         "later reads come from disk"
     );
+}
+
+/// Concurrent writes of one key through one replica: whatever order the remote acknowledges
+/// them in, the local copy left afterwards is the revision the remote holds (or none), so
+/// unpinned reads within the revalidation window never serve a superseded revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_leave_the_local_copy_the_remote_kept() {
+    let remote_disk = disk().await;
+    let remote = Arc::new(CountingBodyReads {
+        inner: remote_disk.clone(),
+        body_reads: AtomicUsize::new(0),
+        late_acks: true,
+    });
+    let local = disk().await;
+    let t = tiered(local.clone(), remote, Duration::from_secs(60));
+    let k = key("contended");
+    let mut stale = 0;
+    for round in 0..30u64 {
+        let writes = (0..4u64).map(|i| {
+            let t = t.clone();
+            let k = k.clone();
+            async move {
+                t.put(
+                    &ns(),
+                    &k,
+                    upload(pattern(64 << 10, round * 8 + i)),
+                    PutOptions::default(),
+                )
+                .await
+                .unwrap()
+            }
+        });
+        futures_util::future::join_all(writes).await;
+        let kept = local_etag(&remote_disk, &k).await.unwrap();
+        let cached = local_etag(&local, &k).await;
+        if cached.as_ref().is_some_and(|c| *c != kept) {
+            stale += 1;
+        }
+        // What an unpinned reader gets is what the remote kept.
+        let (_, etag, _) = read(t.as_ref(), &k, ReadConditions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            etag, kept,
+            "round {round}: an unpinned read served a superseded revision"
+        );
+    }
+    assert_eq!(stale, 0, "rounds that left a superseded local copy");
 }
