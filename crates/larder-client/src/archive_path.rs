@@ -42,3 +42,60 @@ pub fn lexically_inside(rel: &Path, link: &Path) -> Result<(), &'static str> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_table() {
+        let cases: &[(&str, Result<&str, &str>)] = &[
+            ("a", Ok("a")),
+            ("a/b/c", Ok("a/b/c")),
+            ("./a/./b//c/", Ok("a/b/c")),
+            ("", Ok("")),
+            (".", Ok("")),
+            ("a..b/..c", Ok("a..b/..c")),
+            ("..", Err("contains `..`")),
+            ("../a", Err("contains `..`")),
+            ("a/../b", Err("contains `..`")),
+            ("a/..", Err("contains `..`")),
+            ("/a", Err("is an absolute path")),
+            ("//a", Err("is an absolute path")),
+        ];
+        for (input, want) in cases {
+            let got = relative(Path::new(input));
+            assert_eq!(
+                got.as_deref().map_err(|e| *e),
+                want.map(Path::new),
+                "relative({input:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn lexically_inside_table() {
+        let outside = Err("which points outside the restored tree");
+        let cases: &[(&str, &str, Result<(), &str>)] = &[
+            ("l", "x", Ok(())),
+            ("l", "./x/y", Ok(())),
+            ("l", "", Ok(())),
+            ("a/l", "../x", Ok(())),
+            ("a/b/l", "../../x", Ok(())),
+            ("l", "x/../y", Ok(())),
+            ("l", "..", outside),
+            ("l", "../x", outside),
+            ("a/l", "../../x", outside),
+            ("l", "x/../../y", outside),
+            ("a/b/l", "../../../x", outside),
+            ("l", "/etc/passwd", Err("which is an absolute path")),
+        ];
+        for (rel, link, want) in cases {
+            assert_eq!(
+                lexically_inside(Path::new(rel), Path::new(link)),
+                *want,
+                "{rel:?} -> {link:?}"
+            );
+        }
+    }
+}
