@@ -8,6 +8,7 @@
 //! a request is made, so a typo is reported locally with the same reason the server would give,
 //! and every download is checked against its content-digest ETag.
 
+mod archive_path;
 mod download;
 mod error;
 mod output;

@@ -24,6 +24,7 @@
 //! first, so read-only directories in the archive do not stop their own contents from being
 //! written and mtimes are not disturbed by later entries.
 
+use crate::archive_path::{lexically_inside, relative};
 use crate::download::{Downloader, Sink};
 use crate::progress::Progress;
 use crate::{DownloadSummary, Error, ObjectInfo, ObjectName};
@@ -33,7 +34,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
@@ -742,42 +743,6 @@ fn write_file(path: &Path, job: &FileJob) -> io::Result<()> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// An archive path made relative and free of `.`; refused when absolute or containing `..`.
-fn relative(path: &Path) -> Result<PathBuf, &'static str> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("contains `..`"),
-            Component::RootDir | Component::Prefix(_) => return Err("is an absolute path"),
-        }
-    }
-    Ok(out)
-}
-
-/// Whether `link`, read from the directory that holds `rel`, stays inside the tree, judging by
-/// its text alone.
-fn lexically_inside(rel: &Path, link: &Path) -> Result<(), &'static str> {
-    let mut depth = rel.parent().map_or(0, |p| p.components().count());
-    for c in link.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if depth == 0 {
-                    return Err("which points outside the restored tree");
-                }
-                depth -= 1;
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err("which is an absolute path");
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Follows the symlink at `rel` (and every link met on the way) within `root`, failing if the

@@ -400,75 +400,58 @@ mod tests {
         }
     }
 
-    /// RFC 9110 §13.2.1–§13.2.2 and §14.2, transcribed step by step for a GET of a resource whose
-    /// ETag is strong and whose Last-Modified is `LM`.
+    /// What each header of the case means for the current revision, for the RFC 9110 reference
+    /// in `rfc_reference` (shared with the property tests).
     fn reference(c: &Case) -> ReadOutcome {
-        // §13.2.1: a server MUST ignore the conditional headers when the response would
-        // otherwise be other than 2xx/412; a missing resource is a 404.
-        if !c.present {
-            return NotFound;
-        }
-        // Step 1: If-Match is true for `*` or when a listed tag *strongly* matches.
-        let if_match_true = match c.im {
-            IfMatch::Absent => None,
-            IfMatch::Star | IfMatch::Matching | IfMatch::ListWithMatch => Some(true),
-            IfMatch::NonMatching | IfMatch::WeakMatching | IfMatch::Garbage => Some(false),
+        use crate::rfc_reference::{self as rfc, DateCond, IfRangeCond, RangeCond, TagCond};
+        let list = |strong, weak| TagCond::List { strong, weak };
+        let if_match = match c.im {
+            IfMatch::Absent => TagCond::Absent,
+            IfMatch::Star => TagCond::Star,
+            IfMatch::Matching | IfMatch::ListWithMatch => list(true, true),
+            IfMatch::WeakMatching => list(false, true),
+            IfMatch::NonMatching | IfMatch::Garbage => list(false, false),
         };
-        match if_match_true {
-            Some(false) => return PreconditionFailed,
-            Some(true) => {}
-            // Step 2: only without If-Match; true when Last-Modified <= the date.
-            None => {
-                if let Date::Before = c.ius {
-                    return PreconditionFailed;
-                }
-            }
-        }
-        // Step 3: If-None-Match is false for `*` or when a listed tag *weakly* matches; for
-        // GET/HEAD a false condition means 304.
-        let if_none_match_true = match c.inm {
-            IfNoneMatch::Absent => None,
-            IfNoneMatch::Star
-            | IfNoneMatch::Matching
-            | IfNoneMatch::WeakMatching
-            | IfNoneMatch::ListWithMatch => Some(false),
-            IfNoneMatch::NonMatching | IfNoneMatch::Garbage => Some(true),
+        let if_none_match = match c.inm {
+            IfNoneMatch::Absent => TagCond::Absent,
+            IfNoneMatch::Star => TagCond::Star,
+            IfNoneMatch::Matching => list(true, true),
+            IfNoneMatch::WeakMatching | IfNoneMatch::ListWithMatch => list(false, true),
+            IfNoneMatch::NonMatching | IfNoneMatch::Garbage => list(false, false),
         };
-        match if_none_match_true {
-            Some(false) => return NotModified,
-            Some(true) => {}
-            // Step 4: only without If-None-Match; false (304) when Last-Modified <= the date.
-            None => {
-                if let Date::Equal | Date::After = c.ims {
-                    return NotModified;
-                }
-            }
-        }
-        // Step 5: with a Range, If-Range must hold: a strong tag that strongly matches, or
-        // exactly the Last-Modified date. Otherwise the Range is ignored.
-        let selected = match c.range {
-            Range::Absent | Range::Malformed => return Full,
-            Range::Valid => Ok(br(2, 4)),
-            Range::Suffix => Ok(br(15, 5)),
-            Range::WholeBody => Ok(br(0, SIZE)),
-            Range::Unsatisfiable => Err(()),
+        let date = |d: Date| match d {
+            Date::Absent => DateCond::Absent,
+            Date::Before => DateCond::Before,
+            Date::Equal => DateCond::Equal,
+            Date::After => DateCond::After,
+            Date::Garbage => DateCond::Invalid,
         };
-        let if_range_true = match c.ir {
-            IfRange::Absent | IfRange::MatchingEtag | IfRange::MatchingDate => true,
+        let if_range = match c.ir {
+            IfRange::Absent => IfRangeCond::Absent,
+            IfRange::MatchingEtag | IfRange::MatchingDate => IfRangeCond::Holds,
             IfRange::NonMatchingEtag
             | IfRange::WeakEtag
             | IfRange::EarlierDate
             | IfRange::LaterDate
-            | IfRange::Garbage => false,
+            | IfRange::Garbage => IfRangeCond::Fails,
         };
-        if !if_range_true {
-            return Full;
-        }
-        // Step 6 / §14.2: a satisfiable single range is a 206, otherwise 416.
-        match selected {
-            Ok(r) => Partial(r),
-            Err(()) => RangeNotSatisfiable,
-        }
+        let range = match c.range {
+            Range::Absent => RangeCond::Absent,
+            Range::Malformed => RangeCond::Ignored,
+            Range::Valid => RangeCond::Selects(br(2, 4)),
+            Range::Suffix => RangeCond::Selects(br(15, 5)),
+            Range::WholeBody => RangeCond::Selects(br(0, SIZE)),
+            Range::Unsatisfiable => RangeCond::Unsatisfiable,
+        };
+        rfc::read(&rfc::Request {
+            present: c.present,
+            if_match,
+            if_none_match,
+            if_modified_since: date(c.ims),
+            if_unmodified_since: date(c.ius),
+            if_range,
+            range,
+        })
     }
 
     #[test]
@@ -867,26 +850,26 @@ mod tests {
         }
     }
 
-    /// §13.1.1/§13.1.2 for a PUT: If-Match is false without a current representation or
-    /// without a strong match; If-None-Match is false when a current representation exists and
-    /// `*` or a weakly matching tag was sent.
+    /// The meaning of each header for the shared RFC 9110 reference in `rfc_reference`.
     fn write_reference(present: bool, im: WriteTag, inm: WriteTag) -> WriteOutcome {
-        use WriteTag as T;
-        let if_match_ok = match im {
-            T::Absent => true,
-            T::Star => present,
-            T::Matching | T::ListWithMatch => present,
-            T::WeakMatching | T::NonMatching | T::Garbage => false,
+        use crate::rfc_reference::{self as rfc, TagCond};
+        let cond = |t: WriteTag| match t {
+            WriteTag::Absent => TagCond::Absent,
+            WriteTag::Star => TagCond::Star,
+            WriteTag::Matching | WriteTag::ListWithMatch => TagCond::List {
+                strong: true,
+                weak: true,
+            },
+            WriteTag::WeakMatching => TagCond::List {
+                strong: false,
+                weak: true,
+            },
+            WriteTag::NonMatching | WriteTag::Garbage => TagCond::List {
+                strong: false,
+                weak: false,
+            },
         };
-        let if_none_match_ok = match inm {
-            T::Absent | T::NonMatching | T::Garbage => true,
-            T::Star | T::Matching | T::WeakMatching | T::ListWithMatch => !present,
-        };
-        if if_match_ok && if_none_match_ok {
-            WriteOutcome::Proceed
-        } else {
-            WriteOutcome::PreconditionFailed
-        }
+        rfc::write(present, cond(im), cond(inm))
     }
 
     #[test]

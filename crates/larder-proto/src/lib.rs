@@ -12,6 +12,11 @@ pub mod name;
 pub mod range;
 pub mod units;
 
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod rfc_reference;
+
 pub use decide::{
     ReadConditions, ReadOutcome, Validators, WriteOutcome, WritePrecondition, decide_read,
     decide_write,

@@ -45,6 +45,7 @@ pub enum DecodeError {
     TooShort,
     BadMagic,
     BadLength,
+    BadTime,
     BadMeta,
 }
 
@@ -54,6 +55,7 @@ impl std::fmt::Display for DecodeError {
             DecodeError::TooShort => "header truncated",
             DecodeError::BadMagic => "not a larder revision file",
             DecodeError::BadLength => "header length out of range",
+            DecodeError::BadTime => "header time out of range",
             DecodeError::BadMeta => "header metadata is not valid",
         };
         f.write_str(s)
@@ -84,13 +86,26 @@ impl Fixed {
         if (header_len as usize) < FIXED_LEN || header_len as usize > FIXED_LEN + MAX_META_LEN {
             return Err(DecodeError::BadLength);
         }
-        Ok(Fixed {
+        let fixed = Fixed {
             header_len,
             body_len: u64_at(16),
             expires_ms: u64_at(24),
             last_modified_s: u64_at(32),
             etag: b[40..72].try_into().unwrap(),
-        })
+        };
+        // The tier never writes such values, but a corrupt or planted file must be refused here
+        // rather than overflow `file_len` or panic in `last_modified`/`expires` later (found by
+        // the `revision_header` fuzz target).
+        if fixed.body_len.checked_add(u64::from(header_len)).is_none() {
+            return Err(DecodeError::BadLength);
+        }
+        let epoch_plus = |d: Duration| UNIX_EPOCH.checked_add(d).is_some();
+        if !epoch_plus(Duration::from_secs(fixed.last_modified_s))
+            || !epoch_plus(Duration::from_millis(fixed.expires_ms))
+        {
+            return Err(DecodeError::BadTime);
+        }
+        Ok(fixed)
     }
 
     pub fn etag(&self) -> ETag {
@@ -193,5 +208,37 @@ mod tests {
             decode_header(&with_bad_json).unwrap_err(),
             DecodeError::BadMeta
         );
+    }
+
+    /// Regression (fuzzing): a header whose Last-Modified does not fit a `SystemTime` made
+    /// `last_modified()` panic on every GET of the key, and a `body_len` near `u64::MAX` made
+    /// `file_len()` overflow. Both are now refused as corrupt by the decoder.
+    #[test]
+    fn out_of_range_fields_are_refused_not_a_panic() {
+        let fixed = |body_len, expires_ms, last_modified_s| {
+            Fixed {
+                header_len: FIXED_LEN as u32,
+                body_len,
+                expires_ms,
+                last_modified_s,
+                etag: [0; 32],
+            }
+            .encode()
+        };
+        let max = u64::MAX;
+        assert_eq!(Fixed::decode(&fixed(0, 0, max)), Err(DecodeError::BadTime));
+        assert_eq!(
+            Fixed::decode(&fixed(max, 0, 0)),
+            Err(DecodeError::BadLength)
+        );
+        assert_eq!(
+            Fixed::decode(&fixed(max - FIXED_LEN as u64 + 1, 0, 0)),
+            Err(DecodeError::BadLength)
+        );
+        // The largest values that fit still decode, and every accessor works on them.
+        let ok = Fixed::decode(&fixed(max - FIXED_LEN as u64, max, i64::MAX as u64 / 2)).unwrap();
+        assert_eq!(ok.file_len(), max);
+        assert!(ok.last_modified() > UNIX_EPOCH);
+        assert!(ok.expires() > UNIX_EPOCH);
     }
 }
