@@ -1,0 +1,126 @@
+//! An outside referee: REDbot (mnot's HTTP linter) checks a larderd object URL.
+//!
+//! Our own tests can only check the RFC 9110 behaviour we thought of; REDbot is an independent
+//! reading of the same RFCs. Given one URL it does a plain GET and then probes on its own: a
+//! range request for a piece of the body it saw, conditional requests with the ETag
+//! (`If-None-Match`) and the Last-Modified date (`If-Modified-Since`), content negotiation,
+//! and it lints every response's headers. Its HAR output (`-o har`) carries its notes, each
+//! with a category and a level; any "bad" note about validation or partial content fails the
+//! test. All notes are printed so a person sees REDbot's warnings too.
+//!
+//! REDbot comes from PyPI; `scripts/test.sh` installs it into `target/redbot-venv` when it is
+//! missing. Without it the test prints `SKIPPED: …`, except under CI, where it fails.
+
+use larder_testkit::Larderd;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// `LARDER_REDBOT`, else the venv `scripts/test.sh` installs, else `redbot` on PATH.
+fn find_redbot() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("LARDER_REDBOT").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/redbot-venv/bin/redbot")),
+        Some(PathBuf::from("redbot")),
+    ];
+    candidates.into_iter().flatten().find(|p| {
+        Command::new(p)
+            .arg("--help")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Every note of the HAR's entries, subnotes flattened, as (category, level, id, summary).
+fn notes(har: &Value) -> Vec<(String, String, String, String)> {
+    fn walk(n: &Value, out: &mut Vec<(String, String, String, String)>) {
+        let s = |k: &str| n[k].as_str().unwrap_or("").to_string();
+        out.push((s("category"), s("level"), s("note_id"), s("summary")));
+        for sub in n["subnotes"].as_array().into_iter().flatten() {
+            walk(sub, out);
+        }
+    }
+    let mut out = Vec::new();
+    for entry in har["log"]["entries"].as_array().into_iter().flatten() {
+        for n in entry["_red_messages"].as_array().into_iter().flatten() {
+            walk(n, &mut out);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn redbot_reports_no_errors_about_validators_ranges_or_conditional_requests() {
+    let Some(redbot) = find_redbot() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "REDbot is not installed, and CI is set: scripts/test.sh should have installed it"
+        );
+        println!(
+            "SKIPPED: REDbot is not installed (scripts/test.sh installs it: pip install redbot)"
+        );
+        return;
+    };
+    let srv = Larderd::start(&[]);
+    let url = srv.object_url("referee", "artifacts/build.tar");
+    // Big enough that REDbot's range probe picks a piece from the middle of a real body.
+    let body: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    // Stored as `larder put` stores it: no Content-Type or Cache-Control of its own, so REDbot
+    // sees larderd's defaults.
+    let put = reqwest::Client::new()
+        .put(&url)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&redbot)
+            .args(["-o", "har", &url])
+            .output(),
+    )
+    .await
+    .expect("REDbot finished within 120 s")
+    .expect("run REDbot");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "REDbot failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let har: Value = serde_json::from_str(&stdout).expect("REDbot's HAR output is JSON");
+    assert!(
+        har["log"]["_red_error"].is_null(),
+        "REDbot could not check the URL: {}",
+        har["log"]["_red_error"]
+    );
+
+    let notes = notes(&har);
+    println!("REDbot {} on {url}:", har["log"]["creator"]["version"]);
+    for (category, level, id, summary) in &notes {
+        println!("  [{level:>4}] {category:<10} {id}: {summary}");
+    }
+    let errors: Vec<_> = notes
+        .iter()
+        .filter(|(c, l, _, _)| l == "BAD" && (c == "VALIDATION" || c == "RANGE"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "REDbot reports errors about validators, ranges or conditional requests: {errors:#?}"
+    );
+    // The probes really ran and passed: without these the absence of errors would prove nothing.
+    for expected in ["RANGE_CORRECT", "INM_304", "IMS_304"] {
+        assert!(
+            notes
+                .iter()
+                .any(|(_, l, id, _)| id == expected && l == "GOOD"),
+            "REDbot did not report {expected}: its probe did not run or did not pass"
+        );
+    }
+}
