@@ -333,7 +333,7 @@ fn header_str(h: &http::HeaderMap, name: header::HeaderName) -> Option<String> {
 /// How a body is checked while it streams in.
 enum BodyCheck {
     /// Hash it; compare with the ETag afterwards.
-    Digest(blake3::Hasher),
+    Digest(Box<blake3::Hasher>),
     /// Compare with revision `rev` of object `id` from `offset` on.
     Bytes { id: u64, rev: u32, offset: u64 },
     /// Ignore it (error bodies).
@@ -583,7 +583,7 @@ async fn run(
             let check = if head || status != StatusCode::OK {
                 BodyCheck::Discard
             } else {
-                BodyCheck::Digest(blake3::Hasher::new())
+                BodyCheck::Digest(Box::default())
             };
             let got = read_body(resp.into_body(), check, scratch).await?;
             stats.bytes_in += got.len;
@@ -604,7 +604,7 @@ async fn run(
             let cl =
                 header_str(resp.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
             let check = if status == StatusCode::OK {
-                BodyCheck::Digest(blake3::Hasher::new())
+                BodyCheck::Digest(Box::default())
             } else {
                 BodyCheck::Discard
             };
