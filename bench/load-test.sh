@@ -92,8 +92,8 @@ import json, sys
 work, configs = sys.argv[1], sys.argv[2:]
 kinds = ["GET", "range GET (If-Match)", "HEAD", "GET If-None-Match", "PUT (overwrite)"]
 print("| configuration | " + " | ".join(f"{k} p50 / p99 ms" for k in kinds)
-      + " | req/s | MiB/s out of larderd | RSS peak (VmHWM) | unexpected |")
-print("| --- |" + " ---: |" * (len(kinds) + 4))
+      + " | req/s | MiB/s out of larderd | RSS peak (VmHWM) | CPU % server / generator / other | unexpected |")
+print("| --- |" + " ---: |" * (len(kinds) + 5))
 for c in configs:
     try:
         r = json.load(open(f"{work}/{c}.json"))
@@ -101,7 +101,10 @@ for c in configs:
         print(f"| {c} | (no result) |")
         continue
     cells = [f"{r['kinds'][k]['p50_ms']:.1f} / {r['kinds'][k]['p99_ms']:.1f}" for k in kinds]
+    cpu = r["cpu_pct"]
+    other = max(0, cpu["machine"] - cpu["server"] - cpu["generator"])
     print(f"| {c} | " + " | ".join(cells)
-          + f" | {r['req_per_s']:.0f} | {r['mib_per_s_in']:.0f} | {r['rss_hwm_mib']:.0f} MiB | {r['unexpected']} |")
+          + f" | {r['req_per_s']:.0f} | {r['mib_per_s_in']:.0f} | {r['rss_hwm_mib']:.0f} MiB"
+          + f" | {cpu['server']:.0f} / {cpu['generator']:.0f} / {other:.0f} | {r['unexpected']} |")
 EOF
 exit $status

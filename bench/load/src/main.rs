@@ -725,12 +725,61 @@ async fn worker(ctx: Arc<Ctx>, mut conn: Conn, seed: u64) -> Stats {
 // ---------------------------------------------------------------------------------------------
 // RSS sampling.
 
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct Rss {
     samples: u64,
     max_rss_kib: u64,
     hwm_kib: u64,
     last_rss_kib: u64,
+    /// VmRSS every 10 s: whether memory levels off or keeps growing under steady load.
+    timeline_mib: Vec<u64>,
+}
+
+/// CPU time used so far, in seconds: (a process's user + system, the whole machine's busy).
+/// The share the generator itself takes matters on a small machine, and the machine's total
+/// shows whether other work competed with the server during the run.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    server: f64,
+    generator: f64,
+    machine_busy: f64,
+}
+
+fn process_cpu(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+fn machine_busy() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: busy = all but idle and iowait.
+    let busy: u64 = v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4)?;
+    Some(busy as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn cpu_now(pid: Option<u32>) -> Cpu {
+    Cpu {
+        server: pid.and_then(|p| process_cpu(&p.to_string())).unwrap_or(0.0),
+        generator: process_cpu("self").unwrap_or(0.0),
+        machine_busy: machine_busy().unwrap_or(0.0),
+    }
 }
 
 fn read_status(pid: u32) -> Option<(u64, u64)> {
@@ -917,6 +966,9 @@ async fn main() -> anyhow::Result<()> {
                     r.max_rss_kib = r.max_rss_kib.max(now);
                     r.hwm_kib = hwm;
                     r.last_rss_kib = now;
+                    if r.samples % 50 == 1 {
+                        r.timeline_mib.push(now >> 10);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -924,6 +976,7 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let started = Instant::now();
+    let cpu0 = cpu_now(args.pid);
     let mut handles = Vec::new();
     for w in 0..args.connections {
         handles.push(tokio::spawn(worker(
@@ -937,11 +990,19 @@ async fn main() -> anyhow::Result<()> {
         stats.merge(h.await?);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu1 = cpu_now(args.pid);
+    let pct = |a: f64, b: f64| (b - a) / elapsed * 100.0;
+    let (server_cpu, generator_cpu, machine_cpu) = (
+        pct(cpu0.server, cpu1.server),
+        pct(cpu0.generator, cpu1.generator),
+        pct(cpu0.machine_busy, cpu1.machine_busy),
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     sampling.store(false, Ordering::Relaxed);
     if let Some(s) = sampler {
         s.await?;
     }
-    let rss = *rss.lock().unwrap();
+    let rss = rss.lock().unwrap().clone();
 
     // The report.
     let mut out = String::new();
@@ -1015,7 +1076,22 @@ async fn main() -> anyhow::Result<()> {
             rss.hwm_kib as f64 / 1024.0,
             rss.last_rss_kib as f64 / 1024.0
         )?;
+        writeln!(
+            out,
+            "Server RSS every 10 s (MiB): {}",
+            rss.timeline_mib
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        )?;
     }
+    writeln!(
+        out,
+        "CPU (% of one core; the machine has {}%): server {server_cpu:.0}%, generator {generator_cpu:.0}%, other processes {:.0}%, machine {machine_cpu:.0}%",
+        cores * 100,
+        (machine_cpu - server_cpu - generator_cpu).max(0.0)
+    )?;
     if unexpected > 0 {
         writeln!(out, "\nUnexpected answers:")?;
         for ((kind, label), n) in &stats.unexpected {
@@ -1041,6 +1117,8 @@ async fn main() -> anyhow::Result<()> {
             "rss_peak_mib": rss.max_rss_kib as f64 / 1024.0,
             "rss_hwm_mib": rss.hwm_kib as f64 / 1024.0,
             "rss_end_mib": rss.last_rss_kib as f64 / 1024.0,
+            "rss_timeline_mib": rss.timeline_mib,
+            "cpu_pct": { "server": server_cpu, "generator": generator_cpu, "machine": machine_cpu },
             "kinds": json_kinds,
         });
         std::fs::write(path, format!("{v:#}\n"))
