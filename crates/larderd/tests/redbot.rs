@@ -13,12 +13,28 @@
 
 use larder_testkit::Larderd;
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// `LARDER_REDBOT`, else the venv `scripts/test.sh` installs, else `redbot` on PATH.
+/// REDbot's executable, or `None` after printing why the test is skipped (under CI a missing
+/// REDbot is a failure: scripts/test.sh should have installed it).
 fn find_redbot() -> Option<PathBuf> {
+    let found = locate_redbot();
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "REDbot is not installed, and CI is set: scripts/test.sh should have installed it"
+        );
+        println!(
+            "SKIPPED: REDbot is not installed (scripts/test.sh installs it: pip install redbot)"
+        );
+    }
+    found
+}
+
+/// `LARDER_REDBOT`, else the venv `scripts/test.sh` installs, else `redbot` on PATH.
+fn locate_redbot() -> Option<PathBuf> {
     let candidates = [
         std::env::var_os("LARDER_REDBOT").map(PathBuf::from),
         Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/redbot-venv/bin/redbot")),
@@ -50,38 +66,32 @@ fn notes(har: &Value) -> Vec<(String, String, String, String)> {
     out
 }
 
-#[tokio::test]
-async fn redbot_reports_no_errors_about_validators_ranges_or_conditional_requests() {
-    let Some(redbot) = find_redbot() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "REDbot is not installed, and CI is set: scripts/test.sh should have installed it"
-        );
-        println!(
-            "SKIPPED: REDbot is not installed (scripts/test.sh installs it: pip install redbot)"
-        );
-        return;
-    };
-    let srv = Larderd::start(&[]);
-    let url = srv.object_url("referee", "artifacts/build.tar");
+fn body() -> Vec<u8> {
     // Big enough that REDbot's range probe picks a piece from the middle of a real body.
-    let body: Vec<u8> = (0..200_000u32)
+    (0..200_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    // Stored as `larder put` stores it: no Content-Type or Cache-Control of its own, so REDbot
-    // sees larderd's defaults.
+        .collect()
+}
+
+/// Stores an object as `larder put` does (no Content-Type or Cache-Control of its own, so
+/// REDbot sees larderd's defaults).
+async fn put(url: &str) {
     let put = reqwest::Client::new()
-        .put(&url)
-        .body(body)
+        .put(url)
+        .body(body())
         .send()
         .await
         .unwrap();
     assert_eq!(put.status(), 201);
+}
 
+/// Runs REDbot on `url`, prints every note, and fails on any error-level note about
+/// validation or partial content, or if a probe that should pass did not run or pass.
+async fn referee(redbot: &Path, url: &str) {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::process::Command::new(&redbot)
-            .args(["-o", "har", &url])
+        tokio::process::Command::new(redbot)
+            .args(["-o", "har", url])
             .output(),
     )
     .await
@@ -123,4 +133,46 @@ async fn redbot_reports_no_errors_about_validators_ranges_or_conditional_request
             "REDbot did not report {expected}: its probe did not run or did not pass"
         );
     }
+}
+
+#[tokio::test]
+async fn redbot_reports_no_errors_about_validators_ranges_or_conditional_requests() {
+    let Some(redbot) = find_redbot() else {
+        return;
+    };
+    let srv = Larderd::start(&[]);
+    let url = srv.object_url("referee", "artifacts/build.tar");
+    put(&url).await;
+    referee(&redbot, &url).await;
+}
+
+/// The same on a replica that does not hold the object: its first answer comes from the S3
+/// tier (and starts a fill), the probes after it from S3 or the freshly filled disk copy.
+#[tokio::test]
+async fn redbot_reports_no_errors_on_a_replica_reading_through_s3() {
+    let Some(redbot) = find_redbot() else {
+        return;
+    };
+    let ok = ["AWS_ENDPOINT_URL", "S3_BUCKET", "AWS_ACCESS_KEY_ID"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_some());
+    if !ok {
+        println!("SKIPPED: no S3 server (run scripts/s3-server.sh, or scripts/test.sh)");
+        return;
+    }
+    let bucket = std::env::var("S3_BUCKET").unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("redbot-test/{nanos:x}");
+    let args = ["--s3-bucket", &bucket, "--s3-prefix", &prefix];
+    let writer = Larderd::start(&args);
+    let reader = Larderd::start(&args);
+    put(&writer.object_url("referee", "artifacts/build.tar")).await;
+    referee(
+        &redbot,
+        &reader.object_url("referee", "artifacts/build.tar"),
+    )
+    .await;
 }
