@@ -9,6 +9,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --locked --workspace --bins
 
+# REDbot, the outside HTTP referee of crates/larderd/tests/redbot.rs, from PyPI into a venv of
+# its own (pinned; Debian's Python refuses system-wide pip installs). A failed install is not
+# fatal here: the test then prints SKIPPED, or fails when CI is set.
+REDBOT_VERSION=2.7.1
+redbot_venv=$PWD/target/redbot-venv
+if [ -z "${LARDER_REDBOT:-}" ] && [ ! -f "$redbot_venv/.redbot-$REDBOT_VERSION" ]; then
+  rm -rf "$redbot_venv"
+  if ! python3 -m venv "$redbot_venv" >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+    # Debian ships venv's pip bootstrap separately.
+    rm -rf "$redbot_venv"
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv; } >&2 || true
+    python3 -m venv "$redbot_venv" || true
+  fi
+  if "$redbot_venv/bin/pip" install -q --disable-pip-version-check "redbot==$REDBOT_VERSION"; then
+    touch "$redbot_venv/.redbot-$REDBOT_VERSION"
+  else
+    echo "warning: could not install REDbot $REDBOT_VERSION; its test will skip (or fail under CI)" >&2
+  fi
+fi
+if [ -z "${LARDER_REDBOT:-}" ] && [ -f "$redbot_venv/.redbot-$REDBOT_VERSION" ]; then
+  export LARDER_REDBOT=$redbot_venv/bin/redbot
+fi
+
 if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ "${LARDER_TEST_S3:-}" != skip ]; then
   s3_dir="$PWD/target/s3-test"
   port=${LARDER_TEST_S3_PORT:-9100}

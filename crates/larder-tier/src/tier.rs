@@ -81,6 +81,10 @@ pub struct PutOptions {
     /// When set, the revision is committed only if the body's digest is this ETag: a fill from
     /// another tier must copy exactly the revision it was asked for.
     pub expect_etag: Option<ETag>,
+    /// The revision's Last-Modified date; `None` means now. A revision keeps one date on every
+    /// tier (a write-through stamps both tiers alike, a fill copies the source's date), so that
+    /// date-based preconditions answer the same wherever the revision is read.
+    pub last_modified: Option<SystemTime>,
 }
 
 impl Default for PutOptions {
@@ -91,6 +95,7 @@ impl Default for PutOptions {
             headers: Vec::new(),
             max_size: None,
             expect_etag: None,
+            last_modified: None,
         }
     }
 }

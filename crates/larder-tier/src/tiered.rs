@@ -392,6 +392,7 @@ impl Inner {
             headers: meta.headers.clone(),
             max_size: None,
             expect_etag: Some(meta.etag.clone()),
+            last_modified: Some(meta.last_modified),
         };
         self.local.put_spooled(ns, key, upload, opts)
     }
@@ -485,6 +486,12 @@ impl Tier for TieredTier {
         let (gate_tx, gate_rx) = oneshot::channel();
         let remote_body = channel_stream(remote_rx, None);
         let local_body = channel_stream(local_rx, Some(gate_rx));
+        // Both tiers stamp the revision with one date (the disk tier would otherwise take the
+        // time the upload started, S3 the time of its commit).
+        let opts = PutOptions {
+            last_modified: Some(opts.last_modified.unwrap_or_else(SystemTime::now)),
+            ..opts
+        };
         let local_opts = PutOptions {
             precondition: WritePrecondition::default(),
             ..opts.clone()

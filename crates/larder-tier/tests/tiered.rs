@@ -140,6 +140,80 @@ async fn writes_go_through_to_both_tiers_with_one_etag() {
     assert!(body == data);
 }
 
+async fn last_modified(t: &dyn Tier, k: &Key) -> std::time::SystemTime {
+    t.get(
+        &ns(),
+        k,
+        GetOptions {
+            head: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .meta
+    .last_modified
+}
+
+/// Found by REDbot on a replica reading through S3: the disk tier stamped a revision with the
+/// time its upload started (or, for a fill, the time of the fill) and S3 with the time of its
+/// commit, so one revision had several Last-Modified dates, and `If-Modified-Since` with the
+/// date a client had just been given returned the full body instead of 304.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_modified_is_one_date_per_revision_on_every_tier_and_after_a_fill() {
+    let Some(config) = s3_config("last_modified_is_one_date_per_revision") else {
+        return;
+    };
+    let remote = Arc::new(S3Tier::connect(config).await.unwrap());
+    let local = disk().await;
+    let t = tiered(local.clone(), remote.clone(), Duration::from_secs(5));
+    // An upload that spans more than a second, so its start and its commit fall in different
+    // seconds.
+    let data = pattern(2 << 20, 7);
+    let (first, second) = (data[..1 << 20].to_vec(), data[1 << 20..].to_vec());
+    let slow: UploadStream = Box::pin(futures_util::stream::unfold(0, move |step| {
+        let (first, second) = (first.clone(), second.clone());
+        async move {
+            match step {
+                0 => Some((Ok(bytes::Bytes::from(first)), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Some((Ok(bytes::Bytes::from(second)), 2))
+                }
+                _ => None,
+            }
+        }
+    }));
+    let etag = t
+        .put(&ns(), &key("lm"), slow, PutOptions::default())
+        .await
+        .unwrap()
+        .etag;
+    let on_s3 = last_modified(remote.as_ref(), &key("lm")).await;
+    assert_eq!(
+        last_modified(local.as_ref(), &key("lm")).await,
+        on_s3,
+        "write-through"
+    );
+    assert_eq!(last_modified(t.as_ref(), &key("lm")).await, on_s3);
+
+    // Another replica fills its disk tier a second later: the copy keeps the revision's date.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let other_local = disk().await;
+    let other = tiered(other_local.clone(), remote.clone(), Duration::from_secs(5));
+    let (_, got, _) = read(other.as_ref(), &key("lm"), ReadConditions::default())
+        .await
+        .unwrap();
+    assert_eq!(got, etag);
+    wait_for_fill(&other_local, &key("lm"), &etag).await;
+    assert_eq!(
+        last_modified(other_local.as_ref(), &key("lm")).await,
+        on_s3,
+        "fill"
+    );
+    assert_eq!(last_modified(other.as_ref(), &key("lm")).await, on_s3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_miss_fills_the_disk_tier_once_and_pinned_reads_then_hit_it() {
     let Some(config) = s3_config("a_range_miss_fills_the_disk_tier_once") else {

@@ -513,6 +513,7 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         headers: stored,
         max_size: Some(state.max_object_size),
         expect_etag: None,
+        last_modified: None,
     };
     // The body is pumped through a channel rather than handed to the tier, so that when the tier
     // refuses it half-way (disk full, too large) the handler still owns the connection's body

@@ -681,7 +681,10 @@ impl Inner {
             key: key.as_str().to_string(),
             headers: opts.headers.clone(),
         };
-        let header = format::encode_header(&meta, expires_ms, now / 1000)
+        let last_modified_s = opts.last_modified.map_or(now / 1000, |t| {
+            t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+        });
+        let header = format::encode_header(&meta, expires_ms, last_modified_s)
             .map_err(|e| TierError::new(ErrorKind::InvalidInput, e))?;
         let path = self.tmp.join(format!("{:016x}.tmp", rand::random::<u64>()));
         // Created before any byte arrives, so that a reader following a spool finds the file.

@@ -706,7 +706,7 @@ impl Tier for S3Tier {
         .run(body)
         .await?;
         let make_doc = |now| {
-            RefDoc::new(
+            let mut doc = RefDoc::new(
                 &uploaded.etag,
                 uploaded.size,
                 now,
@@ -714,7 +714,11 @@ impl Tier for S3Tier {
                 opts.headers.clone(),
                 body_name.clone(),
                 uploaded.s3_etag.clone(),
-            )
+            );
+            if let Some(t) = opts.last_modified {
+                doc.last_modified_ms = layout::unix_ms(t);
+            }
+            doc
         };
         let created = inner
             .commit_ref(&ref_path, &body_path, make_doc, &opts)

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# bench/load-test.sh — bounded load test of larderd (issue 5, "Load").
+#
+# Runs the larder-load generator (bench/load) against a release larderd in two configurations:
+#   disk    disk tier only
+#   tiered  disk tier over S3 (a throw-away Ceph RGW from scripts/s3-server.sh, not on port 9100)
+# Each run: 500 connections (one per worker) for 2 minutes, mixing full GETs, pinned range GETs,
+# HEADs, conditional GETs and PUTs that overwrite keys being read; every answer is checked
+# against a model of the objects (see bench/load/src/main.rs), and the server's RSS is sampled.
+# Prints one table per run and a summary; exits non-zero if any answer was unexpected.
+#
+# Run from anywhere (as root for the S3 server's first install; ~6 minutes with the defaults):
+#   bench/load-test.sh
+# Knobs: DURATION=2m CONNECTIONS=500 CONFIGS="disk tiered" LARDER_PORT=18280 S3_PORT=9500
+#        LOAD_ARGS="--token T …" (extra generator flags), LARDERD_ARGS="…" (extra server flags).
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=$REPO/target/bench-load
+DURATION=${DURATION:-2m}
+CONNECTIONS=${CONNECTIONS:-500}
+CONFIGS=${CONFIGS:-disk tiered}
+LPORT=${LARDER_PORT:-18280}
+S3_PORT=${S3_PORT:-9500}
+log() { echo "[$(date +%T)] $*" >&2; }
+
+# 500 client sockets plus 500 server sockets, plus the server's open revisions.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+[ "$(ulimit -n)" -ge $((2 * CONNECTIONS + 256)) ] ||
+  { echo "ulimit -n is $(ulimit -n): too low for $CONNECTIONS connections" >&2; exit 1; }
+
+(cd "$REPO" && cargo build --release -q -p larderd -p larder-load)
+BIN=$REPO/target/release/larderd
+LOAD=$REPO/target/release/larder-load
+
+server=
+cleanup() {
+  [ -n "$server" ] && kill "$server" 2>/dev/null || true
+  [ -f "$WORK/s3/run/s3.pid" ] && "$REPO/scripts/s3-server.sh" stop "$WORK/s3" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+mkdir -p "$WORK"
+
+start_larderd() { # data-dir [args...]
+  local dir=$1; shift
+  rm -rf "$dir"
+  # shellcheck disable=SC2086 # LARDERD_ARGS is a list of words
+  LARDER_LOG=warn "$BIN" --listen "127.0.0.1:$LPORT" --data-dir "$dir" ${LARDERD_ARGS:-} "$@" \
+    >"$dir.out" 2>"$dir.err" &
+  server=$!
+  for _ in $(seq 100); do grep -q "listening" "$dir.out" 2>/dev/null && return 0; sleep 0.1; done
+  echo "larderd did not start" >&2; cat "$dir.err" >&2; exit 1
+}
+
+stop_larderd() {
+  kill "$server"; wait "$server" 2>/dev/null || true; server=
+}
+
+status=0
+for config in $CONFIGS; do
+  case $config in
+    disk) args=() ;;
+    tiered)
+      if [ ! -f "$WORK/s3/s3.env" ] || ! kill -0 "$(cat "$WORK/s3/run/s3.pid" 2>/dev/null)" 2>/dev/null; then
+        set -a
+        eval "$("$REPO/scripts/s3-server.sh" --port "$S3_PORT" --data-dir "$WORK/s3" --bucket load)"
+        set +a
+      fi
+      args=(--s3-bucket load --s3-prefix "run-$(date +%s)") ;;
+    *) echo "unknown configuration $config (disk, tiered)" >&2; exit 2 ;;
+  esac
+  rm -f "$WORK/$config.json"
+  start_larderd "$WORK/larder-$config" "${args[@]}"
+  log "$config: larderd pid $server; $CONNECTIONS connections for $DURATION"
+  # shellcheck disable=SC2086 # LOAD_ARGS is a list of words
+  if ! "$LOAD" --url "http://127.0.0.1:$LPORT" --duration "$DURATION" --connections "$CONNECTIONS" \
+      --pid "$server" --label "$config" --json "$WORK/$config.json" ${LOAD_ARGS:-} | tee "$WORK/$config.md"; then
+    status=1
+  fi
+  if grep -Eq "ERROR|panicked" "$WORK/larder-$config.err"; then
+    log "$config: server errors (first 20 lines of $WORK/larder-$config.err):"
+    grep -E "ERROR|panicked" "$WORK/larder-$config.err" | head -20 >&2
+  fi
+  stop_larderd
+  rm -rf "$WORK/larder-$config"
+  echo
+done
+
+echo "Run: $(date -u); $(nproc) cores; kernel $(uname -r); commit $(git -C "$REPO" rev-parse --short HEAD)"
+echo
+python3 - "$WORK" $CONFIGS <<'EOF'
+import json, sys
+work, configs = sys.argv[1], sys.argv[2:]
+kinds = ["GET", "range GET (If-Match)", "HEAD", "GET If-None-Match", "PUT (overwrite)"]
+print("| configuration | " + " | ".join(f"{k} p50 / p99 ms" for k in kinds)
+      + " | req/s | MiB/s out of larderd | RSS peak (VmHWM) | CPU % server / generator / other | unexpected |")
+print("| --- |" + " ---: |" * (len(kinds) + 5))
+for c in configs:
+    try:
+        r = json.load(open(f"{work}/{c}.json"))
+    except OSError:
+        print(f"| {c} | (no result) |")
+        continue
+    cells = [f"{r['kinds'][k]['p50_ms']:.1f} / {r['kinds'][k]['p99_ms']:.1f}" for k in kinds]
+    cpu = r["cpu_pct"]
+    other = max(0, cpu["machine"] - cpu["server"] - cpu["generator"])
+    print(f"| {c} | " + " | ".join(cells)
+          + f" | {r['req_per_s']:.0f} | {r['mib_per_s_in']:.0f} | {r['rss_hwm_mib']:.0f} MiB"
+          + f" | {cpu['server']:.0f} / {cpu['generator']:.0f} / {other:.0f} | {r['unexpected']} |")
+EOF
+exit $status
