@@ -379,14 +379,21 @@ async fn get(
                 );
             }
             let mut has_type = false;
+            let mut has_cache_control = false;
             for (name, v) in &meta.headers {
                 if let (Ok(name), Ok(v)) = (
                     HeaderName::try_from(name.as_str()),
                     HeaderValue::try_from(v.as_str()),
                 ) {
                     has_type |= name == header::CONTENT_TYPE;
+                    has_cache_control |= name == header::CACHE_CONTROL;
                     h.append(name, v);
                 }
+            }
+            // A key can be overwritten at any time: an HTTP cache between client and larderd
+            // must revalidate (cheap: a conditional request) rather than guess a lifetime.
+            if !has_cache_control {
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             }
             if !has_type {
                 h.insert(
@@ -398,9 +405,13 @@ async fn get(
         }
         ReadOutcome::NotModified => {
             let mut r = Response::new(empty_body());
-            if let Some((_, cc)) = meta.headers.iter().find(|(n, _)| n == "cache-control") {
-                r.headers_mut().insert(header::CACHE_CONTROL, value(cc));
-            }
+            // A 304 carries the Cache-Control the 200 would have (RFC 9110 15.4.5).
+            let cc = meta
+                .headers
+                .iter()
+                .find(|(n, _)| n == "cache-control")
+                .map_or(HeaderValue::from_static("no-cache"), |(_, cc)| value(cc));
+            r.headers_mut().insert(header::CACHE_CONTROL, cc);
             (StatusCode::NOT_MODIFIED, r)
         }
         ReadOutcome::PreconditionFailed => (
