@@ -20,11 +20,13 @@ const FULL: &str = "lt_full_9c1f6e2ab7d04e3f8a5b";
 const READER: &str = "lt_read_04b7e9d2c6f1a8e3b5c0";
 const UNKNOWN: &str = "lt_nope_7e3a1c9f5b2d8e6a4c0f";
 
+/// What the gate saw: each request line with its `Authorization` header (`None` when absent).
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 struct Gated {
     _srv: Larderd,
     proxy: Proxy,
-    /// `Authorization` of every request seen, `None` when absent.
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Seen,
 }
 
 fn response(status: &str, extra: &str, body: &str, head_only: bool) -> Vec<u8> {
@@ -40,7 +42,7 @@ fn response(status: &str, extra: &str, body: &str, head_only: bool) -> Vec<u8> {
 
 fn gated() -> Gated {
     let srv = Larderd::start(&[]);
-    let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let log = Arc::clone(&seen);
     let gate: Gate = Arc::new(move |req: &Request| {
         let auth = req.header("authorization").map(str::to_string);
