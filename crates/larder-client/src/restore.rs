@@ -586,14 +586,14 @@ impl Unpacker<'_> {
 
 /// Files up to this size are read into memory and written by the worker threads.
 const SMALL_FILE: u64 = 256 << 10;
-/// File data queued for the workers at most: enough for the tar thread to run well ahead of
-/// them (a directory's worth of files is typically far less), little next to the download
-/// window.
-const QUEUED_BYTES: usize = 32 << 20;
+/// File data queued for the workers at most: enough for the tar thread to run ahead of them,
+/// small next to the download window, so that the client stays within its memory bound of
+/// 2 × concurrency × chunk + 64 MiB (32 MiB here measured 191 of the 192 MiB allowed).
+const QUEUED_BYTES: usize = 8 << 20;
 /// Files queued at most, whatever their size (empty files cost an inode each, not bytes).
-const QUEUED_FILES: usize = 4096;
-/// Consecutive files handed to one worker before the next worker's turn.
-const BATCH: usize = 16;
+const QUEUED_FILES: usize = 2048;
+/// Consecutive files of one directory handed to one worker before the next worker's turn.
+const RUN: usize = 512;
 
 /// One small file to write.
 struct FileJob {
@@ -606,19 +606,24 @@ struct FileJob {
 /// Writes small files on several threads. Restoring 100,000 files is dominated by the file
 /// system's per-inode work (allocate, link into the directory, write, set times), which one
 /// thread cannot overlap with decompression and parsing and which a second core does in
-/// parallel. Files are dealt to the workers in small batches in archive order, so that every
-/// worker stays busy even when the archive holds long runs of files in one directory (hashing
-/// by directory, tried first, left one worker idle for as long as a directory lasted). The tar
-/// thread still does everything that orders or checks (directories, links, refusals); it waits
-/// for a pending write when a later entry touches the same path, and for all of them before
-/// links and the final checks. Memory is bounded by [`QUEUED_BYTES`] and [`QUEUED_FILES`].
+/// parallel. Files are dealt to the workers by runs in archive order: each directory's run of
+/// files (at most [`RUN`] of them) goes to the next worker, so that workers mostly create files
+/// in different directories (creation takes the directory's lock) and none waits while another
+/// works through a long directory. The queue is shared and deep ([`QUEUED_FILES`],
+/// [`QUEUED_BYTES`]), so the tar thread runs several directories ahead of the workers: hashing
+/// directories to workers behind a short per-worker queue, done before, blocked the tar thread
+/// on one worker while the other sat idle. The tar thread still does everything that orders or
+/// checks (directories, links, refusals); it waits for a pending write when a later entry
+/// touches the same path, and for all of them before links and the final checks.
 struct Writers {
     queues: Vec<std::sync::mpsc::Sender<FileJob>>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<WritersShared>,
     /// Paths with a write queued since the writers were last idle.
     pending: HashSet<PathBuf>,
-    /// Files given to the current worker in its current batch.
+    /// The directory of the last file dealt, and how many of its files in a row went to the
+    /// current worker.
+    last_dir: PathBuf,
     dealt: usize,
     next: usize,
 }
@@ -688,6 +693,7 @@ impl Writers {
             threads,
             shared,
             pending: HashSet::new(),
+            last_dir: PathBuf::new(),
             dealt: 0,
             next: 0,
         })
@@ -713,7 +719,9 @@ impl Writers {
             q.files += 1;
             q.bytes += job.data.len();
         }
-        if self.dealt == BATCH {
+        let dir = job.rel.parent().unwrap_or(Path::new(""));
+        if dir != self.last_dir || self.dealt == RUN {
+            self.last_dir = dir.to_path_buf();
             self.dealt = 0;
             self.next = (self.next + 1) % self.queues.len();
         }
