@@ -6,10 +6,15 @@
 //! mid-download, a naive client splices old and new bytes. Hence the pin: the first range request
 //! (discovery) yields the first chunk, the size (from `Content-Range`) and the ETag, and every
 //! further range carries `If-Match: <etag>`. A server that no longer has that revision answers
-//! `412` before sending a byte, and the whole download restarts from a fresh discovery (a bounded
-//! number of times), discarding what was staged. Every response is checked against what was asked
-//! (status, `Content-Range`, `Content-Length`, `ETag`, body length) before any byte of it is
-//! written; a mismatch is a failed attempt, never data.
+//! `412` before sending a byte. When the replica that answered the discovery says so, the object
+//! was replaced and the whole download restarts from a fresh discovery (a bounded number of
+//! times), discarding what was staged. When another replica says so while the discovery replica
+//! still serves the pin, that replica has diverged (it lags behind or ran ahead of the others):
+//! it is dropped for the rest of this download and its ranges go to the replicas that still
+//! serve the pinned revision, so one stale cache does not cost everyone a restart. Only when no
+//! replica left can serve the pin does the download restart. Every response is checked against
+//! what was asked (status, `Content-Range`, `Content-Length`, `ETag`, body length) before any
+//! byte of it is written; a mismatch is a failed attempt, never data.
 //!
 //! Verification without a second pass: chunks complete in any order, but BLAKE3 must see the
 //! bytes in order. Completed chunks wait in a reorder buffer and are handed, in order, to one
@@ -30,7 +35,7 @@
 
 use crate::output::{FileSink, WriterSink};
 use crate::progress::Progress;
-use crate::{Client, Error, ObjectInfo, ObjectName, failure, reason_line};
+use crate::{Client, Error, ObjectInfo, ObjectName};
 use bytes::{Bytes, BytesMut};
 use larder_proto::range::parse_content_range;
 use larder_proto::{ByteRange, ETag};
@@ -40,7 +45,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -123,6 +128,8 @@ pub struct ReplicaUsage {
     /// Body bytes received from it, including those of attempts that later failed.
     pub bytes: u64,
     pub failures: u64,
+    /// It served another revision than the one pinned, so the (last) attempt went on without it.
+    pub diverged: bool,
 }
 
 /// What a finished download did.
@@ -223,8 +230,10 @@ impl Downloader {
                     health: Mutex::new(Health::default()),
                     bytes: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
+                    diverged: AtomicBool::new(false),
                 })
                 .collect(),
+            origin: AtomicUsize::new(0),
             chunk_size: self.opts.chunk_size,
             idle: self.opts.idle_timeout,
             retries: self.opts.retries,
@@ -286,6 +295,7 @@ impl Downloader {
                     url: r.client.base_url().to_string(),
                     bytes: r.bytes.load(Ordering::Relaxed),
                     failures: r.failures.load(Ordering::Relaxed),
+                    diverged: r.diverged.load(Ordering::Relaxed),
                 })
                 .collect(),
         };
@@ -585,6 +595,8 @@ struct Replica {
     health: Mutex<Health>,
     bytes: AtomicU64,
     failures: AtomicU64,
+    /// Serves another revision than the current attempt's pin: not asked again in this attempt.
+    diverged: AtomicBool,
 }
 
 /// A replica that just failed is avoided for a while, longer after each further failure, so a
@@ -618,6 +630,9 @@ impl Replica {
 struct Shared {
     name: ObjectName,
     replicas: Vec<Replica>,
+    /// The replica whose discovery set the current pin; it is never dropped as diverged, since
+    /// its 412 means the object itself changed.
+    origin: AtomicUsize,
     chunk_size: u64,
     idle: Duration,
     retries: u32,
@@ -688,7 +703,7 @@ impl Shared {
         let mut soonest: Option<(Instant, usize)> = None;
         for k in 0..n {
             let r = ((index % n as u64) as usize + k) % n;
-            if Some(r) == avoid && n > 1 {
+            if (Some(r) == avoid && n > 1) || self.replicas[r].diverged.load(Ordering::Relaxed) {
                 continue;
             }
             match lock(&self.replicas[r].health).down_until {
@@ -700,8 +715,15 @@ impl Shared {
                 _ => return r,
             }
         }
-        // Everyone is quarantined: try the one that comes back first.
-        soonest.map_or(avoid.unwrap_or(0), |(_, r)| r)
+        // Everyone left is quarantined: try the one that comes back first. The origin is never
+        // dropped, so when nothing else is left it is the one.
+        soonest.map_or_else(
+            || match avoid {
+                Some(a) if !self.replicas[a].diverged.load(Ordering::Relaxed) => a,
+                _ => self.origin.load(Ordering::Relaxed),
+            },
+            |(_, r)| r,
+        )
     }
 
     /// How long to wait before retrying on `next` after `failed` failed `attempt` times.
@@ -718,6 +740,10 @@ impl Shared {
 
     /// The first range request: size, ETag and first chunk of the current revision.
     async fn discover(&self, restarts: u32) -> Result<Discovered, Error> {
+        // A fresh pin: every replica may serve it, whatever it served before.
+        for replica in &self.replicas {
+            replica.diverged.store(false, Ordering::Relaxed);
+        }
         let mut attempts = 0u32;
         let mut avoid = None;
         loop {
@@ -725,6 +751,7 @@ impl Shared {
             match self.try_discover(r).await {
                 Ok(found) => {
                     self.replicas[r].succeeded();
+                    self.origin.store(r, Ordering::Relaxed);
                     return Ok(found);
                 }
                 Err(Fail::Transient { why, connect }) => {
@@ -759,6 +786,14 @@ impl Shared {
                     self.replicas[r].failed();
                     attempts += 1;
                     if attempts > self.retries {
+                        if self.any_diverged() {
+                            // Those left cannot deliver the pin and the others no longer have
+                            // it: a fresh discovery pins what the live replicas serve.
+                            return Err(Stop::Restart(format!(
+                                "the replicas that still serve the pinned revision failed \
+                                 ({why})"
+                            )));
+                        }
                         let what = format!("bytes {}-{}", range.start, range.last());
                         return Err(Stop::Fatal(
                             self.exhausted(r, attempts, &what, why, connect),
@@ -769,10 +804,28 @@ impl Shared {
                     tokio::time::sleep(self.backoff(attempts, r, next)).await;
                     r = self.pick(index, Some(r));
                 }
-                Err(Fail::Changed(why)) => return Err(Stop::Restart(why)),
+                Err(Fail::Changed(why)) => {
+                    if r == self.origin.load(Ordering::Relaxed) {
+                        return Err(Stop::Restart(why));
+                    }
+                    // Another replica than the origin: it diverged, the pin is still served.
+                    if !self.replicas[r].diverged.swap(true, Ordering::Relaxed) {
+                        self.progress.note(&format!(
+                            "{why}; finishing the download of {} from the other replicas",
+                            self.name
+                        ));
+                    }
+                    r = self.pick(index, Some(r));
+                }
                 Err(Fail::Fatal(e)) => return Err(Stop::Fatal(e)),
             }
         }
+    }
+
+    fn any_diverged(&self) -> bool {
+        self.replicas
+            .iter()
+            .any(|r| r.diverged.load(Ordering::Relaxed))
     }
 
     /// The error after the last allowed attempt failed.
@@ -804,6 +857,10 @@ impl Shared {
                 "{url} sent no response within {}s",
                 self.idle.as_secs_f64()
             ))),
+            // No replica will present a certificate this client trusts more than this one did.
+            Ok(Err(e)) if crate::error::is_certificate_error(&e) => Err(Fail::Fatal(
+                Error::request("GET", &self.name.to_string(), url, e),
+            )),
             // Only a refused or unroutable connection means "not running"; a reset after
             // connecting is an ordinary transient failure.
             Ok(Err(e)) if e.is_connect() => {
@@ -997,14 +1054,19 @@ impl Shared {
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::REQUEST_TIMEOUT
         {
-            let reason = reason_line(status, resp).await;
+            let reason = self.replicas[r].client.reason(status, resp).await;
             return Err(transient(format!("{url} answered {status}: {reason}")));
         }
         if status == StatusCode::NOT_FOUND && pinned {
             // Deleted since discovery: a fresh discovery reports the miss properly.
             return Err(Fail::Changed(format!("{url} no longer has the object")));
         }
-        Err(Fail::Fatal(failure("GET", &self.name, resp).await))
+        Err(Fail::Fatal(
+            self.replicas[r]
+                .client
+                .failure("GET", &self.name, resp)
+                .await,
+        ))
     }
 
     /// Reads exactly `len` body bytes, each wait bounded by the idle timeout.

@@ -18,6 +18,14 @@ pub enum Error {
     #[error("cannot connect to {url}: is larderd running? set --url or LARDER_URL ({cause})")]
     Connect { url: String, cause: String },
 
+    /// The TLS handshake failed on the server's certificate: retrying cannot help, trusting
+    /// the right CA can.
+    #[error(
+        "cannot connect to {url}: {cause}; the server's TLS certificate is not trusted: pass \
+         --ca-cert FILE (or set LARDER_CA_CERT) with the PEM of the CA that signed it"
+    )]
+    UntrustedCertificate { url: String, cause: String },
+
     /// 404 on an object.
     #[error("{target} not found")]
     NotFound { target: String },
@@ -27,6 +35,28 @@ pub enum Error {
     PreconditionFailed {
         message: String,
         current: Option<ETag>,
+    },
+
+    /// 401: no token was sent where one is needed, or the server does not know the one sent.
+    #[error("{op} {target}: {}", unauthorized(*token_sent, reason))]
+    Unauthorized {
+        op: &'static str,
+        target: String,
+        token_sent: bool,
+        reason: String,
+    },
+
+    /// 403: the token is known but its scopes do not cover this namespace or operation.
+    #[error(
+        "{op} {target}: the token is not allowed to do this ({}); its scopes do not cover this \
+         namespace or operation: use a token with the {} scope for it",
+        with_reason("403 Forbidden", reason),
+        scope_for(op)
+    )]
+    Forbidden {
+        op: &'static str,
+        target: String,
+        reason: String,
     },
 
     /// Any other 4xx/5xx, with the server's one-line reason.
@@ -78,6 +108,36 @@ pub enum Error {
     },
 }
 
+fn unauthorized(token_sent: bool, reason: &str) -> String {
+    let answer = with_reason("401 Unauthorized", reason);
+    if token_sent {
+        format!(
+            "the server did not accept the token ({answer}); it is unknown to this server or was \
+             revoked: check --token or LARDER_TOKEN"
+        )
+    } else {
+        format!("the server requires a token ({answer}); pass --token TOKEN or set LARDER_TOKEN")
+    }
+}
+
+/// "403 Forbidden: reason", without repeating the status phrase when that is all there is (HEAD).
+fn with_reason(status: &str, reason: &str) -> String {
+    if status.ends_with(reason) {
+        status.to_string()
+    } else {
+        format!("{status}: {reason}")
+    }
+}
+
+/// The larderd scope an operation needs, for the 403 advice.
+fn scope_for(op: &str) -> &'static str {
+    match op {
+        "GET" | "HEAD" => "read",
+        "PUT" | "DELETE" => "write",
+        _ => "admin",
+    }
+}
+
 fn server_hint(status: StatusCode) -> &'static str {
     if status.is_server_error() {
         " (a server-side problem: retry later or check the larderd logs)"
@@ -88,10 +148,12 @@ fn server_hint(status: StatusCode) -> &'static str {
 
 impl Error {
     /// The process exit status for this failure: 2 means "no such object", so scripts can treat
-    /// a cache miss differently from a broken cache.
+    /// a cache miss differently from a broken cache; 3 means access control refused the request
+    /// (401 or 403), which no retry fixes.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::NotFound { .. } => 2,
+            Error::Unauthorized { .. } | Error::Forbidden { .. } => 3,
             _ => 1,
         }
     }
@@ -111,10 +173,11 @@ impl Error {
     /// message names what they can fix.
     pub(crate) fn request(op: &'static str, target: &str, base: &str, e: reqwest::Error) -> Error {
         if e.is_connect() {
-            return Error::Connect {
-                url: base.to_string(),
-                cause: innermost_cause(&e),
-            };
+            let (url, cause) = (base.to_string(), innermost_cause(&e));
+            if is_certificate_error(&e) {
+                return Error::UntrustedCertificate { url, cause };
+            }
+            return Error::Connect { url, cause };
         }
         let cause = if e.is_timeout() {
             format!("timed out: {}", causes(&e))
@@ -148,7 +211,14 @@ pub(crate) fn causes(e: &reqwest::Error) -> String {
     }
 }
 
-/// The deepest cause, usually the OS error ("Connection refused (os error 111)").
+/// A certificate the client does not trust looks like any other connect failure to reqwest;
+/// rustls names it in the error text ("invalid peer certificate: UnknownIssuer").
+pub(crate) fn is_certificate_error(e: &reqwest::Error) -> bool {
+    e.is_connect() && innermost_cause(e).contains("certificate")
+}
+
+/// The deepest cause, usually the OS error ("Connection refused (os error 111)") or the TLS
+/// error.
 pub(crate) fn innermost_cause(e: &reqwest::Error) -> String {
     let mut last: &dyn std::error::Error = e;
     while let Some(next) = last.source() {

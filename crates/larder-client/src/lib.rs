@@ -7,6 +7,12 @@
 //! other programs and by the server's tests. Every name is validated with `larder_proto` before
 //! a request is made, so a typo is reported locally with the same reason the server would give,
 //! and every download is checked against its content-digest ETag.
+//!
+//! How to reach a server — a bearer token, extra trusted CAs for `https://` — is a
+//! [`Connection`] shared by all replicas, applied once when a [`Client`] is built so that every
+//! request of every operation carries it. The token is held in a [`Token`] whose `Debug` and
+//! `Display` never show it, and is marked sensitive in the HTTP layer, so no message, summary
+//! or debug print of a client can leak it.
 
 mod archive_path;
 mod download;
@@ -29,9 +35,10 @@ pub use put::{Precondition, PutOptions, PutResult};
 pub use restore::{RestoreOptions, RestoreSummary};
 pub use save::{SaveOptions, SaveSummary};
 
-use reqwest::header::{self, HeaderMap};
+use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, Response, StatusCode, Url};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// A validated `namespace/key` pair: holding one proves both parts are acceptable to the server.
@@ -79,20 +86,130 @@ struct NamespaceList {
     namespaces: Vec<NamespaceUsage>,
 }
 
+/// A bearer token for larderd's access control. It is a secret: `Debug` and `Display` show
+/// `***`, and nothing in this crate formats the inner string except the `Authorization` header.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Accepts what can travel in an `Authorization: Bearer` header: visible ASCII without
+    /// spaces. The error never quotes the token.
+    pub fn new(token: &str) -> Result<Token, Error> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::InvalidInput(
+                "the token is empty: pass --token TOKEN or set LARDER_TOKEN to a non-empty value"
+                    .into(),
+            ));
+        }
+        if let Some(bad) = token.bytes().position(|b| !b.is_ascii_graphic()) {
+            return Err(Error::InvalidInput(format!(
+                "the token has a character that cannot be sent in an HTTP header at position {}                  (only visible ASCII without spaces is allowed; the token is not shown)",
+                bad + 1
+            )));
+        }
+        Ok(Token(token.to_string()))
+    }
+
+    /// The header value, marked sensitive so HTTP-layer debug output shows `Sensitive`.
+    fn header(&self) -> HeaderValue {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .expect("validated as visible ASCII");
+        v.set_sensitive(true);
+        v
+    }
+
+    /// Replaces the token wherever it occurs in `text` (a server reason that echoes a header).
+    pub(crate) fn redact(&self, text: &str) -> String {
+        text.replace(&self.0, "***")
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How to reach the servers, the same for every replica of one command.
+#[derive(Clone, Debug, Default)]
+pub struct Connection {
+    /// Sent as `Authorization: Bearer …` with every request.
+    pub token: Option<Token>,
+    /// PEM files of CAs to trust for `https://` URLs, on top of the system's roots.
+    pub ca_certs: Vec<PathBuf>,
+}
+
+impl Connection {
+    /// Reads the CA files once, so that a bad file is reported before any request and every
+    /// replica's client shares the parsed certificates.
+    pub fn load(&self) -> Result<LoadedConnection, Error> {
+        let mut roots = Vec::new();
+        for path in &self.ca_certs {
+            roots.extend(read_ca(path)?);
+        }
+        Ok(LoadedConnection {
+            token: self.token.clone(),
+            roots,
+        })
+    }
+}
+
+/// A [`Connection`] with its CA files read and parsed.
+#[derive(Clone, Debug, Default)]
+pub struct LoadedConnection {
+    token: Option<Token>,
+    roots: Vec<reqwest::Certificate>,
+}
+
+fn read_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, Error> {
+    let pem = std::fs::read(path)
+        .map_err(|e| Error::io(format!("cannot read the CA file {}", path.display()), e))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        Error::InvalidInput(format!(
+            "{} is not a PEM certificate file ({e}); --ca-cert wants the CA certificate that \
+             signed the server's, as PEM (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ))
+    })?;
+    if certs.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "{} holds no PEM certificate; --ca-cert wants the CA certificate that signed the \
+             server's, as PEM (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
 /// A connection pool to one larderd.
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
     /// Without a trailing slash, so paths can be appended and messages show what the user typed.
     base: String,
+    /// Whether requests carry a token: a 401 means different things with and without one.
+    token: Option<Token>,
 }
 
 /// Long enough for a busy server, short enough that a black-holed address does not look hung.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Client {
-    /// A client for the server at `url` (for example `http://127.0.0.1:8080`).
+    /// A client for the server at `url` (for example `http://127.0.0.1:8080`), without a token
+    /// and trusting only the system's CAs.
     pub fn new(url: &str) -> Result<Client, Error> {
+        Client::with_connection(url, &LoadedConnection::default())
+    }
+
+    /// A client for the server at `url` that sends `conn`'s token and trusts its CAs.
+    pub fn with_connection(url: &str, conn: &LoadedConnection) -> Result<Client, Error> {
         let invalid = |why: String| {
             Error::InvalidInput(format!(
                 "invalid server URL {url:?}: {why} (expected e.g. http://127.0.0.1:8080)"
@@ -105,17 +222,39 @@ impl Client {
         if parsed.host().is_none() {
             return Err(invalid("no host".into()));
         }
-        let http = reqwest::Client::builder()
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            // Credentials in a URL end up in every message that names the server.
+            return Err(invalid(
+                "credentials in the URL are not supported; use --token or LARDER_TOKEN".into(),
+            ));
+        }
+        let mut headers = HeaderMap::new();
+        if let Some(token) = &conn.token {
+            headers.insert(header::AUTHORIZATION, token.header());
+        }
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
             .connect_timeout(CONNECT_TIMEOUT)
             // Parallel ranges want many independent streams; HTTP/1.1 gives one TCP connection
             // (and one congestion window) per request in flight.
             .http1_only()
             .tcp_nodelay(true)
-            .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")))
+            // A token must not follow a redirect to another host; larderd never redirects.
+            .redirect(reqwest::redirect::Policy::none())
+            .default_headers(headers)
+            .user_agent(concat!("larder/", env!("CARGO_PKG_VERSION")));
+        for root in &conn.roots {
+            builder = builder.add_root_certificate(root.clone());
+        }
+        let http = builder
             .build()
             .map_err(|e| Error::InvalidInput(format!("cannot set up the HTTP client: {e}")))?;
         let base = parsed.as_str().trim_end_matches('/').to_string();
-        Ok(Client { http, base })
+        Ok(Client {
+            http,
+            base,
+            token: conn.token.clone(),
+        })
     }
 
     /// The server URL, as used in messages.
@@ -150,7 +289,7 @@ impl Client {
             .send("HEAD", name, self.request(Method::HEAD, name))
             .await?;
         if !resp.status().is_success() {
-            return Err(failure("HEAD", name, resp).await);
+            return Err(self.failure("HEAD", name, resp).await);
         }
         object_info(resp.headers(), name)
     }
@@ -161,7 +300,7 @@ impl Client {
             .send("DELETE", name, self.request(Method::DELETE, name))
             .await?;
         if !resp.status().is_success() {
-            return Err(failure("DELETE", name, resp).await);
+            return Err(self.failure("DELETE", name, resp).await);
         }
         Ok(())
     }
@@ -178,13 +317,7 @@ impl Client {
             .map_err(|e| Error::request("GET", target, &self.base, e))?;
         let status = resp.status();
         if !status.is_success() {
-            let reason = reason_line(status, resp).await;
-            return Err(Error::Server {
-                op: "GET",
-                target: target.into(),
-                status,
-                reason,
-            });
+            return Err(self.status_error("GET", target, status, resp).await);
         }
         let body = resp
             .bytes()
@@ -224,35 +357,72 @@ pub(crate) fn object_info(headers: &HeaderMap, name: &ObjectName) -> Result<Obje
     })
 }
 
-/// Turns an unsuccessful response into an error carrying the server's reason.
-pub(crate) async fn failure(op: &'static str, name: &ObjectName, resp: Response) -> Error {
-    let status = resp.status();
-    let current = resp
-        .headers()
-        .get(header::ETAG)
-        .and_then(|v| v.to_str().ok())
-        .and_then(ETag::parse);
-    match status {
-        StatusCode::NOT_FOUND => Error::NotFound {
-            target: name.to_string(),
-        },
-        StatusCode::PRECONDITION_FAILED => {
-            let reason = reason_line(status, resp).await;
-            let message = if reason.starts_with("precondition failed") {
-                reason
-            } else {
-                format!("precondition failed: {reason}")
-            };
-            Error::PreconditionFailed { message, current }
-        }
-        _ => {
-            let reason = reason_line(status, resp).await;
-            Error::Server {
-                op,
+impl Client {
+    /// Turns an unsuccessful response about an object into an error carrying the server's
+    /// reason.
+    pub(crate) async fn failure(
+        &self,
+        op: &'static str,
+        name: &ObjectName,
+        resp: Response,
+    ) -> Error {
+        let status = resp.status();
+        let current = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(ETag::parse);
+        match status {
+            StatusCode::NOT_FOUND => Error::NotFound {
                 target: name.to_string(),
+            },
+            StatusCode::PRECONDITION_FAILED => {
+                let reason = self.reason(status, resp).await;
+                let message = if reason.starts_with("precondition failed") {
+                    reason
+                } else {
+                    format!("precondition failed: {reason}")
+                };
+                Error::PreconditionFailed { message, current }
+            }
+            _ => self.status_error(op, &name.to_string(), status, resp).await,
+        }
+    }
+
+    /// Any other unsuccessful answer; 401 and 403 become their own errors, since what to do
+    /// about them (get a token, get a token with more scope) is not "retry later".
+    pub(crate) async fn status_error(
+        &self,
+        op: &'static str,
+        target: &str,
+        status: StatusCode,
+        resp: Response,
+    ) -> Error {
+        let reason = self.reason(status, resp).await;
+        let target = target.to_string();
+        match status {
+            StatusCode::UNAUTHORIZED => Error::Unauthorized {
+                op,
+                target,
+                token_sent: self.token.is_some(),
+                reason,
+            },
+            StatusCode::FORBIDDEN => Error::Forbidden { op, target, reason },
+            _ => Error::Server {
+                op,
+                target,
                 status,
                 reason,
-            }
+            },
+        }
+    }
+
+    /// The server's reason, with the token blanked out should the server echo it.
+    pub(crate) async fn reason(&self, status: StatusCode, resp: Response) -> String {
+        let reason = reason_line(status, resp).await;
+        match &self.token {
+            Some(t) => t.redact(&reason),
+            None => reason,
         }
     }
 }
@@ -261,7 +431,7 @@ pub(crate) async fn failure(op: &'static str, name: &ObjectName, resp: Response)
 const MAX_REASON: usize = 300;
 
 /// The first line of an error body, or the status's standard phrase when there is none (HEAD).
-pub(crate) async fn reason_line(status: StatusCode, resp: Response) -> String {
+async fn reason_line(status: StatusCode, resp: Response) -> String {
     let html = resp
         .headers()
         .get(header::CONTENT_TYPE)

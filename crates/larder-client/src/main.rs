@@ -4,13 +4,19 @@
 //! request), calls the client library and formats results. Data (objects, ETags, `--json`
 //! summaries) goes to stdout; progress bars (only when stderr is a terminal) and status lines go
 //! to stderr, both silenced by `--quiet`; errors always go to stderr. Exit status: 0 success,
-//! 2 object not found, 1 anything else — including usage errors, which clap would otherwise
-//! report as 2 and make indistinguishable from a cache miss.
+//! 2 object not found, 3 refused by access control (401/403), 1 anything else — including usage
+//! errors, which clap would otherwise report as 2 and make indistinguishable from a cache miss.
+//!
+//! `--url` may be given before and after the subcommand and all of them count. clap's global
+//! arguments would let the later occurrence replace the earlier, so the subcommands get their
+//! own `--url` (added in [`command`]) and the two lists are joined after parsing.
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use larder_client::{
-    Client, DownloadOptions, DownloadSummary, Downloader, ETag, Error, ObjectInfo, ObjectName,
-    Precondition, Progress, PutOptions, RestoreOptions, SaveOptions,
+    Client, Connection, DownloadOptions, DownloadSummary, Downloader, ETag, Error,
+    LoadedConnection, ObjectInfo, ObjectName, Precondition, Progress, PutOptions, RestoreOptions,
+    SaveOptions, Token,
 };
 use larder_proto::units::{format_size, parse_duration, parse_size};
 use serde_json::json;
@@ -23,19 +29,34 @@ use std::time::Duration;
 #[command(
     name = "larder",
     version,
-    about = "Store and fetch CI artifacts in a larder cache"
+    about = "Store and fetch CI artifacts in a larder cache",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
-    /// larderd server URL. Repeat it (or give a comma-separated list) to spread downloads
-    /// (`get`, `restore`) over replicas; other commands use the first.
+    /// larderd server URL (http:// or https://). Repeat it (or give a comma-separated list) to
+    /// spread downloads (`get`, `restore`) over replicas; other commands use the first.
     #[arg(
         long,
         env = "LARDER_URL",
         default_value = "http://127.0.0.1:8080",
-        value_delimiter = ',',
-        global = true
+        value_delimiter = ','
     )]
     url: Vec<String>,
+
+    /// Bearer token sent with every request, for a larderd with access control. Prefer
+    /// LARDER_TOKEN: other users of the machine can read command lines.
+    #[arg(
+        long,
+        env = "LARDER_TOKEN",
+        hide_env_values = true,
+        global = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+
+    /// PEM file of a CA to trust for https:// URLs, in addition to the system's CAs.
+    #[arg(long, env = "LARDER_CA_CERT", global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
 
     /// Print nothing but data and errors (no progress bar, no status lines).
     #[arg(long, short, global = true)]
@@ -226,8 +247,56 @@ impl DownloadArgs {
     }
 }
 
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  success
+  1  error (usage, network, server, verification)
+  2  the object or snapshot does not exist
+  3  refused by the server's access control: 401 (no token, or one the server does not know)
+     or 403 (the token's scopes do not cover the namespace or operation)";
+
+/// The id of the `--url` given after the subcommand.
+const URL_AFTER: &str = "url_after_command";
+
+/// The CLI, with a `--url` on every subcommand so that URLs after the subcommand add to those
+/// before it.
+fn command() -> clap::Command {
+    Cli::command().mut_subcommands(|sub| {
+        sub.arg(
+            Arg::new(URL_AFTER)
+                .long("url")
+                .value_name("URL")
+                .value_delimiter(',')
+                .action(ArgAction::Append)
+                .help(
+                    "larderd server URL; adds to any --url before the subcommand (and replaces \
+                     LARDER_URL)",
+                ),
+        )
+    })
+}
+
+fn parse() -> Result<Cli, clap::Error> {
+    let mut matches = command().try_get_matches()?;
+    let after: Vec<String> = matches
+        .subcommand()
+        .and_then(|(_, sub)| sub.get_many::<String>(URL_AFTER))
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    let before_given = matches.value_source("url") == Some(ValueSource::CommandLine);
+    let mut cli = Cli::from_arg_matches_mut(&mut matches)?;
+    if !after.is_empty() {
+        // LARDER_URL and the default stand in only when no --url was given at all.
+        if !before_given {
+            cli.url.clear();
+        }
+        cli.url.extend(after);
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -256,12 +325,12 @@ fn main() -> ExitCode {
 }
 
 /// Every URL, validated, so a typo in the third replica is reported before any transfer.
-fn clients(urls: &[String]) -> Result<Vec<Client>, Error> {
+fn clients(urls: &[String], conn: &LoadedConnection) -> Result<Vec<Client>, Error> {
     let clients: Vec<Client> = urls
         .iter()
         .map(|u| u.trim())
         .filter(|u| !u.is_empty())
-        .map(Client::new)
+        .map(|u| Client::with_connection(u, conn))
         .collect::<Result<_, _>>()?;
     if clients.is_empty() {
         return Err(Error::InvalidInput(
@@ -273,6 +342,17 @@ fn clients(urls: &[String]) -> Result<Vec<Client>, Error> {
 
 async fn run(cli: Cli) -> Result<(), Error> {
     let quiet = cli.quiet;
+    let conn = Connection {
+        // An empty LARDER_TOKEN (a CI secret that is not set) means no token.
+        token: cli
+            .token
+            .as_deref()
+            .filter(|t| !t.trim().is_empty())
+            .map(Token::new)
+            .transpose()?,
+        ca_certs: cli.ca_cert.iter().cloned().collect(),
+    }
+    .load()?;
     // A bar only for a person watching; notes (restarts, skipped files) unless --quiet.
     let progress = Progress::stderr(!quiet && std::io::stderr().is_terminal(), !quiet);
     // Validate every argument before connecting, so a bad name never reaches the network.
@@ -287,7 +367,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let name = target.name()?;
             let mut opts = store.options(progress)?;
             opts.content_type = content_type;
-            let client = clients(&cli.url)?.swap_remove(0);
+            let client = clients(&cli.url, &conn)?.swap_remove(0);
             let put = match file.filter(|f| f.as_os_str() != "-") {
                 Some(path) => client.put_file(&name, &path, &opts).await?,
                 None => {
@@ -332,7 +412,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 ));
             }
             let opts = download.options(progress.clone())?;
-            let downloader = Downloader::new(clients(&cli.url)?, opts)?;
+            let downloader = Downloader::new(clients(&cli.url, &conn)?, opts)?;
             match output {
                 Some(path) => {
                     let summary = downloader.download_to_file(&name, &path).await?;
@@ -376,7 +456,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 put: store.options(Progress::hidden())?,
                 progress: progress.clone(),
             };
-            let client = clients(&cli.url)?.swap_remove(0);
+            let client = clients(&cli.url, &conn)?.swap_remove(0);
             let saved = client.save(&name, &dir, &opts).await?;
             if json {
                 let v = json!({
@@ -417,7 +497,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         } => {
             let name = target.name()?;
             let opts = download.options(progress.clone())?;
-            let downloader = Downloader::new(clients(&cli.url)?, opts)?;
+            let downloader = Downloader::new(clients(&cli.url, &conn)?, opts)?;
             let restored = downloader
                 .restore(&name, &dir, &RestoreOptions { force })
                 .await?;
@@ -451,16 +531,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Stat { target, json } => {
             let name = target.name()?;
-            let info = clients(&cli.url)?[0].stat(&name).await?;
+            let info = clients(&cli.url, &conn)?[0].stat(&name).await?;
             print_stat(&name, &info, json)?;
         }
         Command::Rm { target } => {
             let name = target.name()?;
-            clients(&cli.url)?[0].delete(&name).await?;
+            clients(&cli.url, &conn)?[0].delete(&name).await?;
             status(quiet, format_args!("removed {name}"));
         }
         Command::Ls { json } => {
-            let list = clients(&cli.url)?[0].namespaces().await?;
+            let list = clients(&cli.url, &conn)?[0].namespaces().await?;
             if json {
                 let v = json!({ "namespaces": list });
                 write_stdout(&format!("{v}\n"))?;
@@ -506,6 +586,7 @@ fn download_json(name: &ObjectName, dest: &str, s: &DownloadSummary) -> serde_js
             "url": r.url,
             "bytes": r.bytes,
             "failures": r.failures,
+            "diverged": r.diverged,
         })).collect::<Vec<_>>(),
     })
 }

@@ -6,7 +6,7 @@
 //! here, which a status code alone cannot.
 
 use crate::progress::Progress;
-use crate::{Client, Error, ObjectName, failure};
+use crate::{Client, Error, ObjectName};
 use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt};
 use larder_proto::ETag;
@@ -175,7 +175,7 @@ impl Client {
         let resp = result?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(match failure("PUT", name, resp).await {
+            return Err(match self.failure("PUT", name, resp).await {
                 Error::PreconditionFailed { message, current } => Error::PreconditionFailed {
                     message: explain_precondition(
                         &message,

@@ -4,10 +4,12 @@
 //! Why staging: a CI job that restores a cache and then builds must never see half a tree, nor a
 //! tree from a corrupt or tampered archive. The archive is extracted beside the target (same file
 //! system, so the final step is a rename), the download's digest is verified, the file system is
-//! synced, and only then is the staging directory renamed into place — with
+//! synced (one `syncfs`, no per-file `fsync`; writeback is started early, see [`EarlySync`]),
+//! and only then is the staging directory renamed into place — with
 //! `renameat2(RENAME_NOREPLACE)` so a target that appeared meanwhile is not silently replaced, or
 //! with `RENAME_EXCHANGE` under `--force`, which swaps old and new in one step (there is no
-//! instant without a target) before the old tree is deleted. A failure at any point removes the staging directory; the target is untouched.
+//! instant without a target) before the old tree is deleted. A failure at any point removes the
+//! staging directory; the target is untouched.
 //!
 //! Why stream: the archive is as big as the cache, and writing it to a temporary file first
 //! would double the disk traffic and the time. The download engine hands over bytes in order
@@ -321,6 +323,7 @@ fn extract(
         progress,
         writers: Writers::start(root, workers).map_err(|e| Error::io("cannot start writers", e))?,
     };
+    let _early_sync = EarlySync::start(root, EARLY_SYNC_EVERY);
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         unpacker.entry(&mut entry)?;
@@ -584,8 +587,14 @@ impl Unpacker<'_> {
 
 /// Files up to this size are read into memory and written by the worker threads.
 const SMALL_FILE: u64 = 256 << 10;
-/// Jobs queued per worker: with `SMALL_FILE` at most 4 MiB of file data each.
-const JOBS_PER_WORKER: usize = 16;
+/// File data queued for the workers at most: enough for the tar thread to run ahead of them,
+/// small next to the download window, so that the client stays within its memory bound of
+/// 2 × concurrency × chunk + 64 MiB (32 MiB here measured 191 of the 192 MiB allowed).
+const QUEUED_BYTES: usize = 8 << 20;
+/// Files queued at most, whatever their size (empty files cost an inode each, not bytes).
+const QUEUED_FILES: usize = 2048;
+/// Consecutive files of one directory handed to one worker before the next worker's turn.
+const RUN: usize = 512;
 
 /// One small file to write.
 struct FileJob {
@@ -595,52 +604,85 @@ struct FileJob {
     mtime: u64,
 }
 
-/// Writes small files on a few threads. Creating 100,000 files is dominated by the file
-/// system's per-inode work, which one thread cannot overlap with decompression and parsing.
-/// All files of one directory go to the same worker, so they are created in archive order and
-/// the workers do not contend for one directory's lock. The tar thread still does everything
-/// that orders or checks (directories, links, refusals); it waits for a pending write when a
-/// later entry touches the same path, and for all of them before links and the final checks.
+/// Writes small files on several threads. Restoring 100,000 files is dominated by the file
+/// system's per-inode work (allocate, link into the directory, write, set times), which one
+/// thread cannot overlap with decompression and parsing and which a second core does in
+/// parallel. Files are dealt to the workers by runs in archive order: each directory's run of
+/// files (at most [`RUN`] of them) goes to the next worker, so that workers mostly create files
+/// in different directories (creation takes the directory's lock) and none waits while another
+/// works through a long directory. The queue is shared and deep ([`QUEUED_FILES`],
+/// [`QUEUED_BYTES`]), so the tar thread runs several directories ahead of the workers: hashing
+/// directories to workers behind a short per-worker queue, done before, blocked the tar thread
+/// on one worker while the other sat idle. The tar thread still does everything that orders or
+/// checks (directories, links, refusals); it waits for a pending write when a later entry
+/// touches the same path, and for all of them before links and the final checks.
 struct Writers {
-    queues: Vec<SyncSender<FileJob>>,
+    queues: Vec<std::sync::mpsc::Sender<FileJob>>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<WritersShared>,
     /// Paths with a write queued since the writers were last idle.
     pending: HashSet<PathBuf>,
+    /// The directory of the last file dealt, and how many of its files in a row went to the
+    /// current worker.
+    last_dir: PathBuf,
+    dealt: usize,
+    next: usize,
 }
 
 #[derive(Default)]
+struct Queued {
+    files: usize,
+    bytes: usize,
+    /// The tar thread waits for room or for idleness: only then are completions worth a wake-up.
+    waiting: bool,
+}
+
 struct WritersShared {
-    outstanding: Mutex<usize>,
-    idle: Condvar,
+    queued: Mutex<Queued>,
+    changed: Condvar,
     failed: Mutex<Option<(PathBuf, io::Error)>>,
     abort: AtomicBool,
+    /// The staging directory, opened once: files are created relative to it (`openat`) instead
+    /// of resolving its full path again for each of them.
+    root: std::fs::File,
+    /// Permission bits the process umask removes from a new file; when a file's mode has none of
+    /// them, creating it with that mode is enough and the `fchmod` is saved.
+    umask: u32,
 }
 
 type WriteError = (PathBuf, io::Error);
 
 impl Writers {
     fn start(root: &Path, n: usize) -> io::Result<Writers> {
-        let shared = Arc::new(WritersShared::default());
+        let shared = Arc::new(WritersShared {
+            queued: Mutex::new(Queued::default()),
+            changed: Condvar::new(),
+            failed: Mutex::new(None),
+            abort: AtomicBool::new(false),
+            root: std::fs::File::open(root)?,
+            umask: current_umask(),
+        });
         let mut queues = Vec::with_capacity(n);
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
-            let (tx, rx) = sync_channel::<FileJob>(JOBS_PER_WORKER);
-            let (shared, root) = (Arc::clone(&shared), root.to_path_buf());
+            let (tx, rx) = std::sync::mpsc::channel::<FileJob>();
+            let shared = Arc::clone(&shared);
             let thread = std::thread::Builder::new()
                 .name(format!("larder-files-{i}"))
                 .spawn(move || {
                     for job in rx {
                         if !shared.abort.load(Ordering::Relaxed)
-                            && let Err(e) = write_file(&root.join(&job.rel), &job)
+                            && let Err(e) = write_file(&shared, &job)
                         {
                             shared.abort.store(true, Ordering::Relaxed);
-                            lock(&shared.failed).get_or_insert((job.rel, e));
+                            lock(&shared.failed).get_or_insert((job.rel.clone(), e));
                         }
-                        let mut left = lock(&shared.outstanding);
-                        *left -= 1;
-                        if *left == 0 {
-                            shared.idle.notify_all();
+                        let mut q = lock(&shared.queued);
+                        q.files -= 1;
+                        q.bytes -= job.data.len();
+                        if q.waiting {
+                            q.waiting = false;
+                            shared.changed.notify_all();
                         }
                     }
                 })?;
@@ -652,23 +694,41 @@ impl Writers {
             threads,
             shared,
             pending: HashSet::new(),
+            last_dir: PathBuf::new(),
+            dealt: 0,
+            next: 0,
         })
     }
 
     fn submit(&mut self, job: FileJob) -> Result<(), WriteError> {
         self.check()?;
         {
-            let mut left = lock(&self.shared.outstanding);
-            if *left == 0 {
+            let mut q = lock(&self.shared.queued);
+            while q.files > 0
+                && (q.files >= QUEUED_FILES || q.bytes + job.data.len() > QUEUED_BYTES)
+            {
+                q.waiting = true;
+                q = self
+                    .shared
+                    .changed
+                    .wait(q)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            if q.files == 0 {
                 self.pending.clear();
             }
-            *left += 1;
+            q.files += 1;
+            q.bytes += job.data.len();
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&job.rel.parent(), &mut hasher);
-        let worker = (std::hash::Hasher::finish(&hasher) % self.queues.len() as u64) as usize;
+        let dir = job.rel.parent().unwrap_or(Path::new(""));
+        if dir != self.last_dir || self.dealt == RUN {
+            self.last_dir = dir.to_path_buf();
+            self.dealt = 0;
+            self.next = (self.next + 1) % self.queues.len();
+        }
+        self.dealt += 1;
         self.pending.insert(job.rel.clone());
-        if self.queues[worker].send(job).is_err() {
+        if self.queues[self.next].send(job).is_err() {
             // A worker thread is gone (it panicked): report rather than hang in `settle`.
             return Err((
                 PathBuf::new(),
@@ -693,15 +753,16 @@ impl Writers {
     }
 
     fn settle(&mut self) -> Result<(), WriteError> {
-        let mut left = lock(&self.shared.outstanding);
-        while *left > 0 {
-            left = self
+        let mut q = lock(&self.shared.queued);
+        while q.files > 0 {
+            q.waiting = true;
+            q = self
                 .shared
-                .idle
-                .wait(left)
+                .changed
+                .wait(q)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        drop(left);
+        drop(q);
         self.pending.clear();
         self.check()
     }
@@ -718,27 +779,118 @@ impl Drop for Writers {
     }
 }
 
+/// How often the file system is flushed while a restore is still creating files.
+const EARLY_SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Flushes the staging file system every [`EARLY_SYNC_EVERY`] while files are still being
+/// created, so that the kernel's writeback (allocating blocks for 100,000 small files and
+/// writing them out, a second or more of a flusher thread's time on this kind of machine)
+/// overlaps the extraction instead of following it in the final `syncfs`, which then finds
+/// little left to do. Measured on a 100,000-file restore on a busy 2-core machine: the final
+/// `syncfs` went from 1.1–2.1 s to 0.01–0.3 s, the whole restore from 7.8–8.0 s to 5.1–5.3 s.
+/// The final `syncfs` stays: durability before the rename is what it promises.
+struct EarlySync {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EarlySync {
+    fn start(root: &Path, every: std::time::Duration) -> EarlySync {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = Arc::clone(&stop);
+        let dir = std::fs::File::open(root).ok();
+        let thread = std::thread::Builder::new()
+            .name("larder-sync".into())
+            .spawn(move || {
+                use std::os::fd::AsRawFd;
+                let Some(dir) = dir else { return };
+                let (m, cv) = &*flag;
+                let mut stopped = lock(m);
+                loop {
+                    let (g, _) = cv
+                        .wait_timeout(stopped, every)
+                        .unwrap_or_else(|p| p.into_inner());
+                    stopped = g;
+                    if *stopped {
+                        return;
+                    }
+                    drop(stopped);
+                    // SAFETY: plain syscall on a descriptor this thread owns.
+                    unsafe { libc::syncfs(dir.as_raw_fd()) };
+                    stopped = lock(m);
+                }
+            })
+            .ok();
+        EarlySync { stop, thread }
+    }
+}
+
+impl Drop for EarlySync {
+    fn drop(&mut self) {
+        *lock(&self.stop.0) = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The process umask, read by setting it and putting it back at once (the only portable way).
+fn current_umask() -> u32 {
+    // SAFETY: umask cannot fail; the original value is restored immediately.
+    unsafe {
+        let old = libc::umask(0o022);
+        libc::umask(old);
+        old as u32
+    }
+}
+
 /// What tar's own unpacking does for a regular file: a new inode (an existing file or link of
 /// that name is replaced, never written through), the data, the mtime, the permission bits.
-fn write_file(path: &Path, job: &FileJob) -> io::Result<()> {
+/// Four system calls in the common case: create (with its mode), write, set times, close.
+fn write_file(shared: &WritersShared, job: &FileJob) -> io::Result<()> {
     use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let path = CString::new(job.rel.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let mode = job.mode & 0o777;
     let open = || {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
+        // SAFETY: `path` is a valid NUL-terminated string and the directory fd is open for as
+        // long as `shared` lives.
+        let fd = unsafe {
+            libc::openat(
+                shared.root.as_raw_fd(),
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                mode as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            // SAFETY: a fresh descriptor that nothing else owns.
+            Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+        }
     };
     let mut f = match open() {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            std::fs::remove_file(path)?;
+            // SAFETY: as above; unlinks the name only, never follows it.
+            if unsafe { libc::unlinkat(shared.root.as_raw_fd(), path.as_ptr(), 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
             open()?
         }
         other => other?,
     };
-    f.write_all(&job.data)?;
+    if !job.data.is_empty() {
+        f.write_all(&job.data)?;
+    }
     let time = filetime::FileTime::from_unix_time(job.mtime as i64, 0);
     filetime::set_file_handle_times(&f, Some(time), Some(time))?;
-    f.set_permissions(std::fs::Permissions::from_mode(job.mode & 0o777))
+    if mode & shared.umask != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

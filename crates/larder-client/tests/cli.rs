@@ -478,3 +478,63 @@ fn put_json_summary_and_ttl() {
     assert_eq!(v["size"], 4);
     larder(&url, &["put", "--ttl", "0s", "ci", "j"], Some(b"x")).fails(1, "--ttl");
 }
+
+#[test]
+fn url_before_and_after_the_subcommand_add_up() {
+    let replicas: Vec<Larderd> = (0..3).map(|_| Larderd::start(&[])).collect();
+    let urls: Vec<String> = replicas.iter().map(Larderd::url).collect();
+    let body = common::data(900_001, 9);
+    for u in &urls {
+        larder(u, &["put", "ci", "k"], Some(&body)).ok();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let small = ["--chunk-size", "64KiB", "--concurrency", "4"];
+
+    // `larder` puts the first --url before the subcommand; two more follow it.
+    let mut args = vec!["get", "ci", "k", "-o", o, "--json", "--url", &urls[1]];
+    args.extend(small);
+    args.extend(["--url", &urls[2]]);
+    let run = larder(&urls[0], &args, None).ok();
+    assert!(std::fs::read(&out).unwrap() == body);
+    let v = run.json();
+    let used: Vec<&str> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(used, urls, "{v}");
+    assert!(
+        v["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["bytes"].as_u64().unwrap() > 0),
+        "{v}"
+    );
+
+    // A --url after the subcommand replaces LARDER_URL, as one before it does.
+    let dead = common::dead_url();
+    let mut args = vec!["get", "ci", "k", "-o", o, "--json", "--url", &urls[2]];
+    args.extend(small);
+    let run = common::larder_env(&args, &[("LARDER_URL", &dead)]).ok();
+    assert_eq!(run.json()["replicas"].as_array().unwrap().len(), 1);
+    assert_eq!(run.json()["replicas"][0]["url"], urls[2].as_str());
+    let run = common::larder_env(
+        &[
+            "--url", &urls[0], "get", "ci", "k", "-o", o, "--json", "--url", &urls[1],
+        ],
+        &[("LARDER_URL", &dead)],
+    )
+    .ok();
+    let v = run.json();
+    let used: Vec<&str> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(used, [&urls[0], &urls[1]]);
+}

@@ -293,6 +293,110 @@ fn a_replica_killed_mid_download_is_finished_by_the_others() {
 }
 
 #[test]
+fn a_diverged_replica_is_dropped_and_the_others_finish_without_a_restart() {
+    // Three independent larderds stand for replicas of one cache; the third holds another
+    // revision of the key (a replica that lags behind, or a stale local copy).
+    let replicas: Vec<Larderd> = (0..3).map(|_| Larderd::start(&[])).collect();
+    let pinned = data(2_000_003, 71);
+    let other = data(2_000_003, 72);
+    put_bytes(&replicas[0].url(), "k", &pinned);
+    put_bytes(&replicas[1].url(), "k", &pinned);
+    put_bytes(&replicas[2].url(), "k", &other);
+    let urls: Vec<String> = replicas.iter().map(Larderd::url).collect();
+    let dir = tempfile::tempdir().unwrap();
+
+    // The first URL answers the discovery, so the pin is `pinned`; replica 3 gets ranges too
+    // (round robin) and answers 412 to each.
+    let out = dir.path().join("out");
+    let run = larder(
+        &urls.join(","),
+        &get_args("k", out.to_str().unwrap(), &["--json"]),
+        None,
+    )
+    .ok();
+    assert!(
+        std::fs::read(&out).unwrap() == pinned,
+        "not the pinned bytes"
+    );
+    let v = run.json();
+    assert_eq!(v["restarts"], 0, "a diverged replica must not restart: {v}");
+    assert_eq!(v["etag"], etag_of(&pinned));
+    let reps = v["replicas"].as_array().unwrap();
+    assert_eq!(reps[2]["diverged"], true, "{v}");
+    assert_eq!(reps[2]["bytes"], 0, "{v}");
+    assert_eq!(reps[0]["diverged"], false, "{v}");
+    assert_eq!(reps[1]["diverged"], false, "{v}");
+    assert!(reps[0]["bytes"].as_u64().unwrap() > 0 && reps[1]["bytes"].as_u64().unwrap() > 0);
+    assert!(
+        run.stderr
+            .contains("finishing the download of ci/k from the other replicas"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("restarting"), "{}", run.stderr);
+
+    // Both other replicas diverged: the discovery replica alone still serves the pin.
+    put_bytes(&replicas[1].url(), "k", &other);
+    let out2 = dir.path().join("out2");
+    let run = larder(
+        &urls.join(","),
+        &get_args("k", out2.to_str().unwrap(), &["--json"]),
+        None,
+    )
+    .ok();
+    assert!(std::fs::read(&out2).unwrap() == pinned);
+    let v = run.json();
+    assert_eq!(v["restarts"], 0, "{v}");
+    assert_eq!(v["replicas"][0]["bytes"], pinned.len() as u64, "{v}");
+    assert_eq!(v["replicas"][1]["diverged"], true, "{v}");
+    assert_eq!(v["replicas"][2]["diverged"], true, "{v}");
+}
+
+#[test]
+fn when_no_replica_left_serves_the_pin_the_download_restarts() {
+    // The discovery replica pins v1 and dies mid-download; the only other replica holds v2 and
+    // was dropped as diverged. Nobody can finish v1, so a fresh discovery pins v2.
+    let mut replicas: Vec<Larderd> = (0..2).map(|_| Larderd::start(&[])).collect();
+    let v1 = data(2_000_003, 81);
+    let v2 = data(1_500_001, 82);
+    put_bytes(&replicas[0].url(), "k", &v1);
+    put_bytes(&replicas[1].url(), "k", &v2);
+    // Throttled so that the kill lands inside the download.
+    let proxies: Vec<Proxy> = replicas
+        .iter()
+        .map(|r| Proxy::start(&r.url(), Some(512 << 10), None))
+        .collect();
+    let urls = format!("{},{}", proxies[0].url, proxies[1].url);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let out_arg = out.to_str().unwrap().to_string();
+    let runner = std::thread::spawn(move || {
+        larder(
+            &urls,
+            &get_args("k", &out_arg, &["--json", "--retries", "2"]),
+            None,
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxies[0].requests.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the download never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    replicas[0].kill9();
+    let run = runner.join().unwrap().ok();
+    let got = std::fs::read(&out).unwrap();
+    assert!(got == v2, "not exactly v2 ({} bytes)", got.len());
+    let v = run.json();
+    assert_eq!(v["restarts"], 1, "{v}");
+    assert_eq!(v["etag"], etag_of(&v2));
+    assert!(
+        run.stderr.contains("finishing the download") && run.stderr.contains("restarting"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn an_unreachable_replica_among_live_ones_is_avoided() {
     let srv = Larderd::start(&[]);
     let body = data(700_001, 51);

@@ -52,6 +52,9 @@ fn build_tree(root: &Path) {
     let long = format!("{}/{}", "d".repeat(90), "f".repeat(120));
     mk(&long, b"long name", 0o640);
     mk("ro/file", b"read-only", 0o444);
+    // Bits a usual umask (022) removes: restore must set them explicitly.
+    mk("shared/everyone.txt", b"group and others write", 0o666);
+    mk("bin/anyone", b"#!/bin/sh\n", 0o777);
     std::fs::create_dir_all(root.join("empty")).unwrap();
     chmod(&root.join("empty"), 0o700);
     symlink("docs/readme.md", root.join("link-rel")).unwrap();

@@ -59,6 +59,8 @@ pub fn larder(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Run {
         .arg(url)
         .args(args)
         .env_remove("LARDER_URL")
+        .env_remove("LARDER_TOKEN")
+        .env_remove("LARDER_CA_CERT")
         .env_remove("LARDER_CONCURRENCY")
         .env_remove("LARDER_CHUNK_SIZE")
         .stdin(if stdin.is_some() {
@@ -110,6 +112,49 @@ pub fn larder(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Run {
         code: status.code().expect("larder exited by a signal"),
         stdout: stdout.join().expect("stdout reader"),
         stderr: String::from_utf8_lossy(&stderr.join().expect("stderr reader")).into_owned(),
+    }
+}
+
+/// Runs `larder ARGS…` with the given extra environment and no inherited LARDER_* settings.
+pub fn larder_env(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(binary("larder"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for v in [
+        "LARDER_URL",
+        "LARDER_TOKEN",
+        "LARDER_CA_CERT",
+        "LARDER_CONCURRENCY",
+        "LARDER_CHUNK_SIZE",
+    ] {
+        cmd.env_remove(v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn larder");
+    let mut stdout = Vec::new();
+    let mut stderr = String::new();
+    let mut out_pipe = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        out_pipe.read_to_end(&mut buf).unwrap();
+        buf
+    });
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    stdout.extend(reader.join().unwrap());
+    let status = child.wait().unwrap();
+    Run {
+        code: status.code().expect("exited by a signal"),
+        stdout,
+        stderr,
     }
 }
 
@@ -413,9 +458,22 @@ pub struct Proxy {
 
 pub type Hook = Arc<dyn Fn(u64, &Request) + Send + Sync>;
 
+/// Decides whether a request reaches upstream: `Some(response)` answers it with those bytes
+/// instead (an access-control layer in front of larderd, say).
+pub type Gate = Arc<dyn Fn(&Request) -> Option<Vec<u8>> + Send + Sync>;
+
 impl Proxy {
     /// `bytes_per_sec`: per-connection body rate, None for full speed.
     pub fn start(upstream: &str, bytes_per_sec: Option<u64>, hook: Option<Hook>) -> Proxy {
+        Proxy::start_gated(upstream, bytes_per_sec, hook, None)
+    }
+
+    pub fn start_gated(
+        upstream: &str,
+        bytes_per_sec: Option<u64>,
+        hook: Option<Hook>,
+        gate: Option<Gate>,
+    ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(AtomicU64::new(0));
@@ -424,9 +482,21 @@ impl Proxy {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let (upstream, count, hook) = (upstream.clone(), Arc::clone(&count), hook.clone());
+                let (upstream, count, hook, gate) = (
+                    upstream.clone(),
+                    Arc::clone(&count),
+                    hook.clone(),
+                    gate.clone(),
+                );
                 std::thread::spawn(move || {
-                    forward(stream, &upstream, bytes_per_sec, &count, hook.as_ref())
+                    forward(
+                        stream,
+                        &upstream,
+                        bytes_per_sec,
+                        &count,
+                        hook.as_ref(),
+                        gate.as_ref(),
+                    )
                 });
             }
         });
@@ -440,11 +510,21 @@ fn forward(
     rate: Option<u64>,
     count: &AtomicU64,
     hook: Option<&Hook>,
+    gate: Option<&Gate>,
 ) {
     if let Some(req) = read_request(&mut client) {
         let n = count.fetch_add(1, Ordering::SeqCst) + 1;
         if let Some(hook) = hook {
             hook(n, &req);
+        }
+        if let Some(answer) = gate.and_then(|g| g(&req)) {
+            let _ = client.write_all(&answer);
+            // Close only our side and swallow any request body still coming: closing a socket
+            // with unread data resets it, and the client could lose the answer.
+            let _ = client.shutdown(Shutdown::Write);
+            let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = std::io::copy(&mut client, &mut std::io::sink());
+            return;
         }
         let Ok(mut up) = TcpStream::connect(upstream) else {
             // Upstream is dead: the client sees its connection close without an answer.
@@ -463,6 +543,13 @@ fn forward(
         if up.write_all(head.as_bytes()).is_err() {
             let _ = client.shutdown(Shutdown::Both);
             return;
+        }
+        // A request body (PUT) follows the head unparsed; it ends when the client is done, and
+        // at the latest when this proxy closes the client connection below.
+        if let (Ok(mut from), Ok(mut to)) = (client.try_clone(), up.try_clone()) {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+            });
         }
         // Tell the client the connection closes too, so it never reuses a connection whose
         // response framing this proxy does not track.
