@@ -59,10 +59,17 @@ async fn metrics_cover_what_an_operator_alerts_on() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
     }
-    // Cold reads on the other replica come from S3 and fill its disk; warm reads come from
-    // disk; three 2 MiB objects in 5 MiB force an eviction.
+    // Cold reads on the other replica come from S3 and fill its disk; three 2 MiB objects in
+    // 5 MiB force an eviction of the least recently read. The second round goes backwards, so
+    // it starts with the most recently filled objects, which are still on disk (forwards, LRU
+    // would evict each object just before it is read again).
     for round in 0..2 {
-        for i in 0..3 {
+        let order: Vec<usize> = if round == 0 {
+            vec![0, 1, 2]
+        } else {
+            vec![2, 1, 0]
+        };
+        for i in order {
             let r = http
                 .get(reader.object_url("ops", &format!("obj{i}")))
                 .send()
