@@ -7,7 +7,7 @@
 # stops it afterwards. LARDER_TEST_S3=skip runs without S3; the S3 tests then print SKIPPED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --locked --workspace --bins
+cargo build --locked --workspace --bins --tests
 
 # REDbot, the outside HTTP referee of crates/larderd/tests/redbot.rs, from PyPI into a venv of
 # its own (pinned; Debian's Python refuses system-wide pip installs). A failed install is not

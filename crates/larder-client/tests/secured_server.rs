@@ -4,55 +4,24 @@
 mod common;
 
 use common::{data, etag_of, larder_env as run};
-use larder_testkit::{Larderd, binary};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use larder_testkit::{Larderd, TestPki, token_sha256};
 
 const WRITER: &str = "e2e-writer-6b1f0c9a2d";
 const READER: &str = "e2e-reader-3a7e5d1c8b";
 
 fn token_line(token: &str) -> String {
-    let mut child = Command::new(binary("larderd"))
-        .arg("--hash-token")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A CA, and a certificate for 127.0.0.1 it signed, written as PEM files into `dir`.
-fn pki(dir: &std::path::Path) -> (String, String, String) {
-    let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let write = |name: &str, pem: String| {
-        let p = dir.join(name);
-        std::fs::write(&p, pem).unwrap();
-        p.to_str().unwrap().to_string()
-    };
-    (
-        write("ca.pem", ca.pem()),
-        write("cert.pem", leaf.pem()),
-        write("key.pem", leaf_key.serialize_pem()),
-    )
+    format!("sha256 = \"{}\"\n", token_sha256(token))
 }
 
 #[test]
 fn a_secured_larderd_serves_the_client_with_tokens_over_https() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = pki(dir.path());
+    let pki = TestPki::new("e2e");
+    let (ca, cert, key) = (
+        pki.ca.to_str().unwrap(),
+        pki.cert.to_str().unwrap(),
+        pki.key.to_str().unwrap(),
+    );
     let cfg = dir.path().join("larder.toml");
     std::fs::write(
         &cfg,
@@ -80,7 +49,7 @@ fn a_secured_larderd_serves_the_client_with_tokens_over_https() {
     );
     assert_ne!(r.code, 0);
     // With the CA but without a token, or with a read-only token: refused with exit 3.
-    let secure = [("LARDER_CA_CERT", ca.as_str())];
+    let secure = [("LARDER_CA_CERT", ca)];
     run(&["--url", &url, "put", "ci-main", "a", src], &secure).fails(3, "401");
     run(
         &["--url", &url, "--token", READER, "put", "ci-main", "a", src],
@@ -95,7 +64,7 @@ fn a_secured_larderd_serves_the_client_with_tokens_over_https() {
     .ok();
     assert_eq!(put.stdout_text().trim(), etag_of(&body));
     let out = dir.path().join("out");
-    let reader_env = [("LARDER_CA_CERT", ca.as_str()), ("LARDER_TOKEN", READER)];
+    let reader_env = [("LARDER_CA_CERT", ca), ("LARDER_TOKEN", READER)];
     run(
         &[
             "--url",

@@ -4,7 +4,12 @@
 //!
 //! Tests talk to the process over HTTP exactly as users do; nothing here reaches into the
 //! server. The binary is (re)built once per test process with `cargo build`, so a test never
-//! runs against a stale server.
+//! runs against a stale server. [`TestPki`] and [`token_sha256`] provide what tests of HTTPS
+//! and access control configure it with.
+
+mod pki;
+
+pub use pki::{TestPki, token_sha256};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -28,15 +33,32 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let release = profile_dir().file_name().is_some_and(|n| n == "release");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "larderd",
-            "-p",
-            "larder-client",
-        ]);
+        // The same selection as `cargo test --workspace` (the README's test command): with
+        // test targets in the build, dev-dependencies take part in feature unification, so
+        // this resolves the features exactly as the test run did and finds the binaries it
+        // built up to date. Building only the binaries would resolve other features (the
+        // tests' TLS crates enable more of ring and rustls) and relink both binaries, and the
+        // next `cargo test` would do it again.
+        cmd.args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
+        // What cargo sets for the test process describes the test's own package; a build
+        // script that watches one of them (ring's watches CARGO_MANIFEST_DIR) would rerun and
+        // rebuild everything above it, differently from each package's tests.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    &*name,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                )
+            {
+                cmd.env_remove(&*name);
+            }
+        }
         if release {
             cmd.arg("--release");
         }

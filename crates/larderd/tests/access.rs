@@ -2,34 +2,14 @@
 //! the loopback-only default without tokens, and tokens kept out of logs, metrics and stored
 //! headers.
 
-use larder_testkit::{Larderd, binary};
+use larder_testkit::{Larderd, binary, token_sha256};
 use reqwest::{Client, StatusCode};
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 const WRITER: &str = "ci-writer-3f9a1c";
 const READER: &str = "ci-reader-77b2e0";
 const OPS: &str = "ops-admin-c0ffee";
 const NARROW: &str = "narrow-reader-5e1d";
-
-fn sha256_hex(token: &str) -> String {
-    // Through the binary itself, so the documented way of producing the config line is tested.
-    let mut child = Command::new(binary("larderd"))
-        .arg("--hash-token")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let line = String::from_utf8(out.stdout).unwrap();
-    line.trim()
-        .strip_prefix("sha256 = \"")
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("unexpected --hash-token output {line:?}"))
-        .to_string()
-}
 
 fn config(dir: &std::path::Path, extra: &str) -> String {
     let path = dir.join("larder.toml");
@@ -39,10 +19,10 @@ fn config(dir: &std::path::Path, extra: &str) -> String {
          [[tokens]]\nname = \"ci-reader\"\nsha256 = \"{}\"\nscopes = [\"read\"]\nnamespaces = [\"ci-*\", \"shared\"]\n\
          [[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nscopes = [\"read\", \"admin\"]\n\
          [[tokens]]\nname = \"narrow\"\nsha256 = \"{}\"\nscopes = [\"read\"]\nnamespaces = [\"ci-a\"]\n",
-        sha256_hex(WRITER),
-        sha256_hex(READER),
-        sha256_hex(OPS),
-        sha256_hex(NARROW)
+        token_sha256(WRITER),
+        token_sha256(READER),
+        token_sha256(OPS),
+        token_sha256(NARROW)
     );
     std::fs::write(&path, toml).unwrap();
     path.to_str().unwrap().to_string()

@@ -2,54 +2,16 @@
 //! uploads over both, clients that do not trust the CA refused, bad certificate files refused
 //! at start-up with a reason.
 
-use larder_testkit::{Larderd, binary};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use larder_testkit::{Larderd, TestPki, binary};
 use reqwest::{Certificate, Client, StatusCode, Version};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-struct Pki {
-    ca_pem: String,
-    cert: PathBuf,
-    key: PathBuf,
-    _dir: tempfile::TempDir,
+fn start(pki: &TestPki) -> Larderd {
+    Larderd::start(&pki.server_args())
 }
 
-/// A throw-away CA and a server certificate for 127.0.0.1 and localhost signed by it.
-fn pki() -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_params =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, leaf.pem()).unwrap();
-    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
-    Pki {
-        ca_pem: ca_cert.pem(),
-        cert,
-        key,
-        _dir: dir,
-    }
-}
-
-fn start(pki: &Pki) -> Larderd {
-    Larderd::start(&[
-        "--tls-cert",
-        pki.cert.to_str().unwrap(),
-        "--tls-key",
-        pki.key.to_str().unwrap(),
-    ])
-}
-
-fn trusting(pki: &Pki) -> reqwest::ClientBuilder {
+fn trusting(pki: &TestPki) -> reqwest::ClientBuilder {
     Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -58,7 +20,7 @@ fn trusting(pki: &Pki) -> reqwest::ClientBuilder {
 
 #[tokio::test]
 async fn https_serves_pinned_ranges_over_http2_and_http1() {
-    let pki = pki();
+    let pki = TestPki::new("larderd");
     let srv = start(&pki);
     assert_eq!(srv.scheme, "https");
     let url = srv.object_url("ci", "artifact");
@@ -104,7 +66,7 @@ async fn https_serves_pinned_ranges_over_http2_and_http1() {
 
 #[tokio::test]
 async fn clients_without_the_ca_and_plain_http_are_refused() {
-    let pki = pki();
+    let pki = TestPki::new("larderd");
     let srv = start(&pki);
     let untrusting = Client::builder()
         .use_rustls_tls()
@@ -153,8 +115,8 @@ fn start_error(cert: &Path, key: &Path) -> String {
 
 #[test]
 fn bad_certificate_files_are_refused_with_a_reason() {
-    let pki = pki();
-    let other = self::pki();
+    let pki = TestPki::new("larderd");
+    let other = TestPki::new("other");
     let err = start_error(&pki.cert, &other.key);
     assert!(err.contains("does not fit the certificate"), "{err}");
     let err = start_error(&pki.key, &pki.key);
