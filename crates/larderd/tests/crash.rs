@@ -22,7 +22,12 @@ async fn kill_9_during_concurrent_overwrites_leaves_whole_revisions() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let mut srv = Larderd::start_in(&data_dir, &[]);
-    let http = Client::new();
+    // A request the kill interrupts must end in an error, never wait forever: a writer stuck in
+    // the connection pool after the kill once hung this test (no socket left, no wake-up).
+    let http = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     for round in 0..4 {
         let writers: Vec<_> = (0..6)
             .map(|w| {
