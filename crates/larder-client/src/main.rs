@@ -228,6 +228,11 @@ struct DownloadArgs {
     /// Retries per range after transient failures (resets, 5xx, stalls).
     #[arg(long, default_value_t = larder_client::DEFAULT_RETRIES)]
     retries: u32,
+    /// Do not flush the file or restored tree to disk before placing it. Faster (a quarter of
+    /// a large restore); after a power loss it may then be visible with data missing. For
+    /// disks that do not outlive the machine, such as ephemeral CI runners.
+    #[arg(long, env = "LARDER_NO_SYNC", value_parser = clap::builder::BoolishValueParser::new())]
+    no_sync: bool,
 }
 
 impl DownloadArgs {
@@ -241,6 +246,7 @@ impl DownloadArgs {
             chunk_size,
             idle_timeout,
             retries: self.retries,
+            sync: !self.no_sync,
             progress,
             ..DownloadOptions::default()
         })
@@ -582,6 +588,8 @@ fn download_json(name: &ObjectName, dest: &str, s: &DownloadSummary) -> serde_js
         "bytes_per_second": if secs > 0.0 { (s.info.size as f64 / secs) as u64 } else { 0 },
         "restarts": s.restarts,
         "retries": s.retries,
+        "hedged": s.hedged,
+        "hedges_won": s.hedges_won,
         "replicas": s.replicas.iter().map(|r| json!({
             "url": r.url,
             "bytes": r.bytes,

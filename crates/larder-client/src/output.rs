@@ -87,15 +87,18 @@ pub struct FileSink {
     target: PathBuf,
     staged: Option<StagedFile>,
     file: Option<Arc<File>>,
+    /// `fsync` before the rename (see `DownloadOptions::sync`).
+    sync: bool,
 }
 
 impl FileSink {
     /// Nothing is created until the object is known to exist.
-    pub fn new(target: &Path) -> FileSink {
+    pub fn new(target: &Path, sync: bool) -> FileSink {
         FileSink {
             target: target.to_path_buf(),
             staged: None,
             file: None,
+            sync,
         }
     }
 }
@@ -132,8 +135,10 @@ impl Sink for FileSink {
         let dest = self.target.display().to_string();
         let file = self.file.take().expect("begun");
         // Durable before visible: after a crash the target is either the old file or this one.
-        file.sync_all()
-            .map_err(|e| Error::io(format!("cannot sync the download of {dest}"), e))?;
+        if self.sync {
+            file.sync_all()
+                .map_err(|e| Error::io(format!("cannot sync the download of {dest}"), e))?;
+        }
         self.staged.take().expect("begun").commit()
     }
 

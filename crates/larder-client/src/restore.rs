@@ -4,8 +4,8 @@
 //! Why staging: a CI job that restores a cache and then builds must never see half a tree, nor a
 //! tree from a corrupt or tampered archive. The archive is extracted beside the target (same file
 //! system, so the final step is a rename), the download's digest is verified, the file system is
-//! synced (one `syncfs`, no per-file `fsync`; writeback is started early, see [`EarlySync`]),
-//! and only then is the staging directory renamed into place — with
+//! synced (one `syncfs`, no per-file `fsync`; writeback is started early, see [`EarlySync`];
+//! skipped with `--no-sync`), and only then is the staging directory renamed into place — with
 //! `renameat2(RENAME_NOREPLACE)` so a target that appeared meanwhile is not silently replaced, or
 //! with `RENAME_EXCHANGE` under `--force`, which swaps old and new in one step (there is no
 //! instant without a target) before the old tree is deleted. A failure at any point removes the
@@ -82,6 +82,7 @@ impl Downloader {
         let sink = RestoreSink {
             target: target.to_path_buf(),
             force: opts.force,
+            sync: self.options().sync,
             progress: self.options().progress.clone(),
             run: None,
             stats: None,
@@ -125,6 +126,8 @@ const QUEUE: usize = 2;
 struct RestoreSink {
     target: PathBuf,
     force: bool,
+    /// Flush the tree before placing it (see `DownloadOptions::sync`).
+    sync: bool,
     progress: Progress,
     run: Option<Extraction>,
     stats: Option<Stats>,
@@ -196,11 +199,15 @@ impl Sink for RestoreSink {
             })?
             .keep();
         let (tx, rx) = sync_channel::<Bytes>(QUEUE);
-        let (root, progress, target) =
-            (staging.clone(), self.progress.clone(), self.target.clone());
+        let (root, progress, target, sync) = (
+            staging.clone(),
+            self.progress.clone(),
+            self.target.clone(),
+            self.sync,
+        );
         let thread = std::thread::Builder::new()
             .name("larder-extract".into())
-            .spawn(move || extract(rx, &root, &target, &progress));
+            .spawn(move || extract(rx, &root, &target, &progress, sync));
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
@@ -235,8 +242,10 @@ impl Sink for RestoreSink {
     fn finish(&mut self) -> Result<(), Error> {
         let mut run = self.run.take().expect("begun");
         let stats = run.join()?;
-        self.progress.set_message("syncing");
-        sync_tree(&run.staging)?;
+        if self.sync {
+            self.progress.set_message("syncing");
+            sync_tree(&run.staging)?;
+        }
         self.progress.set_message("placing");
         place(&run.staging, &self.target, self.force, &self.progress)?;
         // Placed: the staging path now holds nothing of ours (or the old tree, already removed).
@@ -293,6 +302,7 @@ fn extract(
     root: &Path,
     target: &Path,
     progress: &Progress,
+    sync: bool,
 ) -> Result<Stats, Error> {
     let input = ChannelReader {
         rx,
@@ -323,7 +333,8 @@ fn extract(
         progress,
         writers: Writers::start(root, workers).map_err(|e| Error::io("cannot start writers", e))?,
     };
-    let _early_sync = EarlySync::start(root, EARLY_SYNC_EVERY);
+    // Without the final flush there is nothing to prepare for: writeback is the kernel's affair.
+    let _early_sync = sync.then(|| EarlySync::start(root, EARLY_SYNC_EVERY));
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         unpacker.entry(&mut entry)?;

@@ -93,6 +93,13 @@ fn bytes_are_identical_at_every_chunk_boundary() {
     )
     .ok();
     assert!(std::fs::read(&out).unwrap() == body);
+    // Without the flush (the environment form a CI runner would set) the bytes are the same.
+    let fast = dir.path().join("one-no-sync");
+    let mut args = get_args("one", fast.to_str().unwrap(), &[]);
+    args.insert(0, "--url");
+    args.insert(1, &url);
+    common::larder_env(&args, &[("LARDER_NO_SYNC", "1")]).ok();
+    assert!(std::fs::read(&fast).unwrap() == body);
     let leftovers: Vec<_> = dir_entries(dir.path())
         .into_iter()
         .filter(|n| n.starts_with('.'))
@@ -139,6 +146,44 @@ fn a_download_spreads_over_every_replica() {
     let run = larder(&urls[0], &args, None).ok();
     assert!(std::fs::read(&out2).unwrap() == body);
     assert_eq!(run.json()["replicas"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn ranges_stuck_on_a_slow_replica_are_hedged_to_another() {
+    // The same larderd twice: directly, and behind a proxy that trickles every body at 32 KiB/s
+    // (a replica reading through from a slow S3, say), so a 64 KiB range there takes 2 s
+    // while the direct one answers in milliseconds.
+    let srv = Larderd::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let body = data(2 * 1024 * 1024 + 17, 41);
+    let src = dir.path().join("src");
+    std::fs::write(&src, &body).unwrap();
+    put_file(&srv.url(), "hedged", &src);
+    let slow = Proxy::start(&srv.url(), Some(32 * 1024), None);
+    let out = dir.path().join("out");
+    let mut args = vec!["--url", &slow.url];
+    args.extend(get_args("hedged", out.to_str().unwrap(), &["--json"]));
+    let run = larder(&srv.url(), &args, None).ok();
+    assert!(std::fs::read(&out).unwrap() == body);
+    let v = run.json();
+    let (hedged, won) = (
+        v["hedged"].as_u64().unwrap(),
+        v["hedges_won"].as_u64().unwrap(),
+    );
+    // Round-robin sends every other range to the slow replica; each is asked again from the
+    // direct one once it takes 3 × the median (at least 200 ms) and the direct answer wins.
+    assert!(won >= 1 && hedged >= won, "{v}");
+    assert_eq!(v["retries"], 0, "a slow replica is not a failed one: {v}");
+
+    // One replica: nothing to hedge to.
+    let single = dir.path().join("single");
+    let run = larder(
+        &srv.url(),
+        &get_args("hedged", single.to_str().unwrap(), &["--json"]),
+        None,
+    )
+    .ok();
+    assert_eq!(run.json()["hedged"], 0);
 }
 
 /// Runs `larder put` directly against larderd (never through the proxy).

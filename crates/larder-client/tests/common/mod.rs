@@ -63,6 +63,7 @@ pub fn larder(url: &str, args: &[&str], stdin: Option<&[u8]>) -> Run {
         .env_remove("LARDER_CA_CERT")
         .env_remove("LARDER_CONCURRENCY")
         .env_remove("LARDER_CHUNK_SIZE")
+        .env_remove("LARDER_NO_SYNC")
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -128,6 +129,7 @@ pub fn larder_env(args: &[&str], env: &[(&str, &str)]) -> Run {
         "LARDER_CA_CERT",
         "LARDER_CONCURRENCY",
         "LARDER_CHUNK_SIZE",
+        "LARDER_NO_SYNC",
     ] {
         cmd.env_remove(v);
     }
