@@ -1062,19 +1062,23 @@ impl Shared {
             Either::Left((result, _)) => return (r, result),
             Either::Right(((), first)) => first,
         };
+        if self.hedge_target(index, r).is_none() {
+            return (r, first.await);
+        }
         // Slow ranges often come in groups (all those on one replica): they queue for a hedge
         // slot rather than give up on hedging when another holds it.
         let (slot, first) = match select(first, Box::pin(self.hedging.slots.acquire())).await {
             Either::Left((result, _)) => return (r, result),
             Either::Right((slot, first)) => (slot, first),
         };
-        let other = self.pick(index, Some(r));
-        let healthy = lock(&self.replicas[other].health)
-            .down_until
-            .is_none_or(|until| until <= Instant::now());
-        let slot = match slot {
-            Ok(slot) if other != r && healthy => slot,
-            _ => return (r, first.await),
+        // Replicas may have failed while this range waited for the slot.
+        let (slot, other) = match (slot, self.hedge_target(index, r)) {
+            (Ok(slot), Some(other)) => (slot, other),
+            // Not hedged after all: the slot goes back before the long wait.
+            (slot, _) => {
+                drop(slot);
+                return (r, first.await);
+            }
         };
         self.hedging.started.fetch_add(1, Ordering::Relaxed);
         let second = Box::pin(self.timed_range(other, range, pin));
@@ -1104,6 +1108,17 @@ impl Shared {
         };
         drop(slot);
         outcome
+    }
+
+    /// Another replica than `r` that may take over the `index`th range now: serving the pin
+    /// and not in quarantine.
+    fn hedge_target(&self, index: u64, r: usize) -> Option<usize> {
+        let other = self.pick(index, Some(r));
+        let healthy = lock(&self.replicas[other].health)
+            .down_until
+            .is_none_or(|until| until <= Instant::now());
+        let serves_pin = !self.replicas[other].diverged.load(Ordering::Relaxed);
+        (other != r && healthy && serves_pin).then_some(other)
     }
 
     /// Returns once a range started at `started` counts as slow. Until enough ranges finished
