@@ -76,6 +76,11 @@ for config in $CONFIGS; do
       --pid "$server" --label "$config" --json "$WORK/$config.json" ${LOAD_ARGS:-} | tee "$WORK/$config.md"; then
     status=1
   fi
+  # What the server keeps once the load is gone (it should hand the burst's memory back).
+  sleep 15
+  rss_after=$(awk '/^VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$server/status")
+  log "$config: RSS 15 s after the load: $rss_after MiB"
+  echo "$rss_after" >"$WORK/$config.rss-after"
   if grep -Eq "ERROR|panicked" "$WORK/larder-$config.err"; then
     log "$config: server errors (first 20 lines of $WORK/larder-$config.err):"
     grep -E "ERROR|panicked" "$WORK/larder-$config.err" | head -20 >&2
@@ -92,8 +97,8 @@ import json, sys
 work, configs = sys.argv[1], sys.argv[2:]
 kinds = ["GET", "range GET (If-Match)", "HEAD", "GET If-None-Match", "PUT (overwrite)"]
 print("| configuration | " + " | ".join(f"{k} p50 / p99 ms" for k in kinds)
-      + " | req/s | MiB/s out of larderd | RSS peak (VmHWM) | CPU % server / generator / other | unexpected |")
-print("| --- |" + " ---: |" * (len(kinds) + 5))
+      + " | req/s | MiB/s out of larderd | RSS peak (VmHWM) | RSS 15 s after | CPU % server / generator / other | unexpected |")
+print("| --- |" + " ---: |" * (len(kinds) + 6))
 for c in configs:
     try:
         r = json.load(open(f"{work}/{c}.json"))
@@ -102,9 +107,14 @@ for c in configs:
         continue
     cells = [f"{r['kinds'][k]['p50_ms']:.1f} / {r['kinds'][k]['p99_ms']:.1f}" for k in kinds]
     cpu = r["cpu_pct"]
+    try:
+        after = open(f"{work}/{c}.rss-after").read().strip() + " MiB"
+    except OSError:
+        after = "?"
+
     other = max(0, cpu["machine"] - cpu["server"] - cpu["generator"])
     print(f"| {c} | " + " | ".join(cells)
-          + f" | {r['req_per_s']:.0f} | {r['mib_per_s_in']:.0f} | {r['rss_hwm_mib']:.0f} MiB"
+          + f" | {r['req_per_s']:.0f} | {r['mib_per_s_in']:.0f} | {r['rss_hwm_mib']:.0f} MiB | {after}"
           + f" | {cpu['server']:.0f} / {cpu['generator']:.0f} / {other:.0f} | {r['unexpected']} |")
 EOF
 exit $status

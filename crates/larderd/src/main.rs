@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod config;
 mod io;
+mod memory;
 mod metrics;
 mod server;
 mod tls;

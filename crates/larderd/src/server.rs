@@ -85,6 +85,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<State>, opts: ServeOptions) -> a
         header_timeout: limits.header_timeout,
     });
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    crate::memory::spawn_trimmer(connections.clone(), limits.max_connections);
     // Connections beyond the limit are told so (503) while a few of them fit; past that they
     // are closed at once, so a flood cannot buy memory by opening sockets.
     let refusals = Arc::new(Semaphore::new((limits.max_connections / 16).clamp(8, 256)));
