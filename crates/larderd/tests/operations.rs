@@ -127,6 +127,84 @@ async fn metrics_cover_what_an_operator_alerts_on() {
     assert!(series(&m, "larder_disk_bytes").unwrap() <= (5 << 20) as f64);
 }
 
+/// Listing namespaces over S3 reads every reference (one request per key), so any reader could
+/// make the bucket work as hard as it is big, over and over. The scan is reused for a few
+/// seconds, and a write through the same replica invalidates it.
+#[tokio::test]
+async fn namespace_listings_over_s3_share_one_scan_until_a_write() {
+    if !s3_available("namespace_listings_over_s3_share_one_scan_until_a_write") {
+        return;
+    }
+    let bucket = std::env::var("S3_BUCKET").unwrap();
+    let prefix = format!("scan-test/{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("larder.toml");
+    // No reaper pass during the test: its requests would blur the count.
+    std::fs::write(&cfg, "[s3]\nreap_interval = \"1h\"\n").unwrap();
+    let srv = Larderd::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--s3-bucket",
+        &bucket,
+        "--s3-prefix",
+        &prefix,
+    ]);
+    let http = Client::new();
+    let put = |key: &str| {
+        let (http, url) = (http.clone(), srv.object_url("scanned", key));
+        async move {
+            let r = http.put(url).body(vec![1u8; 1000]).send().await.unwrap();
+            assert!(r.status().is_success());
+        }
+    };
+    let listed = || async {
+        let v: serde_json::Value = http
+            .get(format!("{}/api/v1/namespaces", srv.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ns = v["namespaces"].as_array().unwrap().iter();
+        ns.filter(|n| n["name"] == "scanned")
+            .map(|n| n["objects"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let s3_gets = || async {
+        let m = http
+            .get(format!("{}/metrics", srv.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        series(&m, "larder_s3_request_duration_seconds_count{op=\"get\"}").unwrap_or(0.0)
+    };
+    for key in ["a", "b", "c"] {
+        put(key).await;
+    }
+    assert_eq!(listed().await, 3);
+    let after_first = s3_gets().await;
+    for _ in 0..5 {
+        assert_eq!(listed().await, 3);
+    }
+    assert_eq!(
+        s3_gets().await,
+        after_first,
+        "repeated listings read S3 again"
+    );
+    put("d").await;
+    let before = s3_gets().await;
+    assert_eq!(
+        listed().await,
+        4,
+        "a write through this replica is seen at once"
+    );
+    assert!(s3_gets().await > before, "the write invalidated the scan");
+}
+
 fn resident_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status

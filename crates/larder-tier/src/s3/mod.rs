@@ -95,6 +95,36 @@ struct Inner {
     /// that: references are then written unconditionally (last writer wins).
     conditional_put: AtomicBool,
     expirations: AtomicU64,
+    /// Bumped whenever this process finished (or gave up) changing a reference, so that a
+    /// cached usage scan from before is not served again.
+    ref_changes: AtomicU64,
+    /// The last usage scan; the lock also makes concurrent callers share one scan.
+    usage_cache: tokio::sync::Mutex<Option<UsageScan>>,
+}
+
+/// Namespace → (objects, bytes) of the live references.
+type Usage = BTreeMap<String, (u64, u64)>;
+
+/// How long a usage scan (one S3 request per key) answers namespace listings and stats. Any
+/// reader may list namespaces, and without reuse each listing would cost the bucket as many
+/// requests as it holds keys; writes through this replica are seen at once (they invalidate
+/// the scan), other replicas' writes within this delay.
+const USAGE_TTL: Duration = Duration::from_secs(10);
+
+struct UsageScan {
+    started: std::time::Instant,
+    generation: u64,
+    usage: Usage,
+}
+
+/// Marks the end of a reference change when dropped, however the change ended (done, failed,
+/// or cancelled half-way, when it may still have landed).
+struct RefChange<'a>(&'a AtomicU64);
+
+impl Drop for RefChange<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// A reference object as read, with S3's ETag of it (the CAS token for replacing it).
@@ -118,6 +148,8 @@ impl S3Tier {
                 quoted_update_etag: AtomicBool::new(false),
                 conditional_put: AtomicBool::new(true),
                 expirations: AtomicU64::new(0),
+                ref_changes: AtomicU64::new(0),
+                usage_cache: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -402,6 +434,7 @@ impl Inner {
     /// conditional DELETE everywhere, so this re-reads first; a writer that replaces it in the
     /// few milliseconds between loses its write (a cache miss later, never wrong bytes).
     async fn delete_ref_if_unchanged(&self, path: &Path, s3_etag: &str) -> Result<bool, TierError> {
+        let _change = RefChange(&self.ref_changes);
         match self.read_ref(path).await? {
             Some(current) if current.s3_etag == s3_etag => {
                 self.delete_object(path, "reference delete").await?;
@@ -474,10 +507,31 @@ impl Inner {
             .await
     }
 
-    /// Namespace → (objects, bytes) of the live references.
-    async fn usage(&self) -> Result<BTreeMap<String, (u64, u64)>, TierError> {
+    /// Namespace → (objects, bytes) of the live references, from a scan at most [`USAGE_TTL`]
+    /// old and newer than this process's last reference change.
+    async fn usage(&self) -> Result<Usage, TierError> {
+        let mut cache = self.usage_cache.lock().await;
+        // Read before scanning: a change finishing during the scan outdates its result.
+        let generation = self.ref_changes.load(Ordering::SeqCst);
+        if let Some(scan) = cache.as_ref()
+            && scan.generation == generation
+            && scan.started.elapsed() < USAGE_TTL
+        {
+            return Ok(scan.usage.clone());
+        }
+        let started = std::time::Instant::now();
+        let usage = self.scan_usage().await?;
+        *cache = Some(UsageScan {
+            started,
+            generation,
+            usage: usage.clone(),
+        });
+        Ok(usage)
+    }
+
+    async fn scan_usage(&self) -> Result<Usage, TierError> {
         let now = SystemTime::now();
-        let mut usage: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut usage = Usage::new();
         for (path, current) in self.scan_refs().await? {
             let Some(current) = current.filter(|c| !c.doc.expired_at(now)) else {
                 continue;
@@ -505,6 +559,7 @@ impl Inner {
         mut make_doc: impl FnMut(SystemTime) -> RefDoc,
         opts: &PutOptions,
     ) -> Result<bool, TierError> {
+        let _change = RefChange(&self.ref_changes);
         // The outcome of a PUT whose answer was lost: if the reference now names our body, it
         // landed, and this is what it replaced.
         let mut landed: Option<(bool, Option<String>)> = None;
@@ -738,14 +793,15 @@ impl Tier for S3Tier {
         let Some(current) = inner.read_ref(&ref_path).await? else {
             return Ok(false);
         };
+        let _change = RefChange(&inner.ref_changes);
         inner.delete_object(&ref_path, "reference delete").await?;
         // The body stays for the reaper: another replica may be streaming it right now.
         inner.retire(&current.doc.body).await;
         Ok(!current.doc.expired_at(SystemTime::now()))
     }
 
-    /// Lists and reads every reference object: one request per key, so this is for
-    /// occasional use (the API's namespace listing), not a hot path.
+    /// Lists and reads every reference object: one request per key, so the result is reused
+    /// for a few seconds (see [`USAGE_TTL`]).
     async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
         Ok(self
             .inner
@@ -760,7 +816,7 @@ impl Tier for S3Tier {
             .collect())
     }
 
-    /// As costly as [`Tier::list_namespaces`].
+    /// Shares the (reused) usage scan of [`Tier::list_namespaces`].
     async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
         let usage = self.inner.usage().await?;
         Ok(vec![TierStats {
