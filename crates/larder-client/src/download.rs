@@ -36,7 +36,9 @@
 //! disk, or one on a congested link, sets the pace of the whole download without failing. When
 //! there is more than one replica, a range still unfinished after three times the median time of
 //! recent ranges (at least [`MIN_HEDGE_DELAY`]) is asked again from another replica; the first
-//! complete, checked answer wins and the other request is dropped. At most a quarter of the
+//! complete, checked answer wins and the other request is dropped; a replica that lost such a
+//! race gets no new ranges for [`SLOW_PENALTY`] while others are available, so a persistently
+//! slow replica costs a few hedges per period rather than one per range. At most a quarter of the
 //! concurrency (at least one) is hedged at a time, which bounds the extra connections and the
 //! extra buffers (one chunk each, within the memory bound's slack).
 
@@ -630,7 +632,13 @@ struct Replica {
 struct Health {
     consecutive: u32,
     down_until: Option<Instant>,
+    /// Another replica just answered one of its ranges first (a hedge won): new ranges go
+    /// elsewhere until then, when it gets another chance.
+    slow_until: Option<Instant>,
 }
+
+/// How long a replica that lost a hedge race gets no new ranges while others are available.
+const SLOW_PENALTY: Duration = Duration::from_secs(2);
 
 const FIRST_QUARANTINE: Duration = Duration::from_millis(250);
 const MAX_QUARANTINE: Duration = Duration::from_secs(10);
@@ -639,7 +647,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
 impl Replica {
     fn succeeded(&self) {
-        *lock(&self.health) = Health::default();
+        let mut h = lock(&self.health);
+        h.consecutive = 0;
+        h.down_until = None;
+    }
+
+    /// Its request for a range lost the race against a hedge: it works, but slowly.
+    fn outpaced(&self) {
+        lock(&self.health).slow_until = Some(Instant::now() + SLOW_PENALTY);
     }
 
     fn failed(&self) {
@@ -773,24 +788,33 @@ fn advise_huge_pages(buf: &mut [std::mem::MaybeUninit<u8>]) {
 
 impl Shared {
     /// The replica for the `index`th range: spread round-robin, skipping quarantined replicas
-    /// and, when there is a choice, the one that just failed this range.
+    /// and, when there is a choice, the one that just failed this range and those that just
+    /// lost a hedge race (slow ones come next, quarantined ones last).
     fn pick(&self, index: u64, avoid: Option<usize>) -> usize {
         let n = self.replicas.len();
         let now = Instant::now();
         let mut soonest: Option<(Instant, usize)> = None;
+        let mut slow: Option<usize> = None;
         for k in 0..n {
             let r = ((index % n as u64) as usize + k) % n;
             if (Some(r) == avoid && n > 1) || self.replicas[r].diverged.load(Ordering::Relaxed) {
                 continue;
             }
-            match lock(&self.replicas[r].health).down_until {
+            let h = lock(&self.replicas[r].health);
+            match h.down_until {
                 Some(until) if until > now => {
                     if soonest.is_none_or(|(t, _)| until < t) {
                         soonest = Some((until, r));
                     }
                 }
+                _ if h.slow_until.is_some_and(|until| until > now) => {
+                    slow.get_or_insert(r);
+                }
                 _ => return r,
             }
+        }
+        if let Some(r) = slow {
+            return r;
         }
         // Everyone left is quarantined: try the one that comes back first. The origin is never
         // dropped, so when nothing else is left it is the one.
@@ -1086,6 +1110,7 @@ impl Shared {
             Either::Left((Ok(data), _)) => (r, Ok(data)),
             Either::Right((Ok(data), _)) => {
                 self.hedging.won.fetch_add(1, Ordering::Relaxed);
+                self.replicas[r].outpaced();
                 (other, Ok(data))
             }
             // One failed transiently: the other may still make it. Its failure is booked now,
