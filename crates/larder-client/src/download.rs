@@ -39,8 +39,9 @@
 //! complete, checked answer wins and the other request is dropped; a replica that lost such a
 //! race gets no new ranges for [`SLOW_PENALTY`] while others are available, so a persistently
 //! slow replica costs a few hedges per period rather than one per range. At most a quarter of the
-//! concurrency (at least one) is hedged at a time, which bounds the extra connections and the
-//! extra buffers (one chunk each, within the memory bound's slack).
+//! concurrency (at least one) is hedged at a time, which bounds the extra connections; the
+//! extra buffer of each running hedge counts against the fetch window, so memory stays within
+//! the same bound as without hedging.
 
 use crate::output::{FileSink, WriterSink};
 use crate::progress::Progress;
@@ -392,9 +393,11 @@ impl Downloader {
             if verified == chunks {
                 break Ok(());
             }
+            // A running hedge holds a second buffer for its range: it counts against the window,
+            // so hedging never lifts memory above the bound.
             while fetching.len() < self.opts.concurrency
                 && next_fetch < chunks
-                && next_fetch < verified + window
+                && next_fetch + shared.hedging.running() < verified + window
             {
                 let start = next_fetch * chunk;
                 let range = ByteRange {
@@ -698,6 +701,7 @@ struct Hedging {
     /// Durations of the latest successful range requests, oldest first.
     recent: Mutex<std::collections::VecDeque<Duration>>,
     slots: tokio::sync::Semaphore,
+    max_slots: usize,
     started: AtomicU64,
     won: AtomicU64,
 }
@@ -707,9 +711,16 @@ impl Hedging {
         Hedging {
             recent: Mutex::new(std::collections::VecDeque::with_capacity(LATENCY_WINDOW)),
             slots: tokio::sync::Semaphore::new((concurrency / 4).max(1)),
+            max_slots: (concurrency / 4).max(1),
             started: AtomicU64::new(0),
             won: AtomicU64::new(0),
         }
+    }
+
+    /// Hedges under way, each holding an extra chunk buffer.
+    fn running(&self) -> u64 {
+        self.max_slots
+            .saturating_sub(self.slots.available_permits()) as u64
     }
 
     fn record(&self, took: Duration) {
