@@ -88,8 +88,8 @@ pub struct DownloadOptions {
     pub max_restarts: u32,
     /// Flush a file or restored tree to disk before it becomes visible, so that a power loss
     /// soon after never leaves a visible result with missing data. Off saves the time of the
-    /// flush (a quarter of a 100,000-file restore) where the disk does not outlive the machine,
-    /// as on ephemeral CI runners; the kernel then writes the data back in its own time.
+    /// flush (30–50 % of a 100,000-file restore on 2 cores) where the disk does not outlive
+    /// the machine, as on ephemeral CI runners; the kernel then writes the data back later.
     pub sync: bool,
     pub progress: Progress,
 }
