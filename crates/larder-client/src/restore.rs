@@ -663,6 +663,18 @@ struct WritersShared {
 
 type WriteError = (PathBuf, io::Error);
 
+impl WritersShared {
+    /// Blocks until the queue is in a state `ready` accepts, and returns it locked.
+    fn wait_until(&self, ready: impl Fn(&Queued) -> bool) -> std::sync::MutexGuard<'_, Queued> {
+        let mut q = lock(&self.queued);
+        while !ready(&q) {
+            q.waiting = true;
+            q = self.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        q
+    }
+}
+
 impl Writers {
     fn start(root: &Path, n: usize) -> io::Result<Writers> {
         let shared = Arc::new(WritersShared {
@@ -714,17 +726,10 @@ impl Writers {
     fn submit(&mut self, job: FileJob) -> Result<(), WriteError> {
         self.check()?;
         {
-            let mut q = lock(&self.shared.queued);
-            while q.files > 0
-                && (q.files >= QUEUED_FILES || q.bytes + job.data.len() > QUEUED_BYTES)
-            {
-                q.waiting = true;
-                q = self
-                    .shared
-                    .changed
-                    .wait(q)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
+            let len = job.data.len();
+            let mut q = self.shared.wait_until(|q| {
+                q.files == 0 || (q.files < QUEUED_FILES && q.bytes + len <= QUEUED_BYTES)
+            });
             if q.files == 0 {
                 self.pending.clear();
             }
@@ -764,16 +769,7 @@ impl Writers {
     }
 
     fn settle(&mut self) -> Result<(), WriteError> {
-        let mut q = lock(&self.shared.queued);
-        while q.files > 0 {
-            q.waiting = true;
-            q = self
-                .shared
-                .changed
-                .wait(q)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        drop(q);
+        drop(self.shared.wait_until(|q| q.files == 0));
         self.pending.clear();
         self.check()
     }

@@ -28,26 +28,44 @@ fn series(metrics: &str, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// The Prometheus text of `srv`.
+async fn scrape(srv: &Larderd) -> String {
+    let r = Client::new()
+        .get(format!("{}/metrics", srv.url()))
+        .send()
+        .await;
+    r.unwrap().text().await.unwrap()
+}
+
+/// larderd arguments for the test bucket under a prefix of this test run, with `s3_toml` as
+/// the `[s3]` section of a config file written into `dir`.
+fn over_s3(dir: &std::path::Path, test: &str, s3_toml: &str) -> Vec<String> {
+    let cfg = dir.join("larder.toml");
+    std::fs::write(&cfg, format!("[s3]\n{s3_toml}")).unwrap();
+    vec![
+        "--config".into(),
+        cfg.to_str().unwrap().into(),
+        "--s3-bucket".into(),
+        std::env::var("S3_BUCKET").unwrap(),
+        "--s3-prefix".into(),
+        format!("{test}/{}", std::process::id()),
+    ]
+}
+
 #[tokio::test]
 async fn metrics_cover_what_an_operator_alerts_on() {
     if !s3_available("metrics_cover_what_an_operator_alerts_on") {
         return;
     }
-    let bucket = std::env::var("S3_BUCKET").unwrap();
-    let prefix = format!("ops-test/{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("larder.toml");
-    std::fs::write(&cfg, "[s3]\nreap_interval = \"1s\"\nreap_grace = \"1s\"\n").unwrap();
-    let common = [
-        "--config",
-        cfg.to_str().unwrap(),
-        "--s3-bucket",
-        &bucket,
-        "--s3-prefix",
-        &prefix,
-    ];
+    let args = over_s3(
+        dir.path(),
+        "ops-test",
+        "reap_interval = \"1s\"\nreap_grace = \"1s\"\n",
+    );
+    let common: Vec<&str> = args.iter().map(String::as_str).collect();
     let writer = Larderd::start(&common);
-    let mut small = common.to_vec();
+    let mut small = common.clone();
     small.extend(["--disk-limit", "5MiB"]);
     let reader = Larderd::start(&small);
     let http = Client::new();
@@ -91,14 +109,7 @@ async fn metrics_cover_what_an_operator_alerts_on() {
         .unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await; // a reaper pass
-    let m = http
-        .get(format!("{}/metrics", reader.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = scrape(&reader).await;
     let expect_positive = [
         "larder_http_requests_total{route=\"object\",method=\"GET\",status=\"200\"}",
         "larder_http_requests_total{route=\"object\",method=\"GET\",status=\"404\"}",
@@ -135,20 +146,10 @@ async fn namespace_listings_over_s3_share_one_scan_until_a_write() {
     if !s3_available("namespace_listings_over_s3_share_one_scan_until_a_write") {
         return;
     }
-    let bucket = std::env::var("S3_BUCKET").unwrap();
-    let prefix = format!("scan-test/{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("larder.toml");
     // No reaper pass during the test: its requests would blur the count.
-    std::fs::write(&cfg, "[s3]\nreap_interval = \"1h\"\n").unwrap();
-    let srv = Larderd::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--s3-bucket",
-        &bucket,
-        "--s3-prefix",
-        &prefix,
-    ]);
+    let args = over_s3(dir.path(), "scan-test", "reap_interval = \"1h\"\n");
+    let srv = Larderd::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let http = Client::new();
     let put = |key: &str| {
         let (http, url) = (http.clone(), srv.object_url("scanned", key));
@@ -172,14 +173,7 @@ async fn namespace_listings_over_s3_share_one_scan_until_a_write() {
             .sum::<u64>()
     };
     let s3_gets = || async {
-        let m = http
-            .get(format!("{}/metrics", srv.url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = scrape(&srv).await;
         series(&m, "larder_s3_request_duration_seconds_count{op=\"get\"}").unwrap_or(0.0)
     };
     for key in ["a", "b", "c"] {
@@ -243,14 +237,9 @@ async fn memory_of_a_burst_of_connections_is_given_back() {
     let busy = resident_kib(srv.pid());
     // Idle keep-alive connections stay open while their clients live; the gauge (sampled once a
     // second) sees them, plus this request's own.
-    let metrics = format!("{}/metrics", srv.url());
-    let scrape = || async {
-        let m = Client::new().get(&metrics).send().await.unwrap();
-        m.text().await.unwrap()
-    };
     let mut open = 0.0;
     for _ in 0..50 {
-        open = series(&scrape().await, "larder_connections_open").unwrap_or(0.0);
+        open = series(&scrape(&srv).await, "larder_connections_open").unwrap_or(0.0);
         if open >= 96.0 {
             break;
         }
@@ -266,15 +255,7 @@ async fn memory_of_a_burst_of_connections_is_given_back() {
     let mut trims = 0.0;
     for _ in 0..100 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let m = Client::new()
-            .get(&metrics)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        trims = series(&m, "larder_memory_trims_total").unwrap_or(0.0);
+        trims = series(&scrape(&srv).await, "larder_memory_trims_total").unwrap_or(0.0);
         if trims >= 1.0 {
             break;
         }
