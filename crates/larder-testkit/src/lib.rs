@@ -5,11 +5,14 @@
 //! Tests talk to the process over HTTP exactly as users do; nothing here reaches into the
 //! server. The binary is (re)built once per test process with `cargo build`, so a test never
 //! runs against a stale server. [`TestPki`] and [`token_sha256`] provide what tests of HTTPS
-//! and access control configure it with.
+//! and access control configure it with; [`TcpRelay`] puts the S3 server behind a slow or broken
+//! link; [`s3`] says whether a real S3 server is there and how to point replicas at it.
 
 mod pki;
+mod relay;
 
 pub use pki::{TestPki, token_sha256};
+pub use relay::TcpRelay;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -81,29 +84,44 @@ pub struct Larderd {
     pub scheme: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     _owned_dir: Option<tempfile::TempDir>,
 }
 
 impl Larderd {
     /// Starts larderd on a free loopback port with a fresh data directory and extra `args`.
     pub fn start(args: &[&str]) -> Larderd {
+        Larderd::start_with_env(args, &[])
+    }
+
+    /// Like [`Larderd::start`], with extra environment variables (e.g. `AWS_ENDPOINT_URL`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Larderd {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("data");
-        let mut l = Larderd::start_in(&data_dir, args);
+        let mut l = Larderd::launch(&data_dir, args, env);
         l._owned_dir = Some(dir);
         l
     }
 
     /// Starts larderd on `data_dir` (kept after the process stops, for restart tests).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Larderd {
+        Larderd::launch(data_dir, args, &[])
+    }
+
+    fn launch(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Larderd {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (child, scheme, addr) = spawn(data_dir, &args);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (child, scheme, addr) = spawn(data_dir, &args, &env);
         Larderd {
             child: Some(child),
             addr,
             scheme,
             data_dir: data_dir.to_path_buf(),
             args,
+            env,
             _owned_dir: None,
         }
     }
@@ -139,7 +157,7 @@ impl Larderd {
     /// Starts a new process on the same data directory and arguments (a fresh port).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, scheme, addr) = spawn(&self.data_dir, &self.args);
+        let (child, scheme, addr) = spawn(&self.data_dir, &self.args, &self.env);
         self.child = Some(child);
         self.scheme = scheme;
         self.addr = addr;
@@ -153,8 +171,9 @@ fn send_signal(pid: u32, signal: &str) {
         .status();
 }
 
-fn spawn(data_dir: &Path, args: &[String]) -> (Child, String, String) {
+fn spawn(data_dir: &Path, args: &[String], env: &[(String, String)]) -> (Child, String, String) {
     let mut child = Command::new(binary("larderd"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")
@@ -200,4 +219,74 @@ impl Drop for Larderd {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// The real S3 server the tests share (started by scripts/test.sh).
+pub mod s3 {
+    /// Whether an S3 server is configured; prints `SKIPPED <test>: …` when not.
+    pub fn available(test: &str) -> bool {
+        let ok = ["AWS_ENDPOINT_URL", "S3_BUCKET", "AWS_ACCESS_KEY_ID"]
+            .iter()
+            .all(|v| std::env::var_os(v).is_some());
+        if !ok {
+            println!("SKIPPED {test}: no S3 server (run scripts/s3-server.sh, or scripts/test.sh)");
+        }
+        ok
+    }
+
+    /// The S3 server's `host:port`.
+    pub fn endpoint_addr() -> String {
+        let url = std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL");
+        url.trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// A key prefix of the shared bucket that no other test uses.
+    pub fn unique_prefix(test: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        format!("{test}/{:x}-{}", nanos, std::process::id())
+    }
+
+    /// larderd arguments for a replica over the shared bucket under `prefix`.
+    pub fn replica_args(prefix: &str) -> Vec<String> {
+        vec![
+            "--s3-bucket".into(),
+            std::env::var("S3_BUCKET").expect("S3_BUCKET"),
+            "--s3-prefix".into(),
+            prefix.into(),
+        ]
+    }
+}
+
+/// The `ETag` header value larder gives `data`: its BLAKE3 digest, quoted.
+pub fn etag_of(data: &[u8]) -> String {
+    format!("\"{}\"", blake3::hash(data).to_hex())
+}
+
+/// `len` bytes of a xorshift sequence: incompressible, and different for every seed.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The value of the first Prometheus series in `metrics` whose text starts with `prefix`
+/// (name and labels), e.g. `larder_fills_total{result="filled"}`.
+pub fn metric(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }

@@ -17,7 +17,7 @@ pub mod s3;
 mod tier;
 pub mod tiered;
 
-pub use disk::{DiskConfig, DiskTier, Spool};
+pub use disk::{DiskConfig, DiskTier, Spool, StagedRevision};
 pub use error::{ErrorKind, TierError};
 pub use s3::{ConditionalPut, ReapReport, S3Config, S3Tier};
 pub use tier::{

@@ -569,3 +569,95 @@ async fn concurrent_writes_leave_the_local_copy_the_remote_kept() {
     }
     assert_eq!(stale, 0, "rounds that left a superseded local copy");
 }
+
+/// A remote whose body reads (not HEADs) wait until the gate opens, as an S3 server that is slow
+/// to answer: a request that starts a fill can then be dropped while the fill waits for S3.
+struct SlowToAnswer {
+    inner: Arc<dyn Tier>,
+    open: tokio::sync::watch::Sender<bool>,
+    waiting: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Tier for SlowToAnswer {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn get(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: GetOptions,
+    ) -> Result<GetResponse, TierError> {
+        if !opts.head {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+        }
+        self.inner.get(ns, key, opts).await
+    }
+    async fn put(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<PutResult, TierError> {
+        self.inner.put(ns, key, body, opts).await
+    }
+    async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
+        self.inner.delete(ns, key).await
+    }
+    async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
+        self.inner.list_namespaces().await
+    }
+    async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
+        self.inner.stats().await
+    }
+}
+
+/// Regression (issue 10, item 7): the fill's bookkeeping belonged to the request that started
+/// it; when that request was dropped while waiting for S3, the entry stayed, and once the key
+/// changed every later miss read S3 directly and the key was never cached on that replica again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
+    let remote_disk = disk().await;
+    let remote = Arc::new(SlowToAnswer {
+        inner: remote_disk.clone(),
+        open: tokio::sync::watch::channel(false).0,
+        waiting: AtomicUsize::new(0),
+    });
+    let local = disk().await;
+    let t = tiered(local.clone(), remote.clone(), Duration::from_secs(60));
+    let k = key("abandoned");
+    let old = pattern(256 << 10, 1);
+    remote_disk
+        .put(&ns(), &k, upload(old), PutOptions::default())
+        .await
+        .unwrap();
+
+    let reader = {
+        let (t, k) = (t.clone(), k.clone());
+        tokio::spawn(async move { read(t.as_ref(), &k, ReadConditions::default()).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while remote.waiting.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the fill never asked the remote");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    reader.abort(); // the client went away while S3 had not answered yet
+    let _ = reader.await;
+
+    let new = pattern(256 << 10, 2);
+    let new_etag = remote_disk
+        .put(&ns(), &k, upload(new.clone()), PutOptions::default())
+        .await
+        .unwrap()
+        .etag;
+    remote.open.send_replace(true);
+    let (_, etag, body) = read(t.as_ref(), &k, ReadConditions::default())
+        .await
+        .unwrap();
+    assert_eq!(etag, new_etag);
+    assert!(body == new);
+    wait_for_fill(&local, &k, &new_etag).await;
+}

@@ -177,9 +177,9 @@ impl DiskTier {
     }
 
     /// Starts storing a revision that readers can follow while it is being written (a fill from
-    /// another tier), exactly as [`Tier::put`] would store it. Returns the spool to read from and
-    /// the future that performs the write; nothing happens until that future is polled.
-    pub fn put_spooled(
+    /// another tier). Returns the spool to read from and the future that writes and verifies the
+    /// revision without committing it; nothing happens until that future is polled.
+    pub fn spool(
         &self,
         ns: &Namespace,
         key: &Key,
@@ -188,7 +188,7 @@ impl DiskTier {
     ) -> Result<
         (
             Spool,
-            impl Future<Output = Result<PutResult, TierError>> + Send + 'static + use<>,
+            impl Future<Output = Result<StagedRevision, TierError>> + Send + 'static + use<>,
         ),
         TierError,
     > {
@@ -202,8 +202,55 @@ impl DiskTier {
         let write =
             self.inner
                 .clone()
-                .write(ns.clone(), key.clone(), body, opts, prepared, Some(tx));
+                .stage(ns.clone(), key.clone(), body, opts, prepared, Some(tx));
         Ok((spool, write))
+    }
+
+    /// Writes and verifies a revision without committing it: the caller decides later, with
+    /// [`DiskTier::commit_staged`], whether it becomes the key's revision (a write-through cache
+    /// commits its copy only once the authoritative tier has committed the same revision).
+    pub async fn stage(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<StagedRevision, TierError> {
+        let prepared = self.inner.prepare(ns, key, &opts)?;
+        self.inner
+            .clone()
+            .stage(ns.clone(), key.clone(), body, opts, prepared, None)
+            .await
+    }
+
+    /// Commits a staged revision (checking its precondition, as [`Tier::put`] does) if
+    /// `still_wanted` says yes at the moment of the commit: it is asked under the same lock as
+    /// every commit, delete and eviction of this tier, so a caller whose own bookkeeping says no
+    /// (the key was deleted or superseded meanwhile) can never lose that race. A `false`
+    /// discards the revision with `PreconditionFailed`.
+    pub async fn commit_staged(
+        &self,
+        staged: StagedRevision,
+        still_wanted: impl Fn() -> bool + Send + 'static,
+    ) -> Result<PutResult, TierError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let StagedRevision {
+                ns,
+                key,
+                temp,
+                fixed,
+                opts,
+            } = staged;
+            let created = inner.commit(&ns, &key, temp, &fixed, &opts, &still_wanted)?;
+            Ok(PutResult {
+                etag: fixed.etag(),
+                size: fixed.body_len,
+                created,
+            })
+        })
+        .await
+        .map_err(|e| TierError::internal("disk commit", e))?
     }
 
     /// Streams `len` body bytes at `start` of a spooled revision, each chunk as soon as the
@@ -619,6 +666,7 @@ impl Inner {
         mut temp: TempFile,
         fixed: &Fixed,
         opts: &PutOptions,
+        still_wanted: &dyn Fn() -> bool,
     ) -> Result<bool, TierError> {
         let hash = key_hash(key);
         let id: EntryId = (Arc::from(ns.as_str()), hash);
@@ -632,6 +680,12 @@ impl Inner {
                 == WriteOutcome::PreconditionFailed
             {
                 return Err(TierError::precondition_failed(current.map(|v| v.etag)));
+            }
+            if !still_wanted() {
+                return Err(TierError::new(
+                    ErrorKind::PreconditionFailed,
+                    "the revision was superseded or deleted before it was committed",
+                ));
             }
             fs::rename(&temp.path, &path).map_err(|e| TierError::io("publish revision", &e))?;
             self.uncache(&id);
@@ -696,7 +750,7 @@ impl Inner {
         })
     }
 
-    async fn write(
+    async fn stage(
         self: Arc<Self>,
         ns: Namespace,
         key: Key,
@@ -704,7 +758,7 @@ impl Inner {
         opts: PutOptions,
         prepared: Prepared,
         progress: Option<watch::Sender<u64>>,
-    ) -> Result<PutResult, TierError> {
+    ) -> Result<StagedRevision, TierError> {
         let Prepared { temp, file, header } = prepared;
         let (tx, rx) = mpsc::channel(8);
         let writer =
@@ -771,18 +825,29 @@ impl Inner {
                 ),
             ));
         }
-        let inner = self.clone();
-        let commit_fixed = fixed.clone();
-        let created = tokio::task::spawn_blocking(move || {
-            inner.commit(&ns, &key, temp, &commit_fixed, &opts)
+        Ok(StagedRevision {
+            ns,
+            key,
+            temp,
+            fixed,
+            opts,
         })
-        .await
-        .map_err(|e| TierError::internal("disk commit", e))??;
-        Ok(PutResult {
-            etag: fixed.etag(),
-            size: fixed.body_len,
-            created,
-        })
+    }
+}
+
+/// A revision written to a temp file and verified, not yet committed. Dropping it removes the
+/// temp file.
+pub struct StagedRevision {
+    ns: Namespace,
+    key: Key,
+    temp: TempFile,
+    fixed: Fixed,
+    opts: PutOptions,
+}
+
+impl StagedRevision {
+    pub fn etag(&self) -> ETag {
+        self.fixed.etag()
     }
 }
 
@@ -1015,11 +1080,8 @@ impl Tier for DiskTier {
         body: UploadStream,
         opts: PutOptions,
     ) -> Result<PutResult, TierError> {
-        let prepared = self.inner.prepare(ns, key, &opts)?;
-        self.inner
-            .clone()
-            .write(ns.clone(), key.clone(), body, opts, prepared, None)
-            .await
+        let staged = self.stage(ns, key, body, opts).await?;
+        self.commit_staged(staged, || true).await
     }
 
     async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {

@@ -230,10 +230,12 @@ async fn a_spool_is_readable_while_written_and_a_failed_writer_fails_its_readers
             )
             .boxed();
         let k = key(if fail { "spool/fail" } else { "spool/ok" });
-        let (spool, write) = t
-            .put_spooled(&ns("ci"), &k, body, PutOptions::default())
-            .unwrap();
-        let write = tokio::spawn(write);
+        let (spool, write) = t.spool(&ns("ci"), &k, body, PutOptions::default()).unwrap();
+        let committer = t.clone();
+        let write = tokio::spawn(async move {
+            let staged = write.await?;
+            committer.commit_staged(staged, || true).await
+        });
         let mut reader = t
             .read_spool(&spool, 1000, data.len() as u64 - 2000)
             .await

@@ -1,0 +1,128 @@
+//! A TCP relay for putting a dependency (the S3 server) "far away" or "down" as larderd sees it,
+//! without disturbing the real server other tests share: it can be switched off (connections
+//! refused, open ones cut) and on again, and can throttle what flows back to the client to a
+//! total rate shared by all its connections (a slow link to S3 makes fills take seconds, so
+//! that races with them can be staged without guessing at timing).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+pub struct TcpRelay {
+    /// `127.0.0.1:PORT` the relay listens on.
+    pub addr: String,
+    upstream: String,
+    bytes_per_sec: Option<u64>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TcpRelay {
+    /// Starts relaying to `upstream` (`host:port`); with `bytes_per_sec`, upstream→client bytes
+    /// of all connections together flow at that rate at most.
+    pub async fn start(upstream: &str, bytes_per_sec: Option<u64>) -> TcpRelay {
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = probe.local_addr().unwrap().to_string();
+        drop(probe);
+        let mut relay = TcpRelay {
+            addr,
+            upstream: upstream.to_string(),
+            bytes_per_sec,
+            task: None,
+        };
+        relay.on().await;
+        relay
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Accepts and relays connections (again).
+    pub async fn on(&mut self) {
+        let listener = TcpListener::bind(&self.addr).await.unwrap();
+        let upstream = self.upstream.clone();
+        let pace = self.bytes_per_sec.map(|rate| Arc::new(Pacer::new(rate)));
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let upstream = upstream.clone();
+                let pace = pace.clone();
+                conns.spawn(async move {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    match pace {
+                        None => {
+                            let (mut client, mut server) = (client, server);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                        Some(pace) => {
+                            let (mut client_rx, mut client_tx) = client.into_split();
+                            let (mut server_rx, mut server_tx) = server.into_split();
+                            let up = tokio::io::copy(&mut client_rx, &mut server_tx);
+                            let down = async {
+                                let mut buf = vec![0u8; 16 * 1024];
+                                loop {
+                                    let n = server_rx.read(&mut buf).await?;
+                                    if n == 0 {
+                                        return client_tx.shutdown().await;
+                                    }
+                                    pace.take(n).await;
+                                    client_tx.write_all(&buf[..n]).await?;
+                                }
+                            };
+                            let _ = tokio::join!(up, down);
+                        }
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Refuses new connections and cuts the open ones.
+    pub fn off(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort(); // drops the listener and, with the JoinSet, every relayed connection
+        }
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.off();
+    }
+}
+
+/// Hands out send slots at a fixed byte rate, shared by all connections.
+struct Pacer {
+    rate: u64,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Pacer {
+        Pacer {
+            rate: rate.max(1),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn take(&self, bytes: usize) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + Duration::from_secs_f64(bytes as f64 / self.rate as f64);
+            start
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+}

@@ -1,0 +1,331 @@
+//! Fills: copying a revision that only the remote tier had into the local tier, while readers of
+//! that revision follow the copy instead of each reading the remote themselves.
+//!
+//! A fill is one object with one owner, its own task, so nothing about it depends on the request
+//! that started it staying connected. It moves through explicit phases — opening the remote body,
+//! spooling (readers follow the temp file as it grows), ended — and commits its copy only if the
+//! key's record still names its revision at the moment of the commit (see
+//! [`super::knowledge`]): a delete, a newer write or a newer revision seen by any read is an
+//! event recorded there, and the fill that lost to it discards its copy instead of bringing the
+//! old revision back.
+//!
+//! A local disk failure (full, I/O error) costs only the copy: a reader following the spool
+//! continues from the remote tier, pinned to the same revision, from the byte it had reached.
+
+use super::knowledge::{KeyId, Keys};
+use crate::disk::{DiskTier, Spool};
+use crate::error::{ErrorKind, TierError};
+use crate::tier::{BodyStream, GetOptions, ObjectMeta, PutOptions, Tier};
+use futures_util::StreamExt;
+use larder_proto::{ByteRange, ETag, ReadConditions, ReadOutcome, WritePrecondition};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+pub(super) struct Fill {
+    pub etag: ETag,
+    phase: watch::Receiver<Phase>,
+}
+
+#[derive(Clone)]
+enum Phase {
+    /// Waiting for the remote body to open and the local temp file to exist.
+    Opening,
+    /// Readers may follow the spool.
+    Spooling(Spool),
+    /// Committed, discarded or failed: readers look at the local tier, then the remote.
+    Ended,
+}
+
+/// What a fill needs from the tiered cache.
+pub(super) struct FillContext {
+    pub local: Arc<DiskTier>,
+    pub remote: Arc<dyn Tier>,
+    pub keys: Arc<Keys<Fill>>,
+}
+
+impl Fill {
+    /// The fill of revision `meta` of this key: the one in flight if it copies that revision,
+    /// else a new one (which takes over from a fill of another revision: the caller has just
+    /// seen `meta` current, and the older fill will not commit anyway).
+    pub fn of(ctx: &Arc<FillContext>, id: &KeyId, meta: &ObjectMeta) -> Arc<Fill> {
+        ctx.keys.fill_or_start(
+            id,
+            |f| f.etag == meta.etag,
+            || {
+                let (tx, rx) = watch::channel(Phase::Opening);
+                let fill = Arc::new(Fill {
+                    etag: meta.etag.clone(),
+                    phase: rx,
+                });
+                let span = tracing::info_span!(
+                    "fill", ns = %id.0, key = %id.1, etag = %meta.etag
+                );
+                let owner = Owner {
+                    ctx: ctx.clone(),
+                    id: id.clone(),
+                    fill: fill.clone(),
+                    phase: tx,
+                };
+                tokio::spawn(owner.run(meta.clone()).instrument(span));
+                fill
+            },
+        )
+    }
+
+    /// The spool to follow, once the fill has one; `None` when the fill ended without one (the
+    /// revision may be local already, or the fill could not start).
+    pub async fn spool(&self) -> Option<Spool> {
+        let mut phase = self.phase.clone();
+        let phase = phase
+            .wait_for(|p| !matches!(p, Phase::Opening))
+            .await
+            .ok()?;
+        match &*phase {
+            Phase::Spooling(spool) => Some(spool.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The task that owns a fill. Dropping it (the fill ended, or its task panicked) ends the fill
+/// for readers and for the key's bookkeeping.
+struct Owner {
+    ctx: Arc<FillContext>,
+    id: KeyId,
+    fill: Arc<Fill>,
+    phase: watch::Sender<Phase>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.phase.send_replace(Phase::Ended);
+        self.ctx.keys.fill_ended(&self.id, &self.fill);
+    }
+}
+
+/// How a fill ended, for the `larder_fills_total{result}` counter.
+enum Ended {
+    /// The local copy is committed.
+    Filled,
+    /// Nothing to copy: the revision is local already, or expired.
+    Unneeded,
+    /// The key was deleted, or a newer revision was seen, before the copy could commit.
+    Superseded,
+    /// The remote or the local tier failed; readers were served from the remote.
+    Failed(TierError),
+}
+
+impl Owner {
+    async fn run(self, meta: ObjectMeta) {
+        let ended = self.copy(&meta).await;
+        let label = match &ended {
+            Ended::Filled => "filled",
+            Ended::Unneeded => "unneeded",
+            Ended::Superseded => "superseded",
+            Ended::Failed(_) => "failed",
+        };
+        metrics::counter!("larder_fills_total", "result" => label).increment(1);
+        match ended {
+            Ended::Failed(e) => tracing::warn!(error = %e, "fill abandoned"),
+            _ => tracing::debug!(result = label, "fill ended"),
+        }
+    }
+
+    async fn copy(&self, meta: &ObjectMeta) -> Ended {
+        let (ns, key) = &self.id;
+        let ctx = &self.ctx;
+        let ttl = meta
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        if ttl.is_zero() {
+            return Ended::Unneeded;
+        }
+        let head = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        if let Ok(r) = ctx.local.get(ns, key, head).await
+            && r.meta.etag == meta.etag
+        {
+            return Ended::Unneeded;
+        }
+        let pinned = GetOptions {
+            conditions: ReadConditions::pinned(&meta.etag, None),
+            head: false,
+        };
+        let body = match ctx.remote.get(ns, key, pinned).await {
+            Ok(r) if r.outcome == ReadOutcome::Full => r.body,
+            Ok(_) => return Ended::Superseded,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ended::Superseded,
+            Err(e) => return Ended::Failed(e),
+        };
+        let Some(body) = body else {
+            return Ended::Failed(TierError::internal("fill", "the remote sent no body"));
+        };
+        let upload = body
+            .map(|chunk| chunk.map_err(std::io::Error::other))
+            .boxed();
+        // No precondition against the local tier: whether this copy may commit is decided by
+        // the key's record at commit time, which every delete and newer revision updates.
+        let opts = PutOptions {
+            ttl,
+            precondition: WritePrecondition::default(),
+            headers: meta.headers.clone(),
+            max_size: None,
+            expect_etag: Some(meta.etag.clone()),
+            last_modified: Some(meta.last_modified),
+        };
+        let (spool, write) = match ctx.local.spool(ns, key, upload, opts) {
+            Ok(started) => started,
+            Err(e) => return Ended::Failed(e),
+        };
+        self.phase.send_replace(Phase::Spooling(spool));
+        let staged = match write.await {
+            Ok(staged) => staged,
+            Err(e) => return Ended::Failed(e),
+        };
+        let (keys, id, etag) = (ctx.keys.clone(), self.id.clone(), meta.etag.clone());
+        match ctx
+            .local
+            .commit_staged(staged, move || keys.names(&id, &etag))
+            .await
+        {
+            Ok(_) => Ended::Filled,
+            Err(e) if e.kind == ErrorKind::PreconditionFailed => Ended::Superseded,
+            Err(e) => Ended::Failed(e),
+        }
+    }
+}
+
+/// A body that follows a fill's spool and, if the spool fails (the local disk filled up or
+/// failed), continues from the remote tier with a read pinned to the same revision, starting at
+/// the first byte not yet delivered.
+pub(super) fn follow_or_fall_back(
+    spool_body: BodyStream,
+    remote: Arc<dyn Tier>,
+    id: KeyId,
+    etag: ETag,
+    start: u64,
+    len: u64,
+) -> BodyStream {
+    struct Follow {
+        body: BodyStream,
+        delivered: u64,
+        fell_back: bool,
+        remote: Arc<dyn Tier>,
+        id: KeyId,
+        etag: ETag,
+        start: u64,
+        len: u64,
+    }
+    let state = Follow {
+        body: spool_body,
+        delivered: 0,
+        fell_back: false,
+        remote,
+        id,
+        etag,
+        start,
+        len,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            match st.body.next().await {
+                Some(Ok(chunk)) => {
+                    st.delivered += chunk.len() as u64;
+                    return Some((Ok(chunk), st));
+                }
+                None => return None,
+                Some(Err(e)) if !st.fell_back && st.delivered < st.len => {
+                    st.fell_back = true;
+                    metrics::counter!("larder_fill_follower_fallbacks_total").increment(1);
+                    tracing::warn!(
+                        ns = %st.id.0, key = %st.id.1, error = %e,
+                        "the fill this read follows failed; continuing from the remote tier"
+                    );
+                    let rest = ByteRange {
+                        start: st.start + st.delivered,
+                        len: st.len - st.delivered,
+                    };
+                    match open_pinned_range(st.remote.as_ref(), &st.id, &st.etag, rest).await {
+                        Ok(body) => st.body = body,
+                        Err(e) => {
+                            st.body = futures_util::stream::empty().boxed();
+                            return Some((Err(e), st));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    st.body = futures_util::stream::empty().boxed();
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+async fn open_pinned_range(
+    remote: &dyn Tier,
+    (ns, key): &KeyId,
+    etag: &ETag,
+    range: ByteRange,
+) -> Result<BodyStream, TierError> {
+    let opts = GetOptions {
+        conditions: ReadConditions::pinned(etag, Some(range)),
+        head: false,
+    };
+    let r = remote.get(ns, key, opts).await?;
+    let exact = match r.outcome {
+        ReadOutcome::Partial(got) => got == range,
+        ReadOutcome::Full => range.start == 0 && range.len == r.meta.size,
+        _ => false,
+    };
+    match r.body {
+        Some(body) if exact => Ok(body),
+        _ => Err(TierError::new(
+            ErrorKind::Upstream,
+            format!(
+                "the revision {etag} being served changed in the remote tier before its fill \
+                 could be replaced by a remote read"
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{pattern, upload};
+    use crate::disk::DiskConfig;
+    use bytes::Bytes;
+    use larder_proto::{Key, Namespace};
+
+    /// What a reader following a fill sees when the local disk fails half-way: the bytes it
+    /// already had from the spool, then the rest from the remote, pinned to the same revision.
+    #[tokio::test]
+    async fn a_failed_spool_is_continued_from_the_remote_at_the_next_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+        let id = (Namespace::parse("ci").unwrap(), Key::parse("k").unwrap());
+        let data = pattern(3 << 20, 7);
+        let etag = remote
+            .put(&id.0, &id.1, upload(data.clone()), PutOptions::default())
+            .await
+            .unwrap()
+            .etag;
+        let (start, len) = (1000u64, (2 << 20) as u64);
+        let first = Bytes::copy_from_slice(&data[1000..1000 + 300_000]);
+        let spool: BodyStream = futures_util::stream::iter(vec![
+            Ok(first),
+            Err(TierError::new(ErrorKind::InsufficientStorage, "disk full")),
+        ])
+        .boxed();
+        let body = follow_or_fall_back(spool, Arc::new(remote), id, etag, start, len);
+        let got = crate::body_to_bytes(body).await.unwrap();
+        assert!(got == data[1000..1000 + len as usize]);
+    }
+}
