@@ -5,28 +5,9 @@
 //! The metrics test needs `AWS_ENDPOINT_URL` / `S3_BUCKET` / credentials (scripts/test.sh
 //! provides them) and says SKIPPED without.
 
-use larder_testkit::{Larderd, binary};
+use larder_testkit::{Larderd, binary, metric, s3};
 use reqwest::{Client, StatusCode};
 use std::process::Command;
-
-fn s3_available(test: &str) -> bool {
-    let ok = ["AWS_ENDPOINT_URL", "S3_BUCKET", "AWS_ACCESS_KEY_ID"]
-        .iter()
-        .all(|v| std::env::var_os(v).is_some());
-    if !ok {
-        println!("SKIPPED {test}: no S3 server (run scripts/s3-server.sh, or scripts/test.sh)");
-    }
-    ok
-}
-
-/// The value of the first series whose text starts with `prefix` (name and labels).
-fn series(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 /// The Prometheus text of `srv`.
 async fn scrape(srv: &Larderd) -> String {
@@ -54,7 +35,7 @@ fn over_s3(dir: &std::path::Path, test: &str, s3_toml: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn metrics_cover_what_an_operator_alerts_on() {
-    if !s3_available("metrics_cover_what_an_operator_alerts_on") {
+    if !s3::available("metrics_cover_what_an_operator_alerts_on") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -126,16 +107,16 @@ async fn metrics_cover_what_an_operator_alerts_on() {
         "larder_s3_reaper_passes_total{result=\"ok\"}",
     ];
     for name in expect_positive {
-        let v = series(&m, name).unwrap_or_else(|| panic!("no series {name} in:\n{m}"));
+        let v = metric(&m, name).unwrap_or_else(|| panic!("no series {name} in:\n{m}"));
         assert!(v > 0.0, "{name} = {v}");
     }
     // Bytes served by S3 on the cold round and by disk on the warm one add up to what was read.
-    let served = series(&m, "larder_bytes_served_total{tier=\"s3\"}").unwrap()
-        + series(&m, "larder_bytes_served_total{tier=\"disk\"}").unwrap();
+    let served = metric(&m, "larder_bytes_served_total{tier=\"s3\"}").unwrap()
+        + metric(&m, "larder_bytes_served_total{tier=\"disk\"}").unwrap();
     assert_eq!(served, (6 * (2 << 20)) as f64);
     // A 404 from S3 on a reference is an answer, not an error.
-    assert!(series(&m, "larder_s3_errors_total").is_none(), "{m}");
-    assert!(series(&m, "larder_disk_bytes").unwrap() <= (5 << 20) as f64);
+    assert!(metric(&m, "larder_s3_errors_total").is_none(), "{m}");
+    assert!(metric(&m, "larder_disk_bytes").unwrap() <= (5 << 20) as f64);
 }
 
 /// Listing namespaces over S3 reads every reference (one request per key), so any reader could
@@ -143,7 +124,7 @@ async fn metrics_cover_what_an_operator_alerts_on() {
 /// seconds, and a write through the same replica invalidates it.
 #[tokio::test]
 async fn namespace_listings_over_s3_share_one_scan_until_a_write() {
-    if !s3_available("namespace_listings_over_s3_share_one_scan_until_a_write") {
+    if !s3::available("namespace_listings_over_s3_share_one_scan_until_a_write") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -174,7 +155,7 @@ async fn namespace_listings_over_s3_share_one_scan_until_a_write() {
     };
     let s3_gets = || async {
         let m = scrape(&srv).await;
-        series(&m, "larder_s3_request_duration_seconds_count{op=\"get\"}").unwrap_or(0.0)
+        metric(&m, "larder_s3_request_duration_seconds_count{op=\"get\"}").unwrap_or(0.0)
     };
     for key in ["a", "b", "c"] {
         put(key).await;
@@ -239,7 +220,7 @@ async fn memory_of_a_burst_of_connections_is_given_back() {
     // second) sees them, plus this request's own.
     let mut open = 0.0;
     for _ in 0..50 {
-        open = series(&scrape(&srv).await, "larder_connections_open").unwrap_or(0.0);
+        open = metric(&scrape(&srv).await, "larder_connections_open").unwrap_or(0.0);
         if open >= 96.0 {
             break;
         }
@@ -255,7 +236,7 @@ async fn memory_of_a_burst_of_connections_is_given_back() {
     let mut trims = 0.0;
     for _ in 0..100 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        trims = series(&scrape(&srv).await, "larder_memory_trims_total").unwrap_or(0.0);
+        trims = metric(&scrape(&srv).await, "larder_memory_trims_total").unwrap_or(0.0);
         if trims >= 1.0 {
             break;
         }

@@ -5,27 +5,16 @@
 //!
 //! Without `AWS_ENDPOINT_URL` / `S3_BUCKET` / credentials every test says SKIPPED.
 
-use larder_testkit::Larderd;
+use larder_testkit::{Larderd, TcpRelay, etag_of, pattern, s3};
 use reqwest::{Client, StatusCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
 
 const WINDOW: &str = "1s";
 
-fn s3_available(test: &str) -> bool {
-    let ok = ["AWS_ENDPOINT_URL", "S3_BUCKET", "AWS_ACCESS_KEY_ID"]
-        .iter()
-        .all(|v| std::env::var_os(v).is_some());
-    if !ok {
-        println!("SKIPPED {test}: no S3 server (run scripts/s3-server.sh, or scripts/test.sh)");
-    }
-    ok
-}
-
 fn replicas(n: usize, extra: &[&str]) -> Vec<Larderd> {
-    let prefix = format!("replica-test/{:016x}", rand_u64());
+    let prefix = s3::unique_prefix("replica-test");
     let bucket = std::env::var("S3_BUCKET").unwrap();
     (0..n)
         .map(|_| {
@@ -41,31 +30,6 @@ fn replicas(n: usize, extra: &[&str]) -> Vec<Larderd> {
             Larderd::start(&args)
         })
         .collect()
-}
-
-fn rand_u64() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    t ^ (std::process::id() as u64).rotate_left(32)
-}
-
-fn etag_of(data: &[u8]) -> String {
-    format!("\"{}\"", blake3::hash(data).to_hex())
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 async fn get(http: &Client, url: &str, headers: &[(&str, &str)]) -> (StatusCode, String, Vec<u8>) {
@@ -85,7 +49,7 @@ async fn get(http: &Client, url: &str, headers: &[(&str, &str)]) -> (StatusCode,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_written_through_one_replica_is_served_identically_by_the_others() {
-    if !s3_available("an_object_written_through_one_replica_is_served_identically_by_the_others") {
+    if !s3::available("an_object_written_through_one_replica_is_served_identically_by_the_others") {
         return;
     }
     let rs = replicas(3, &[]);
@@ -108,7 +72,7 @@ async fn an_object_written_through_one_replica_is_served_identically_by_the_othe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_serves_the_new_revision_within_the_revalidation_window() {
-    if !s3_available("every_replica_serves_the_new_revision_within_the_revalidation_window") {
+    if !s3::available("every_replica_serves_the_new_revision_within_the_revalidation_window") {
         return;
     }
     let rs = replicas(3, &[]);
@@ -226,7 +190,7 @@ async fn pinned_download(http: &Client, urls: &[String], first: usize) -> (Trial
 async fn pinned_parallel_downloads_over_three_replicas_never_mix_revisions_during_overwrites() {
     let test =
         "pinned_parallel_downloads_over_three_replicas_never_mix_revisions_during_overwrites";
-    if !s3_available(test) {
+    if !s3::available(test) {
         return;
     }
     let trials: usize = std::env::var("LARDER_REPLICA_TRIALS")
@@ -306,69 +270,15 @@ async fn pinned_parallel_downloads_over_three_replicas_never_mix_revisions_durin
     assert_eq!(complete + refused, trials);
 }
 
-/// A TCP relay in front of the real S3 server that can be switched off (connections refused,
-/// open ones cut) and on again: S3 "down" and "back" as larderd sees it, without disturbing
-/// the S3 server the other tests share.
-struct Switch {
-    addr: String,
-    upstream: String,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Switch {
-    async fn new(upstream: String) -> Switch {
-        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = probe.local_addr().unwrap().to_string();
-        drop(probe);
-        let mut s = Switch {
-            addr,
-            upstream,
-            task: None,
-        };
-        s.on().await;
-        s
-    }
-
-    async fn on(&mut self) {
-        let listener = TcpListener::bind(&self.addr).await.unwrap();
-        let upstream = self.upstream.clone();
-        self.task = Some(tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    continue;
-                };
-                let upstream = upstream.clone();
-                conns.spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        }));
-    }
-
-    fn off(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort(); // drops the listener and, with the JoinSet, every relayed connection
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_s3_down_disk_hits_are_served_misses_get_503_and_service_resumes() {
-    if !s3_available("with_s3_down_disk_hits_are_served_misses_get_503_and_service_resumes") {
+    if !s3::available("with_s3_down_disk_hits_are_served_misses_get_503_and_service_resumes") {
         return;
     }
-    let upstream = std::env::var("AWS_ENDPOINT_URL")
-        .unwrap()
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let mut switch = Switch::new(upstream).await;
-    let endpoint = format!("http://{}", switch.addr);
+    let mut switch = TcpRelay::start(&s3::endpoint_addr(), None).await;
+    let endpoint = switch.url();
     let bucket = std::env::var("S3_BUCKET").unwrap();
-    let prefix = format!("fault-test/{:016x}", rand_u64());
+    let prefix = s3::unique_prefix("fault-test");
     let srv = Larderd::start(&[
         "--s3-bucket",
         &bucket,
@@ -462,7 +372,7 @@ async fn with_s3_down_disk_hits_are_served_misses_get_503_and_service_resumes() 
 /// bytes must hash to the ETag it carries, and so must what the disk tier was filled with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regression_new_bytes_never_go_out_under_an_old_etag() {
-    if !s3_available("regression_new_bytes_never_go_out_under_an_old_etag") {
+    if !s3::available("regression_new_bytes_never_go_out_under_an_old_etag") {
         return;
     }
     let rs = replicas(2, &[]);
@@ -531,7 +441,7 @@ async fn regression_new_bytes_never_go_out_under_an_old_etag() {
 /// with the current ETag and no body — decided before any status line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regression_a_206_is_never_written_before_s3_has_decided() {
-    if !s3_available("regression_a_206_is_never_written_before_s3_has_decided") {
+    if !s3::available("regression_a_206_is_never_written_before_s3_has_decided") {
         return;
     }
     let rs = replicas(2, &[]);
