@@ -71,6 +71,14 @@ fuzz_target!(|data: &[u8]| {
             assert_inside(r, size);
             // The 206's Content-Range must be what a client (ours) accepts for this range.
             assert_eq!(parse_content_range(&r.content_range(size)), Some((r, size)));
+            // Under If-Range only a strongly matching entity-tag lets a range through: a date
+            // cannot tell two revisions of one second apart.
+            if let Some(if_range) = &cond.if_range {
+                assert!(
+                    EntityTag::parse(if_range).is_some_and(|t| t.strong_eq(&etag)),
+                    "206 under If-Range {if_range:?}"
+                );
+            }
         }
         ReadOutcome::RangeNotSatisfiable => {
             let spec = cond.range.expect("416 without a Range");

@@ -27,8 +27,8 @@ pub struct ReadConditions {
     pub if_none_match: Option<TagList>,
     pub if_modified_since: Option<SystemTime>,
     pub if_unmodified_since: Option<SystemTime>,
-    /// Raw `If-Range` value: an entity-tag (strong comparison) or an HTTP-date (exact match of
-    /// Last-Modified).
+    /// Raw `If-Range` value: an entity-tag (strong comparison), or anything else, which never
+    /// matches (see `if_range_holds`).
     pub if_range: Option<String>,
     pub range: Option<RangeSpec>,
 }
@@ -143,17 +143,15 @@ pub fn decide_read(cond: &ReadConditions, current: Option<&Validators>) -> ReadO
     }
 }
 
-/// §13.2.2 step 5: an entity-tag must strongly match (a weak tag never does); a date must equal
-/// Last-Modified exactly. A value that is neither cannot be evaluated, so the Range is not
-/// trusted and the whole representation is sent, which is always safe for the client.
+/// §13.2.2 step 5 and §13.1.5: an entity-tag must strongly match (a weak tag never does). A
+/// date only counts when Last-Modified is a strong validator (§8.8.2.2), which larder cannot
+/// promise: two writes within one second share a Last-Modified, and replicas and tiers cannot
+/// rule out that the revision changed twice in its second. So a date never holds, and the
+/// client that resumes with one gets the whole current body instead of a splice of two
+/// revisions. Anything that is not an entity-tag (a date, garbage) sends the whole
+/// representation, which is always safe for the client.
 fn if_range_holds(value: &str, cur: &Validators) -> bool {
-    if let Some(tag) = EntityTag::parse(value) {
-        return tag.strong_eq(&cur.etag);
-    }
-    match httpdate::parse_http_date(trim_ows(value)) {
-        Ok(date) => whole_seconds(date) == whole_seconds(cur.last_modified),
-        Err(_) => false,
-    }
+    EntityTag::parse(value).is_some_and(|tag| tag.strong_eq(&cur.etag))
 }
 
 /// Seconds since the epoch, floored: HTTP dates carry whole seconds, so a stored sub-second
@@ -428,12 +426,10 @@ mod tests {
         };
         let if_range = match c.ir {
             IfRange::Absent => IfRangeCond::Absent,
-            IfRange::MatchingEtag | IfRange::MatchingDate => IfRangeCond::Holds,
-            IfRange::NonMatchingEtag
-            | IfRange::WeakEtag
-            | IfRange::EarlierDate
-            | IfRange::LaterDate
-            | IfRange::Garbage => IfRangeCond::Fails,
+            IfRange::MatchingEtag => IfRangeCond::Holds,
+            IfRange::NonMatchingEtag | IfRange::WeakEtag | IfRange::Garbage => IfRangeCond::Fails,
+            IfRange::MatchingDate => IfRangeCond::Date { equal: true },
+            IfRange::EarlierDate | IfRange::LaterDate => IfRangeCond::Date { equal: false },
         };
         let range = match c.range {
             Range::Absent => RangeCond::Absent,
@@ -635,7 +631,8 @@ mod tests {
             Row { name: "If-Range matching etag applies Range", if_range: Some("\"{E}\""), range: Some("bytes=2-5"), want: Partial(br(2, 4)), ..ROW },
             Row { name: "If-Range other etag sends whole body", if_range: Some("\"{O}\""), range: Some("bytes=2-5"), ..ROW },
             Row { name: "If-Range weak etag sends whole body", if_range: Some("W/\"{E}\""), range: Some("bytes=2-5"), ..ROW },
-            Row { name: "If-Range matching date applies Range", if_range: Some("{LM}"), range: Some("bytes=2-5"), want: Partial(br(2, 4)), ..ROW },
+            Row { name: "If-Range matching date sends whole body (a date is a weak validator)", if_range: Some("{LM}"), range: Some("bytes=2-5"), ..ROW },
+            Row { name: "If-Range matching date hides unsatisfiable Range", if_range: Some("{LM}"), range: Some("bytes=99-"), ..ROW },
             Row { name: "If-Range earlier date sends whole body", if_range: Some("{LM-1}"), range: Some("bytes=2-5"), ..ROW },
             Row { name: "If-Range later date sends whole body", if_range: Some("{LM+1}"), range: Some("bytes=2-5"), ..ROW },
             Row { name: "If-Range garbage sends whole body", if_range: Some("whenever"), range: Some("bytes=2-5"), ..ROW },
@@ -645,7 +642,7 @@ mod tests {
             Row { name: "If-Range match then unsatisfiable Range is 416", if_range: Some("\"{E}\""), range: Some("bytes=99-"), want: RangeNotSatisfiable, ..ROW },
             Row { name: "pinned chunk", if_match: Some("\"{E}\""), range: Some("bytes=16-19"), want: Partial(br(16, 4)), ..ROW },
             Row { name: "pinned chunk of replaced object", if_match: Some("\"{O}\""), range: Some("bytes=16-19"), want: PreconditionFailed, ..ROW },
-            Row { name: "everything passing", if_match: Some("\"{E}\""), if_none_match: Some("\"{O}\""), if_modified_since: Some("{LM}"), if_unmodified_since: Some("{LM-1}"), if_range: Some("{LM}"), range: Some("bytes=-4"), want: Partial(br(16, 4)), ..ROW },
+            Row { name: "everything passing", if_match: Some("\"{E}\""), if_none_match: Some("\"{O}\""), if_modified_since: Some("{LM}"), if_unmodified_since: Some("{LM-1}"), if_range: Some("\"{E}\""), range: Some("bytes=-4"), want: Partial(br(16, 4)), ..ROW },
         ]
     }
 
@@ -690,13 +687,14 @@ mod tests {
         for (cond, want) in cases {
             assert_eq!(decide_read(&cond, Some(&cur)), want, "{cond:?}");
         }
-        // If-Range with the date the server rendered from the fractional time.
+        // If-Range with the very date the server rendered is still not a match: another revision
+        // written in the same second would render the same date.
         let cond = ReadConditions {
             if_range: Some(httpdate::fmt_http_date(cur.last_modified)),
             range: Some(RangeSpec::FromTo(0, 0)),
             ..ReadConditions::default()
         };
-        assert_eq!(decide_read(&cond, Some(&cur)), Partial(br(0, 1)));
+        assert_eq!(decide_read(&cond, Some(&cur)), Full);
     }
 
     #[test]

@@ -180,11 +180,7 @@ fn if_range_header() -> impl Strategy<Value = (Option<String>, IfRangeCond)> {
         },
     );
     let date = (offset(), 0u8..3, ows(), ows()).prop_map(|(off, form, a, b)| {
-        let meaning = if off == 0 {
-            IfRangeCond::Holds
-        } else {
-            IfRangeCond::Fails
-        };
+        let meaning = IfRangeCond::Date { equal: off == 0 };
         (Some(format!("{a}{}{b}", http_date(off, form))), meaning)
     });
     let hex2 = current().as_str().to_owned();

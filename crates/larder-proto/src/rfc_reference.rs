@@ -36,13 +36,18 @@ pub enum DateCond {
     Invalid,
 }
 
-/// The meaning of an `If-Range` value (§13.1.5): it holds only for an entity-tag that strongly
-/// matches or a date exactly equal to Last-Modified; anything else does not hold.
+/// The meaning of an `If-Range` value (§13.1.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IfRangeCond {
     Absent,
+    /// An entity-tag that strongly matches the current ETag.
     Holds,
+    /// A weak or other entity-tag, or a value that is neither a tag nor a date.
     Fails,
+    /// An HTTP-date, and whether it equals Last-Modified at whole seconds.
+    Date {
+        equal: bool,
+    },
 }
 
 /// The meaning of a `Range` value against the current length (§14.1–§14.2).
@@ -101,10 +106,17 @@ pub fn read(r: &Request) -> ReadOutcome {
         }
     }
     // Step 5 and §14.2: If-Range matters only with a Range; when it does not hold the Range is
-    // ignored.
+    // ignored. §13.1.5: a date holds only if it is a strong validator (§8.8.2.2) equal to
+    // Last-Modified. larder's Last-Modified never is one: two revisions written within one
+    // second share it, and no tier or replica can rule that out, so a date never holds,
+    // equal or not.
+    let if_range_holds = match r.if_range {
+        IfRangeCond::Absent | IfRangeCond::Holds => true,
+        IfRangeCond::Fails | IfRangeCond::Date { .. } => false,
+    };
     match r.range {
         RangeCond::Absent | RangeCond::Ignored => ReadOutcome::Full,
-        _ if r.if_range == IfRangeCond::Fails => ReadOutcome::Full,
+        _ if !if_range_holds => ReadOutcome::Full,
         RangeCond::Selects(b) => ReadOutcome::Partial(b),
         RangeCond::SelectsEmpty => ReadOutcome::Full,
         RangeCond::Unsatisfiable => ReadOutcome::RangeNotSatisfiable,
