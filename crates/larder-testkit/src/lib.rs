@@ -6,7 +6,8 @@
 //! server. The binary is (re)built once per test process with `cargo build`, so a test never
 //! runs against a stale server. [`TestPki`] and [`token_sha256`] provide what tests of HTTPS
 //! and access control configure it with; [`TcpRelay`] puts the S3 server behind a slow or broken
-//! link; [`s3`] says whether a real S3 server is there and how to point replicas at it.
+//! link; [`s3`] says whether a real S3 server is there and how to point replicas at it;
+//! [`Launch`] adds environment and a log file to a start.
 
 mod pki;
 mod relay;
@@ -76,6 +77,60 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// How to start a larderd: its arguments (after `--listen` and `--data-dir`, which the harness
+/// sets), extra environment, and where its stderr goes.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    stderr: Option<PathBuf>,
+}
+
+impl Launch {
+    pub fn new(args: &[&str]) -> Launch {
+        Launch {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Launch::default()
+        }
+    }
+
+    /// Sets an environment variable of the server (`LARDER_LOG` defaults to the test's, else
+    /// `warn`).
+    pub fn env(mut self, name: &str, value: &str) -> Launch {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Appends the server's stderr (its log) to `path` instead of the test's own stderr: a test
+    /// that turns on one log line per request would otherwise bury its own output.
+    pub fn stderr_to(mut self, path: &Path) -> Launch {
+        self.stderr = Some(path.to_path_buf());
+        self
+    }
+
+    /// Starts it on a free loopback port with a fresh data directory.
+    pub fn start(self) -> Larderd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let mut l = self.start_in(&data_dir);
+        l._owned_dir = Some(dir);
+        l
+    }
+
+    /// Starts it on `data_dir` (kept after the process stops, for restart tests).
+    pub fn start_in(self, data_dir: &Path) -> Larderd {
+        let (child, scheme, addr) = spawn(data_dir, &self);
+        Larderd {
+            child: Some(child),
+            addr,
+            scheme,
+            data_dir: data_dir.to_path_buf(),
+            launch: self,
+            _owned_dir: None,
+        }
+    }
+}
+
 /// A running larderd.
 pub struct Larderd {
     child: Option<Child>,
@@ -83,47 +138,26 @@ pub struct Larderd {
     /// `http` or `https` (with --tls-cert).
     pub scheme: String,
     pub data_dir: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
+    launch: Launch,
     _owned_dir: Option<tempfile::TempDir>,
 }
 
 impl Larderd {
     /// Starts larderd on a free loopback port with a fresh data directory and extra `args`.
     pub fn start(args: &[&str]) -> Larderd {
-        Larderd::start_with_env(args, &[])
+        Launch::new(args).start()
     }
 
     /// Like [`Larderd::start`], with extra environment variables (e.g. `AWS_ENDPOINT_URL`).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Larderd {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let data_dir = dir.path().join("data");
-        let mut l = Larderd::launch(&data_dir, args, env);
-        l._owned_dir = Some(dir);
-        l
+        env.iter()
+            .fold(Launch::new(args), |l, (k, v)| l.env(k, v))
+            .start()
     }
 
     /// Starts larderd on `data_dir` (kept after the process stops, for restart tests).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Larderd {
-        Larderd::launch(data_dir, args, &[])
-    }
-
-    fn launch(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Larderd {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let (child, scheme, addr) = spawn(data_dir, &args, &env);
-        Larderd {
-            child: Some(child),
-            addr,
-            scheme,
-            data_dir: data_dir.to_path_buf(),
-            args,
-            env,
-            _owned_dir: None,
-        }
+        Launch::new(args).start_in(data_dir)
     }
 
     /// `http://127.0.0.1:PORT` (or `https://…`)
@@ -154,10 +188,10 @@ impl Larderd {
         c.wait().expect("wait")
     }
 
-    /// Starts a new process on the same data directory and arguments (a fresh port).
+    /// Starts a new process on the same data directory and launch settings (a fresh port).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, scheme, addr) = spawn(&self.data_dir, &self.args, &self.env);
+        let (child, scheme, addr) = spawn(&self.data_dir, &self.launch);
         self.child = Some(child);
         self.scheme = scheme;
         self.addr = addr;
@@ -171,20 +205,30 @@ fn send_signal(pid: u32, signal: &str) {
         .status();
 }
 
-fn spawn(data_dir: &Path, args: &[String], env: &[(String, String)]) -> (Child, String, String) {
+fn spawn(data_dir: &Path, launch: &Launch) -> (Child, String, String) {
+    let stderr = match &launch.stderr {
+        None => Stdio::inherit(),
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("cannot open {} for larderd's log: {e}", path.display()))
+            .into(),
+    };
     let mut child = Command::new(binary("larderd"))
-        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")
         .arg(data_dir)
-        .args(args)
+        .args(&launch.args)
         .env(
             "LARDER_LOG",
             std::env::var("LARDER_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        // After the default, so a launch can set LARDER_LOG too.
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn larderd");
     let stdout = child.stdout.take().expect("stdout");

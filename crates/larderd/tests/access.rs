@@ -2,7 +2,7 @@
 //! the loopback-only default without tokens, and tokens kept out of logs, metrics and stored
 //! headers.
 
-use larder_testkit::{Larderd, binary, token_sha256};
+use larder_testkit::{Larderd, Launch, binary, token_sha256};
 use reqwest::{Client, StatusCode};
 use std::process::{Command, Stdio};
 
@@ -252,30 +252,11 @@ async fn tokens_never_appear_in_logs_metrics_or_stored_headers() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "");
     let log_path = dir.path().join("stderr.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(binary("larderd"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
+    let mut srv = Launch::new(&["--log-format", "json", "--config", &cfg])
         .env("LARDER_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let base = line.trim().strip_prefix("larderd listening on ").unwrap();
+        .stderr_to(&log_path)
+        .start();
+    let base = srv.url();
     let http = Client::new();
     let url = format!("{base}/api/v1/object/ci-x/obj");
     let r = http
@@ -309,8 +290,8 @@ async fn tokens_never_appear_in_logs_metrics_or_stored_headers() {
         .text()
         .await
         .unwrap();
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let _ = child.wait();
+    // A graceful stop, so every log line is written out.
+    srv.terminate();
     let logs = std::fs::read_to_string(&log_path).unwrap();
     for secret in [WRITER, READER, "wrong-token-abc"] {
         assert!(!logs.contains(secret), "token in logs:\n{logs}");
