@@ -13,7 +13,9 @@ use crate::metrics::{RequestMetrics, limit_rejected};
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use larder_proto::units::parse_duration;
@@ -50,6 +52,52 @@ struct RequestLog {
     token: String,
 }
 
+/// A request as handlers see it: the head, and the body for the handler that reads it. Whatever
+/// of the body a handler leaves unread, `handle` deals with once the answer is decided (see
+/// [`finish_body`]), so no handler has to remember it for each early answer.
+struct Req {
+    head: Parts,
+    body: BodyState,
+}
+
+enum BodyState {
+    /// Untouched by the handler.
+    Unread(Incoming),
+    /// Taken by a handler that has not said how far it read it: nothing can finish it, so the
+    /// connection must close. A handler that panics with the body leaves it so.
+    Taken,
+    /// Given back by a handler that stopped reading before the end.
+    Returned(Incoming),
+    /// Read to its end.
+    Done,
+}
+
+impl Req {
+    fn method(&self) -> &Method {
+        &self.head.method
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        &self.head.headers
+    }
+
+    /// The body, for a handler that reads it; it then reports with `body_done` or `return_body`.
+    fn take_body(&mut self) -> Incoming {
+        match std::mem::replace(&mut self.body, BodyState::Taken) {
+            BodyState::Unread(body) | BodyState::Returned(body) => body,
+            BodyState::Taken | BodyState::Done => unreachable!("the request body is taken once"),
+        }
+    }
+
+    fn body_done(&mut self) {
+        self.body = BodyState::Done;
+    }
+
+    fn return_body(&mut self, body: Incoming) {
+        self.body = BodyState::Returned(body);
+    }
+}
+
 const OBJECT_PREFIX: &str = "/api/v1/object/";
 const OBJECT_METHODS: &str = "GET, HEAD, PUT, POST, DELETE";
 const READ_METHODS: &str = "GET, HEAD";
@@ -68,10 +116,16 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     let method = req.method().clone();
     let request_id = request_id(req.headers());
     let mut log = RequestLog::default();
+    let (head, body) = req.into_parts();
+    let mut req = Req {
+        head,
+        body: BodyState::Unread(body),
+    };
     let (route, mut response) = match oversized_head(&state.limits, req.headers()) {
         Some(refused) => ("unknown", refused),
-        None => route(&state, req, &mut log).await,
+        None => route(&state, &mut req, &mut log).await,
     };
+    finish_body(&mut req, &mut response).await;
     RequestMetrics {
         route,
         method: &method,
@@ -167,10 +221,10 @@ fn denied(d: Denied) -> Response<Body> {
 
 async fn route(
     state: &Arc<State>,
-    req: Request<Incoming>,
+    req: &mut Req,
     log: &mut RequestLog,
 ) -> (&'static str, Response<Body>) {
-    let path = req.uri().path().to_string();
+    let path = req.head.uri.path().to_string();
     if let Some(rest) = path.strip_prefix(OBJECT_PREFIX) {
         return ("object", object(state, req_parts(rest), req, log).await);
     }
@@ -253,7 +307,7 @@ fn parse_names(ns: &str, key: &str) -> Result<(Namespace, Key), larder_proto::Na
 async fn object(
     state: &Arc<State>,
     (ns, key): (&str, &str),
-    req: Request<Incoming>,
+    req: &mut Req,
     log: &mut RequestLog,
 ) -> Response<Body> {
     let method = req.method().clone();
@@ -293,15 +347,7 @@ async fn object(
     };
     match state.auth.authorize(req.headers(), scope, Some(&ns)) {
         Ok(caller) => log.token = caller.name().to_string(),
-        Err(d) => {
-            // An upload refused before it started: let a client that is already sending
-            // read the answer instead of a reset.
-            let response = denied(d);
-            if scope == Scope::Write && !expects_continue(req.headers()) {
-                drain(&mut req.into_body()).await;
-            }
-            return response;
-        }
+        Err(d) => return denied(d),
     }
     log.ns = Some(ns.clone());
     log.key = Some(key.clone());
@@ -447,7 +493,7 @@ fn add_validators(h: &mut HeaderMap, meta: &ObjectMeta) {
     );
 }
 
-async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -> Response<Body> {
+async fn put(state: &State, ns: &Namespace, key: &Key, req: &mut Req) -> Response<Body> {
     let headers = req.headers();
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
@@ -462,9 +508,6 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
             ),
         );
         limit_rejected("object_size");
-        if !expects_continue(headers) {
-            drain(&mut req.into_body()).await;
-        }
         return response;
     }
     let Ok(_upload_permit) = state.uploads.clone().try_acquire_owned() else {
@@ -479,9 +522,6 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        if !expects_continue(req.headers()) {
-            drain(&mut req.into_body()).await;
-        }
         return response;
     };
     let ttl = match headers.get("time-to-live") {
@@ -527,9 +567,10 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         last_modified: None,
     };
     // The body is pumped through a channel rather than handed to the tier, so that when the tier
-    // refuses it half-way (disk full, too large) the handler still owns the connection's body
-    // and can drain a bounded remainder: the client then reads the 4xx/5xx instead of a reset.
-    let mut incoming = req.into_body();
+    // refuses it half-way (disk full, too large, a precondition checked first) the handler still
+    // owns the connection's body and can give the remainder back to `handle` to drain: the
+    // client then reads the 4xx/5xx instead of a reset.
+    let mut incoming = req.take_body();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let upload = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -564,18 +605,21 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: Request<Incoming>) -
         }
     };
     let (result, pumped) = tokio::join!(state.tier.put(ns, key, upload, opts), pump);
-    if pumped == Pump::Idle {
-        limit_rejected("request_body_idle");
-        return text(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the upload body sent nothing for {}s; nothing was stored",
-                idle.as_secs()
-            ),
-        );
-    }
-    if result.is_err() && pumped != Pump::Complete {
-        drain(&mut incoming).await;
+    match pumped {
+        Pump::Complete => req.body_done(),
+        Pump::Stopped => req.return_body(incoming),
+        // A client that stalled is not waited for again: the body stays taken, and the
+        // answer announces the close.
+        Pump::Idle => {
+            limit_rejected("request_body_idle");
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the upload body sent nothing for {}s; nothing was stored",
+                    idle.as_secs()
+                ),
+            );
+        }
     }
     match result {
         Ok(put) => {
@@ -607,29 +651,65 @@ enum Pump {
     Idle,
 }
 
-/// A client that did not ask for 100-continue is already sending, so a refusal should let it
-/// finish (within drain's bounds) to read the answer instead of a reset. One that asked has sent
-/// nothing, and polling its body would make hyper invite the upload.
+/// Decides what becomes of the request body a handler left unread, before the answer goes out.
+///
+/// hyper reads such a remainder only if it already sits in its buffer; otherwise it ends the
+/// connection after the answer, which by then may have promised keep-alive, and the client's
+/// next request meets a closed socket. So the remainder is read here, within bounds, and the
+/// connection stays; when it cannot be read, the answer says `Connection: close`, so the client
+/// knows to open a new connection. A body behind `Expect: 100-continue` is never read: the
+/// client has not sent it, and reading would make hyper invite the upload that was refused.
+async fn finish_body(req: &mut Req, response: &mut Response<Body>) {
+    // HTTP/2 ends an unread stream on its own, and forbids connection headers.
+    if req.head.version >= Version::HTTP_2 {
+        return;
+    }
+    let keep = match std::mem::replace(&mut req.body, BodyState::Done) {
+        BodyState::Done => true,
+        BodyState::Taken => false,
+        BodyState::Unread(body) if body.is_end_stream() => true,
+        BodyState::Unread(_) if expects_continue(req.headers()) => false,
+        BodyState::Unread(mut body) | BodyState::Returned(mut body) => drain(&mut body).await,
+    };
+    if !keep {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 fn expects_continue(headers: &HeaderMap) -> bool {
     headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// Reads and discards what is left of a refused upload, up to a bound: enough for a client that
-/// is still sending to see the answer, never an invitation to stream gigabytes into the void.
-async fn drain(body: &mut Incoming) {
+/// Reads and discards what is left of a request body, up to a bound: enough for a client that
+/// is still sending to read the answer instead of a reset, never an invitation to stream
+/// gigabytes into the void. True when the body was read to its end.
+async fn drain(body: &mut Incoming) -> bool {
     const MAX_BYTES: u64 = 64 << 20;
+    if body.size_hint().lower() > MAX_BYTES {
+        return false;
+    }
     let mut seen = 0u64;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
-            if seen > MAX_BYTES {
-                break;
+    let read = async {
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(frame)) => {
+                    seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if seen > MAX_BYTES {
+                        return false;
+                    }
+                }
             }
         }
-    })
-    .await;
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .unwrap_or(false)
 }
 
 fn value(s: &str) -> HeaderValue {

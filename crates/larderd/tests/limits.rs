@@ -203,6 +203,10 @@ fn a_stalled_upload_gets_408_and_stores_nothing() {
     let answer = read_all(&mut s);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("nothing was stored"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "the rest of the body is not waited for, and the answer says so: {answer}"
+    );
     assert!(status_of("stalled", &srv).starts_with("HTTP/1.1 404"));
     assert_eq!(files_under(&srv.data_dir), before, "no temp file left");
     assert!(limit_count(&srv, "request_body_idle") >= 1);
