@@ -11,7 +11,7 @@ use crate::auth::{Auth, Caller, Denied, Scope};
 use crate::config::Limits;
 use crate::metrics::{RequestMetrics, limit_rejected};
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -23,10 +23,12 @@ use larder_proto::{Key, Namespace, ReadConditions, ReadOutcome, WritePreconditio
 use larder_tier::{ErrorKind, GetOptions, ObjectMeta, PutOptions, Tier, TierError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 pub type Body = UnsyncBoxBody<Bytes, TierError>;
 
@@ -40,6 +42,10 @@ pub struct State {
     pub limits: Limits,
     /// One permit per upload in progress (`limits.max_uploads`).
     pub uploads: Arc<Semaphore>,
+    /// Test fault hook, never for production: requests for this object panic in the handler,
+    /// so tests can check that a panic costs only its own request. Read once at start-up from
+    /// `LARDER_TEST_FAULT_PANIC_KEY` (`ns/key`); when unset, one `None` check per request.
+    pub test_fault_panic: Option<(Namespace, Key)>,
 }
 
 /// What the access log line of a request reports beyond the status: filled in by the handler
@@ -115,6 +121,17 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     let started = Instant::now();
     let method = req.method().clone();
     let request_id = request_id(req.headers());
+    let id = request_id.to_str().unwrap_or("");
+    // The futures are instrumented, never entered across an `.await`: a guard held over a
+    // suspension point stays on the stack of whichever thread ran it, so other requests' log
+    // lines inherited it (chains of dozens of spans) and the subscriber could panic.
+    let span = tracing::info_span!(
+        "request",
+        request_id = id,
+        %method,
+        ns = tracing::field::Empty,
+        key = tracing::field::Empty
+    );
     let mut log = RequestLog::default();
     let (head, body) = req.into_parts();
     let mut req = Req {
@@ -123,9 +140,21 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     };
     let (route, mut response) = match oversized_head(&state.limits, req.headers()) {
         Some(refused) => ("unknown", refused),
-        None => route(&state, &mut req, &mut log).await,
+        None => {
+            let route = route_name(req.head.uri.path());
+            let routed = AssertUnwindSafe(self::route(&state, route, &mut req, &mut log))
+                .catch_unwind()
+                .instrument(span.clone())
+                .await;
+            match routed {
+                Ok(response) => (route, response),
+                // One request's bug must not cost the connection (and the other requests
+                // queued on it): it gets a 500, and its body is finished like any other.
+                Err(panic) => (route, panicked(id, &*panic)),
+            }
+        }
     };
-    finish_body(&mut req, &mut response).await;
+    finish_body(&mut req, &mut response).instrument(span).await;
     RequestMetrics {
         route,
         method: &method,
@@ -135,7 +164,7 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     .record();
     tracing::info!(
         target: "larderd::access",
-        request_id = request_id.to_str().unwrap_or(""),
+        request_id = id,
         %method,
         route,
         ns = log.ns.as_ref().map_or("", |n| n.as_str()),
@@ -151,6 +180,24 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         .headers_mut()
         .insert(HeaderName::from_static("x-request-id"), request_id);
     response
+}
+
+/// The answer to a request whose handling panicked, logged and counted. `request_id` lets an
+/// operator find the panic message the runtime printed for it.
+pub fn panicked(request_id: &str, panic: &(dyn std::any::Any + Send)) -> Response<Body> {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not text)");
+    metrics::counter!("larder_request_panics_total").increment(1);
+    tracing::error!(request_id, panic = message, "request handler panicked");
+    text(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!(
+            "internal error: the request handler panicked (request id {request_id}); the server log has the details"
+        ),
+    )
 }
 
 /// The client's `X-Request-Id` when it is short and printable (so logs of a CI job and of the
@@ -219,30 +266,38 @@ fn denied(d: Denied) -> Response<Body> {
     }
 }
 
-async fn route(
-    state: &Arc<State>,
-    req: &mut Req,
-    log: &mut RequestLog,
-) -> (&'static str, Response<Body>) {
-    let path = req.head.uri.path().to_string();
-    if let Some(rest) = path.strip_prefix(OBJECT_PREFIX) {
-        return ("object", object(state, req_parts(rest), req, log).await);
+/// The route of a path: the label of its metrics and access line.
+fn route_name(path: &str) -> &'static str {
+    if path.starts_with(OBJECT_PREFIX) {
+        return "object";
     }
-    let route: &'static str = match path.as_str() {
+    match path {
         "/_liveness" => "liveness",
         "/_readiness" => "readiness",
         "/metrics" => "metrics",
         "/api/v1/namespaces" => "namespaces",
         "/api/v1/stats" => "stats",
-        _ => {
-            return (
-                "unknown",
-                text(StatusCode::NOT_FOUND, format!("no route for {path}")),
-            );
+        _ => "unknown",
+    }
+}
+
+async fn route(
+    state: &Arc<State>,
+    route: &'static str,
+    req: &mut Req,
+    log: &mut RequestLog,
+) -> Response<Body> {
+    let path = req.head.uri.path().to_string();
+    match route {
+        "object" => {
+            let rest = &path[OBJECT_PREFIX.len()..];
+            return object(state, req_parts(rest), req, log).await;
         }
-    };
+        "unknown" => return text(StatusCode::NOT_FOUND, format!("no route for {path}")),
+        _ => {}
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return (route, method_not_allowed(READ_METHODS));
+        return method_not_allowed(READ_METHODS);
     }
     // Health checks stay open: load balancers and supervisors carry no tokens.
     let needs = match route {
@@ -255,11 +310,11 @@ async fn route(
         None => Caller::Open,
         Some(scope) => match state.auth.authorize(req.headers(), scope, None) {
             Ok(caller) => caller,
-            Err(d) => return (route, denied(d)),
+            Err(d) => return denied(d),
         },
     };
     log.token = caller.name().to_string();
-    let response = match route {
+    match route {
         "liveness" => text(StatusCode::OK, "ok"),
         "readiness" => match state.tier.ready().await {
             Ok(()) => text(StatusCode::OK, "ready"),
@@ -291,8 +346,7 @@ async fn route(
             ),
             Err(e) => tier_error(e),
         },
-    };
-    (route, response)
+    }
 }
 
 /// The `{namespace}/{key}` part of an object path, still percent-encoded.
@@ -351,8 +405,15 @@ async fn object(
     }
     log.ns = Some(ns.clone());
     log.key = Some(key.clone());
-    let span = tracing::info_span!("object", %ns, %key, %method);
-    let _enter = span.enter();
+    let span = tracing::Span::current();
+    span.record("ns", ns.as_str());
+    span.record("key", key.as_str());
+    if let Some(fault) = &state.test_fault_panic
+        && fault.0 == ns
+        && fault.1 == key
+    {
+        panic!("test fault hook LARDER_TEST_FAULT_PANIC_KEY names {ns}/{key}");
+    }
     match method {
         Method::GET | Method::HEAD => {
             get(state, &ns, &key, req.headers(), method == Method::HEAD, log).await

@@ -108,6 +108,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         auth: config.auth.clone(),
         uploads: Arc::new(tokio::sync::Semaphore::new(config.limits.max_uploads)),
         limits: config.limits.clone(),
+        test_fault_panic: test_fault_panic()?,
     });
     let options = server::ServeOptions {
         limits: config.limits,
@@ -115,6 +116,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         grace: config.shutdown_grace,
     };
     server::serve(config.listen, state, options).await
+}
+
+/// The test fault hook of `api::State::test_fault_panic`: deliberately an environment variable
+/// outside the configuration (no flag, no TOML, not in `--help`), named so that nobody sets it
+/// by accident, and loud when set.
+fn test_fault_panic() -> anyhow::Result<Option<(larder_proto::Namespace, larder_proto::Key)>> {
+    let Ok(value) = std::env::var("LARDER_TEST_FAULT_PANIC_KEY") else {
+        return Ok(None);
+    };
+    let (ns, key) = value.split_once('/').unwrap_or((&value, ""));
+    let names = larder_proto::Namespace::parse(ns)
+        .and_then(|ns| Ok((ns, larder_proto::Key::parse(key)?)))
+        .map_err(|e| anyhow::anyhow!("LARDER_TEST_FAULT_PANIC_KEY={value:?}: {e}"))?;
+    tracing::warn!(
+        object = %value,
+        "test fault hook on: requests for this object panic (LARDER_TEST_FAULT_PANIC_KEY)"
+    );
+    Ok(Some(names))
 }
 
 /// Deletes S3 bodies that no key references any more (after a grace period, so downloads in

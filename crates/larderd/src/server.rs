@@ -10,6 +10,7 @@ use crate::config::Limits;
 use crate::io::GuardedIo;
 use crate::metrics::limit_rejected;
 use anyhow::Context;
+use futures_util::FutureExt;
 use http::{Response, StatusCode, header};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -19,6 +20,7 @@ use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -150,9 +152,31 @@ impl Server {
         watcher: hyper_util::server::graceful::Watcher,
     ) {
         let state = self.state.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(api::handle(state, req).await) }
+            async move {
+                let http1 = req.version() < http::Version::HTTP_2;
+                // `api::handle` answers a panic of its handler itself and keeps the connection;
+                // this catches one outside it (logging, metrics), where the request body is
+                // lost with the panic and the connection cannot be reused, so it says so.
+                let answer = match AssertUnwindSafe(api::handle(state, req))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(response) => response,
+                    Err(panic) => {
+                        let mut r = api::panicked("unknown", &*panic);
+                        if http1 {
+                            r.headers_mut().insert(
+                                header::CONNECTION,
+                                http::HeaderValue::from_static("close"),
+                            );
+                        }
+                        r
+                    }
+                };
+                Ok::<_, Infallible>(answer)
+            }
         });
         let Some(tls) = &self.tls else {
             // A second handle on the socket, so that a client too slow to send its request head
