@@ -24,14 +24,17 @@
 //! restored earlier, writes through a symlink, and device or FIFO entries. Ownership is not
 //! restored and set-id bits are dropped. Directory modes and times are applied last, deepest
 //! first, so read-only directories in the archive do not stop their own contents from being
-//! written and mtimes are not disturbed by later entries.
+//! written and mtimes are not disturbed by later entries. A path that appears more than once
+//! (an archive appended to) ends as its last entry says, whatever the kinds, as with GNU tar:
+//! a later entry replaces a file, a link or an empty directory, and a non-empty directory is
+//! refused rather than deleted.
 
 use crate::archive_path::{lexically_inside, relative};
 use crate::download::{Downloader, Sink};
 use crate::progress::Progress;
 use crate::{DownloadSummary, Error, ObjectInfo, ObjectName};
 use bytes::{Buf, Bytes};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, BufRead, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -404,7 +407,7 @@ impl Unpacker<'_> {
                         Err(_) => {}
                     }
                     std::fs::create_dir_all(&dest).map_err(|e| self.io(&raw, e))?;
-                    self.known_dirs.insert(rel.clone());
+                    self.note_dirs(&rel);
                 }
                 let header = entry.header();
                 let mode = header.mode().map_err(|e| self.io(&raw, e))?;
@@ -413,6 +416,9 @@ impl Unpacker<'_> {
                 self.stats.dirs += 1;
             }
             T::Regular | T::Continuous if entry.size() <= SMALL_FILE => {
+                // An earlier small file of this path needs no wait: the writers keep the
+                // order of one path's writes (see `Writers::submit`).
+                self.replace_dir(&raw, &rel)?;
                 self.create_parent(&raw, &rel)?;
                 let header = entry.header();
                 let mode = header.mode().map_err(|e| self.io(&raw, e))?;
@@ -437,6 +443,7 @@ impl Unpacker<'_> {
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 self.wait_for(&rel)?;
+                self.replace_dir(&raw, &rel)?;
                 self.create_parent(&raw, &rel)?;
                 entry.unpack(&dest).map_err(|e| self.io(&raw, e))?;
                 self.stats.files += 1;
@@ -456,6 +463,7 @@ impl Unpacker<'_> {
                     return Err(self.refuse(&raw, format_args!("is a symlink to {link:?}, {why}")));
                 }
                 self.wait_for(&rel)?;
+                self.replace_dir(&raw, &rel)?;
                 self.create_parent(&raw, &rel)?;
                 entry.unpack(&dest).map_err(|e| self.io(&raw, e))?;
                 self.symlinks.push(rel);
@@ -489,6 +497,7 @@ impl Unpacker<'_> {
                         ));
                     }
                 }
+                self.replace_dir(&raw, &rel)?;
                 self.create_parent(&raw, &rel)?;
                 if let Ok(m) = std::fs::symlink_metadata(&dest)
                     && !m.is_dir()
@@ -508,6 +517,45 @@ impl Unpacker<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A later entry that is not a directory replaces a directory of its path, as GNU tar does:
+    /// an empty one is removed, a non-empty one refused (tar fails there too, and removing a
+    /// whole subtree on the word of a later entry would be a surprise). What was known about
+    /// the directory goes with it: its recorded mode and time, and the assurance that it and
+    /// its subdirectories are real directories, so nothing is later written through whatever
+    /// takes its place.
+    fn replace_dir(&mut self, raw: &Path, rel: &Path) -> Result<(), Error> {
+        if !self.known_dirs.contains(rel) {
+            return Ok(());
+        }
+        // Pending writes inside it would fail or land in a removed directory.
+        self.settle()?;
+        match std::fs::remove_dir(self.root.join(rel)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+                return Err(self.refuse(
+                    raw,
+                    "would replace a non-empty directory of the same name restored earlier",
+                ));
+            }
+            Err(e) => return Err(self.io(raw, e)),
+        }
+        self.known_dirs.retain(|d| !d.starts_with(rel));
+        self.dirs.retain(|(d, _, _)| !d.starts_with(rel));
+        Ok(())
+    }
+
+    /// Records `rel` and every ancestor as real directories (`create_dir_all` made them all), so
+    /// that `replace_dir` knows every directory restored.
+    fn note_dirs(&mut self, rel: &Path) {
+        let mut dir = Some(rel);
+        while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+            if !self.known_dirs.insert(d.to_path_buf()) {
+                break;
+            }
+            dir = d.parent();
+        }
     }
 
     /// Entries after a small file at the same path must not overtake its pending write.
@@ -554,8 +602,13 @@ impl Unpacker<'_> {
     fn create_parent(&mut self, raw: &Path, rel: &Path) -> Result<(), Error> {
         match rel.parent() {
             Some(p) if !p.as_os_str().is_empty() && !self.known_dirs.contains(p) => {
+                // A small file still being written where a directory is wanted: fail the same
+                // way whichever comes first.
+                for ancestor in p.ancestors() {
+                    self.wait_for(ancestor)?;
+                }
                 std::fs::create_dir_all(self.root.join(p)).map_err(|e| self.io(raw, e))?;
-                self.known_dirs.insert(p.to_path_buf());
+                self.note_dirs(p);
                 Ok(())
             }
             Some(_) => Ok(()),
@@ -624,15 +677,17 @@ struct FileJob {
 /// works through a long directory. The queue is shared and deep ([`QUEUED_FILES`],
 /// [`QUEUED_BYTES`]), so the tar thread runs several directories ahead of the workers: hashing
 /// directories to workers behind a short per-worker queue, done before, blocked the tar thread
-/// on one worker while the other sat idle. The tar thread still does everything that orders or
-/// checks (directories, links, refusals); it waits for a pending write when a later entry
-/// touches the same path, and for all of them before links and the final checks.
+/// on one worker while the other sat idle. A small file whose path already has a write queued
+/// goes to that write's worker, behind it, so duplicate entries keep archive order (the later
+/// wins, as in tar) without a wait. The tar thread still does everything that orders or checks
+/// (directories, links, refusals); it waits for a pending write when a later entry of another
+/// kind touches the same path, and for all of them before links and the final checks.
 struct Writers {
     queues: Vec<std::sync::mpsc::Sender<FileJob>>,
     threads: Vec<JoinHandle<()>>,
     shared: Arc<WritersShared>,
-    /// Paths with a write queued since the writers were last idle.
-    pending: HashSet<PathBuf>,
+    /// Paths with a write queued since the writers were last idle, and the worker each went to.
+    pending: HashMap<PathBuf, usize>,
     /// The directory of the last file dealt, and how many of its files in a row went to the
     /// current worker.
     last_dir: PathBuf,
@@ -716,7 +771,7 @@ impl Writers {
             queues,
             threads,
             shared,
-            pending: HashSet::new(),
+            pending: HashMap::new(),
             last_dir: PathBuf::new(),
             dealt: 0,
             next: 0,
@@ -736,15 +791,24 @@ impl Writers {
             q.files += 1;
             q.bytes += job.data.len();
         }
-        let dir = job.rel.parent().unwrap_or(Path::new(""));
-        if dir != self.last_dir || self.dealt == RUN {
-            self.last_dir = dir.to_path_buf();
-            self.dealt = 0;
-            self.next = (self.next + 1) % self.queues.len();
-        }
-        self.dealt += 1;
-        self.pending.insert(job.rel.clone());
-        if self.queues[self.next].send(job).is_err() {
+        // A path written again while its earlier write is queued goes to the same worker,
+        // behind it: each worker writes in queue order, so the later entry wins, as in tar, and
+        // two workers never race to create one name.
+        let worker = match self.pending.get(&job.rel) {
+            Some(&w) => w,
+            None => {
+                let dir = job.rel.parent().unwrap_or(Path::new(""));
+                if dir != self.last_dir || self.dealt == RUN {
+                    self.last_dir = dir.to_path_buf();
+                    self.dealt = 0;
+                    self.next = (self.next + 1) % self.queues.len();
+                }
+                self.dealt += 1;
+                self.pending.insert(job.rel.clone(), self.next);
+                self.next
+            }
+        };
+        if self.queues[worker].send(job).is_err() {
             // A worker thread is gone (it panicked): report rather than hang in `settle`.
             return Err((
                 PathBuf::new(),
@@ -762,7 +826,7 @@ impl Writers {
     }
 
     fn wait_for(&mut self, rel: &Path) -> Result<(), WriteError> {
-        if self.pending.contains(rel) {
+        if self.pending.contains_key(rel) {
             self.settle()?;
         }
         Ok(())

@@ -296,23 +296,24 @@ fn restore_refuses_an_existing_target_without_force_and_replaces_read_only_trees
 }
 
 /// A tar entry written header by header, so that names the tar crate refuses to write (`..`,
-/// absolute paths) can be produced.
-enum Evil<'a> {
+/// absolute paths) and sequences it would not produce (one path several times) can be made.
+enum Entry<'a> {
     File(&'a str, &'a [u8]),
     Dir(&'a str),
     Symlink(&'a str, &'a str),
     Hardlink(&'a str, &'a str),
 }
 
-fn evil_archive(entries: &[Evil<'_>]) -> Vec<u8> {
+/// A tar + zstd snapshot of exactly these entries, in this order.
+fn raw_archive(entries: &[Entry<'_>]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
         let mut h = tar::Header::new_gnu();
         let (name, kind, body, link): (&str, tar::EntryType, &[u8], Option<&str>) = match e {
-            Evil::File(n, body) => (n, tar::EntryType::Regular, body, None),
-            Evil::Dir(n) => (n, tar::EntryType::Directory, b"", None),
-            Evil::Symlink(n, t) => (n, tar::EntryType::Symlink, b"", Some(t)),
-            Evil::Hardlink(n, t) => (n, tar::EntryType::Link, b"", Some(t)),
+            Entry::File(n, body) => (n, tar::EntryType::Regular, body, None),
+            Entry::Dir(n) => (n, tar::EntryType::Directory, b"", None),
+            Entry::Symlink(n, t) => (n, tar::EntryType::Symlink, b"", Some(t)),
+            Entry::Hardlink(n, t) => (n, tar::EntryType::Link, b"", Some(t)),
         };
         let slot = &mut h.as_old_mut().name;
         slot[..name.len()].copy_from_slice(name.as_bytes());
@@ -322,7 +323,11 @@ fn evil_archive(entries: &[Evil<'_>]) -> Vec<u8> {
         }
         h.set_entry_type(kind);
         h.set_size(body.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         h.set_mtime(1_600_000_000);
         h.set_cksum();
         b.append(&h, body).unwrap();
@@ -343,58 +348,70 @@ fn a_malicious_archive_is_refused_and_writes_nothing_outside() {
     std::fs::create_dir(&outside).unwrap();
     std::fs::write(outside.join("secret"), b"do not touch").unwrap();
     let abs = format!("{}/abs-evil", outside.display());
-    let cases: Vec<(&str, Vec<Evil<'_>>, &str)> = vec![
+    let cases: Vec<(&str, Vec<Entry<'_>>, &str)> = vec![
         (
             "dotdot",
             vec![
-                Evil::File("ok.txt", b"fine"),
-                Evil::File("../outside/evil", b"x"),
+                Entry::File("ok.txt", b"fine"),
+                Entry::File("../outside/evil", b"x"),
             ],
             "contains `..`",
         ),
         (
             "absolute",
-            vec![Evil::File(&abs, b"x")],
+            vec![Entry::File(&abs, b"x")],
             "is an absolute path",
         ),
         (
             "symlink-up",
-            vec![Evil::Symlink("esc", "../outside")],
+            vec![Entry::Symlink("esc", "../outside")],
             "points outside the restored tree",
         ),
         (
             "symlink-absolute",
-            vec![Evil::Symlink("esc", "/etc")],
+            vec![Entry::Symlink("esc", "/etc")],
             "which is an absolute path",
         ),
         (
             // Each link looks harmless alone; together they climb out.
             "symlink-chain",
             vec![
-                Evil::Dir("a/b"),
-                Evil::Symlink("a/b/up", ".."),
-                Evil::Symlink("a/b/z", "up/../.."),
+                Entry::Dir("a/b"),
+                Entry::Symlink("a/b/up", ".."),
+                Entry::Symlink("a/b/z", "up/../.."),
             ],
             "through other links, resolves outside",
         ),
         (
             "write-through-symlink",
-            vec![Evil::Symlink("here", "."), Evil::File("here/x", b"x")],
+            vec![Entry::Symlink("here", "."), Entry::File("here/x", b"x")],
+            "would be written through the symlink",
+        ),
+        (
+            // A directory replaced by a later symlink is no longer trusted as a directory.
+            "directory-replaced-by-symlink",
+            vec![
+                Entry::Dir("a/b"),
+                Entry::Symlink("a/b/up", ".."),
+                Entry::Dir("esc"),
+                Entry::Symlink("esc", "a/b/up/.."),
+                Entry::File("esc/evil", b"x"),
+            ],
             "would be written through the symlink",
         ),
         (
             "hardlink-up",
-            vec![Evil::Hardlink("hl", "../outside/secret")],
+            vec![Entry::Hardlink("hl", "../outside/secret")],
             "is a hard link to",
         ),
         (
             "hardlink-absolute",
-            vec![Evil::Hardlink("hl", "/etc/passwd")],
+            vec![Entry::Hardlink("hl", "/etc/passwd")],
             "is a hard link to",
         ),
     ];
     for (key, entries, message) in cases {
-        put_archive(&url, key, &evil_archive(&entries));
+        put_archive(&url, key, &raw_archive(&entries));
         let dst = tmp.path().join("dst");
         let run = larder(&url, &restore_args(key, &dst, &[]), None).fails(1, message);
         assert!(run.stderr.contains("refusing"), "{key}: {}", run.stderr);
@@ -422,16 +439,152 @@ fn a_malicious_archive_is_refused_and_writes_nothing_outside() {
     put_archive(
         &url,
         "fine",
-        &evil_archive(&[
-            Evil::File("a.txt", b"A"),
-            Evil::Hardlink("b.txt", "a.txt"),
-            Evil::Symlink("c", "a.txt"),
+        &raw_archive(&[
+            Entry::File("a.txt", b"A"),
+            Entry::Hardlink("b.txt", "a.txt"),
+            Entry::Symlink("c", "a.txt"),
         ]),
     );
     let dst = tmp.path().join("fine");
     larder(&url, &restore_args("fine", &dst, &[]), None).ok();
     assert_eq!(std::fs::read(dst.join("b.txt")).unwrap(), b"A");
     assert_eq!(std::fs::read(dst.join("c")).unwrap(), b"A");
+}
+
+/// What a tree restored from `entries` must hold by tar's rule that a later entry of a path
+/// replaces the earlier one: each path's kind and content ("" is left out). A hard link holds
+/// what its target held when the link was made.
+fn later_entries_win(entries: &[Entry<'_>]) -> BTreeMap<String, (&'static str, Vec<u8>)> {
+    let mut tree: BTreeMap<String, (&'static str, Vec<u8>)> = BTreeMap::new();
+    for e in entries {
+        let (path, node) = match e {
+            Entry::File(p, body) => (p, ("file", body.to_vec())),
+            Entry::Dir(p) => (p, ("dir", Vec::new())),
+            Entry::Symlink(p, t) => (p, ("symlink", t.as_bytes().to_vec())),
+            Entry::Hardlink(p, t) => (p, tree[*t].clone()),
+        };
+        let mut parent = Path::new(path).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            tree.insert(dir.to_str().unwrap().to_string(), ("dir", Vec::new()));
+            parent = dir.parent();
+        }
+        tree.insert(path.to_string(), node);
+    }
+    tree
+}
+
+/// Issue 10, item 9: small files were written by several threads without waiting for an earlier
+/// entry of the same path, so with duplicate entries the earlier one could win, or the restore
+/// failed with "File exists". Archives appended to (`tar -r`) hold such duplicates; tar's rule
+/// is that the later entry wins, also when it is of another kind (GNU tar replaces files,
+/// links and empty directories).
+#[test]
+fn restore_of_duplicate_entries_keeps_the_later_one_every_time() {
+    let srv = Larderd::start(&[]);
+    let url = srv.url();
+    let tmp = tempfile::tempdir().unwrap();
+    // One writer's run of small files (512 of one directory), then the same files again in
+    // reverse order: the second pass is dealt to another writer, whose first write is the path
+    // the first writer writes last.
+    let names: Vec<String> = (0..512).map(|i| format!("dup/f{i:03}")).collect();
+    let old: Vec<Vec<u8>> = (0..512).map(|i| format!("old {i}").into_bytes()).collect();
+    let new: Vec<Vec<u8>> = (0..512).map(|i| format!("new {i}!").into_bytes()).collect();
+    let (big1, big2) = (data(300_000, 1), data(310_000, 2));
+    let mut entries: Vec<Entry<'_>> = Vec::new();
+    entries.extend(names.iter().zip(&old).map(|(n, b)| Entry::File(n, b)));
+    entries.extend(names.iter().zip(&new).rev().map(|(n, b)| Entry::File(n, b)));
+    entries.extend([
+        // Large (written by the tar thread) and small, in every order.
+        Entry::File("big.bin", &big1),
+        Entry::File("big.bin", &big2),
+        Entry::File("grows", b"small"),
+        Entry::File("grows", &big1),
+        Entry::File("shrinks", &big2),
+        Entry::File("shrinks", b"small again"),
+        // Another kind later.
+        Entry::File("becomes-link", b"a file first"),
+        Entry::Symlink("becomes-link", "dup/f001"),
+        Entry::Symlink("becomes-file", "dup/f002"),
+        Entry::File("becomes-file", b"a file now"),
+        Entry::Dir("becomes-file-too"),
+        Entry::File("becomes-file-too", b"an empty directory before"),
+        Entry::Dir("dir-becomes-link"),
+        Entry::Symlink("dir-becomes-link", "dup"),
+        Entry::File("becomes-dir", b"a file first"),
+        Entry::Dir("becomes-dir"),
+        Entry::File("becomes-dir/inside", b"inside"),
+        // Hard links: to the revision of their time, and replaced themselves.
+        Entry::File("linked", b"first revision"),
+        Entry::Hardlink("link-to-first", "linked"),
+        Entry::File("linked", b"second revision"),
+        Entry::File("link-replaced", b"a file first"),
+        Entry::Hardlink("link-replaced", "linked"),
+        Entry::Hardlink("file-over-link", "linked"),
+        Entry::File("file-over-link", b"not the link's target"),
+    ]);
+    put_archive(&url, "dups", &raw_archive(&entries));
+    let want = later_entries_win(&entries);
+    for round in 0..10 {
+        let dst = tmp.path().join(format!("dst{round}"));
+        larder(&url, &restore_args("dups", &dst, &["--no-sync"]), None).ok();
+        let got: BTreeMap<String, (&'static str, Vec<u8>)> = walk(&dst)
+            .into_iter()
+            .filter(|(path, _)| !path.is_empty())
+            .map(|(path, node)| (path, (node.kind, node.content)))
+            .collect();
+        let wrong: Vec<String> = want
+            .iter()
+            .filter(|(path, node)| got.get(*path) != Some(node))
+            .map(|(path, node)| {
+                let shown = |n: Option<&(&str, Vec<u8>)>| {
+                    n.map(|(k, c)| {
+                        format!("{k} {:?}", String::from_utf8_lossy(&c[..c.len().min(40)]))
+                    })
+                };
+                format!(
+                    "{path}: want {:?}, got {:?}",
+                    shown(Some(node)),
+                    shown(got.get(path))
+                )
+            })
+            .collect();
+        assert!(
+            wrong.is_empty() && got.len() == want.len(),
+            "round {round}: {} paths differ, e.g.\n{}",
+            wrong.len(),
+            wrong[..wrong.len().min(10)].join("\n")
+        );
+        std::fs::remove_dir_all(&dst).unwrap();
+    }
+}
+
+/// A later entry never replaces a directory that has something in it (GNU tar refuses too):
+/// the restore is refused, and nothing is placed.
+#[test]
+fn restore_refuses_to_replace_a_non_empty_directory_with_a_later_entry() {
+    let srv = Larderd::start(&[]);
+    let url = srv.url();
+    let tmp = tempfile::tempdir().unwrap();
+    for (key, last) in [
+        ("dir-then-file", Entry::File("d", b"file")),
+        ("dir-then-link", Entry::Symlink("d", "e")),
+    ] {
+        let entries = [
+            Entry::Dir("d"),
+            Entry::File("d/kept", b"x"),
+            Entry::Dir("e"),
+            last,
+        ];
+        put_archive(&url, key, &raw_archive(&entries));
+        let dst = tmp.path().join("dst");
+        larder(&url, &restore_args(key, &dst, &[]), None)
+            .fails(1, "would replace a non-empty directory");
+        assert_eq!(
+            dir_entries(tmp.path()),
+            Vec::<String>::new(),
+            "{key}: nothing placed"
+        );
+    }
 }
 
 #[test]
