@@ -8,9 +8,11 @@
 //! and access control configure it with; [`TcpRelay`] puts the S3 server behind a slow or broken
 //! link; [`s3`] says whether a real S3 server is there and how to point replicas at it.
 
+pub mod git;
 mod pki;
 mod relay;
 
+pub use git::{GitHttpServer, generated_repo, ripgrep_upstream};
 pub use pki::{TestPki, token_sha256};
 pub use relay::TcpRelay;
 
