@@ -13,6 +13,8 @@
 //! - [`snapshot`]: a clone-identical checkout of one commit, streamed as tar + zstd;
 //! - [`head`]: the per-repository head record and the rule that it only moves forward.
 
+pub mod command;
 pub mod upstream;
 
+pub use command::{Git, GitError};
 pub use upstream::{AllowList, Refusal, Scheme, Upstream, UpstreamError};
