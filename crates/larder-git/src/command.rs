@@ -131,6 +131,11 @@ pub struct Finished {
 }
 
 impl<'a> GitCommand<'a> {
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> GitCommand<'a> {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
     pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> GitCommand<'a> {
         self.dir = Some(dir.into());
         self

@@ -14,7 +14,49 @@
 //! - [`head`]: the per-repository head record and the rule that it only moves forward.
 
 pub mod command;
+pub mod mirror;
 pub mod upstream;
 
 pub use command::{Git, GitError};
+pub use mirror::{Fetched, Mirror, MirrorError, MirrorOptions};
 pub use upstream::{AllowList, Refusal, Scheme, Upstream, UpstreamError};
+
+use serde::{Deserialize, Serialize};
+
+/// A commit's object id: 40 (SHA-1) or 64 (SHA-256) lower-case hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CommitId(String);
+
+impl CommitId {
+    pub fn parse(s: &str) -> Option<CommitId> {
+        let hex = s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        (hex && (s.len() == 40 || s.len() == 64)).then(|| CommitId(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CommitId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for CommitId {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<CommitId, String> {
+        CommitId::parse(&s).ok_or_else(|| format!("not a commit id: {s:?}"))
+    }
+}
+
+impl From<CommitId> for String {
+    fn from(c: CommitId) -> String {
+        c.0
+    }
+}
