@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// How long a git command may run unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -97,6 +97,7 @@ impl Git {
             dir: None,
             timeout: self.timeout,
             env: Vec::new(),
+            stdin: None,
         }
     }
 
@@ -118,6 +119,7 @@ pub struct GitCommand<'a> {
     dir: Option<PathBuf>,
     timeout: Duration,
     env: Vec<(OsString, OsString)>,
+    stdin: Option<Vec<u8>>,
 }
 
 /// What a finished command printed and how it ended.
@@ -133,6 +135,12 @@ pub struct Finished {
 impl<'a> GitCommand<'a> {
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> GitCommand<'a> {
         self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Bytes for the command's standard input (closed otherwise).
+    pub fn stdin(mut self, input: Vec<u8>) -> GitCommand<'a> {
+        self.stdin = Some(input);
         self
     }
 
@@ -200,7 +208,11 @@ impl<'a> GitCommand<'a> {
         let started = Instant::now();
         let mut cmd = tokio::process::Command::new(&self.git.bin);
         cmd.args(&self.args)
-            .stdin(Stdio::null())
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -224,6 +236,13 @@ impl<'a> GitCommand<'a> {
             stderr: String::new(),
         })?;
         let group = GroupKiller(child.id().map(|id| id as libc::pid_t));
+        if let (Some(input), Some(mut pipe)) = (self.stdin, child.stdin.take()) {
+            // Written by a task of its own: a child may fill its stdout before reading all of
+            // its input.
+            tokio::spawn(async move {
+                let _ = pipe.write_all(&input).await;
+            });
+        }
         let stdout = tokio::spawn(read_all(child.stdout.take().expect("piped")));
         let stderr = tokio::spawn(read_all(child.stderr.take().expect("piped")));
         let waited = tokio::time::timeout(self.timeout, async {

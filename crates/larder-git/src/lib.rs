@@ -15,10 +15,12 @@
 
 pub mod command;
 pub mod mirror;
+pub mod snapshot;
 pub mod upstream;
 
 pub use command::{Git, GitError};
 pub use mirror::{Fetched, Mirror, MirrorError, MirrorOptions};
+pub use snapshot::{ArchiveStats, Checkout, SnapshotError, SnapshotOptions, SnapshotStream};
 pub use upstream::{AllowList, Refusal, Scheme, Upstream, UpstreamError};
 
 use serde::{Deserialize, Serialize};
