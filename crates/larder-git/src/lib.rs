@@ -14,11 +14,13 @@
 //! - [`head`]: the per-repository head record and the rule that it only moves forward.
 
 pub mod command;
+pub mod head;
 pub mod mirror;
 pub mod snapshot;
 pub mod upstream;
 
 pub use command::{Git, GitError};
+pub use head::{Decision, HeadRecord, Lineage};
 pub use mirror::{Fetched, Mirror, MirrorError, MirrorOptions};
 pub use snapshot::{ArchiveStats, Checkout, SnapshotError, SnapshotOptions, SnapshotStream};
 pub use upstream::{AllowList, Refusal, Scheme, Upstream, UpstreamError};

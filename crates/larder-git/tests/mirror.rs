@@ -1,7 +1,8 @@
 //! Mirrors against a real upstream served by `git http-backend` on loopback. Run once with the
 //! default git and once with `LARDER_GIT=/usr/bin/git` to cover an older git on both sides.
 
-use larder_git::{CommitId, Git, Mirror, MirrorError, MirrorOptions, Upstream};
+use larder_git::head::lineage;
+use larder_git::{CommitId, Git, Lineage, Mirror, MirrorError, MirrorOptions, Upstream};
 use larder_testkit::git::{GitHttpServer, append_commits, generated_repo, git_in};
 use std::path::Path;
 
@@ -270,4 +271,38 @@ async fn garbage_in_the_mirror_directory_is_replaced() {
     assert!(!s.mirror_dir.join("junk").exists());
     mirror.fetch().await.unwrap();
     assert!(mirror.is_ready());
+}
+
+#[tokio::test]
+async fn lineage_of_a_new_tip_comes_from_the_mirror() {
+    let s = setup();
+    let mut mirror = open(&s).await;
+    let old = mirror.fetch().await.unwrap().tip;
+    let new = commit(&append_commits(&s.upstream_dir, "main", 2));
+    mirror.fetch().await.unwrap();
+    assert_eq!(
+        lineage(&mirror, &old, &new).await.unwrap(),
+        Lineage::Descendant
+    );
+    assert_eq!(
+        lineage(&mirror, &new, &old).await.unwrap(),
+        Lineage::Ancestor
+    );
+    // A force-push of main to another line of history.
+    let feature = git_in(&s.upstream_dir, &["rev-parse", "feature/a"]);
+    git_in(
+        &s.upstream_dir,
+        &["update-ref", "refs/heads/main", &feature],
+    );
+    let forced = mirror.fetch().await.unwrap().tip;
+    assert_eq!(forced, commit(&feature));
+    assert_eq!(
+        lineage(&mirror, &new, &forced).await.unwrap(),
+        Lineage::Unrelated
+    );
+    let gone = commit(&"2".repeat(40));
+    assert_eq!(
+        lineage(&mirror, &gone, &forced).await.unwrap(),
+        Lineage::CurrentUnknown
+    );
 }
