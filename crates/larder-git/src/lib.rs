@@ -11,14 +11,18 @@
 //! - [`mirror`]: a bare mirror per upstream (branches and tags only), fetched, checked, and
 //!   rebuilt from scratch when it is corrupt;
 //! - [`snapshot`]: a clone-identical checkout of one commit, streamed as tar + zstd;
-//! - [`head`]: the per-repository head record and the rule that it only moves forward.
+//! - [`head`]: the per-repository head record and the rule that it only moves forward;
+//! - [`bundles`]: full and incremental git bundles and the bundle list for `git clone
+//!   --bundle-uri`.
 
+pub mod bundles;
 pub mod command;
 pub mod head;
 pub mod mirror;
 pub mod snapshot;
 pub mod upstream;
 
+pub use bundles::{Bundle, BundleChain, BundleError};
 pub use command::{Git, GitError};
 pub use head::{Decision, HeadRecord, Lineage};
 pub use mirror::{Fetched, Mirror, MirrorError, MirrorOptions};
