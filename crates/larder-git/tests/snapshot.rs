@@ -68,16 +68,31 @@ async fn archive_to_file(checkout: Checkout, path: &Path) -> larder_git::Archive
     stats
 }
 
-/// Plain `tar`, as anyone would.
+/// Plain `tar`, as anyone would: `tar -x --zstd`, or, where the `zstd` program (which tar runs)
+/// is not installed, the archive decompressed here and piped into `tar -x`.
 fn extract(archive: &Path, dest: &Path) {
     std::fs::create_dir_all(dest).unwrap();
-    let out = std::process::Command::new("tar")
-        .args(["-x", "--zstd", "-f"])
-        .arg(archive)
-        .arg("-C")
-        .arg(dest)
+    let has_zstd = std::process::Command::new("zstd")
+        .arg("--version")
         .output()
-        .unwrap();
+        .is_ok_and(|o| o.status.success());
+    let mut tar = std::process::Command::new("tar");
+    tar.arg("-x").arg("-C").arg(dest);
+    let out = if has_zstd {
+        tar.arg("--zstd").arg("-f").arg(archive).output().unwrap()
+    } else {
+        let mut child = tar
+            .arg("-f")
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        zstd::stream::copy_decode(std::fs::File::open(archive).unwrap(), &mut stdin).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    };
     assert!(
         out.status.success(),
         "tar: {}",
