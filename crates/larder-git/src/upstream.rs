@@ -219,10 +219,33 @@ impl Upstream {
         out
     }
 
-    /// `{prefix}/{name}` as a storage key; `name` is larder's own (`head.json`,
-    /// `snapshots/<commit>.tar.zst`), so it is expected to be valid.
+    /// `{prefix}/{name}` as a storage key.
     pub fn key(&self, name: &str) -> Result<Key, larder_proto::NameError> {
         Key::parse(&format!("{}/{name}", self.key_prefix()))
+    }
+
+    /// Where the head record lives: `{prefix}/head.json`.
+    pub fn head_key(&self) -> Key {
+        self.key("head.json")
+            .expect("a valid prefix makes valid keys")
+    }
+
+    /// Where the snapshot of `commit` lives: `{prefix}/snapshots/{commit}.tar.zst`.
+    pub fn snapshot_key(&self, commit: &crate::CommitId) -> Key {
+        self.key(&format!("snapshots/{commit}.tar.zst"))
+            .expect("a valid prefix makes valid keys")
+    }
+
+    /// Where a bundle lives: `{prefix}/bundles/{id}.bundle` (`id` as made by
+    /// [`crate::BundleChain`], `full-N` or `inc-N`).
+    pub fn bundle_key(&self, id: &str) -> Result<Key, larder_proto::NameError> {
+        self.key(&format!("bundles/{id}.bundle"))
+    }
+
+    /// Where the bundle chain's state lives: `{prefix}/bundles/chain.json`.
+    pub fn bundle_chain_key(&self) -> Key {
+        self.key("bundles/chain.json")
+            .expect("a valid prefix makes valid keys")
     }
 }
 
@@ -521,10 +544,23 @@ mod tests {
             u.key("head.json").unwrap();
             assert_eq!(Upstream::from_key_prefix(&prefix).unwrap(), u, "{prefix}");
         }
+        let u = ok("http://127.0.0.1:8000/cargo.git");
+        assert_eq!(u.key_prefix(), "http/127.0.0.1~3a8000/cargo.git/~");
         assert_eq!(
-            ok("http://127.0.0.1:8000/cargo.git").key_prefix(),
-            "http/127.0.0.1~3a8000/cargo.git/~"
+            u.head_key().as_str(),
+            "http/127.0.0.1~3a8000/cargo.git/~/head.json"
         );
+        let commit = crate::CommitId::parse(&"a".repeat(64)).unwrap();
+        assert_eq!(
+            u.snapshot_key(&commit).as_str(),
+            format!("http/127.0.0.1~3a8000/cargo.git/~/snapshots/{commit}.tar.zst")
+        );
+        assert!(u.bundle_key("inc-7").is_ok());
+        assert!(u.bundle_key("../x").is_err());
+        u.bundle_chain_key();
+        // The longest accepted URL still leaves room for every key under it.
+        let longest = ok(&format!("https://h/{}", "a".repeat(MAX_PREFIX - 12)));
+        longest.snapshot_key(&commit);
     }
 
     #[test]

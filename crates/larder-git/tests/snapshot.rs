@@ -461,3 +461,42 @@ async fn a_snapshot_of_ripgrep_is_what_git_clone_leaves() {
     );
     assert_like_clone(&snap, &clone, &s.upstream, tip.as_str());
 }
+
+/// Not a test: the numbers quoted for a generated repository of some size
+/// (`cargo test -p larder-git --test snapshot -- --ignored --nocapture`).
+#[tokio::test]
+#[ignore = "a measurement; run with --ignored --nocapture"]
+async fn measure_a_snapshot_of_a_generated_repository() {
+    let s = generated(2000, 2000, 8 << 20);
+    let git = Git::from_env();
+    let t = Instant::now();
+    let mirror = fetched_mirror(&s, &git).await;
+    let fetch_ms = t.elapsed().as_millis();
+    let tip = mirror.tip("main").await.unwrap().unwrap();
+    let t = Instant::now();
+    let checkout = Checkout::build(
+        &mirror,
+        &tip,
+        &s.tmp.path().join("work"),
+        &SnapshotOptions::default(),
+    )
+    .await
+    .unwrap();
+    let build_ms = t.elapsed().as_millis();
+    let t = Instant::now();
+    let archive = s.tmp.path().join("snap.tar.zst");
+    let stats = archive_to_file(checkout, &archive).await;
+    let archive_ms = t.elapsed().as_millis();
+    let t = Instant::now();
+    extract(&archive, &s.tmp.path().join("restored"));
+    let extract_ms = t.elapsed().as_millis();
+    let t = Instant::now();
+    real_clone(&s.upstream.url(), &s.tmp.path().join("clone"));
+    println!(
+        "MEASURED generated 2000 commits, 2000 files, 3 x 8 MiB ({}): mirror fetch {fetch_ms} ms, \
+         clone+checkout {build_ms} ms, archive {archive_ms} ms, tar -x {extract_ms} ms, \
+         git clone over loopback HTTP {} ms; {stats:?}",
+        git_in(Path::new("."), &["--version"]),
+        t.elapsed().as_millis()
+    );
+}
