@@ -9,9 +9,11 @@
 //! link; [`s3`] says whether a real S3 server is there and how to point replicas at it;
 //! [`Launch`] adds environment and a log file to a start.
 
+pub mod git;
 mod pki;
 mod relay;
 
+pub use git::{GitHttpServer, generated_repo, ripgrep_upstream};
 pub use pki::{TestPki, token_sha256};
 pub use relay::TcpRelay;
 

@@ -1,0 +1,338 @@
+//! Bundles for stock git: a chain of git bundles (one full, then increments holding only what is
+//! new) and a bundle list in git's own format, so that `git clone --bundle-uri=<list>` takes most
+//! objects from larder and only the rest from the upstream, and a later `git fetch` (git ≥ 2.42,
+//! which remembers `fetch.bundleURI`) downloads only the increments it has not seen.
+//!
+//! The list is `[bundle] version = 1, mode = all, heuristic = creationToken` with one
+//! `[bundle "<id>"]` per bundle carrying an absolute `uri` (git 2.39 ignores relative ones) and a
+//! `creationToken` that only grows, also across a new full bundle, since clients remember the
+//! largest token they applied and skip everything at or below it.
+//!
+//! Ref names inside bundles matter more than they seem. git copies only `refs/heads/*` out of a
+//! bundle (into `refs/bundles/*`), so tips must be stored under `refs/heads/`; and before git 2.46
+//! a bundle unpacked after another one under the same ref name does not take part in negotiation
+//! with the upstream, which then sends those objects again. Every bundle therefore stores its
+//! tips under its own names, `refs/heads/larder/<id>/<branch>`. Tags are not bundled: git would
+//! not copy their refs, and the few tag objects come from the upstream.
+//!
+//! Bundles are made with `git bundle create` in a throw-away repository that borrows the
+//! mirror's objects (alternates) and holds only the `larder/<id>/…` refs, so the mirror's refs
+//! are never touched. An increment's prerequisites are every tip the chain carries already
+//! (those the mirror still holds: a rebuilt mirror may have lost unreachable old commits, and an
+//! increment without them is only bigger, never wrong).
+//!
+//! Trade-off left for later: a new full bundle restarts the chain, so a client that fetches
+//! across it downloads the full bundle once (its token is higher than what the client saw).
+
+use crate::CommitId;
+use crate::command::{Git, GitError};
+use crate::mirror::{Mirror, MirrorError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BundleError {
+    #[error(transparent)]
+    Mirror(#[from] MirrorError),
+    #[error("{0}")]
+    Git(#[from] GitError),
+    #[error("bundle URI {0:?} is not absolute (git 2.39 ignores relative bundle URIs)")]
+    RelativeUri(String),
+    #[error("bundle URI {0:?} cannot be written into a bundle list")]
+    UnsafeUri(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One bundle of a chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    /// `full-<token>` or `inc-<token>`: the list's section name and the ref namespace inside.
+    pub id: String,
+    pub creation_token: u64,
+    pub full: bool,
+    /// Branch tips it carries (branch name → commit).
+    pub tips: BTreeMap<String, CommitId>,
+    /// Commits a receiver must have already.
+    pub prerequisites: Vec<CommitId>,
+    /// Size of the bundle file.
+    pub size: u64,
+}
+
+impl Bundle {
+    /// File name of the bundle, e.g. `inc-7.bundle`.
+    pub fn file_name(&self) -> String {
+        format!("{}.bundle", self.id)
+    }
+}
+
+/// A full bundle and the increments made on top of it, oldest first; stored as JSON beside the
+/// bundles so that any replica can extend it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleChain {
+    pub bundles: Vec<Bundle>,
+    /// The last token handed out (kept across a new full bundle).
+    pub last_token: u64,
+}
+
+/// Deadline of one `git bundle create`.
+pub const DEFAULT_BUNDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+impl BundleChain {
+    /// Every tip the chain carries.
+    fn covered(&self) -> BTreeSet<CommitId> {
+        self.bundles
+            .iter()
+            .flat_map(|b| b.tips.values().cloned())
+            .collect()
+    }
+
+    /// Makes the next bundle from the mirror's branches into `dir` and adds it to the chain: a
+    /// full bundle when `full` is asked or the chain is empty (the chain then restarts with it),
+    /// else an increment with the branch tips the chain does not carry yet. `None` when there
+    /// is nothing new.
+    pub async fn extend(
+        &mut self,
+        mirror: &Mirror,
+        dir: &Path,
+        full: bool,
+        timeout: Duration,
+    ) -> Result<Option<(Bundle, PathBuf)>, BundleError> {
+        let full = full || self.bundles.is_empty();
+        let git = mirror.git();
+        let branches = mirror_branches(git, mirror).await?;
+        let covered = if full {
+            BTreeSet::new()
+        } else {
+            self.covered()
+        };
+        let tips: BTreeMap<String, CommitId> = branches
+            .into_iter()
+            .filter(|(_, c)| !covered.contains(c))
+            .collect();
+        if tips.is_empty() {
+            return Ok(None);
+        }
+        let prerequisites = existing(git, mirror, &covered).await?;
+        let token = self.last_token + 1;
+        let id = format!("{}-{token}", if full { "full" } else { "inc" });
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BundleError::Io { what, path, source }
+        };
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(io("cannot create", dir))?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".bundle-")
+            .tempdir_in(dir)
+            .map_err(io("cannot create a directory in", dir))?;
+        let view = scratch.path().join("view.git");
+        let template = scratch.path().join("template");
+        tokio::fs::create_dir(&template)
+            .await
+            .map_err(io("cannot create", &template))?;
+        git.cmd(["init", "--quiet", "--bare"])
+            .arg(format!("--template={}", template.display()))
+            .arg(&view)
+            .output()
+            .await?;
+        let mirror_objects = std::path::absolute(mirror.dir())
+            .map_err(io("cannot resolve", mirror.dir()))?
+            .join("objects");
+        let alternates = view.join("objects/info/alternates");
+        tokio::fs::create_dir_all(view.join("objects/info"))
+            .await
+            .map_err(io("cannot create", &view))?;
+        tokio::fs::write(&alternates, format!("{}\n", mirror_objects.display()))
+            .await
+            .map_err(io("cannot write", &alternates))?;
+        let mut refs = String::new();
+        let mut revs = String::new();
+        for (branch, commit) in &tips {
+            let name = format!("refs/heads/larder/{id}/{branch}");
+            refs.push_str(&format!("create {name} {commit}\n"));
+            revs.push_str(&format!("{name}\n"));
+        }
+        for p in &prerequisites {
+            revs.push_str(&format!("^{p}\n"));
+        }
+        git.cmd(["update-ref", "--stdin"])
+            .current_dir(&view)
+            .stdin(refs.into_bytes())
+            .output()
+            .await?;
+        let staged = scratch.path().join("bundle");
+        git.cmd(["bundle", "create", "--quiet"])
+            .arg(&staged)
+            .arg("--stdin")
+            .current_dir(&view)
+            .stdin(revs.into_bytes())
+            .timeout(timeout)
+            .output()
+            .await?;
+        let path = dir.join(format!("{id}.bundle"));
+        tokio::fs::rename(&staged, &path)
+            .await
+            .map_err(io("cannot move the bundle to", &path))?;
+        let size = tokio::fs::metadata(&path)
+            .await
+            .map_err(io("cannot stat", &path))?
+            .len();
+        let bundle = Bundle {
+            id,
+            creation_token: token,
+            full,
+            tips,
+            prerequisites: prerequisites.into_iter().collect(),
+            size,
+        };
+        if full {
+            self.bundles.clear();
+        }
+        self.bundles.push(bundle.clone());
+        self.last_token = token;
+        Ok(Some((bundle, path)))
+    }
+
+    /// The bundle list in git's format, with `uri(bundle)` as each bundle's absolute URI.
+    pub fn render_list(&self, uri: impl Fn(&Bundle) -> String) -> Result<String, BundleError> {
+        let mut out =
+            String::from("[bundle]\n\tversion = 1\n\tmode = all\n\theuristic = creationToken\n");
+        for b in &self.bundles {
+            let u = uri(b);
+            if !u.contains("://") {
+                return Err(BundleError::RelativeUri(u));
+            }
+            if u.chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "\"\\;#".contains(c))
+            {
+                return Err(BundleError::UnsafeUri(u));
+            }
+            out.push_str(&format!(
+                "[bundle \"{}\"]\n\turi = {u}\n\tcreationToken = {}\n",
+                b.id, b.creation_token
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// The mirror's branches and their tips.
+async fn mirror_branches(
+    git: &Git,
+    mirror: &Mirror,
+) -> Result<BTreeMap<String, CommitId>, BundleError> {
+    mirror.default_branch()?;
+    let out = git
+        .cmd([
+            "for-each-ref",
+            "--format=%(objectname) %(refname:strip=2)",
+            "refs/heads/",
+        ])
+        .current_dir(mirror.dir())
+        .stdout_string()
+        .await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let (oid, name) = l.split_once(' ')?;
+            Some((name.to_string(), CommitId::parse(oid)?))
+        })
+        .collect())
+}
+
+/// Those of `commits` the mirror holds.
+async fn existing(
+    git: &Git,
+    mirror: &Mirror,
+    commits: &BTreeSet<CommitId>,
+) -> Result<BTreeSet<CommitId>, BundleError> {
+    if commits.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let input: String = commits.iter().map(|c| format!("{c}\n")).collect();
+    let out = git
+        .cmd(["cat-file", "--batch-check=%(objectname) %(objecttype)"])
+        .current_dir(mirror.dir())
+        .stdin(input.into_bytes())
+        .stdout_string()
+        .await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_suffix(" commit").and_then(CommitId::parse))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(id: &str, token: u64) -> Bundle {
+        Bundle {
+            id: id.into(),
+            creation_token: token,
+            full: id.starts_with("full"),
+            tips: BTreeMap::new(),
+            prerequisites: Vec::new(),
+            size: 0,
+        }
+    }
+
+    #[test]
+    fn the_list_is_in_gits_format_with_absolute_uris() {
+        let chain = BundleChain {
+            bundles: vec![bundle("full-3", 3), bundle("inc-4", 4)],
+            last_token: 4,
+        };
+        let list = chain
+            .render_list(|b| {
+                format!(
+                    "https://larder.example/api/v1/git/h/r.git/bundles/{}",
+                    b.file_name()
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            list,
+            "[bundle]\n\tversion = 1\n\tmode = all\n\theuristic = creationToken\n\
+             [bundle \"full-3\"]\n\turi = https://larder.example/api/v1/git/h/r.git/bundles/full-3.bundle\n\
+             \tcreationToken = 3\n\
+             [bundle \"inc-4\"]\n\turi = https://larder.example/api/v1/git/h/r.git/bundles/inc-4.bundle\n\
+             \tcreationToken = 4\n"
+        );
+    }
+
+    #[test]
+    fn relative_or_unsafe_uris_are_refused() {
+        let chain = BundleChain {
+            bundles: vec![bundle("full-1", 1)],
+            last_token: 1,
+        };
+        assert!(matches!(
+            chain.render_list(|b| b.file_name()),
+            Err(BundleError::RelativeUri(_))
+        ));
+        for bad in [
+            "https://h/a b",
+            "https://h/a#b",
+            "https://h/a\n[x]",
+            "https://h/\"a",
+        ] {
+            assert!(
+                matches!(
+                    chain.render_list(|_| bad.to_string()),
+                    Err(BundleError::UnsafeUri(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+}
