@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use format::{Fixed, MetaJson};
 use futures_util::StreamExt;
-use index::{Entry, EntryId, Index};
+use index::{Entry, EntryId, FileId, Index};
 use larder_proto::{ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
 use pool::BufferPool;
 use std::collections::HashMap;
@@ -404,11 +404,10 @@ impl Inner {
         }
         let (fixed, meta) = format::decode_header(&buf)
             .map_err(|e| TierError::internal(&format!("revision {}", path.display()), e))?;
-        let len = file
+        let md = file
             .metadata()
-            .map_err(|e| TierError::io("stat revision", &e))?
-            .len();
-        if len != fixed.file_len() {
+            .map_err(|e| TierError::io("stat revision", &e))?;
+        if md.len() != fixed.file_len() {
             return Err(TierError::internal(
                 &format!("revision {}", path.display()),
                 "file length does not match its header",
@@ -417,6 +416,7 @@ impl Inner {
         let prefix = Bytes::from(buf).slice(fixed.header_len as usize..);
         Ok(Some(OpenRevision {
             file: Arc::new(file),
+            file_id: FileId::of(&md),
             fixed,
             meta,
             prefix,
@@ -444,7 +444,7 @@ impl Inner {
             }
         };
         if rev.fixed.expires_ms <= now_ms() {
-            self.remove_if_current(&id, &rev.fixed.etag, true);
+            self.remove_expired(&id, rev.file_id);
             return Err(TierError::not_found());
         }
         let meta = ObjectMeta {
@@ -462,7 +462,7 @@ impl Inner {
         };
         let body = match range {
             Some((start, len)) if !opts.head => {
-                self.index.lock().unwrap().touch(&id, &rev.fixed.etag);
+                self.index.lock().unwrap().touch(&id, rev.file_id);
                 Some(self.body_stream(
                     rev.file.clone(),
                     rev.fixed.header_len as u64,
@@ -542,10 +542,12 @@ impl Inner {
     /// Keeps an opened revision for the next reads of its key, but only while the index still
     /// names it current: the check and the insert happen under the index lock, which every
     /// commit, delete and eviction holds while it also drops the key's cached revision, so a
-    /// replaced revision can never be cached after its replacement.
+    /// replaced revision can never be cached after its replacement. Current means the same
+    /// file, not the same ETag: identical bytes rewritten with a new TTL keep the ETag, and
+    /// caching the old file would serve its TTL and headers, and expire the key with it.
     fn cache_if_current(&self, id: &EntryId, rev: &Arc<OpenRevision>) {
         let index = self.index.lock().unwrap();
-        if index.get(id).is_none_or(|e| e.etag != rev.fixed.etag) {
+        if index.get(id).is_none_or(|e| e.file != rev.file_id) {
             return;
         }
         let mut cache = self.open_cache.lock().unwrap();
@@ -563,31 +565,33 @@ impl Inner {
         self.open_cache.lock().unwrap().remove(id);
     }
 
-    /// Removes the key's file if the index still says it holds revision `etag`.
-    fn remove_if_current(&self, id: &EntryId, etag: &[u8; 32], expired: bool) {
+    /// Removes the expired revision in `file`, if it is still the key's current revision and
+    /// still expired, both checked under the lock: a revision committed since (even with the
+    /// same ETag) is another file, and a removal decided before the lock was taken must not
+    /// fall on it. Returns whether it removed anything.
+    fn remove_expired(&self, id: &EntryId, file: FileId) -> bool {
         let mut index = self.index.lock().unwrap();
-        if index.get(id).is_some_and(|e| &e.etag == etag) {
-            self.uncache(id);
-            let _ = fs::remove_file(self.path_of(&id.0, &id.1));
-            index.remove(id);
-            if expired {
-                index.expirations += 1;
-                metrics::counter!("larder_disk_expirations_total").increment(1);
-            }
+        let now = now_ms();
+        if !index
+            .get(id)
+            .is_some_and(|e| e.file == file && e.expires_ms <= now)
+        {
+            return false;
         }
+        self.uncache(id);
+        let _ = fs::remove_file(self.path_of(&id.0, &id.1));
+        index.remove(id);
+        index.expirations += 1;
+        metrics::counter!("larder_disk_expirations_total").increment(1);
+        true
     }
 
     fn sweep_expired(&self) -> usize {
         let expired = self.index.lock().unwrap().expired(SystemTime::now());
-        let n = expired.len();
-        for id in expired {
-            let etag = match self.index.lock().unwrap().get(&id) {
-                Some(e) => e.etag,
-                None => continue,
-            };
-            self.remove_if_current(&id, &etag, true);
-        }
-        n
+        expired
+            .into_iter()
+            .filter(|(id, file)| self.remove_expired(id, *file))
+            .count()
     }
 
     fn evict_over_limit(&self, keep: Option<&EntryId>) {
@@ -625,6 +629,10 @@ impl Inner {
         let path = self.path_of(ns.as_str(), &hash);
         let dir = path.parent().expect("object path has a parent");
         fs::create_dir_all(dir).map_err(|e| TierError::io("create object dir", &e))?;
+        // The index names a revision by its file; the rename keeps it.
+        let file = fs::symlink_metadata(&temp.path)
+            .map(|md| FileId::of(&md))
+            .map_err(|e| TierError::io("stat temp file", &e))?;
         let created = {
             let mut index = self.index.lock().unwrap();
             let current = self.current_validators(&path, now_ms())?;
@@ -639,7 +647,7 @@ impl Inner {
             let entry = Entry {
                 file_len: fixed.file_len(),
                 body_len: fixed.body_len,
-                etag: fixed.etag,
+                file,
                 expires_ms: fixed.expires_ms,
                 last_access: 0,
             };
@@ -788,6 +796,8 @@ impl Inner {
 
 struct OpenRevision {
     file: Arc<File>,
+    /// Which revision this is, beyond its ETag (see `FileId`).
+    file_id: FileId,
     fixed: Fixed,
     meta: MetaJson,
     /// Body bytes that came with the header read.
@@ -966,7 +976,7 @@ fn scan_dirs(
                 let entry = Entry {
                     file_len: fixed.file_len(),
                     body_len: fixed.body_len,
-                    etag: fixed.etag,
+                    file: FileId::of(&md),
                     expires_ms: fixed.expires_ms,
                     last_access: 0,
                 };
