@@ -2,8 +2,9 @@
 //! and when they were last read, so that eviction (least recently read first) and the size limit
 //! need no file-system scan. The files are the truth; the index is rebuilt from them at start.
 //!
-//! Every mutation of the file system (commit rename, delete, eviction) happens while holding the
-//! index lock, which makes "check precondition, then rename" a compare-and-swap.
+//! Every mutation of the object tree (commit rename, delete, eviction, expiry, the start-up
+//! scan's removals) happens while holding the index lock, which makes "check precondition, then
+//! rename" a compare-and-swap, and "check the path still names this file, then unlink" too.
 //!
 //! An entry names its revision by file ([`FileId`]), not by ETag: rewriting identical bytes
 //! with another TTL or other headers keeps the ETag, and a decision about the old revision

@@ -29,7 +29,7 @@ use pool::BufferPool;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -314,20 +314,12 @@ impl Inner {
     /// not depend on the index (reads open the key's file, a commit checks its precondition
     /// against the file it replaces), only size accounting and eviction do. So a cold start with
     /// many objects costs no unavailability. Commits made during the scan win over what the scan
-    /// found, and nothing the scan found is added once its file is gone.
+    /// found: the scan removes and indexes only files that its paths still name.
     fn load_index(&self) -> Result<(), TierError> {
         let started = std::time::Instant::now();
-        let (found, removed) = scan(&self.objects)?;
-        let mut added = 0;
-        for batch in found.chunks(1024) {
-            let mut index = self.index.lock().unwrap();
-            for (id, entry) in batch {
-                if index.get(id).is_none() && self.path_of(&id.0, &id.1).exists() {
-                    index.insert(id.clone(), entry.clone());
-                    added += 1;
-                }
-            }
-        }
+        let scanned = scan(&self.objects)?;
+        let removed = self.remove_scanned(&scanned.doomed);
+        let added = self.index_scanned(&scanned.found);
         let (objects, bytes) = {
             let index = self.index.lock().unwrap();
             (index.len(), index.total_bytes)
@@ -344,6 +336,35 @@ impl Inner {
         self.evict_over_limit(None);
         self.loaded.send_replace(true);
         Ok(())
+    }
+
+    /// Removes what the scan found wanting, each file only if its path still names it: the
+    /// scan ran without the index lock, and a commit may have renamed a new revision onto the
+    /// path since.
+    fn remove_scanned(&self, doomed: &[(PathBuf, FileId)]) -> usize {
+        doomed
+            .iter()
+            .filter(|(path, file)| {
+                let index = self.index.lock().unwrap();
+                self.unlink_if_same(&index, path, *file)
+            })
+            .count()
+    }
+
+    /// Indexes what the scan found, unless a commit indexed the key since, or the path no
+    /// longer names the file the scan read (an entry must name the file its path holds).
+    fn index_scanned(&self, found: &[(EntryId, Entry)]) -> usize {
+        let mut added = 0;
+        for batch in found.chunks(1024) {
+            let mut index = self.index.lock().unwrap();
+            for (id, entry) in batch {
+                if index.get(id).is_none() && names(&self.path_of(&id.0, &id.1), entry.file) {
+                    index.insert(id.clone(), entry.clone());
+                    added += 1;
+                }
+            }
+        }
+        added
     }
 
     /// The current revision's validators, from its file: the truth even while the index loads.
@@ -579,7 +600,7 @@ impl Inner {
             return false;
         }
         self.uncache(id);
-        let _ = fs::remove_file(self.path_of(&id.0, &id.1));
+        self.unlink_if_same(&index, &self.path_of(&id.0, &id.1), file);
         index.remove(id);
         index.expirations += 1;
         metrics::counter!("larder_disk_expirations_total").increment(1);
@@ -594,6 +615,13 @@ impl Inner {
             .count()
     }
 
+    /// Unlinks `path` if it still names `file`. Takes the index (its lock held) because every
+    /// rename onto an object path happens under that lock: the check and the unlink are then
+    /// one step, and nothing but the examined file is ever removed.
+    fn unlink_if_same(&self, _locked: &Index, path: &Path, file: FileId) -> bool {
+        names(path, file) && fs::remove_file(path).is_ok()
+    }
+
     fn evict_over_limit(&self, keep: Option<&EntryId>) {
         let Some(limit) = self.config.limit else {
             return;
@@ -604,8 +632,8 @@ impl Inner {
                 break;
             };
             self.uncache(&victim);
-            let _ = fs::remove_file(self.path_of(&victim.0, &victim.1));
             if let Some(e) = index.remove(&victim) {
+                self.unlink_if_same(&index, &self.path_of(&victim.0, &victim.1), e.file);
                 tracing::debug!(ns = %victim.0, bytes = e.file_len, "evicted");
             }
             index.evictions += 1;
@@ -901,12 +929,27 @@ fn write_temp(
     Ok((temp, fixed))
 }
 
-/// What one scanning thread found: valid revisions with their mtime, and how many files it removed.
-type ScanResult = (Vec<(EntryId, Entry, SystemTime)>, usize);
+/// Whether `path` names `file` (without following a symlink).
+fn names(path: &Path, file: FileId) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|md| FileId::of(&md) == file)
+}
 
-/// Rebuilds the index from the object tree, removing whatever is not a complete, unexpired
-/// revision. Directories are scanned on all cores: start-up time is what an operator waits for.
-fn scan(objects: &Path) -> Result<(Vec<(EntryId, Entry)>, usize), TierError> {
+/// What the start-up scan found: complete, unexpired revisions to index (oldest commit first),
+/// and every other file with the file that was examined at its path, to be removed only if the
+/// path still names it.
+#[derive(Default)]
+struct Scanned {
+    found: Vec<(EntryId, Entry)>,
+    doomed: Vec<(PathBuf, FileId)>,
+}
+
+/// What one scanning thread found, with each revision's mtime for the LRU order.
+type ScanResult = (Vec<(EntryId, Entry, SystemTime)>, Vec<(PathBuf, FileId)>);
+
+/// Reads the object tree: which files are complete, unexpired revisions and which are not. It
+/// removes nothing itself (see `Inner::remove_scanned`). Directories are scanned on all cores:
+/// start-up time is what an operator waits for.
+fn scan(objects: &Path) -> Result<Scanned, TierError> {
     let mut dirs = Vec::new();
     for ns_entry in fs::read_dir(objects).map_err(|e| TierError::io("scan objects", &e))? {
         let ns_entry = ns_entry.map_err(|e| TierError::io("scan objects", &e))?;
@@ -937,66 +980,69 @@ fn scan(objects: &Path) -> Result<(Vec<(EntryId, Entry)>, usize), TierError> {
             .collect()
     });
     let mut found = Vec::new();
-    let mut removed = 0;
-    for (entries, r) in results {
+    let mut doomed = Vec::new();
+    for (entries, d) in results {
         found.extend(entries);
-        removed += r;
+        doomed.extend(d);
     }
     // Last access is not persisted; commit time is the best estimate of recency after a restart.
     found.sort_by_key(|(_, _, mtime)| *mtime);
-    Ok((
-        found
+    Ok(Scanned {
+        found: found
             .into_iter()
             .map(|(id, entry, _)| (id, entry))
             .collect(),
-        removed,
-    ))
+        doomed,
+    })
 }
 
-fn scan_dirs(
-    dirs: &[(Arc<str>, PathBuf)],
-    now_ms: u64,
-) -> (Vec<(EntryId, Entry, SystemTime)>, usize) {
+fn scan_dirs(dirs: &[(Arc<str>, PathBuf)], now_ms: u64) -> ScanResult {
     let mut found = Vec::new();
-    let mut removed = 0;
+    let mut doomed = Vec::new();
     let mut buf = [0u8; format::FIXED_LEN];
     for (ns, dir) in dirs {
         let Ok(rd) = fs::read_dir(dir) else { continue };
         for entry in rd.flatten() {
             let path = entry.path();
-            let name = entry.file_name();
-            let valid = parse_hex32(&name.to_string_lossy()).and_then(|hash| {
-                let file = File::open(&path).ok()?;
+            let hash = parse_hex32(&entry.file_name().to_string_lossy());
+            // The tier never makes symlinks; one is not a revision (and not followed).
+            let file = hash.and_then(|_| {
+                File::options()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .ok()
+            });
+            let md = match &file {
+                Some(f) => f.metadata(),
+                None => fs::symlink_metadata(&path),
+            };
+            let Ok(md) = md else { continue };
+            let examined = FileId::of(&md);
+            let valid = hash.zip(file).and_then(|(hash, file)| {
                 let n = read_full_at(&file, &mut buf, 0).ok()?;
                 let fixed = Fixed::decode(&buf[..n]).ok()?;
-                let md = file.metadata().ok()?;
                 if md.len() != fixed.file_len() || fixed.expires_ms <= now_ms {
                     return None;
                 }
                 let entry = Entry {
                     file_len: fixed.file_len(),
                     body_len: fixed.body_len,
-                    file: FileId::of(&md),
+                    file: examined,
                     expires_ms: fixed.expires_ms,
                     last_access: 0,
                 };
-                Some((
-                    (ns.clone(), hash),
-                    entry,
-                    md.modified().unwrap_or(UNIX_EPOCH),
-                ))
+                Some(((ns.clone(), hash), entry))
             });
             match valid {
-                Some(v) => found.push(v),
-                None => {
-                    if fs::remove_file(&path).is_ok() {
-                        removed += 1;
-                    }
+                Some((id, entry)) => {
+                    found.push((id, entry, md.modified().unwrap_or(UNIX_EPOCH)));
                 }
+                None => doomed.push((path, examined)),
             }
         }
     }
-    (found, removed)
+    (found, doomed)
 }
 
 #[async_trait]

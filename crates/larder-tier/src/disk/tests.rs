@@ -433,3 +433,76 @@ async fn the_sweeper_spares_a_same_etag_rewrite_committed_after_it_chose_its_vic
     );
     assert_eq!(t.stats().await.unwrap()[0].expirations, 0);
 }
+
+/// Issue 10, item 5: the start-up scan runs while the tier serves. It used to remove expired
+/// or invalid files by path, without a lock, so a commit renamed onto that path after the scan
+/// read the old file was deleted (and the index kept an entry for a file that was gone). Now
+/// the scan only collects, and each removal checks, under the index lock, that the path still
+/// names the file the scan examined.
+#[tokio::test]
+async fn the_start_up_scan_removes_only_the_file_it_examined() {
+    let dir = TempDir::new().unwrap();
+    let n = ns("ci");
+    let (expired, truncated) = (key("expired"), key("truncated"));
+    {
+        let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+        let short = PutOptions {
+            ttl: Duration::from_millis(10),
+            ..Default::default()
+        };
+        t.put(&n, &expired, upload(pattern(500, 1)), short)
+            .await
+            .unwrap();
+        t.put(
+            &n,
+            &truncated,
+            upload(pattern(500, 2)),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+        let (_, path) = id_and_path(&t, &n, &truncated);
+        let len = fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    // A tier whose start-up scan the test drives step by step (`DiskTier::open` would run it).
+    let inner = Arc::new(Inner::open(DiskConfig::new(dir.path())).unwrap());
+    let t = DiskTier {
+        inner: inner.clone(),
+    };
+    let scanned = scan(&inner.objects).unwrap();
+    assert_eq!(scanned.doomed.len(), 2, "both files are found wanting");
+    assert!(scanned.found.is_empty());
+    // New revisions are committed onto both paths before the scan's removals run.
+    let fresh = |seed| pattern(700, seed);
+    for (k, seed) in [(&expired, 3), (&truncated, 4)] {
+        t.put(&n, k, upload(fresh(seed)), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(inner.remove_scanned(&scanned.doomed), 0, "nothing removed");
+    assert_eq!(inner.index_scanned(&scanned.found), 0);
+
+    for (k, seed) in [(&expired, 3), (&truncated, 4)] {
+        assert_eq!(
+            read_all(&t, &n, k).await.as_deref(),
+            Some(&fresh(seed)[..]),
+            "{k}: the new revision survives the scan"
+        );
+        let (id, path) = id_and_path(&t, &n, k);
+        let entry = inner.index.lock().unwrap().get(&id).cloned();
+        let entry = entry.unwrap_or_else(|| panic!("{k}: indexed"));
+        assert!(
+            names(&path, entry.file),
+            "{k}: the index names the file on disk, not a dangling one"
+        );
+    }
+    assert_eq!(t.stats().await.unwrap()[0].objects, 2);
+}
