@@ -75,12 +75,14 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A running larderd.
 pub struct Larderd {
+    /// larderd, or the wrapper that runs it (see [`Larderd::start_wrapped`]).
     child: Option<Child>,
     pub addr: String,
     /// `http` or `https` (with --tls-cert).
     pub scheme: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    wrapper: Vec<String>,
     _owned_dir: Option<tempfile::TempDir>,
 }
 
@@ -96,14 +98,33 @@ impl Larderd {
 
     /// Starts larderd on `data_dir` (kept after the process stops, for restart tests).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Larderd {
+        Larderd::start_wrapped_in(&[], data_dir, args)
+    }
+
+    /// Starts larderd like [`Larderd::start`], but as the last argument of the command
+    /// `wrapper` (for example `strace -f -o FILE --`), which must run it with the same stdout.
+    /// [`Larderd::pid`], [`Larderd::terminate`] and [`Larderd::kill9`] then act on larderd,
+    /// and the wrapper is waited for.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Larderd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let mut l = Larderd::start_wrapped_in(wrapper, &data_dir, args);
+        l._owned_dir = Some(dir);
+        l
+    }
+
+    /// [`Larderd::start_wrapped`] on `data_dir` (kept after the process stops).
+    pub fn start_wrapped_in(wrapper: &[&str], data_dir: &Path, args: &[&str]) -> Larderd {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let (child, scheme, addr) = spawn(data_dir, &args);
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        let (child, scheme, addr) = spawn(&wrapper, data_dir, &args);
         Larderd {
             child: Some(child),
             addr,
             scheme,
             data_dir: data_dir.to_path_buf(),
             args,
+            wrapper,
             _owned_dir: None,
         }
     }
@@ -117,29 +138,50 @@ impl Larderd {
         format!("{}/api/v1/object/{ns}/{key}", self.url())
     }
 
+    /// larderd's process id (also when it runs under a wrapper).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.server_pid().expect("larderd is running")
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        let child = self.child.as_ref()?.id();
+        if self.wrapper.is_empty() {
+            return Some(child);
+        }
+        // The wrapper's only child, which printed the listening line.
+        std::fs::read_to_string(format!("/proc/{child}/task/{child}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// `kill -9`: no chance to clean up.
     pub fn kill9(&mut self) {
+        if !self.wrapper.is_empty()
+            && let Some(pid) = self.server_pid()
+        {
+            // A wrapper such as strace lets its child run on when it is killed itself.
+            send_signal(pid, "KILL");
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// SIGTERM, then wait for exit; returns the exit status.
+    /// SIGTERM, then wait for exit; returns the exit status (the wrapper's, if there is one).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        send_signal(self.pid(), "TERM");
         let mut c = self.child.take().expect("running");
-        send_signal(c.id(), "TERM");
         c.wait().expect("wait")
     }
 
     /// Starts a new process on the same data directory and arguments (a fresh port).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, scheme, addr) = spawn(&self.data_dir, &self.args);
+        let (child, scheme, addr) = spawn(&self.wrapper, &self.data_dir, &self.args);
         self.child = Some(child);
         self.scheme = scheme;
         self.addr = addr;
@@ -153,8 +195,16 @@ fn send_signal(pid: u32, signal: &str) {
         .status();
 }
 
-fn spawn(data_dir: &Path, args: &[String]) -> (Child, String, String) {
-    let mut child = Command::new(binary("larderd"))
+fn spawn(wrapper: &[String], data_dir: &Path, args: &[String]) -> (Child, String, String) {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(wrapper_args).arg(binary("larderd"));
+            cmd
+        }
+        None => Command::new(binary("larderd")),
+    };
+    let mut child = cmd
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")
