@@ -6,6 +6,15 @@
 //! written in place, so a `kill -9` at any instant leaves either the old or the new revision,
 //! plus temp files that the next start removes.
 //!
+//! Durability: the temp file is fsynced before the rename, the key's directory after it, and a
+//! directory created for a key is made durable (its parent fsynced) before anything is renamed
+//! into it; a DELETE fsyncs the directory it removed from. Only then is a write or delete
+//! acknowledged, so a power loss neither loses an acknowledged revision nor brings back a key
+//! whose DELETE was acknowledged. Eviction, expiry and the start-up scan remove without a sync
+//! (what comes back after a power loss is expired, invalid, or a revision the cache may hold
+//! until it is evicted again), but they note the directory, so that a DELETE which finds the key
+//! already gone still syncs it.
+//!
 //! Reads are positioned reads of large chunks (`read_chunk`, 1 MiB by default) on the blocking
 //! pool with a little read-ahead, so memory stays flat in the object size; small objects come
 //! back from the very read that decoded the header.
@@ -26,7 +35,7 @@ use futures_util::StreamExt;
 use index::{Entry, EntryId, FileId, Index};
 use larder_proto::{ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
 use pool::BufferPool;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -78,6 +87,39 @@ struct Inner {
     open_cache: Mutex<HashMap<EntryId, Arc<OpenRevision>>>,
     /// Becomes true once the start-up scan has filled the index.
     loaded: watch::Sender<bool>,
+    /// Object directories whose entry in their parent this process has made durable.
+    durable_dirs: Mutex<HashSet<PathBuf>>,
+    unsynced: UnsyncedUnlinks,
+}
+
+/// Directories where a file was unlinked without an fsync of the directory since, each with the
+/// sequence number of its latest such unlink. Whoever syncs a directory afterwards clears what
+/// it covered; a DELETE that finds its key already gone syncs the directory if it is listed, so
+/// that a power loss cannot bring back an evicted or concurrently deleted revision of a key
+/// whose DELETE was acknowledged.
+#[derive(Default)]
+struct UnsyncedUnlinks(Mutex<(u64, HashMap<PathBuf, u64>)>);
+
+impl UnsyncedUnlinks {
+    fn record(&self, dir: &Path) {
+        let mut state = self.0.lock().unwrap();
+        state.0 += 1;
+        let seq = state.0;
+        state.1.insert(dir.to_path_buf(), seq);
+    }
+
+    /// The latest unsynced unlink in `dir`, to hand to `synced` once `dir` was synced.
+    fn pending(&self, dir: &Path) -> Option<u64> {
+        self.0.lock().unwrap().1.get(dir).copied()
+    }
+
+    /// `dir` was synced after `pending` returned `seq`: unlinks up to `seq` are durable.
+    fn synced(&self, dir: &Path, seq: u64) {
+        let mut state = self.0.lock().unwrap();
+        if state.1.get(dir) == Some(&seq) {
+            state.1.remove(dir);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -279,10 +321,16 @@ impl Inner {
     fn open(config: DiskConfig) -> Result<Inner, TierError> {
         let objects = config.dir.join("objects");
         let tmp = config.dir.join("tmp");
-        for d in [&objects, &tmp] {
-            fs::create_dir_all(d)
-                .map_err(|e| TierError::io(&format!("create {}", d.display()), &e))?;
-        }
+        let create = |d: &Path| {
+            create_dir_all_synced(d)
+                .map_err(|e| TierError::io(&format!("create {}", d.display()), &e))
+        };
+        create(&objects)?;
+        create(&tmp)?;
+        // Also when `objects` already existed: a previous process may have died before it made
+        // the directory's entry durable. Once per start, so cheap.
+        sync_dir(&config.dir)
+            .map_err(|e| TierError::io(&format!("sync {}", config.dir.display()), &e))?;
         // Uploads that were in flight when the previous process died.
         let mut removed_tmp = 0;
         for entry in fs::read_dir(&tmp).map_err(|e| TierError::io("read tmp dir", &e))? {
@@ -303,10 +351,12 @@ impl Inner {
             open_cache: Mutex::new(HashMap::new()),
             buffers,
             config,
-            objects,
             tmp,
             index: Mutex::new(Index::default()),
             loaded: watch::channel(false).0,
+            durable_dirs: Mutex::new(HashSet::from([objects.clone()])),
+            unsynced: UnsyncedUnlinks::default(),
+            objects,
         })
     }
 
@@ -615,11 +665,40 @@ impl Inner {
             .count()
     }
 
-    /// Unlinks `path` if it still names `file`. Takes the index (its lock held) because every
-    /// rename onto an object path happens under that lock: the check and the unlink are then
-    /// one step, and nothing but the examined file is ever removed.
+    /// Unlinks `path` if it still names `file`, and notes the directory as not synced. Takes
+    /// the index (its lock held) because every rename onto an object path happens under that
+    /// lock: the check and the unlink are then one step, and nothing but the examined file is
+    /// ever removed.
     fn unlink_if_same(&self, _locked: &Index, path: &Path, file: FileId) -> bool {
-        names(path, file) && fs::remove_file(path).is_ok()
+        if !names(path, file) || fs::remove_file(path).is_err() {
+            return false;
+        }
+        if let Some(dir) = path.parent() {
+            self.unsynced.record(dir);
+        }
+        true
+    }
+
+    /// Creates an object directory (`objects/<ns>` or `objects/<ns>/<hh>`) if needed and makes
+    /// its entry in its parent durable before a revision is published in it: a power loss must
+    /// not take an acknowledged revision away with a directory that never reached the disk.
+    /// The parent is synced once per directory and process, also when the directory already
+    /// existed: it may be another commit's, still between its creation and that sync, or a
+    /// previous process may have died in between.
+    fn ensure_object_dir(&self, dir: &Path) -> Result<(), TierError> {
+        if dir == self.objects || self.durable_dirs.lock().unwrap().contains(dir) {
+            return Ok(());
+        }
+        let parent = dir.parent().expect("object directories are under objects/");
+        self.ensure_object_dir(parent)?;
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(TierError::io("create object directory", &e)),
+        }
+        sync_dir(parent).map_err(|e| TierError::io("sync object directory", &e))?;
+        self.durable_dirs.lock().unwrap().insert(dir.to_path_buf());
+        Ok(())
     }
 
     fn evict_over_limit(&self, keep: Option<&EntryId>) {
@@ -656,7 +735,7 @@ impl Inner {
         let id: EntryId = (Arc::from(ns.as_str()), hash);
         let path = self.path_of(ns.as_str(), &hash);
         let dir = path.parent().expect("object path has a parent");
-        fs::create_dir_all(dir).map_err(|e| TierError::io("create object dir", &e))?;
+        self.ensure_object_dir(dir)?;
         // The index names a revision by its file; the rename keeps it.
         let file = fs::symlink_metadata(&temp.path)
             .map(|md| FileId::of(&md))
@@ -682,12 +761,57 @@ impl Inner {
             index.insert(id.clone(), entry);
             current.is_none()
         };
-        // Durability of the rename itself; readers already see the new revision.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+        // The new revision is visible from here on (readers open it, the index names it) and
+        // the one it replaced is gone; neither can be undone. What is left is making the rename
+        // durable, and if that fails the write must not be acknowledged: the client hears an
+        // error although readers may already see the revision. Retrying the PUT is harmless.
+        let pending = self.unsynced.pending(dir);
+        let synced = sync_dir(dir);
         self.evict_over_limit(Some(&id));
+        synced.map_err(|e| {
+            TierError::io(
+                "sync object directory (the new revision is visible but may not survive a \
+                 power loss)",
+                &e,
+            )
+        })?;
+        if let Some(seq) = pending {
+            self.unsynced.synced(dir, seq);
+        }
         Ok(created)
+    }
+
+    /// Removes the key's revision, and acknowledges only once the removal is durable; also
+    /// when the key was already gone but an unlink in its directory is not synced yet (an
+    /// eviction, or a concurrent DELETE still syncing), which a power loss could undo.
+    fn delete(&self, id: &EntryId) -> Result<bool, TierError> {
+        let path = self.path_of(&id.0, &id.1);
+        let dir = path.parent().expect("object path has a parent");
+        let (existed, pending) = {
+            let mut index = self.index.lock().unwrap();
+            self.uncache(id);
+            index.remove(id);
+            let existed = match fs::remove_file(&path) {
+                Ok(()) => {
+                    self.unsynced.record(dir);
+                    true
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(TierError::io("delete revision", &e)),
+            };
+            (existed, self.unsynced.pending(dir))
+        };
+        if let Some(seq) = pending {
+            sync_dir(dir).map_err(|e| {
+                TierError::io(
+                    "sync object directory (the object is gone but may come back after a \
+                     power loss)",
+                    &e,
+                )
+            })?;
+            self.unsynced.synced(dir, seq);
+        }
+        Ok(existed)
     }
 }
 
@@ -929,9 +1053,31 @@ fn write_temp(
     Ok((temp, fixed))
 }
 
+/// fsyncs a directory, which makes the creation, rename or removal of its entries durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// Whether `path` names `file` (without following a symlink).
 fn names(path: &Path, file: FileId) -> bool {
     fs::symlink_metadata(path).is_ok_and(|md| FileId::of(&md) == file)
+}
+
+/// `fs::create_dir_all` that also fsyncs the parent of each directory it creates.
+fn create_dir_all_synced(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_all_synced(parent)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// What the start-up scan found: complete, unexpired revisions to index (oldest commit first),
@@ -1081,18 +1227,9 @@ impl Tier for DiskTier {
     async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
         let inner = self.inner.clone();
         let id: EntryId = (Arc::from(ns.as_str()), key_hash(key));
-        tokio::task::spawn_blocking(move || {
-            let mut index = inner.index.lock().unwrap();
-            inner.uncache(&id);
-            index.remove(&id);
-            match fs::remove_file(inner.path_of(&id.0, &id.1)) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(TierError::io("delete revision", &e)),
-            }
-        })
-        .await
-        .map_err(|e| TierError::internal("disk delete", e))?
+        tokio::task::spawn_blocking(move || inner.delete(&id))
+            .await
+            .map_err(|e| TierError::internal("disk delete", e))?
     }
 
     async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
