@@ -32,6 +32,14 @@ if [ -z "${LARDER_REDBOT:-}" ] && [ -f "$redbot_venv/.redbot-$REDBOT_VERSION" ];
   export LARDER_REDBOT=$redbot_venv/bin/redbot
 fi
 
+# strace, under which crates/larderd/tests/disk_tier.rs runs larderd to see its fsyncs and to make
+# them fail, from Debian when missing (needs root and apt). Not fatal here either: those tests
+# then print SKIPPED, or fail when CI is set.
+if ! command -v strace >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends strace; } >&2 ||
+    echo "warning: could not install strace; the disk tier's fault tests will skip (or fail under CI)" >&2
+fi
+
 if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ "${LARDER_TEST_S3:-}" != skip ]; then
   s3_dir="$PWD/target/s3-test"
   port=${LARDER_TEST_S3_PORT:-9100}

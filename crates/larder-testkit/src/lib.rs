@@ -86,6 +86,7 @@ pub struct Launch {
     args: Vec<String>,
     env: Vec<(String, String)>,
     stderr: Option<PathBuf>,
+    wrapper: Vec<String>,
 }
 
 impl Launch {
@@ -107,6 +108,15 @@ impl Launch {
     /// that turns on one log line per request would otherwise bury its own output.
     pub fn stderr_to(mut self, path: &Path) -> Launch {
         self.stderr = Some(path.to_path_buf());
+        self
+    }
+
+    /// Runs larderd as the last argument of the command `wrapper` (for example
+    /// `strace -f -o FILE --`), which must run it with the same stdout. [`Larderd::pid`],
+    /// [`Larderd::terminate`] and [`Larderd::kill9`] then act on larderd, and the wrapper is
+    /// waited for.
+    pub fn wrapped(mut self, wrapper: &[&str]) -> Launch {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
         self
     }
 
@@ -135,6 +145,7 @@ impl Launch {
 
 /// A running larderd.
 pub struct Larderd {
+    /// larderd, or the wrapper that runs it (see [`Launch::wrapped`]).
     child: Option<Child>,
     pub addr: String,
     /// `http` or `https` (with --tls-cert).
@@ -162,6 +173,11 @@ impl Larderd {
         Launch::new(args).start_in(data_dir)
     }
 
+    /// Starts larderd on `data_dir` under the command `wrapper` (see [`Launch::wrapped`]).
+    pub fn start_wrapped_in(wrapper: &[&str], data_dir: &Path, args: &[&str]) -> Larderd {
+        Launch::new(args).wrapped(wrapper).start_in(data_dir)
+    }
+
     /// `http://127.0.0.1:PORT` (or `https://…`)
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
@@ -171,22 +187,43 @@ impl Larderd {
         format!("{}/api/v1/object/{ns}/{key}", self.url())
     }
 
+    /// larderd's process id (also when it runs under a wrapper).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.server_pid().expect("larderd is running")
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        let child = self.child.as_ref()?.id();
+        if self.launch.wrapper.is_empty() {
+            return Some(child);
+        }
+        // The wrapper's only child, which printed the listening line.
+        std::fs::read_to_string(format!("/proc/{child}/task/{child}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// `kill -9`: no chance to clean up.
     pub fn kill9(&mut self) {
+        if !self.launch.wrapper.is_empty()
+            && let Some(pid) = self.server_pid()
+        {
+            // A wrapper such as strace lets its child run on when it is killed itself.
+            send_signal(pid, "KILL");
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    /// SIGTERM, then wait for exit; returns the exit status.
+    /// SIGTERM, then wait for exit; returns the exit status (the wrapper's, if there is one).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        send_signal(self.pid(), "TERM");
         let mut c = self.child.take().expect("running");
-        send_signal(c.id(), "TERM");
         c.wait().expect("wait")
     }
 
@@ -217,7 +254,15 @@ fn spawn(data_dir: &Path, launch: &Launch) -> (Child, String, String) {
             .unwrap_or_else(|e| panic!("cannot open {} for larderd's log: {e}", path.display()))
             .into(),
     };
-    let mut child = Command::new(binary("larderd"))
+    let mut cmd = match launch.wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(wrapper_args).arg(binary("larderd"));
+            cmd
+        }
+        None => Command::new(binary("larderd")),
+    };
+    let mut child = cmd
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")

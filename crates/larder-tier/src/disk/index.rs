@@ -2,22 +2,48 @@
 //! and when they were last read, so that eviction (least recently read first) and the size limit
 //! need no file-system scan. The files are the truth; the index is rebuilt from them at start.
 //!
-//! Every mutation of the file system (commit rename, delete, eviction) happens while holding the
-//! index lock, which makes "check precondition, then rename" a compare-and-swap.
+//! Every mutation of the object tree (commit rename, delete, eviction, expiry, the start-up
+//! scan's removals) happens while holding the index lock, which makes "check precondition, then
+//! rename" a compare-and-swap, and "check the path still names this file, then unlink" too.
+//!
+//! An entry names its revision by file ([`FileId`]), not by ETag: rewriting identical bytes
+//! with another TTL or other headers keeps the ETag, and a decision about the old revision
+//! (cache it, refresh it, expire it) must not fall on the new one.
 
 use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `(namespace, BLAKE3 of the key)`: the key's file is named by its hash.
 pub type EntryId = (Arc<str>, [u8; 32]);
 
+/// The file that holds one revision: its device and inode. `rename` keeps it, and a number is
+/// only reused once its file is both unlinked and closed, so two files that exist at the same
+/// time (the one an index entry names, which is linked; one a reader holds open) have the same
+/// `FileId` only if they are the same file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(md: &std::fs::Metadata) -> FileId {
+        FileId {
+            dev: md.dev(),
+            ino: md.ino(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Entry {
     /// File length (header + body): what counts against the limit.
     pub file_len: u64,
     pub body_len: u64,
-    pub etag: [u8; 32],
+    /// The revision's file, which the key's path names while this entry is in the index.
+    pub file: FileId,
     pub expires_ms: u64,
     pub last_access: u64,
 }
@@ -64,12 +90,12 @@ impl Index {
         Some(old)
     }
 
-    /// Marks a read of the revision with this ETag (a reader of an older revision that was
-    /// replaced meanwhile does not refresh the new one).
-    pub fn touch(&mut self, id: &EntryId, etag: &[u8; 32]) {
+    /// Marks a read of the revision in `file` (a reader of an older revision that was replaced
+    /// meanwhile does not refresh the new one, even when both have the same ETag).
+    pub fn touch(&mut self, id: &EntryId, file: FileId) {
         let tick = self.tick + 1;
         if let Some(e) = self.entries.get_mut(id)
-            && &e.etag == etag
+            && e.file == file
         {
             self.tick = tick;
             self.lru.remove(&(e.last_access, id.clone()));
@@ -87,7 +113,9 @@ impl Index {
             .cloned()
     }
 
-    pub fn expired(&self, now: SystemTime) -> Vec<EntryId> {
+    /// The revisions expired at `now`, each with its file: a candidate for removal once the
+    /// lock was let go, to be removed only if it is still that file and still expired.
+    pub fn expired(&self, now: SystemTime) -> Vec<(EntryId, FileId)> {
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -95,7 +123,7 @@ impl Index {
         self.entries
             .iter()
             .filter(|(_, e)| e.expires_ms <= now_ms)
-            .map(|(id, _)| id.clone())
+            .map(|(id, e)| (id.clone(), e.file))
             .collect()
     }
 
@@ -119,11 +147,15 @@ mod tests {
         (Arc::from("ns"), [n; 32])
     }
 
+    fn file(ino: u64) -> FileId {
+        FileId { dev: 1, ino }
+    }
+
     fn entry(len: u64) -> Entry {
         Entry {
             file_len: len,
             body_len: len,
-            etag: [0; 32],
+            file: file(len),
             expires_ms: u64::MAX,
             last_access: 0,
         }
@@ -137,7 +169,7 @@ mod tests {
         idx.insert(id(3), entry(30));
         assert_eq!(idx.total_bytes, 60);
         assert_eq!(idx.coldest(None), Some(id(1)));
-        idx.touch(&id(1), &[0; 32]);
+        idx.touch(&id(1), file(10));
         assert_eq!(idx.coldest(None), Some(id(2)));
         assert_eq!(idx.coldest(Some(&id(2))), Some(id(3)));
         idx.remove(&id(2));
@@ -150,7 +182,8 @@ mod tests {
         let mut idx = Index::default();
         idx.insert(id(1), entry(10));
         idx.insert(id(2), entry(10));
-        idx.touch(&id(1), &[9; 32]);
+        // Another file than the entry's: a replaced revision, whatever its ETag.
+        idx.touch(&id(1), file(9));
         assert_eq!(idx.coldest(None), Some(id(1)));
     }
 

@@ -6,6 +6,15 @@
 //! written in place, so a `kill -9` at any instant leaves either the old or the new revision,
 //! plus temp files that the next start removes.
 //!
+//! Durability: the temp file is fsynced before the rename, the key's directory after it, and a
+//! directory created for a key is made durable (its parent fsynced) before anything is renamed
+//! into it; a DELETE fsyncs the directory it removed from. Only then is a write or delete
+//! acknowledged, so a power loss neither loses an acknowledged revision nor brings back a key
+//! whose DELETE was acknowledged. Eviction, expiry and the start-up scan remove without a sync
+//! (what comes back after a power loss is expired, invalid, or a revision the cache may hold
+//! until it is evicted again), but they note the directory, so that a DELETE which finds the key
+//! already gone still syncs it.
+//!
 //! Reads are positioned reads of large chunks (`read_chunk`, 1 MiB by default) on the blocking
 //! pool with a little read-ahead, so memory stays flat in the object size; small objects come
 //! back from the very read that decoded the header.
@@ -23,13 +32,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use format::{Fixed, MetaJson};
 use futures_util::StreamExt;
-use index::{Entry, EntryId, Index};
+use index::{Entry, EntryId, FileId, Index};
 use larder_proto::{ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
 use pool::BufferPool;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -78,6 +87,39 @@ struct Inner {
     open_cache: Mutex<HashMap<EntryId, Arc<OpenRevision>>>,
     /// Becomes true once the start-up scan has filled the index.
     loaded: watch::Sender<bool>,
+    /// Object directories whose entry in their parent this process has made durable.
+    durable_dirs: Mutex<HashSet<PathBuf>>,
+    unsynced: UnsyncedUnlinks,
+}
+
+/// Directories where a file was unlinked without an fsync of the directory since, each with the
+/// sequence number of its latest such unlink. Whoever syncs a directory afterwards clears what
+/// it covered; a DELETE that finds its key already gone syncs the directory if it is listed, so
+/// that a power loss cannot bring back an evicted or concurrently deleted revision of a key
+/// whose DELETE was acknowledged.
+#[derive(Default)]
+struct UnsyncedUnlinks(Mutex<(u64, HashMap<PathBuf, u64>)>);
+
+impl UnsyncedUnlinks {
+    fn record(&self, dir: &Path) {
+        let mut state = self.0.lock().unwrap();
+        state.0 += 1;
+        let seq = state.0;
+        state.1.insert(dir.to_path_buf(), seq);
+    }
+
+    /// The latest unsynced unlink in `dir`, to hand to `synced` once `dir` was synced.
+    fn pending(&self, dir: &Path) -> Option<u64> {
+        self.0.lock().unwrap().1.get(dir).copied()
+    }
+
+    /// `dir` was synced after `pending` returned `seq`: unlinks up to `seq` are durable.
+    fn synced(&self, dir: &Path, seq: u64) {
+        let mut state = self.0.lock().unwrap();
+        if state.1.get(dir) == Some(&seq) {
+            state.1.remove(dir);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -326,10 +368,16 @@ impl Inner {
     fn open(config: DiskConfig) -> Result<Inner, TierError> {
         let objects = config.dir.join("objects");
         let tmp = config.dir.join("tmp");
-        for d in [&objects, &tmp] {
-            fs::create_dir_all(d)
-                .map_err(|e| TierError::io(&format!("create {}", d.display()), &e))?;
-        }
+        let create = |d: &Path| {
+            create_dir_all_synced(d)
+                .map_err(|e| TierError::io(&format!("create {}", d.display()), &e))
+        };
+        create(&objects)?;
+        create(&tmp)?;
+        // Also when `objects` already existed: a previous process may have died before it made
+        // the directory's entry durable. Once per start, so cheap.
+        sync_dir(&config.dir)
+            .map_err(|e| TierError::io(&format!("sync {}", config.dir.display()), &e))?;
         // Uploads that were in flight when the previous process died.
         let mut removed_tmp = 0;
         for entry in fs::read_dir(&tmp).map_err(|e| TierError::io("read tmp dir", &e))? {
@@ -350,10 +398,12 @@ impl Inner {
             open_cache: Mutex::new(HashMap::new()),
             buffers,
             config,
-            objects,
             tmp,
             index: Mutex::new(Index::default()),
             loaded: watch::channel(false).0,
+            durable_dirs: Mutex::new(HashSet::from([objects.clone()])),
+            unsynced: UnsyncedUnlinks::default(),
+            objects,
         })
     }
 
@@ -361,20 +411,12 @@ impl Inner {
     /// not depend on the index (reads open the key's file, a commit checks its precondition
     /// against the file it replaces), only size accounting and eviction do. So a cold start with
     /// many objects costs no unavailability. Commits made during the scan win over what the scan
-    /// found, and nothing the scan found is added once its file is gone.
+    /// found: the scan removes and indexes only files that its paths still name.
     fn load_index(&self) -> Result<(), TierError> {
         let started = std::time::Instant::now();
-        let (found, removed) = scan(&self.objects)?;
-        let mut added = 0;
-        for batch in found.chunks(1024) {
-            let mut index = self.index.lock().unwrap();
-            for (id, entry) in batch {
-                if index.get(id).is_none() && self.path_of(&id.0, &id.1).exists() {
-                    index.insert(id.clone(), entry.clone());
-                    added += 1;
-                }
-            }
-        }
+        let scanned = scan(&self.objects)?;
+        let removed = self.remove_scanned(&scanned.doomed);
+        let added = self.index_scanned(&scanned.found);
         let (objects, bytes) = {
             let index = self.index.lock().unwrap();
             (index.len(), index.total_bytes)
@@ -391,6 +433,35 @@ impl Inner {
         self.evict_over_limit(None);
         self.loaded.send_replace(true);
         Ok(())
+    }
+
+    /// Removes what the scan found wanting, each file only if its path still names it: the
+    /// scan ran without the index lock, and a commit may have renamed a new revision onto the
+    /// path since.
+    fn remove_scanned(&self, doomed: &[(PathBuf, FileId)]) -> usize {
+        doomed
+            .iter()
+            .filter(|(path, file)| {
+                let index = self.index.lock().unwrap();
+                self.unlink_if_same(&index, path, *file)
+            })
+            .count()
+    }
+
+    /// Indexes what the scan found, unless a commit indexed the key since, or the path no
+    /// longer names the file the scan read (an entry must name the file its path holds).
+    fn index_scanned(&self, found: &[(EntryId, Entry)]) -> usize {
+        let mut added = 0;
+        for batch in found.chunks(1024) {
+            let mut index = self.index.lock().unwrap();
+            for (id, entry) in batch {
+                if index.get(id).is_none() && names(&self.path_of(&id.0, &id.1), entry.file) {
+                    index.insert(id.clone(), entry.clone());
+                    added += 1;
+                }
+            }
+        }
+        added
     }
 
     /// The current revision's validators, from its file: the truth even while the index loads.
@@ -451,11 +522,10 @@ impl Inner {
         }
         let (fixed, meta) = format::decode_header(&buf)
             .map_err(|e| TierError::internal(&format!("revision {}", path.display()), e))?;
-        let len = file
+        let md = file
             .metadata()
-            .map_err(|e| TierError::io("stat revision", &e))?
-            .len();
-        if len != fixed.file_len() {
+            .map_err(|e| TierError::io("stat revision", &e))?;
+        if md.len() != fixed.file_len() {
             return Err(TierError::internal(
                 &format!("revision {}", path.display()),
                 "file length does not match its header",
@@ -464,6 +534,7 @@ impl Inner {
         let prefix = Bytes::from(buf).slice(fixed.header_len as usize..);
         Ok(Some(OpenRevision {
             file: Arc::new(file),
+            file_id: FileId::of(&md),
             fixed,
             meta,
             prefix,
@@ -491,7 +562,7 @@ impl Inner {
             }
         };
         if rev.fixed.expires_ms <= now_ms() {
-            self.remove_if_current(&id, &rev.fixed.etag, true);
+            self.remove_expired(&id, rev.file_id);
             return Err(TierError::not_found());
         }
         let meta = ObjectMeta {
@@ -509,7 +580,7 @@ impl Inner {
         };
         let body = match range {
             Some((start, len)) if !opts.head => {
-                self.index.lock().unwrap().touch(&id, &rev.fixed.etag);
+                self.index.lock().unwrap().touch(&id, rev.file_id);
                 Some(self.body_stream(
                     rev.file.clone(),
                     rev.fixed.header_len as u64,
@@ -589,10 +660,12 @@ impl Inner {
     /// Keeps an opened revision for the next reads of its key, but only while the index still
     /// names it current: the check and the insert happen under the index lock, which every
     /// commit, delete and eviction holds while it also drops the key's cached revision, so a
-    /// replaced revision can never be cached after its replacement.
+    /// replaced revision can never be cached after its replacement. Current means the same
+    /// file, not the same ETag: identical bytes rewritten with a new TTL keep the ETag, and
+    /// caching the old file would serve its TTL and headers, and expire the key with it.
     fn cache_if_current(&self, id: &EntryId, rev: &Arc<OpenRevision>) {
         let index = self.index.lock().unwrap();
-        if index.get(id).is_none_or(|e| e.etag != rev.fixed.etag) {
+        if index.get(id).is_none_or(|e| e.file != rev.file_id) {
             return;
         }
         let mut cache = self.open_cache.lock().unwrap();
@@ -610,31 +683,69 @@ impl Inner {
         self.open_cache.lock().unwrap().remove(id);
     }
 
-    /// Removes the key's file if the index still says it holds revision `etag`.
-    fn remove_if_current(&self, id: &EntryId, etag: &[u8; 32], expired: bool) {
+    /// Removes the expired revision in `file`, if it is still the key's current revision and
+    /// still expired, both checked under the lock: a revision committed since (even with the
+    /// same ETag) is another file, and a removal decided before the lock was taken must not
+    /// fall on it. Returns whether it removed anything.
+    fn remove_expired(&self, id: &EntryId, file: FileId) -> bool {
         let mut index = self.index.lock().unwrap();
-        if index.get(id).is_some_and(|e| &e.etag == etag) {
-            self.uncache(id);
-            let _ = fs::remove_file(self.path_of(&id.0, &id.1));
-            index.remove(id);
-            if expired {
-                index.expirations += 1;
-                metrics::counter!("larder_disk_expirations_total").increment(1);
-            }
+        let now = now_ms();
+        if !index
+            .get(id)
+            .is_some_and(|e| e.file == file && e.expires_ms <= now)
+        {
+            return false;
         }
+        self.uncache(id);
+        self.unlink_if_same(&index, &self.path_of(&id.0, &id.1), file);
+        index.remove(id);
+        index.expirations += 1;
+        metrics::counter!("larder_disk_expirations_total").increment(1);
+        true
     }
 
     fn sweep_expired(&self) -> usize {
         let expired = self.index.lock().unwrap().expired(SystemTime::now());
-        let n = expired.len();
-        for id in expired {
-            let etag = match self.index.lock().unwrap().get(&id) {
-                Some(e) => e.etag,
-                None => continue,
-            };
-            self.remove_if_current(&id, &etag, true);
+        expired
+            .into_iter()
+            .filter(|(id, file)| self.remove_expired(id, *file))
+            .count()
+    }
+
+    /// Unlinks `path` if it still names `file`, and notes the directory as not synced. Takes
+    /// the index (its lock held) because every rename onto an object path happens under that
+    /// lock: the check and the unlink are then one step, and nothing but the examined file is
+    /// ever removed.
+    fn unlink_if_same(&self, _locked: &Index, path: &Path, file: FileId) -> bool {
+        if !names(path, file) || fs::remove_file(path).is_err() {
+            return false;
         }
-        n
+        if let Some(dir) = path.parent() {
+            self.unsynced.record(dir);
+        }
+        true
+    }
+
+    /// Creates an object directory (`objects/<ns>` or `objects/<ns>/<hh>`) if needed and makes
+    /// its entry in its parent durable before a revision is published in it: a power loss must
+    /// not take an acknowledged revision away with a directory that never reached the disk.
+    /// The parent is synced once per directory and process, also when the directory already
+    /// existed: it may be another commit's, still between its creation and that sync, or a
+    /// previous process may have died in between.
+    fn ensure_object_dir(&self, dir: &Path) -> Result<(), TierError> {
+        if dir == self.objects || self.durable_dirs.lock().unwrap().contains(dir) {
+            return Ok(());
+        }
+        let parent = dir.parent().expect("object directories are under objects/");
+        self.ensure_object_dir(parent)?;
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(TierError::io("create object directory", &e)),
+        }
+        sync_dir(parent).map_err(|e| TierError::io("sync object directory", &e))?;
+        self.durable_dirs.lock().unwrap().insert(dir.to_path_buf());
+        Ok(())
     }
 
     fn evict_over_limit(&self, keep: Option<&EntryId>) {
@@ -647,8 +758,8 @@ impl Inner {
                 break;
             };
             self.uncache(&victim);
-            let _ = fs::remove_file(self.path_of(&victim.0, &victim.1));
             if let Some(e) = index.remove(&victim) {
+                self.unlink_if_same(&index, &self.path_of(&victim.0, &victim.1), e.file);
                 tracing::debug!(ns = %victim.0, bytes = e.file_len, "evicted");
             }
             index.evictions += 1;
@@ -672,7 +783,11 @@ impl Inner {
         let id: EntryId = (Arc::from(ns.as_str()), hash);
         let path = self.path_of(ns.as_str(), &hash);
         let dir = path.parent().expect("object path has a parent");
-        fs::create_dir_all(dir).map_err(|e| TierError::io("create object dir", &e))?;
+        self.ensure_object_dir(dir)?;
+        // The index names a revision by its file; the rename keeps it.
+        let file = fs::symlink_metadata(&temp.path)
+            .map(|md| FileId::of(&md))
+            .map_err(|e| TierError::io("stat temp file", &e))?;
         let created = {
             let mut index = self.index.lock().unwrap();
             let current = self.current_validators(&path, now_ms())?;
@@ -693,19 +808,64 @@ impl Inner {
             let entry = Entry {
                 file_len: fixed.file_len(),
                 body_len: fixed.body_len,
-                etag: fixed.etag,
+                file,
                 expires_ms: fixed.expires_ms,
                 last_access: 0,
             };
             index.insert(id.clone(), entry);
             current.is_none()
         };
-        // Durability of the rename itself; readers already see the new revision.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+        // The new revision is visible from here on (readers open it, the index names it) and
+        // the one it replaced is gone; neither can be undone. What is left is making the rename
+        // durable, and if that fails the write must not be acknowledged: the client hears an
+        // error although readers may already see the revision. Retrying the PUT is harmless.
+        let pending = self.unsynced.pending(dir);
+        let synced = sync_dir(dir);
         self.evict_over_limit(Some(&id));
+        synced.map_err(|e| {
+            TierError::io(
+                "sync object directory (the new revision is visible but may not survive a \
+                 power loss)",
+                &e,
+            )
+        })?;
+        if let Some(seq) = pending {
+            self.unsynced.synced(dir, seq);
+        }
         Ok(created)
+    }
+
+    /// Removes the key's revision, and acknowledges only once the removal is durable; also
+    /// when the key was already gone but an unlink in its directory is not synced yet (an
+    /// eviction, or a concurrent DELETE still syncing), which a power loss could undo.
+    fn delete(&self, id: &EntryId) -> Result<bool, TierError> {
+        let path = self.path_of(&id.0, &id.1);
+        let dir = path.parent().expect("object path has a parent");
+        let (existed, pending) = {
+            let mut index = self.index.lock().unwrap();
+            self.uncache(id);
+            index.remove(id);
+            let existed = match fs::remove_file(&path) {
+                Ok(()) => {
+                    self.unsynced.record(dir);
+                    true
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(TierError::io("delete revision", &e)),
+            };
+            (existed, self.unsynced.pending(dir))
+        };
+        if let Some(seq) = pending {
+            sync_dir(dir).map_err(|e| {
+                TierError::io(
+                    "sync object directory (the object is gone but may come back after a \
+                     power loss)",
+                    &e,
+                )
+            })?;
+            self.unsynced.synced(dir, seq);
+        }
+        Ok(existed)
     }
 }
 
@@ -853,6 +1013,8 @@ impl StagedRevision {
 
 struct OpenRevision {
     file: Arc<File>,
+    /// Which revision this is, beyond its ETag (see `FileId`).
+    file_id: FileId,
     fixed: Fixed,
     meta: MetaJson,
     /// Body bytes that came with the header read.
@@ -956,12 +1118,49 @@ fn write_temp(
     Ok((temp, fixed))
 }
 
-/// What one scanning thread found: valid revisions with their mtime, and how many files it removed.
-type ScanResult = (Vec<(EntryId, Entry, SystemTime)>, usize);
+/// fsyncs a directory, which makes the creation, rename or removal of its entries durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
 
-/// Rebuilds the index from the object tree, removing whatever is not a complete, unexpired
-/// revision. Directories are scanned on all cores: start-up time is what an operator waits for.
-fn scan(objects: &Path) -> Result<(Vec<(EntryId, Entry)>, usize), TierError> {
+/// Whether `path` names `file` (without following a symlink).
+fn names(path: &Path, file: FileId) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|md| FileId::of(&md) == file)
+}
+
+/// `fs::create_dir_all` that also fsyncs the parent of each directory it creates.
+fn create_dir_all_synced(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_all_synced(parent)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the start-up scan found: complete, unexpired revisions to index (oldest commit first),
+/// and every other file with the file that was examined at its path, to be removed only if the
+/// path still names it.
+#[derive(Default)]
+struct Scanned {
+    found: Vec<(EntryId, Entry)>,
+    doomed: Vec<(PathBuf, FileId)>,
+}
+
+/// What one scanning thread found, with each revision's mtime for the LRU order.
+type ScanResult = (Vec<(EntryId, Entry, SystemTime)>, Vec<(PathBuf, FileId)>);
+
+/// Reads the object tree: which files are complete, unexpired revisions and which are not. It
+/// removes nothing itself (see `Inner::remove_scanned`). Directories are scanned on all cores:
+/// start-up time is what an operator waits for.
+fn scan(objects: &Path) -> Result<Scanned, TierError> {
     let mut dirs = Vec::new();
     for ns_entry in fs::read_dir(objects).map_err(|e| TierError::io("scan objects", &e))? {
         let ns_entry = ns_entry.map_err(|e| TierError::io("scan objects", &e))?;
@@ -992,66 +1191,69 @@ fn scan(objects: &Path) -> Result<(Vec<(EntryId, Entry)>, usize), TierError> {
             .collect()
     });
     let mut found = Vec::new();
-    let mut removed = 0;
-    for (entries, r) in results {
+    let mut doomed = Vec::new();
+    for (entries, d) in results {
         found.extend(entries);
-        removed += r;
+        doomed.extend(d);
     }
     // Last access is not persisted; commit time is the best estimate of recency after a restart.
     found.sort_by_key(|(_, _, mtime)| *mtime);
-    Ok((
-        found
+    Ok(Scanned {
+        found: found
             .into_iter()
             .map(|(id, entry, _)| (id, entry))
             .collect(),
-        removed,
-    ))
+        doomed,
+    })
 }
 
-fn scan_dirs(
-    dirs: &[(Arc<str>, PathBuf)],
-    now_ms: u64,
-) -> (Vec<(EntryId, Entry, SystemTime)>, usize) {
+fn scan_dirs(dirs: &[(Arc<str>, PathBuf)], now_ms: u64) -> ScanResult {
     let mut found = Vec::new();
-    let mut removed = 0;
+    let mut doomed = Vec::new();
     let mut buf = [0u8; format::FIXED_LEN];
     for (ns, dir) in dirs {
         let Ok(rd) = fs::read_dir(dir) else { continue };
         for entry in rd.flatten() {
             let path = entry.path();
-            let name = entry.file_name();
-            let valid = parse_hex32(&name.to_string_lossy()).and_then(|hash| {
-                let file = File::open(&path).ok()?;
+            let hash = parse_hex32(&entry.file_name().to_string_lossy());
+            // The tier never makes symlinks; one is not a revision (and not followed).
+            let file = hash.and_then(|_| {
+                File::options()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .ok()
+            });
+            let md = match &file {
+                Some(f) => f.metadata(),
+                None => fs::symlink_metadata(&path),
+            };
+            let Ok(md) = md else { continue };
+            let examined = FileId::of(&md);
+            let valid = hash.zip(file).and_then(|(hash, file)| {
                 let n = read_full_at(&file, &mut buf, 0).ok()?;
                 let fixed = Fixed::decode(&buf[..n]).ok()?;
-                let md = file.metadata().ok()?;
                 if md.len() != fixed.file_len() || fixed.expires_ms <= now_ms {
                     return None;
                 }
                 let entry = Entry {
                     file_len: fixed.file_len(),
                     body_len: fixed.body_len,
-                    etag: fixed.etag,
+                    file: examined,
                     expires_ms: fixed.expires_ms,
                     last_access: 0,
                 };
-                Some((
-                    (ns.clone(), hash),
-                    entry,
-                    md.modified().unwrap_or(UNIX_EPOCH),
-                ))
+                Some(((ns.clone(), hash), entry))
             });
             match valid {
-                Some(v) => found.push(v),
-                None => {
-                    if fs::remove_file(&path).is_ok() {
-                        removed += 1;
-                    }
+                Some((id, entry)) => {
+                    found.push((id, entry, md.modified().unwrap_or(UNIX_EPOCH)));
                 }
+                None => doomed.push((path, examined)),
             }
         }
     }
-    (found, removed)
+    (found, doomed)
 }
 
 #[async_trait]
@@ -1087,18 +1289,9 @@ impl Tier for DiskTier {
     async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
         let inner = self.inner.clone();
         let id: EntryId = (Arc::from(ns.as_str()), key_hash(key));
-        tokio::task::spawn_blocking(move || {
-            let mut index = inner.index.lock().unwrap();
-            inner.uncache(&id);
-            index.remove(&id);
-            match fs::remove_file(inner.path_of(&id.0, &id.1)) {
-                Ok(()) => Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(TierError::io("delete revision", &e)),
-            }
-        })
-        .await
-        .map_err(|e| TierError::internal("disk delete", e))?
+        tokio::task::spawn_blocking(move || inner.delete(&id))
+            .await
+            .map_err(|e| TierError::internal("disk delete", e))?
     }
 
     async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {

@@ -349,3 +349,162 @@ async fn a_cached_open_revision_never_outlives_its_replacement() {
         "expired, even though it was cached"
     );
 }
+
+/// The key's id and path, for tests that drive the tier's internals.
+fn id_and_path(t: &DiskTier, n: &Namespace, k: &Key) -> (EntryId, PathBuf) {
+    let id: EntryId = (Arc::from(n.as_str()), key_hash(k));
+    let path = t.inner.path_of(&id.0, &id.1);
+    (id, path)
+}
+
+/// Issue 10, item 4: identical bytes rewritten with a long TTL keep the ETag. A reader that had
+/// opened the short-lived file could cache it after the rewrite was committed (the cache checked
+/// the ETag), serve the short TTL, and once that passed, remove the key's file: the rewrite.
+#[tokio::test]
+async fn a_same_etag_rewrite_is_not_removed_by_the_expiry_of_the_revision_it_replaced() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    t.index_loaded().await;
+    let (n, k) = (ns("ci"), key("same-bytes"));
+    let (id, path) = id_and_path(&t, &n, &k);
+    let data = pattern(1000, 7);
+    let short = PutOptions {
+        ttl: Duration::from_millis(300),
+        ..Default::default()
+    };
+    t.put(&n, &k, upload(data.clone()), short).await.unwrap();
+    // A reader opens the short-lived revision…
+    let old = Arc::new(t.inner.open_revision(&path).unwrap().unwrap());
+    // …the same bytes are rewritten with a long TTL…
+    let put = t
+        .put(&n, &k, upload(data.clone()), PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(put.etag, ETag::of(&data), "the rewrite has the same ETag");
+    // …and only then does the reader offer what it opened to the cache.
+    t.inner.cache_if_current(&id, &old);
+    assert!(read_all(&t, &n, &k).await.is_some());
+    tokio::time::sleep(Duration::from_millis(400)).await; // the short TTL passes
+
+    let r = t.get(&n, &k, GetOptions::default()).await;
+    let r = r.expect("the rewrite is still there after the short TTL");
+    assert!(
+        r.meta.expires > SystemTime::now() + Duration::from_secs(3600),
+        "and is served with its own, long TTL"
+    );
+    assert_eq!(
+        crate::body_to_bytes(r.body.unwrap()).await.unwrap(),
+        data,
+        "and its bytes"
+    );
+    assert!(path.exists(), "its file was not removed");
+    assert_eq!(t.sweep_expired().await, 0, "nothing is expired");
+    assert_eq!(read_all(&t, &n, &k).await.unwrap(), data);
+}
+
+/// Issue 10, item 4, the sweeper's side: it picks expired revisions under the index lock and
+/// removes them one by one afterwards. A same-ETag rewrite committed in between is another,
+/// unexpired revision and stays.
+#[tokio::test]
+async fn the_sweeper_spares_a_same_etag_rewrite_committed_after_it_chose_its_victims() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    t.index_loaded().await;
+    let (n, k) = (ns("ci"), key("swept"));
+    let data = pattern(1000, 8);
+    let short = PutOptions {
+        ttl: Duration::from_millis(10),
+        ..Default::default()
+    };
+    t.put(&n, &k, upload(data.clone()), short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let victims = t.inner.index.lock().unwrap().expired(SystemTime::now());
+    assert_eq!(victims.len(), 1, "the short-lived revision is expired");
+    t.put(&n, &k, upload(data.clone()), PutOptions::default())
+        .await
+        .unwrap();
+    let removed = victims
+        .iter()
+        .filter(|(id, file)| t.inner.remove_expired(id, *file))
+        .count();
+    assert_eq!(removed, 0, "the victim was replaced before it was removed");
+    assert_eq!(
+        read_all(&t, &n, &k).await.unwrap(),
+        data,
+        "the rewrite stays"
+    );
+    assert_eq!(t.stats().await.unwrap()[0].expirations, 0);
+}
+
+/// Issue 10, item 5: the start-up scan runs while the tier serves. It used to remove expired
+/// or invalid files by path, without a lock, so a commit renamed onto that path after the scan
+/// read the old file was deleted (and the index kept an entry for a file that was gone). Now
+/// the scan only collects, and each removal checks, under the index lock, that the path still
+/// names the file the scan examined.
+#[tokio::test]
+async fn the_start_up_scan_removes_only_the_file_it_examined() {
+    let dir = TempDir::new().unwrap();
+    let n = ns("ci");
+    let (expired, truncated) = (key("expired"), key("truncated"));
+    {
+        let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+        let short = PutOptions {
+            ttl: Duration::from_millis(10),
+            ..Default::default()
+        };
+        t.put(&n, &expired, upload(pattern(500, 1)), short)
+            .await
+            .unwrap();
+        t.put(
+            &n,
+            &truncated,
+            upload(pattern(500, 2)),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+        let (_, path) = id_and_path(&t, &n, &truncated);
+        let len = fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+
+    // A tier whose start-up scan the test drives step by step (`DiskTier::open` would run it).
+    let inner = Arc::new(Inner::open(DiskConfig::new(dir.path())).unwrap());
+    let t = DiskTier {
+        inner: inner.clone(),
+    };
+    let scanned = scan(&inner.objects).unwrap();
+    assert_eq!(scanned.doomed.len(), 2, "both files are found wanting");
+    assert!(scanned.found.is_empty());
+    // New revisions are committed onto both paths before the scan's removals run.
+    let fresh = |seed| pattern(700, seed);
+    for (k, seed) in [(&expired, 3), (&truncated, 4)] {
+        t.put(&n, k, upload(fresh(seed)), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(inner.remove_scanned(&scanned.doomed), 0, "nothing removed");
+    assert_eq!(inner.index_scanned(&scanned.found), 0);
+
+    for (k, seed) in [(&expired, 3), (&truncated, 4)] {
+        assert_eq!(
+            read_all(&t, &n, k).await.as_deref(),
+            Some(&fresh(seed)[..]),
+            "{k}: the new revision survives the scan"
+        );
+        let (id, path) = id_and_path(&t, &n, k);
+        let entry = inner.index.lock().unwrap().get(&id).cloned();
+        let entry = entry.unwrap_or_else(|| panic!("{k}: indexed"));
+        assert!(
+            names(&path, entry.file),
+            "{k}: the index names the file on disk, not a dangling one"
+        );
+    }
+    assert_eq!(t.stats().await.unwrap()[0].objects, 2);
+}
