@@ -401,17 +401,34 @@ async fn with_s3_down_disk_hits_are_served_and_misses_fail_fast_with_503() {
     );
 }
 
-/// A tier wrapper that counts the body reads that reach the tier it wraps (a real S3 here), and
-/// can answer writes after a random delay (as a remote answers late over a network), so that the
-/// order in which writes are acknowledged differs from the order in which they committed.
-struct CountingBodyReads {
+/// A remote tier as a network makes it: it counts the body reads that reach the tier it wraps,
+/// and can answer writes late (so that acknowledgements arrive in another order than the
+/// commits), answer reads after a random delay (so that one replica's checks, reads and fills
+/// overlap in every order), and hold body reads until a gate opens (an S3 server slow to answer).
+struct Networked {
     inner: Arc<dyn Tier>,
     body_reads: AtomicUsize,
+    body_requests: AtomicUsize,
     late_acks: bool,
+    jitter: bool,
+    gate: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Networked {
+    fn over(inner: Arc<dyn Tier>) -> Networked {
+        Networked {
+            inner,
+            body_reads: AtomicUsize::new(0),
+            body_requests: AtomicUsize::new(0),
+            late_acks: false,
+            jitter: false,
+            gate: None,
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl Tier for CountingBodyReads {
+impl Tier for Networked {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -421,11 +438,20 @@ impl Tier for CountingBodyReads {
         key: &Key,
         opts: GetOptions,
     ) -> Result<GetResponse, TierError> {
-        let r = self.inner.get(ns, key, opts).await?;
-        if r.body.is_some() {
+        if !opts.head {
+            self.body_requests.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                let _ = gate.subscribe().wait_for(|open| *open).await;
+            }
+        }
+        let r = self.inner.get(ns, key, opts).await;
+        if r.as_ref().is_ok_and(|r| r.body.is_some()) {
             self.body_reads.fetch_add(1, Ordering::SeqCst);
         }
-        Ok(r)
+        if self.jitter {
+            tokio::time::sleep(Duration::from_millis(rand::random_range(0..15))).await;
+        }
+        r
     }
     async fn put(
         &self,
@@ -457,11 +483,7 @@ async fn concurrent_cold_readers_cost_one_s3_body_read() {
         return;
     };
     let s3: Arc<dyn Tier> = Arc::new(S3Tier::connect(config).await.unwrap());
-    let counting = Arc::new(CountingBodyReads {
-        inner: s3.clone(),
-        body_reads: AtomicUsize::new(0),
-        late_acks: false,
-    });
+    let counting = Arc::new(Networked::over(s3.clone()));
     let local = disk().await;
     let t = tiered(local.clone(), counting.clone(), Duration::from_secs(5));
     let data = Arc::new(pattern(24 << 20, 9));
@@ -528,10 +550,9 @@ async fn concurrent_cold_readers_cost_one_s3_body_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_leave_the_local_copy_the_remote_kept() {
     let remote_disk = disk().await;
-    let remote = Arc::new(CountingBodyReads {
-        inner: remote_disk.clone(),
-        body_reads: AtomicUsize::new(0),
+    let remote = Arc::new(Networked {
         late_acks: true,
+        ..Networked::over(remote_disk.clone())
     });
     let local = disk().await;
     let t = tiered(local.clone(), remote, Duration::from_secs(60));
@@ -570,61 +591,15 @@ async fn concurrent_writes_leave_the_local_copy_the_remote_kept() {
     assert_eq!(stale, 0, "rounds that left a superseded local copy");
 }
 
-/// A remote whose body reads (not HEADs) wait until the gate opens, as an S3 server that is slow
-/// to answer: a request that starts a fill can then be dropped while the fill waits for S3.
-struct SlowToAnswer {
-    inner: Arc<dyn Tier>,
-    open: tokio::sync::watch::Sender<bool>,
-    waiting: AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl Tier for SlowToAnswer {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn get(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        opts: GetOptions,
-    ) -> Result<GetResponse, TierError> {
-        if !opts.head {
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            let _ = self.open.subscribe().wait_for(|open| *open).await;
-        }
-        self.inner.get(ns, key, opts).await
-    }
-    async fn put(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        body: UploadStream,
-        opts: PutOptions,
-    ) -> Result<PutResult, TierError> {
-        self.inner.put(ns, key, body, opts).await
-    }
-    async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
-        self.inner.delete(ns, key).await
-    }
-    async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
-        self.inner.list_namespaces().await
-    }
-    async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
-        self.inner.stats().await
-    }
-}
-
 /// Regression (issue 10, item 7): the fill's bookkeeping belonged to the request that started
 /// it; when that request was dropped while waiting for S3, the entry stayed, and once the key
 /// changed every later miss read S3 directly and the key was never cached on that replica again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
     let remote_disk = disk().await;
-    let remote = Arc::new(SlowToAnswer {
-        inner: remote_disk.clone(),
-        open: tokio::sync::watch::channel(false).0,
-        waiting: AtomicUsize::new(0),
+    let remote = Arc::new(Networked {
+        gate: Some(tokio::sync::watch::channel(false).0),
+        ..Networked::over(remote_disk.clone())
     });
     let local = disk().await;
     let t = tiered(local.clone(), remote.clone(), Duration::from_secs(60));
@@ -640,7 +615,7 @@ async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
         tokio::spawn(async move { read(t.as_ref(), &k, ReadConditions::default()).await })
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while remote.waiting.load(Ordering::SeqCst) == 0 {
+    while remote.body_requests.load(Ordering::SeqCst) == 0 {
         assert!(Instant::now() < deadline, "the fill never asked the remote");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -653,54 +628,13 @@ async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
         .await
         .unwrap()
         .etag;
-    remote.open.send_replace(true);
+    remote.gate.as_ref().unwrap().send_replace(true);
     let (_, etag, body) = read(t.as_ref(), &k, ReadConditions::default())
         .await
         .unwrap();
     assert_eq!(etag, new_etag);
     assert!(body == new);
     wait_for_fill(&local, &k, &new_etag).await;
-}
-
-/// A remote that answers reads after a random delay, so that the checks, reads and fills of one
-/// replica overlap in every order.
-struct Jittery {
-    inner: Arc<dyn Tier>,
-}
-
-#[async_trait::async_trait]
-impl Tier for Jittery {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn get(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        opts: GetOptions,
-    ) -> Result<GetResponse, TierError> {
-        let r = self.inner.get(ns, key, opts).await;
-        tokio::time::sleep(Duration::from_millis(rand::random_range(0..15))).await;
-        r
-    }
-    async fn put(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        body: UploadStream,
-        opts: PutOptions,
-    ) -> Result<PutResult, TierError> {
-        self.inner.put(ns, key, body, opts).await
-    }
-    async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {
-        self.inner.delete(ns, key).await
-    }
-    async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
-        self.inner.list_namespaces().await
-    }
-    async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
-        self.inner.stats().await
-    }
 }
 
 /// Monotonic reads per replica: while another replica overwrites a key with ever newer
@@ -710,8 +644,9 @@ impl Tier for Jittery {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpinned_reads_on_one_replica_never_go_backwards_under_overwrites() {
     let remote_disk = disk().await;
-    let remote: Arc<dyn Tier> = Arc::new(Jittery {
-        inner: remote_disk.clone(),
+    let remote: Arc<dyn Tier> = Arc::new(Networked {
+        jitter: true,
+        ..Networked::over(remote_disk.clone())
     });
     let t = tiered(disk().await, remote, Duration::from_secs(60));
     let k = key("moving");
