@@ -8,7 +8,7 @@
 //! an error. They need strace (scripts/test.sh installs it) and print SKIPPED without it, or
 //! fail when `CI` is set.
 
-use larder_testkit::Larderd;
+use larder_testkit::{Larderd, etag_of};
 use reqwest::{Client, StatusCode};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,10 +16,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-
-fn etag_of(data: &[u8]) -> String {
-    format!("\"{}\"", blake3::hash(data).to_hex())
-}
 
 fn body_of(key: usize) -> Vec<u8> {
     (0..4096u64)
