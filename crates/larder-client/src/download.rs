@@ -1,4 +1,4 @@
-//! Parallel pinned downloads across one or several larderd replicas (DESIGN.md "Client").
+//! Parallel pinned downloads across one or several larderd replicas (docs/ARCHITECTURE.md, "Client").
 //!
 //! One TCP stream rarely fills a fast link, and CI artifacts are several GiB, so an object is
 //! fetched as many byte ranges over a pool of HTTP/1.1 connections, optionally spread over

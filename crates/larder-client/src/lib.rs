@@ -1,4 +1,4 @@
-//! The larder client library: talks to larderd's HTTP object API (DESIGN.md "HTTP object API"
+//! The larder client library: talks to larderd's HTTP object API (the README's "HTTP API by example"
 //! and "Client").
 //!
 //! It lives in a library rather than in the `larder` binary so the CLI stays thin wiring and the

@@ -10,7 +10,7 @@
 //! zstd encoder, whose output goes in 1 MiB pieces over a small bounded channel into the body of
 //! the upload, so memory stays bounded and a slow network slows the archiver instead of filling
 //! RAM. If anything fails mid-way (an unreadable file), the body stream ends with an error, the
-//! upload is aborted and the server stores nothing (DESIGN.md invariant 5); the previous snapshot
+//! upload is aborted and the server stores nothing (docs/ARCHITECTURE.md, invariant 5); the previous snapshot
 //! under the key stays intact. The upload's digest is checked against the server's ETag as for any
 //! `put`.
 //!

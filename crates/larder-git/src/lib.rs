@@ -1,4 +1,4 @@
-//! Git snapshots for larder (DESIGN.md "Git snapshots"): CI jobs restore a repository from a
+//! Git snapshots for larder (docs/ARCHITECTURE.md, "Crates"): CI jobs restore a repository from a
 //! tar + zstd snapshot laid out exactly as `git clone` leaves it, instead of cloning it.
 //!
 //! This crate holds the pieces that do not depend on HTTP or on a tier, so that the server (which

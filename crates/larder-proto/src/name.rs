@@ -1,4 +1,4 @@
-//! Namespace and key validation (DESIGN.md "HTTP object API").
+//! Namespace and key validation (the README's "HTTP API by example").
 //!
 //! Namespaces match `[a-z0-9][a-z0-9_-]{0,63}`. Keys are 1–512 bytes after percent-decoding, of
 //! `[A-Za-z0-9._~-]` and `/`; every `/`-separated segment is non-empty and neither `.` nor `..`.

@@ -1,4 +1,4 @@
-//! The HTTP object API (DESIGN.md "HTTP object API"): routing, and the translation of tier
+//! The HTTP object API (docs/ARCHITECTURE.md, "One request's path"): routing, and the translation of tier
 //! outcomes into status lines and headers.
 //!
 //! Handlers decide nothing themselves: the tier applies `larder_proto::decide_read` to the

@@ -1,7 +1,7 @@
 //! Hostile namespaces and keys against the real `larderd`: path traversal in every spelling,
 //! NUL bytes, over-long names and odd percent-encodings must each get a 400 with a one-line
 //! reason, for every method, and must leave nothing behind — no file in the data directory and
-//! nothing in the namespace listing (DESIGN.md invariant 5).
+//! nothing in the namespace listing (docs/ARCHITECTURE.md, invariant 5).
 //!
 //! Requests go over a raw socket because HTTP client libraries normalise dot segments and
 //! re-encode paths, which would hide exactly the spellings under test.

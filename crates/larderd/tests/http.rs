@@ -1,5 +1,5 @@
 //! HTTP behaviour of the real `larderd` binary on a loopback port: every route, every
-//! conditional and range outcome of RFC 9110 that DESIGN.md names, and every kind of bad input.
+//! conditional and range outcome of RFC 9110 that the README's API table names, and every kind of bad input.
 
 use larder_testkit::Larderd;
 use reqwest::{Client, Method, StatusCode};
