@@ -1,5 +1,5 @@
-//! The larder client library: talks to larderd's HTTP object API (the README's "HTTP API by example"
-//! and "Client").
+//! The larder client library: talks to larderd's HTTP object API (the README's "HTTP API by
+//! example"; docs/ARCHITECTURE.md, "Client").
 //!
 //! It lives in a library rather than in the `larder` binary so the CLI stays thin wiring and the
 //! pieces — parallel pinned downloads ([`Downloader`]), snapshot save and restore
