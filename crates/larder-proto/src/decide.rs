@@ -92,6 +92,21 @@ pub enum ReadOutcome {
     RangeNotSatisfiable,
 }
 
+impl ReadOutcome {
+    /// The bytes of a revision of `size` bytes this outcome sends: the whole body for `Full`,
+    /// the range for `Partial`, none otherwise. Every tier reads exactly this.
+    pub fn body_range(&self, size: u64) -> Option<ByteRange> {
+        match self {
+            ReadOutcome::Full => Some(ByteRange {
+                start: 0,
+                len: size,
+            }),
+            ReadOutcome::Partial(r) => Some(*r),
+            _ => None,
+        }
+    }
+}
+
 /// Decides a GET/HEAD against the current revision (`None` = the key does not exist).
 pub fn decide_read(cond: &ReadConditions, current: Option<&Validators>) -> ReadOutcome {
     // §13.2.1: preconditions are evaluated only when the request would otherwise succeed.
@@ -231,6 +246,24 @@ pub fn decide_write(pre: &WritePrecondition, current: Option<&Validators>) -> Wr
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_body_outcome_names_the_bytes_it_sends_and_no_other_outcome_sends_any() {
+        let r = ByteRange { start: 3, len: 4 };
+        assert_eq!(
+            ReadOutcome::Full.body_range(10),
+            Some(ByteRange { start: 0, len: 10 })
+        );
+        assert_eq!(ReadOutcome::Partial(r).body_range(10), Some(r));
+        for o in [
+            ReadOutcome::NotFound,
+            ReadOutcome::PreconditionFailed,
+            ReadOutcome::NotModified,
+            ReadOutcome::RangeNotSatisfiable,
+        ] {
+            assert_eq!(o.body_range(10), None, "{o:?}");
+        }
+    }
+
     use super::*;
     use std::time::Duration;
 

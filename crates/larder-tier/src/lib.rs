@@ -21,7 +21,7 @@ pub use disk::{DiskConfig, DiskTier, Spool, StagedRevision};
 pub use error::{ErrorKind, TierError};
 pub use s3::{ConditionalPut, ReapReport, S3Config, S3Tier};
 pub use tier::{
-    BodyStream, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
-    TierStats, UploadStream, body_to_bytes,
+    BodyStream, CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions,
+    PutResult, SpoolWrite, Tier, TierStats, UploadStream, body_to_bytes,
 };
 pub use tiered::TieredTier;

@@ -169,6 +169,72 @@ pub trait Tier: Send + Sync + 'static {
     }
 }
 
+/// A revision written to a [`CacheTier`] while readers follow it: the future that finishes the
+/// write (without committing) and what readers follow meanwhile.
+pub type SpoolWrite<S> = futures_util::future::BoxFuture<'static, Result<S, TierError>>;
+
+/// The capability a tier needs to be the local tier of a tiered cache ([`crate::TieredTier`]),
+/// beyond storing revisions: to *spool* a revision (write it while readers follow it as it
+/// grows, so that concurrent misses cost one read of the remote tier) and to *stage* one (write
+/// and verify it now, decide later whether it becomes the key's revision). As pingora's cache
+/// storage hands out a miss handle to write and finish, this hands out a spool and a staged
+/// revision; the tiered cache decides when, and whether, they are committed.
+#[async_trait]
+pub trait CacheTier: Tier {
+    /// A revision being written that readers may follow.
+    type Spool: Clone + Send + Sync + 'static;
+    /// A revision written and verified but not committed; dropping it discards it.
+    type Staged: Send + 'static;
+
+    /// The largest object the tier can hold (its size limit); larger ones are never copied in.
+    fn capacity(&self) -> Option<u64>;
+
+    /// Starts storing a revision (as [`Tier::put`] would) that readers can follow while it is
+    /// written. Nothing happens until the returned future is polled; it ends with the revision
+    /// staged, not committed.
+    fn spool(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<(Self::Spool, SpoolWrite<Self::Staged>), TierError>;
+
+    /// Streams `len` body bytes at `start` of a spooled revision, each chunk as soon as it is
+    /// written. `NotFound` when the spool is gone (committed or discarded): read the committed
+    /// revision instead. A writer that fails before the range is complete ends the stream with
+    /// an error, never a clean short end.
+    async fn read_spool(
+        &self,
+        spool: &Self::Spool,
+        start: u64,
+        len: u64,
+    ) -> Result<BodyStream, TierError>;
+
+    /// Writes and verifies a revision without committing it.
+    async fn stage(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<Self::Staged, TierError>;
+
+    /// The ETag of a staged revision.
+    fn staged_etag(staged: &Self::Staged) -> ETag;
+
+    /// Commits a staged revision (checking its precondition as [`Tier::put`] does) if
+    /// `still_wanted` says yes at the moment of the commit, asked under the same lock as every
+    /// other change of the tier, so a caller whose own records say no (the key was deleted or
+    /// superseded meanwhile) can never lose that race. `false` discards it with
+    /// `PreconditionFailed`.
+    async fn commit_staged(
+        &self,
+        staged: Self::Staged,
+        still_wanted: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> Result<PutResult, TierError>;
+}
+
 /// Collects a body stream into memory (tests and small bodies only).
 pub async fn body_to_bytes(mut body: BodyStream) -> Result<Vec<u8>, TierError> {
     let mut out = Vec::new();

@@ -25,15 +25,15 @@ mod pool;
 
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    BodyStream, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
-    TierStats, UploadStream,
+    BodyStream, CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions,
+    PutResult, SpoolWrite, Tier, TierStats, UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
 use format::{Fixed, MetaJson};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use index::{Entry, EntryId, FileId, Index};
-use larder_proto::{ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
+use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, decide_write};
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -211,151 +211,6 @@ impl DiskTier {
         tokio::task::spawn_blocking(move || inner.sweep_expired())
             .await
             .unwrap_or(0)
-    }
-
-    /// The configured size limit.
-    pub fn limit(&self) -> Option<u64> {
-        self.inner.config.limit
-    }
-
-    /// Starts storing a revision that readers can follow while it is being written (a fill from
-    /// another tier). Returns the spool to read from and the future that writes and verifies the
-    /// revision without committing it; nothing happens until that future is polled.
-    pub fn spool(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        body: UploadStream,
-        opts: PutOptions,
-    ) -> Result<
-        (
-            Spool,
-            impl Future<Output = Result<StagedRevision, TierError>> + Send + 'static + use<>,
-        ),
-        TierError,
-    > {
-        let prepared = self.inner.prepare(ns, key, &opts)?;
-        let (tx, rx) = watch::channel(0u64);
-        let spool = Spool {
-            path: prepared.temp.path.clone(),
-            body_offset: prepared.header.len() as u64,
-            progress: rx,
-        };
-        let write =
-            self.inner
-                .clone()
-                .stage(ns.clone(), key.clone(), body, opts, prepared, Some(tx));
-        Ok((spool, write))
-    }
-
-    /// Writes and verifies a revision without committing it: the caller decides later, with
-    /// [`DiskTier::commit_staged`], whether it becomes the key's revision (a write-through cache
-    /// commits its copy only once the authoritative tier has committed the same revision).
-    pub async fn stage(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        body: UploadStream,
-        opts: PutOptions,
-    ) -> Result<StagedRevision, TierError> {
-        let prepared = self.inner.prepare(ns, key, &opts)?;
-        self.inner
-            .clone()
-            .stage(ns.clone(), key.clone(), body, opts, prepared, None)
-            .await
-    }
-
-    /// Commits a staged revision (checking its precondition, as [`Tier::put`] does) if
-    /// `still_wanted` says yes at the moment of the commit: it is asked under the same lock as
-    /// every commit, delete and eviction of this tier, so a caller whose own bookkeeping says no
-    /// (the key was deleted or superseded meanwhile) can never lose that race. A `false`
-    /// discards the revision with `PreconditionFailed`.
-    pub async fn commit_staged(
-        &self,
-        staged: StagedRevision,
-        still_wanted: impl Fn() -> bool + Send + 'static,
-    ) -> Result<PutResult, TierError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let StagedRevision {
-                ns,
-                key,
-                temp,
-                fixed,
-                opts,
-            } = staged;
-            let created = inner.commit(&ns, &key, temp, &fixed, &opts, &still_wanted)?;
-            Ok(PutResult {
-                etag: fixed.etag(),
-                size: fixed.body_len,
-                created,
-            })
-        })
-        .await
-        .map_err(|e| TierError::internal("disk commit", e))?
-    }
-
-    /// Streams `len` body bytes at `start` of a spooled revision, each chunk as soon as the
-    /// writer has put it in the file. `NotFound` when the spool is already gone (complete and
-    /// renamed, or discarded): read the committed revision instead. If the writer fails before
-    /// the range is complete the stream ends with an error.
-    pub async fn read_spool(
-        &self,
-        spool: &Spool,
-        start: u64,
-        len: u64,
-    ) -> Result<BodyStream, TierError> {
-        let path = spool.path.clone();
-        let file = tokio::task::spawn_blocking(move || File::open(path))
-            .await
-            .map_err(|e| TierError::internal("open spool", e))?;
-        let file = match file {
-            Ok(f) => Arc::new(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TierError::not_found()),
-            Err(e) => return Err(TierError::io("open spool", &e)),
-        };
-        let chunk = self.inner.config.read_chunk as u64;
-        let base = spool.body_offset;
-        let state = (file, spool.progress.clone(), start, start + len);
-        let stream =
-            futures_util::stream::unfold(state, move |(file, mut progress, pos, end)| async move {
-                if pos >= end {
-                    return None;
-                }
-                let n = chunk.min(end - pos);
-                // Wait until the writer has these bytes in the file.
-                while *progress.borrow_and_update() < pos + n {
-                    if progress.changed().await.is_err() {
-                        if *progress.borrow() >= pos + n {
-                            break;
-                        }
-                        let err = TierError::new(
-                            ErrorKind::Upstream,
-                            "the fill this read follows failed",
-                        );
-                        return Some((Err(err), (file, progress, end, end)));
-                    }
-                }
-                let f = file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n as usize];
-                    let got = read_full_at(&f, &mut buf, base + pos)
-                        .map_err(|e| TierError::io("read spool", &e))?;
-                    if got as u64 != n {
-                        return Err(TierError::internal(
-                            "read spool",
-                            "spool shorter than its progress",
-                        ));
-                    }
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .map_err(|e| TierError::internal("read spool", e))
-                .and_then(|r| r);
-                let next = if read.is_ok() { pos + n } else { end };
-                Some((read, (file, progress, next, end)))
-            });
-        Ok(stream.boxed())
     }
 
     /// Total bytes of revision files (header + body) counted against the limit.
@@ -573,13 +428,8 @@ impl Inner {
             headers: rev.meta.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
-        let range = match outcome {
-            ReadOutcome::Full => Some((0, meta.size)),
-            ReadOutcome::Partial(r) => Some((r.start, r.len)),
-            _ => None,
-        };
-        let body = match range {
-            Some((start, len)) if !opts.head => {
+        let body = match outcome.body_range(meta.size) {
+            Some(ByteRange { start, len }) if !opts.head => {
                 self.index.lock().unwrap().touch(&id, rev.file_id);
                 Some(self.body_stream(
                     rev.file.clone(),
@@ -1005,12 +855,6 @@ pub struct StagedRevision {
     opts: PutOptions,
 }
 
-impl StagedRevision {
-    pub fn etag(&self) -> ETag {
-        self.fixed.etag()
-    }
-}
-
 struct OpenRevision {
     file: Arc<File>,
     /// Which revision this is, beyond its ETag (see `FileId`).
@@ -1256,6 +1100,143 @@ fn scan_dirs(dirs: &[(Arc<str>, PathBuf)], now_ms: u64) -> ScanResult {
     (found, doomed)
 }
 
+/// Spooling and staging for the tiered cache: a spool is the temp file a revision is being
+/// written to (readers open it by path and wait on the writer's progress), a staged revision the
+/// complete, fsynced temp file waiting for its commit.
+#[async_trait]
+impl CacheTier for DiskTier {
+    type Spool = Spool;
+    type Staged = StagedRevision;
+
+    fn capacity(&self) -> Option<u64> {
+        self.inner.config.limit
+    }
+
+    fn spool(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<(Spool, SpoolWrite<StagedRevision>), TierError> {
+        let prepared = self.inner.prepare(ns, key, &opts)?;
+        let (tx, rx) = watch::channel(0u64);
+        let spool = Spool {
+            path: prepared.temp.path.clone(),
+            body_offset: prepared.header.len() as u64,
+            progress: rx,
+        };
+        let write = self
+            .inner
+            .clone()
+            .stage(ns.clone(), key.clone(), body, opts, prepared, Some(tx))
+            .boxed();
+        Ok((spool, write))
+    }
+
+    async fn stage(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        body: UploadStream,
+        opts: PutOptions,
+    ) -> Result<StagedRevision, TierError> {
+        let prepared = self.inner.prepare(ns, key, &opts)?;
+        self.inner
+            .clone()
+            .stage(ns.clone(), key.clone(), body, opts, prepared, None)
+            .await
+    }
+
+    fn staged_etag(staged: &StagedRevision) -> ETag {
+        staged.fixed.etag()
+    }
+
+    async fn commit_staged(
+        &self,
+        staged: StagedRevision,
+        still_wanted: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> Result<PutResult, TierError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let StagedRevision {
+                ns,
+                key,
+                temp,
+                fixed,
+                opts,
+            } = staged;
+            let created = inner.commit(&ns, &key, temp, &fixed, &opts, still_wanted.as_ref())?;
+            Ok(PutResult {
+                etag: fixed.etag(),
+                size: fixed.body_len,
+                created,
+            })
+        })
+        .await
+        .map_err(|e| TierError::internal("disk commit", e))?
+    }
+
+    async fn read_spool(
+        &self,
+        spool: &Spool,
+        start: u64,
+        len: u64,
+    ) -> Result<BodyStream, TierError> {
+        let path = spool.path.clone();
+        let file = tokio::task::spawn_blocking(move || File::open(path))
+            .await
+            .map_err(|e| TierError::internal("open spool", e))?;
+        let file = match file {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TierError::not_found()),
+            Err(e) => return Err(TierError::io("open spool", &e)),
+        };
+        let chunk = self.inner.config.read_chunk as u64;
+        let base = spool.body_offset;
+        let state = (file, spool.progress.clone(), start, start + len);
+        let stream =
+            futures_util::stream::unfold(state, move |(file, mut progress, pos, end)| async move {
+                if pos >= end {
+                    return None;
+                }
+                let n = chunk.min(end - pos);
+                // Wait until the writer has these bytes in the file.
+                while *progress.borrow_and_update() < pos + n {
+                    if progress.changed().await.is_err() {
+                        if *progress.borrow() >= pos + n {
+                            break;
+                        }
+                        let err = TierError::new(
+                            ErrorKind::Upstream,
+                            "the fill this read follows failed",
+                        );
+                        return Some((Err(err), (file, progress, end, end)));
+                    }
+                }
+                let f = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n as usize];
+                    let got = read_full_at(&f, &mut buf, base + pos)
+                        .map_err(|e| TierError::io("read spool", &e))?;
+                    if got as u64 != n {
+                        return Err(TierError::internal(
+                            "read spool",
+                            "spool shorter than its progress",
+                        ));
+                    }
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .map_err(|e| TierError::internal("read spool", e))
+                .and_then(|r| r);
+                let next = if read.is_ok() { pos + n } else { end };
+                Some((read, (file, progress, next, end)))
+            });
+        Ok(stream.boxed())
+    }
+}
+
 #[async_trait]
 impl Tier for DiskTier {
     fn name(&self) -> &'static str {
@@ -1283,7 +1264,7 @@ impl Tier for DiskTier {
         opts: PutOptions,
     ) -> Result<PutResult, TierError> {
         let staged = self.stage(ns, key, body, opts).await?;
-        self.commit_staged(staged, || true).await
+        self.commit_staged(staged, Box::new(|| true)).await
     }
 
     async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError> {

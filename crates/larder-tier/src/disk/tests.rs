@@ -234,7 +234,7 @@ async fn a_spool_is_readable_while_written_and_a_failed_writer_fails_its_readers
         let committer = t.clone();
         let write = tokio::spawn(async move {
             let staged = write.await?;
-            committer.commit_staged(staged, || true).await
+            committer.commit_staged(staged, Box::new(|| true)).await
         });
         let mut reader = t
             .read_spool(&spool, 1000, data.len() as u64 - 2000)

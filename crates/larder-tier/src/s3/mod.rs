@@ -29,7 +29,7 @@ use crate::tier::{
 use async_trait::async_trait;
 use error::{s3_error, timed_out};
 use futures_util::{StreamExt, TryStreamExt};
-use larder_proto::{Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write};
+use larder_proto::{ByteRange, Key, Namespace, WriteOutcome, decide_read, decide_write};
 use layout::{BODIES, Layout, PROBE, REFS, RETIRED, RefDoc};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
@@ -671,20 +671,16 @@ impl Tier for S3Tier {
             }
             let meta = c.doc.meta();
             let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
-            let (start, len) = match outcome {
-                ReadOutcome::Full => (0, meta.size),
-                ReadOutcome::Partial(r) => (r.start, r.len),
-                _ => (0, 0),
-            };
-            let wants_body = matches!(outcome, ReadOutcome::Full | ReadOutcome::Partial(_));
-            if !wants_body || opts.head {
+            let Some(ByteRange { start, len }) =
+                outcome.body_range(meta.size).filter(|_| !opts.head)
+            else {
                 return Ok(GetResponse {
                     outcome,
                     meta,
                     body: None,
                     source: "s3",
                 });
-            }
+            };
             if len == 0 {
                 return Ok(GetResponse {
                     outcome,

@@ -13,9 +13,8 @@
 //! continues from the remote tier, pinned to the same revision, from the byte it had reached.
 
 use super::knowledge::{KeyId, Keys};
-use crate::disk::{DiskTier, Spool};
 use crate::error::{ErrorKind, TierError};
-use crate::tier::{BodyStream, GetOptions, ObjectMeta, PutOptions, Tier};
+use crate::tier::{BodyStream, CacheTier, GetOptions, ObjectMeta, PutOptions, Tier};
 use futures_util::StreamExt;
 use larder_proto::{ByteRange, ETag, ReadConditions, ReadOutcome, WritePrecondition};
 use std::sync::Arc;
@@ -23,33 +22,33 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-pub(super) struct Fill {
+pub(super) struct Fill<L: CacheTier> {
     pub etag: ETag,
-    phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase<L::Spool>>,
 }
 
 #[derive(Clone)]
-enum Phase {
+enum Phase<S> {
     /// Waiting for the remote body to open and the local temp file to exist.
     Opening,
     /// Readers may follow the spool.
-    Spooling(Spool),
+    Spooling(S),
     /// Committed, discarded or failed: readers look at the local tier, then the remote.
     Ended,
 }
 
 /// What a fill needs from the tiered cache.
-pub(super) struct FillContext {
-    pub local: Arc<DiskTier>,
+pub(super) struct FillContext<L: CacheTier> {
+    pub local: Arc<L>,
     pub remote: Arc<dyn Tier>,
-    pub keys: Arc<Keys<Fill>>,
+    pub keys: Arc<Keys<Fill<L>>>,
 }
 
-impl Fill {
+impl<L: CacheTier> Fill<L> {
     /// The fill of revision `meta` of this key: the one in flight if it copies that revision,
     /// else a new one (which takes over from a fill of another revision: the caller has just
     /// seen `meta` current, and the older fill will not commit anyway).
-    pub fn of(ctx: &Arc<FillContext>, id: &KeyId, meta: &ObjectMeta) -> Arc<Fill> {
+    pub fn of(ctx: &Arc<FillContext<L>>, id: &KeyId, meta: &ObjectMeta) -> Arc<Fill<L>> {
         ctx.keys.fill_or_start(
             id,
             |f| f.etag == meta.etag,
@@ -76,7 +75,7 @@ impl Fill {
 
     /// The spool to follow, once the fill has one; `None` when the fill ended without one (the
     /// revision may be local already, or the fill could not start).
-    pub async fn spool(&self) -> Option<Spool> {
+    pub async fn spool(&self) -> Option<L::Spool> {
         let mut phase = self.phase.clone();
         let phase = phase
             .wait_for(|p| !matches!(p, Phase::Opening))
@@ -91,14 +90,14 @@ impl Fill {
 
 /// The task that owns a fill. Dropping it (the fill ended, or its task panicked) ends the fill
 /// for readers and for the key's bookkeeping.
-struct Owner {
-    ctx: Arc<FillContext>,
+struct Owner<L: CacheTier> {
+    ctx: Arc<FillContext<L>>,
     id: KeyId,
-    fill: Arc<Fill>,
-    phase: watch::Sender<Phase>,
+    fill: Arc<Fill<L>>,
+    phase: watch::Sender<Phase<L::Spool>>,
 }
 
-impl Drop for Owner {
+impl<L: CacheTier> Drop for Owner<L> {
     fn drop(&mut self) {
         self.phase.send_replace(Phase::Ended);
         self.ctx.keys.fill_ended(&self.id, &self.fill);
@@ -117,7 +116,7 @@ enum Ended {
     Failed(TierError),
 }
 
-impl Owner {
+impl<L: CacheTier> Owner<L> {
     async fn run(self, meta: ObjectMeta) {
         let ended = self.copy(&meta).await;
         let label = match &ended {
@@ -190,7 +189,7 @@ impl Owner {
         let (keys, id, etag) = (ctx.keys.clone(), self.id.clone(), meta.etag.clone());
         match ctx
             .local
-            .commit_staged(staged, move || keys.names(&id, &etag))
+            .commit_staged(staged, Box::new(move || keys.names(&id, &etag)))
             .await
         {
             Ok(_) => Ended::Filled,
@@ -300,7 +299,7 @@ async fn open_pinned_range(
 mod tests {
     use super::*;
     use crate::conformance::{pattern, upload};
-    use crate::disk::DiskConfig;
+    use crate::disk::{DiskConfig, DiskTier};
     use bytes::Bytes;
     use larder_proto::{Key, Namespace};
 

@@ -26,28 +26,30 @@ mod knowledge;
 use crate::disk::DiskTier;
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    GetOptions, GetResponse, NamespaceUsage, PutOptions, PutResult, Tier, TierStats, UploadStream,
+    CacheTier, GetOptions, GetResponse, NamespaceUsage, PutOptions, PutResult, Tier, TierStats,
+    UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
 use fill::{Fill, FillContext};
 use futures_util::StreamExt;
 use knowledge::{Freshness, KeyId, Keys, Observation};
-use larder_proto::{Key, Namespace, ReadOutcome, WritePrecondition};
+use larder_proto::{ByteRange, Key, Namespace, WritePrecondition};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
-pub struct TieredTier {
-    inner: Arc<Inner>,
+/// A local [`CacheTier`] (the disk tier by default) in front of an authoritative remote tier.
+pub struct TieredTier<L: CacheTier = DiskTier> {
+    inner: Arc<Inner<L>>,
 }
 
-struct Inner {
-    local: Arc<DiskTier>,
+struct Inner<L: CacheTier> {
+    local: Arc<L>,
     remote: Arc<dyn Tier>,
     /// What is known about each key's current revision, and its fill in flight.
-    keys: Arc<Keys<Fill>>,
-    fills: Arc<FillContext>,
+    keys: Arc<Keys<Fill<L>>>,
+    fills: Arc<FillContext<L>>,
     /// Set when the remote could not be reached: until then, pinned reads of local copies skip
     /// the check for a delete instead of each waiting for the remote to time out.
     remote_down_until: Mutex<Option<Instant>>,
@@ -56,12 +58,8 @@ struct Inner {
 /// How long an unreachable remote is not asked again by pinned reads the local tier can serve.
 const REMOTE_DOWN_BACKOFF: Duration = Duration::from_secs(1);
 
-impl TieredTier {
-    pub fn new(
-        local: Arc<DiskTier>,
-        remote: Arc<dyn Tier>,
-        revalidate_after: Duration,
-    ) -> TieredTier {
+impl<L: CacheTier> TieredTier<L> {
+    pub fn new(local: Arc<L>, remote: Arc<dyn Tier>, revalidate_after: Duration) -> TieredTier<L> {
         let keys = Arc::new(Keys::new(revalidate_after));
         let fills = Arc::new(FillContext {
             local: local.clone(),
@@ -93,7 +91,7 @@ fn miss(tier: &'static str) {
     metrics::counter!("larder_tier_misses_total", "tier" => tier).increment(1);
 }
 
-impl Inner {
+impl<L: CacheTier> Inner<L> {
     /// Asks the remote tier and records what it said about the key's current revision.
     async fn observe(&self, id: &KeyId, opts: GetOptions) -> Result<GetResponse, TierError> {
         let started = Instant::now();
@@ -170,17 +168,16 @@ impl Inner {
             head: true,
         };
         let decided = self.observe(id, head).await?;
-        let (start, len) = match decided.outcome {
-            ReadOutcome::Full => (0, decided.meta.size),
-            ReadOutcome::Partial(r) => (r.start, r.len),
-            _ => return Ok(decided),
-        };
-        if opts.head {
+        let Some(ByteRange { start, len }) = decided
+            .outcome
+            .body_range(decided.meta.size)
+            .filter(|_| !opts.head)
+        else {
             return Ok(decided);
-        }
+        };
         let fits = self
             .local
-            .limit()
+            .capacity()
             .is_none_or(|limit| decided.meta.size < limit);
         if fits {
             let etag = decided.meta.etag.clone();
@@ -228,7 +225,7 @@ fn channel_stream(rx: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> UploadSt
 }
 
 #[async_trait]
-impl Tier for TieredTier {
+impl<L: CacheTier> Tier for TieredTier<L> {
     fn name(&self) -> &'static str {
         "tiered"
     }
@@ -357,12 +354,12 @@ impl Tier for TieredTier {
         // another: the record then is unknown (or names the winner), and only the copy of the
         // revision it names may become local.
         let committed = match staged {
-            Ok(staged) if staged.etag() == put.etag => {
+            Ok(staged) if L::staged_etag(&staged) == put.etag => {
                 let (keys, etag) = (inner.keys.clone(), put.etag.clone());
                 let id = id.clone();
                 inner
                     .local
-                    .commit_staged(staged, move || keys.names(&id, &etag))
+                    .commit_staged(staged, Box::new(move || keys.names(&id, &etag)))
                     .await
             }
             Ok(_) => Err(TierError::internal(
