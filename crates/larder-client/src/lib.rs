@@ -25,11 +25,11 @@ mod save;
 
 pub use download::{
     DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_RESTARTS,
-    DEFAULT_RETRIES, DownloadOptions, DownloadSummary, Downloader, ReplicaUsage, Sink,
+    DEFAULT_RETRIES, DownloadOptions, DownloadSummary, Downloader, ReplicaUsage,
 };
 pub use error::Error;
 pub use larder_proto::{ETag, Key, Namespace};
-pub use output::{FileSink, WriterSink};
+pub use output::{FileSink, Sink, WriterSink};
 pub use progress::Progress;
 pub use put::{Precondition, PutOptions, PutResult};
 pub use restore::{RestoreOptions, RestoreSummary};

@@ -9,13 +9,41 @@
 //! A stream (stdout) cannot take bytes back, so [`WriterSink`] refuses to restart once it has
 //! written anything, and its failure messages say to discard the output.
 
-use crate::download::Sink;
 use crate::{Error, ObjectInfo};
 use bytes::Bytes;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Where downloaded bytes go. The engine calls `begin` after every discovery (again after a
+/// restart, when whatever the earlier attempt delivered must be discarded), hands over the bytes
+/// in order through `ordered` on the verifier thread, and calls `finish` only once the whole
+/// object arrived and matched its ETag. Dropping a sink that was not finished must leave nothing
+/// behind.
+pub trait Sink: Send + 'static {
+    fn begin(&mut self, info: &ObjectInfo) -> Result<(), Error>;
+
+    /// A file to receive every chunk by positioned write as soon as it arrives, in any order.
+    fn positioned(&self) -> Option<Arc<File>> {
+        None
+    }
+
+    /// The next bytes of the object, in order, already hashed.
+    fn ordered(&mut self, _data: &Bytes) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), Error>;
+
+    /// What a failure means for the destination, e.g. "out.bin was not written".
+    fn failure_consequence(&self) -> String;
+
+    /// The progress bar's label.
+    fn phase(&self) -> &'static str {
+        "downloading"
+    }
+}
 
 pub(crate) struct StagedFile {
     tmp: tempfile::NamedTempFile,

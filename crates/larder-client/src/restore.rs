@@ -30,7 +30,8 @@
 //! refused rather than deleted.
 
 use crate::archive_path::{lexically_inside, relative};
-use crate::download::{Downloader, Sink};
+use crate::download::Downloader;
+use crate::output::Sink;
 use crate::progress::Progress;
 use crate::{DownloadSummary, Error, ObjectInfo, ObjectName};
 use bytes::{Buf, Bytes};
