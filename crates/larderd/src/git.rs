@@ -1,0 +1,392 @@
+//! Git snapshots on the server side (DESIGN.md "Git snapshots"): which upstream a
+//! `/api/v1/git/{host}/{path}/…` route names, the registry of repositories clients asked for,
+//! and the background generator that keeps each one's snapshot and head record current.
+//!
+//! A request never waits for git: the head route only reads the head record from the tier and,
+//! whatever it finds, marks the repository as asked for. Each registered repository has one
+//! task, started on its first request, that fetches its mirror every `--git-interval` and,
+//! when the default branch's tip has no snapshot yet, builds one and publishes it:
+//!
+//! 1. a claim object (`{prefix}/claims/{commit}`) written create-only with a short TTL, so that
+//!    replicas over one bucket build each commit once; a replica that finds the claim taken
+//!    skips the round, and a generator killed mid-way leaves a claim that simply expires;
+//! 2. the snapshot, streamed from the archiver into `Tier::put` create-only under
+//!    `Upstream::snapshot_key(commit)` (immutable: a download in flight is never invalidated);
+//! 3. the head record, replaced by compare-and-swap only when `larder_git::head::decide` says
+//!    the new one is an improvement, retried when another replica swapped first.
+//!
+//! A repository nobody asked for during `--git-idle-after` is dropped from the registry and its
+//! mirror deleted; the next request registers it again.
+
+use crate::config::GitSettings;
+use futures_util::StreamExt;
+use larder_git::head::{self, HeadRecord, Lineage};
+use larder_git::{AllowList, Checkout, Mirror, MirrorOptions, Scheme, SnapshotOptions, Upstream};
+use larder_proto::{ETag, Key, Namespace, ReadOutcome, WritePrecondition};
+use larder_tier::{ErrorKind, GetOptions, PutOptions, Tier};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a claim keeps other replicas from building the same commit. Longer than building
+/// a snapshot of a large repository usually takes; a claim that outlives its generator only
+/// delays the next attempt by this much.
+const CLAIM_TTL: Duration = Duration::from_secs(10 * 60);
+
+/// How many times a head record update is retried when another replica swapped first.
+const HEAD_CAS_ATTEMPTS: usize = 5;
+
+pub struct GitService {
+    allow: AllowList,
+    settings: GitSettings,
+    tier: Arc<dyn Tier>,
+    git: larder_git::Git,
+    /// TTL of snapshots and head records (`--max-ttl`).
+    ttl: Duration,
+    /// Registered repositories by normalised URL, with the time a client last asked.
+    repos: Mutex<HashMap<String, Instant>>,
+}
+
+/// Why a route is not served: status and a one-line reason.
+pub struct Refused {
+    pub status: http::StatusCode,
+    pub reason: String,
+}
+
+impl GitService {
+    pub fn new(settings: GitSettings, tier: Arc<dyn Tier>, ttl: Duration) -> anyhow::Result<Self> {
+        let allow = AllowList::new(&settings.allow)?;
+        std::fs::create_dir_all(&settings.mirror_dir).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the git mirror directory {}: {e}",
+                settings.mirror_dir.display()
+            )
+        })?;
+        Ok(GitService {
+            allow,
+            settings,
+            tier,
+            git: larder_git::Git::from_env(),
+            ttl,
+            repos: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The upstream and namespace of a route (`{host}/{path}`, still percent-encoded).
+    ///
+    /// Routes carry no scheme. The upstream is `https://{route}` when a pattern allows that,
+    /// else `http://{route}` when a pattern allows that (a host configured only with an `http`
+    /// pattern, such as a test server or an internal mirror); a route is never both, so one
+    /// repository has one set of keys.
+    pub fn resolve(&self, route: &str) -> Result<(Upstream, Namespace), Refused> {
+        let bad = |reason: String| Refused {
+            status: http::StatusCode::BAD_REQUEST,
+            reason,
+        };
+        let decoded = percent_encoding::percent_decode_str(route)
+            .decode_utf8()
+            .map_err(|_| bad("the repository path is not UTF-8".into()))?;
+        let https = Upstream::from_route(Scheme::Https, &decoded)
+            .map_err(|e| bad(format!("invalid repository {decoded:?}: {e}")))?;
+        let refusal = match self.allow.check(&https) {
+            Ok(ns) => return Ok((https, ns)),
+            Err(refusal) => refusal,
+        };
+        if let Ok(http) = Upstream::from_route(Scheme::Http, &decoded)
+            && let Ok(ns) = self.allow.check(&http)
+        {
+            return Ok((http, ns));
+        }
+        Err(Refused {
+            status: http::StatusCode::FORBIDDEN,
+            reason: refusal.to_string(),
+        })
+    }
+
+    /// Notes that a client asked for `upstream`; the first time, starts its generator task.
+    pub fn register(self: &Arc<Self>, upstream: &Upstream, ns: &Namespace) {
+        let url = upstream.url();
+        let new = {
+            let mut repos = self.repos.lock().expect("registry lock");
+            repos.insert(url.clone(), Instant::now()).is_none()
+        };
+        if new {
+            tracing::info!(upstream = %url, namespace = %ns, "git repository registered");
+            let service = self.clone();
+            let (upstream, ns) = (upstream.clone(), ns.clone());
+            tokio::spawn(async move { service.run(upstream, ns).await });
+        }
+    }
+
+    fn last_asked(&self, url: &str) -> Option<Instant> {
+        self.repos.lock().expect("registry lock").get(url).copied()
+    }
+
+    fn repo_dir(&self, upstream: &Upstream) -> PathBuf {
+        // The key prefix is already a safe relative path (escaped segments, ending in `~`, so
+        // one repository's directory never contains another's).
+        self.settings.mirror_dir.join(upstream.key_prefix())
+    }
+
+    /// One repository's generator: a round at once, then one per interval until nobody asked
+    /// for it during `idle_after`.
+    async fn run(self: Arc<Self>, upstream: Upstream, ns: Namespace) {
+        let url = upstream.url();
+        let dir = self.repo_dir(&upstream);
+        let mut mirror: Option<Mirror> = None;
+        loop {
+            let idle = self
+                .last_asked(&url)
+                .is_none_or(|t| t.elapsed() >= self.settings.idle_after);
+            if idle {
+                self.repos.lock().expect("registry lock").remove(&url);
+                drop(mirror.take());
+                if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(upstream = %url, error = %e, "cannot remove an idle mirror");
+                }
+                tracing::info!(upstream = %url, "git repository idle: dropped");
+                return;
+            }
+            match self.round(&upstream, &ns, &dir, &mut mirror).await {
+                Ok(outcome) => tracing::debug!(upstream = %url, outcome, "git round"),
+                Err(e) => {
+                    metrics::counter!("larder_git_rounds_failed_total").increment(1);
+                    // Errors from larder-git are scrubbed of credentials; the URL is normalised
+                    // and carries none.
+                    tracing::warn!(upstream = %url, error = %format!("{e:#}"), "git round failed");
+                }
+            }
+            tokio::time::sleep(self.settings.interval).await;
+        }
+    }
+
+    /// Fetches the mirror and, if the tip has no snapshot yet, publishes one. Returns what it
+    /// did, for the debug log.
+    async fn round(
+        &self,
+        upstream: &Upstream,
+        ns: &Namespace,
+        dir: &std::path::Path,
+        slot: &mut Option<Mirror>,
+    ) -> anyhow::Result<&'static str> {
+        if slot.is_none() {
+            tokio::fs::create_dir_all(dir).await?;
+            *slot = Some(
+                Mirror::open_or_create(
+                    &self.git,
+                    &dir.join("mirror.git"),
+                    upstream,
+                    MirrorOptions::default(),
+                )
+                .await?,
+            );
+        }
+        let mirror = slot.as_mut().expect("opened above");
+        let fetched = mirror.fetch().await?;
+        let tip = fetched.tip.clone();
+        let current = self.read_head(ns, upstream).await?;
+        let snapshot_key = upstream.snapshot_key(&tip);
+        if let Some((record, _)) = &current
+            && record.commit == tip
+        {
+            // The record is current if the snapshot it names is still there: both expire
+            // after --max-ttl, and a tip that did not move for that long is snapshotted anew.
+            let stored = self.stat(ns, &snapshot_key).await?;
+            if stored.is_some_and(|(etag, _)| etag.as_str() == record.etag) {
+                return Ok("unchanged");
+            }
+        }
+        let (etag, size) = match self.stat(ns, &snapshot_key).await? {
+            Some(found) => found,
+            None => {
+                let claim = upstream.key(&format!("claims/{tip}"))?;
+                if !self.claim(ns, &claim).await? {
+                    return Ok("claimed by another replica");
+                }
+                let work = dir.join("work");
+                tokio::fs::create_dir_all(&work).await?;
+                let opts = SnapshotOptions::default();
+                let checkout = Checkout::build(mirror, &tip, &work, &opts).await?;
+                let stream = checkout.into_stream(&opts);
+                let body: larder_tier::UploadStream = Box::pin(stream.body.boxed());
+                let put = self
+                    .tier
+                    .put(
+                        ns,
+                        &snapshot_key,
+                        body,
+                        PutOptions {
+                            ttl: self.ttl,
+                            precondition: WritePrecondition::create_only(),
+                            headers: vec![("content-type".into(), "application/zstd".into())],
+                            ..PutOptions::default()
+                        },
+                    )
+                    .await;
+                let stats = stream.finished.await;
+                match put {
+                    Ok(put) => {
+                        let stats = stats??;
+                        metrics::counter!("larder_git_snapshots_generated_total").increment(1);
+                        tracing::info!(
+                            upstream = %upstream, commit = %tip, size = put.size,
+                            files = stats.files, "git snapshot generated"
+                        );
+                        (put.etag, put.size)
+                    }
+                    // Another replica stored it first (after its claim expired): same commit,
+                    // an equally good snapshot; publish theirs.
+                    Err(e) if e.kind == ErrorKind::PreconditionFailed => {
+                        match self.stat(ns, &snapshot_key).await? {
+                            Some(found) => found,
+                            None => anyhow::bail!("snapshot {snapshot_key} vanished"),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        let record = HeadRecord {
+            version: head::VERSION,
+            commit: tip,
+            git_ref: format!("refs/heads/{}", fetched.default_branch),
+            snapshot_key: snapshot_key.as_str().to_string(),
+            etag: etag.as_str().to_string(),
+            size,
+            observed_at: fetched.fetched_at,
+            created_at: unix_now(),
+        };
+        self.publish(ns, upstream, mirror, record).await
+    }
+
+    /// Replaces the head record with `record` when `decide` allows it, by compare-and-swap.
+    async fn publish(
+        &self,
+        ns: &Namespace,
+        upstream: &Upstream,
+        mirror: &Mirror,
+        record: HeadRecord,
+    ) -> anyhow::Result<&'static str> {
+        let key = upstream.head_key();
+        for _ in 0..HEAD_CAS_ATTEMPTS {
+            let current = self.read_head(ns, upstream).await?;
+            let lineage = match &current {
+                Some((cur, _)) if cur.commit != record.commit => {
+                    head::lineage(mirror, &cur.commit, &record.commit).await?
+                }
+                _ => Lineage::Descendant,
+            };
+            let decision = head::decide(current.as_ref().map(|(r, _)| r), &record, lineage);
+            // `decide` leaves a record of the same commit alone; but one naming another
+            // revision of the snapshot names one that expired (snapshots are create-only), and
+            // the new revision replaces it.
+            let renewed = current.as_ref().is_some_and(|(r, _)| {
+                r.commit == record.commit && r.git_ref == record.git_ref && r.etag != record.etag
+            });
+            if !decision.replaces() && !renewed {
+                return Ok("head record left as it is");
+            }
+            let precondition = match &current {
+                Some((_, etag)) => WritePrecondition::replace_if(etag),
+                None => WritePrecondition::create_only(),
+            };
+            let data = bytes::Bytes::from(record.to_json());
+            let body: larder_tier::UploadStream =
+                Box::pin(futures_util::stream::once(async move { Ok(data) }));
+            let put = self
+                .tier
+                .put(
+                    ns,
+                    &key,
+                    body,
+                    PutOptions {
+                        ttl: self.ttl,
+                        precondition,
+                        headers: vec![("content-type".into(), "application/json".into())],
+                        ..PutOptions::default()
+                    },
+                )
+                .await;
+            match put {
+                Ok(_) => {
+                    tracing::info!(upstream = %upstream, commit = %record.commit, ?decision, "git head record moved");
+                    return Ok("head record moved");
+                }
+                Err(e) if e.kind == ErrorKind::PreconditionFailed => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("the head record kept changing under {HEAD_CAS_ATTEMPTS} attempts")
+    }
+
+    /// The stored head record and its ETag, if any.
+    async fn read_head(
+        &self,
+        ns: &Namespace,
+        upstream: &Upstream,
+    ) -> anyhow::Result<Option<(HeadRecord, ETag)>> {
+        let got = match self
+            .tier
+            .get(ns, &upstream.head_key(), GetOptions::default())
+            .await
+        {
+            Ok(got) => got,
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match (got.outcome, got.body) {
+            (ReadOutcome::Full, Some(body)) => {
+                let data = larder_tier::body_to_bytes(body).await?;
+                Ok(Some((HeadRecord::from_json(&data)?, got.meta.etag)))
+            }
+            (ReadOutcome::NotFound, _) => Ok(None),
+            (other, _) => anyhow::bail!("unexpected outcome reading the head record: {other:?}"),
+        }
+    }
+
+    /// ETag and size of an object, if it exists.
+    async fn stat(&self, ns: &Namespace, key: &Key) -> anyhow::Result<Option<(ETag, u64)>> {
+        let opts = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        match self.tier.get(ns, key, opts).await {
+            Ok(got) if got.outcome == ReadOutcome::NotFound => Ok(None),
+            Ok(got) => Ok(Some((got.meta.etag, got.meta.size))),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes the claim on building one commit: `false` when another replica holds it.
+    async fn claim(&self, ns: &Namespace, key: &Key) -> anyhow::Result<bool> {
+        let owner = bytes::Bytes::from(format!(
+            "{{\"pid\":{},\"at\":{}}}\n",
+            std::process::id(),
+            unix_now()
+        ));
+        let body: larder_tier::UploadStream =
+            Box::pin(futures_util::stream::once(async move { Ok(owner) }));
+        let opts = PutOptions {
+            // Never longer than the snapshot lives, or a snapshot that expired could not be
+            // made again until the claim did.
+            ttl: CLAIM_TTL.min(self.ttl),
+            precondition: WritePrecondition::create_only(),
+            ..PutOptions::default()
+        };
+        match self.tier.put(ns, key, body, opts).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == ErrorKind::PreconditionFailed => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
