@@ -21,7 +21,9 @@
 use crate::config::GitSettings;
 use futures_util::StreamExt;
 use larder_git::head::{self, HeadRecord, Lineage};
-use larder_git::{AllowList, Checkout, Mirror, MirrorOptions, Scheme, SnapshotOptions, Upstream};
+use larder_git::{
+    AllowList, Checkout, CommitId, Mirror, MirrorOptions, Scheme, SnapshotOptions, Upstream,
+};
 use larder_proto::{ETag, Key, Namespace, ReadOutcome, WritePrecondition};
 use larder_tier::{ErrorKind, GetOptions, PutOptions, Tier};
 use std::collections::HashMap;
@@ -206,46 +208,29 @@ impl GitService {
                 if !self.claim(ns, &claim).await? {
                     return Ok("claimed by another replica");
                 }
-                let work = dir.join("work");
-                tokio::fs::create_dir_all(&work).await?;
-                let opts = SnapshotOptions::default();
-                let checkout = Checkout::build(mirror, &tip, &work, &opts).await?;
-                let stream = checkout.into_stream(&opts);
-                let body: larder_tier::UploadStream = Box::pin(stream.body.boxed());
-                let put = self
-                    .tier
-                    .put(
-                        ns,
-                        &snapshot_key,
-                        body,
-                        PutOptions {
-                            ttl: self.ttl,
-                            precondition: WritePrecondition::create_only(),
-                            headers: vec![("content-type".into(), "application/zstd".into())],
-                            ..PutOptions::default()
-                        },
-                    )
-                    .await;
-                let stats = stream.finished.await;
-                match put {
-                    Ok(put) => {
-                        let stats = stats??;
-                        metrics::counter!("larder_git_snapshots_generated_total").increment(1);
-                        tracing::info!(
-                            upstream = %upstream, commit = %tip, size = put.size,
-                            files = stats.files, "git snapshot generated"
-                        );
-                        (put.etag, put.size)
-                    }
-                    // Another replica stored it first (after its claim expired): same commit,
-                    // an equally good snapshot; publish theirs.
-                    Err(e) if e.kind == ErrorKind::PreconditionFailed => {
-                        match self.stat(ns, &snapshot_key).await? {
-                            Some(found) => found,
-                            None => anyhow::bail!("snapshot {snapshot_key} vanished"),
+                match self
+                    .generate(ns, upstream, mirror, &tip, &snapshot_key, dir)
+                    .await
+                {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        // Release the claim so the next round (here or on another replica)
+                        // tries again instead of waiting for it to expire. Should the claim
+                        // have expired and been taken by another replica meanwhile, that one
+                        // merely loses its exclusivity: duplicate work, never a wrong result.
+                        if let Err(d) = self.tier.delete(ns, &claim).await {
+                            tracing::warn!(upstream = %upstream, error = %d, "cannot release a git claim");
                         }
+                        // A failed clone from the mirror can mean a damaged mirror
+                        // (index-pack re-hashes every object): rebuild it next round.
+                        if matches!(
+                            e.downcast_ref::<larder_git::SnapshotError>(),
+                            Some(larder_git::SnapshotError::Git(_))
+                        ) {
+                            mirror.discard().await?;
+                        }
+                        return Err(e);
                     }
-                    Err(e) => return Err(e.into()),
                 }
             }
         };
@@ -260,6 +245,63 @@ impl GitService {
             created_at: unix_now(),
         };
         self.publish(ns, upstream, mirror, record).await
+    }
+
+    /// Builds the snapshot of `tip` and stores it create-only under `key`, streaming the
+    /// archive. Returns its ETag and size; when another replica stored the
+    /// same commit first, theirs.
+    async fn generate(
+        &self,
+        ns: &Namespace,
+        upstream: &Upstream,
+        mirror: &Mirror,
+        tip: &CommitId,
+        key: &Key,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<(ETag, u64)> {
+        let work = dir.join("work");
+        tokio::fs::create_dir_all(&work).await?;
+        let opts = SnapshotOptions::default();
+        let checkout = Checkout::build(mirror, tip, &work, &opts).await?;
+        let stream = checkout.into_stream(&opts);
+        let body: larder_tier::UploadStream = Box::pin(stream.body.boxed());
+        let put = self
+            .tier
+            .put(
+                ns,
+                key,
+                body,
+                PutOptions {
+                    ttl: self.ttl,
+                    precondition: WritePrecondition::create_only(),
+                    headers: vec![("content-type".into(), "application/zstd".into())],
+                    ..PutOptions::default()
+                },
+            )
+            .await;
+        let stats = stream.finished.await;
+        match put {
+            Ok(put) => {
+                let stats = stats??;
+                metrics::counter!("larder_git_snapshots_generated_total").increment(1);
+                tracing::info!(
+                    upstream = %upstream, commit = %tip, size = put.size,
+                    files = stats.files, "git snapshot generated"
+                );
+                Ok((put.etag, put.size))
+            }
+            // Another replica stored it first (after our claim expired): same commit, an
+            // equally good snapshot; publish theirs.
+            Err(e) if e.kind == ErrorKind::PreconditionFailed => self
+                .stat(ns, key)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("snapshot {key} vanished")),
+            Err(e) => {
+                // The archiver's own error says more than "the body failed".
+                stats??;
+                Err(e.into())
+            }
+        }
     }
 
     /// Replaces the head record with `record` when `decide` allows it, by compare-and-swap.
@@ -315,7 +357,12 @@ impl GitService {
                     tracing::info!(upstream = %upstream, commit = %record.commit, ?decision, "git head record moved");
                     return Ok("head record moved");
                 }
-                Err(e) if e.kind == ErrorKind::PreconditionFailed => continue,
+                Err(e) if e.kind == ErrorKind::PreconditionFailed => {
+                    // Another replica swapped first, and the record read may have been a local
+                    // copy not yet revalidated against S3: drop it, so the next read is fresh.
+                    self.tier.invalidate(ns, &key).await?;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

@@ -55,6 +55,10 @@ async fn wait_for_head(http: &Client, url: &str, commit: &str) -> serde_json::Va
 }
 
 async fn generated(http: &Client, srv: &Larderd) -> f64 {
+    counter(http, srv, "larder_git_snapshots_generated_total").await
+}
+
+async fn counter(http: &Client, srv: &Larderd, name: &str) -> f64 {
     let m = http
         .get(format!("{}/metrics", srv.url()))
         .send()
@@ -63,7 +67,7 @@ async fn generated(http: &Client, srv: &Larderd) -> f64 {
         .text()
         .await
         .unwrap();
-    metric(&m, "larder_git_snapshots_generated_total").unwrap_or(0.0)
+    metric(&m, name).unwrap_or(0.0)
 }
 
 /// Downloads the snapshot named by `head` through the object API, checks its ETag and a pinned
@@ -152,6 +156,10 @@ async fn snapshots_are_generated_served_and_follow_the_default_branch() {
     // Unchanged upstream: later rounds generate nothing more.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(generated(&http, &srv).await, 2.0);
+    assert_eq!(
+        counter(&http, &srv, "larder_git_rounds_failed_total").await,
+        0.0
+    );
 }
 
 #[tokio::test]
@@ -320,4 +328,59 @@ async fn an_expired_snapshot_of_an_unmoved_tip_is_made_again() {
             break;
         }
     }
+}
+
+/// Three replicas over one bucket, all asked for one repository at once, generate each commit
+/// once: the claim object (create-only in S3) is their only coordination.
+#[tokio::test]
+async fn replicas_over_one_bucket_generate_each_commit_once() {
+    use larder_testkit::s3;
+    if !s3::available("replicas_over_one_bucket_generate_each_commit_once") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let repo = root.path().join("app.git");
+    let prefix = s3::unique_prefix("git-replicas");
+    let mut args: Vec<String> = vec![
+        "--git-allow".into(),
+        ALLOW_LOOPBACK.into(),
+        "--git-interval".into(),
+        "1s".into(),
+    ];
+    args.extend(s3::replica_args(&prefix));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let replicas: Vec<Larderd> = (0..3).map(|_| Larderd::start(&args)).collect();
+    let http = Client::new();
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|srv| head_url(srv, &git, "app.git"))
+        .collect();
+    let asks = urls.iter().map(|u| http.get(u).send());
+    for r in futures_util::future::join_all(asks).await {
+        assert_eq!(r.unwrap().status(), StatusCode::NOT_FOUND);
+    }
+    let tip = git_in(&repo, &["rev-parse", "refs/heads/main"]);
+    let mut heads = Vec::new();
+    for url in &urls {
+        heads.push(wait_for_head(&http, url, &tip).await);
+    }
+    assert!(heads.iter().all(|h| h == &heads[0]), "one head record");
+
+    let new_tip = append_commits(&repo, "main", 1);
+    for url in &urls {
+        wait_for_head(&http, url, &new_tip).await;
+    }
+    // A few more rounds on every replica change nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut total = 0.0;
+    for srv in &replicas {
+        total += generated(&http, srv).await;
+        // Losing a claim or a compare-and-swap is a normal outcome, not a failed round.
+        assert_eq!(
+            counter(&http, srv, "larder_git_rounds_failed_total").await,
+            0.0
+        );
+    }
+    assert_eq!(total, 2.0, "each commit generated once over three replicas");
 }
