@@ -384,3 +384,48 @@ async fn replicas_over_one_bucket_generate_each_commit_once() {
     }
     assert_eq!(total, 2.0, "each commit generated once over three replicas");
 }
+
+/// A generator that died after taking its claim (simulated by writing the claim object with a
+/// short TTL through the object API) holds the commit off only until the claim expires; then
+/// a replica generates it.
+#[tokio::test]
+async fn a_dead_generators_claim_expires_and_the_commit_is_generated() {
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let srv = Larderd::start(&["--git-allow", ALLOW_LOOPBACK, "--git-interval", "1s"]);
+    let http = Client::new();
+    let url = head_url(&srv, &git, "app.git");
+    let tip = git_in(
+        &root.path().join("app.git"),
+        &["rev-parse", "refs/heads/main"],
+    );
+    let port = git.addr.rsplit(':').next().unwrap();
+    let claim = format!("http/127.0.0.1~3a{port}/app.git/~/claims/{tip}");
+    let r = http
+        .put(srv.object_url("git", &claim))
+        .header("time-to-live", "4s")
+        .body("a generator that died")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let asked = Instant::now();
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    // Rounds run every second but skip the claimed commit.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(generated(&http, &srv).await, 0.0);
+    let head = wait_for_head(&http, &url, &tip).await;
+    assert!(
+        asked.elapsed() >= Duration::from_secs(3),
+        "not before the claim expired"
+    );
+    check_snapshot(&http, &srv, &head, &git.url("app.git")).await;
+    assert_eq!(generated(&http, &srv).await, 1.0);
+}
