@@ -148,6 +148,11 @@ pub struct Cli {
     #[arg(long, env = "LARDER_GIT_MIRROR_DIR", value_name = "DIR")]
     pub git_mirror_dir: Option<PathBuf>,
 
+    /// Size limit of the git mirrors together; whole mirrors of the least recently asked-for
+    /// repositories are removed beyond it [default: none] (TOML: git.mirror_limit)
+    #[arg(long, env = "LARDER_GIT_MIRROR_LIMIT", value_name = "SIZE")]
+    pub git_mirror_limit: Option<String>,
+
     /// How often an active repository is fetched and, if its default branch moved,
     /// snapshotted [default: 5m] (TOML: git.interval)
     #[arg(long, env = "LARDER_GIT_INTERVAL", value_name = "DURATION")]
@@ -190,6 +195,7 @@ pub struct GitSection {
     #[serde(default)]
     pub allow: Vec<String>,
     pub mirror_dir: Option<PathBuf>,
+    pub mirror_limit: Option<SizeValue>,
     pub interval: Option<String>,
     pub idle_after: Option<String>,
 }
@@ -200,6 +206,7 @@ pub struct GitSettings {
     /// The patterns as given; checked by `larder_git::AllowList::new` while resolving.
     pub allow: Vec<String>,
     pub mirror_dir: PathBuf,
+    pub mirror_limit: Option<u64>,
     pub interval: Duration,
     pub idle_after: Duration,
 }
@@ -520,6 +527,12 @@ fn resolve_git(
             .clone()
             .or(file.mirror_dir)
             .unwrap_or_else(|| data_dir.join("git-mirrors")),
+        mirror_limit: cli
+            .git_mirror_limit
+            .clone()
+            .or(file.mirror_limit.map(|s| s.to_text()))
+            .map(|s| parse_size(&s).map_err(|e| anyhow::anyhow!("git mirror limit: {e}")))
+            .transpose()?,
         interval: duration(
             "git interval",
             cli.git_interval.clone().or(file.interval),
@@ -749,12 +762,13 @@ mod tests {
             Config::resolve(Cli::default()).unwrap().git.is_none(),
             "no pattern, no git feature"
         );
-        let toml = "[disk]\ndir = \"/srv/larder\"\n[git]\nallow = [\"https://github.com/acme/*\", \"https://github.com/acme/secret-*=git-secret\"]\ninterval = \"1m\"\n";
+        let toml = "[disk]\ndir = \"/srv/larder\"\n[git]\nallow = [\"https://github.com/acme/*\", \"https://github.com/acme/secret-*=git-secret\"]\ninterval = \"1m\"\nmirror_limit = \"20GiB\"\n";
         let git = with_file(toml, Cli::default()).unwrap().git.unwrap();
         assert_eq!(git.allow.len(), 2);
         assert_eq!(git.interval, Duration::from_secs(60));
         assert_eq!(git.idle_after, DEFAULT_GIT_IDLE_AFTER);
         assert_eq!(git.mirror_dir, PathBuf::from("/srv/larder/git-mirrors"));
+        assert_eq!(git.mirror_limit, Some(20 << 30));
         let git = with_file(
             toml,
             Cli {
@@ -788,6 +802,10 @@ mod tests {
             (
                 "[git]\nallow = [\"https://x/*\"]\nkeep = 3\n",
                 "unknown field",
+            ),
+            (
+                "[git]\nallow = [\"https://x/*\"]\nmirror_limit = \"big\"\n",
+                "git mirror limit",
             ),
         ] {
             let e = with_file(toml, Cli::default()).unwrap_err();

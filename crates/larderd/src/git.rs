@@ -16,7 +16,9 @@
 //!    the new one is an improvement, retried when another replica swapped first.
 //!
 //! A repository nobody asked for during `--git-idle-after` is dropped from the registry and its
-//! mirror deleted; the next request registers it again.
+//! mirror deleted; the next request registers it again. With `--git-mirror-limit`, whole
+//! mirrors of the least recently asked-for repositories are removed after a round while the
+//! mirrors together exceed it.
 
 use crate::config::GitSettings;
 use futures_util::StreamExt;
@@ -46,8 +48,20 @@ pub struct GitService {
     git: larder_git::Git,
     /// TTL of snapshots and head records (`--max-ttl`).
     ttl: Duration,
-    /// Registered repositories by normalised URL, with the time a client last asked.
-    repos: Mutex<HashMap<String, Instant>>,
+    /// Registered repositories by normalised URL.
+    repos: Mutex<HashMap<String, Entry>>,
+}
+
+/// A registered repository.
+struct Entry {
+    /// When a client last asked for it.
+    last_asked: Instant,
+    /// Its mirror, held by its task for the length of a round; another task that evicts it
+    /// for `--git-mirror-limit` takes it only when no round is running.
+    mirror: Arc<tokio::sync::Mutex<Option<Mirror>>>,
+    dir: PathBuf,
+    /// The mirror directory's size after the last round (0 when evicted).
+    size: u64,
 }
 
 /// Why a route is not served: status and a one-line reason.
@@ -111,18 +125,88 @@ impl GitService {
         let url = upstream.url();
         let new = {
             let mut repos = self.repos.lock().expect("registry lock");
-            repos.insert(url.clone(), Instant::now()).is_none()
+            match repos.get_mut(&url) {
+                Some(entry) => {
+                    entry.last_asked = Instant::now();
+                    None
+                }
+                None => {
+                    let mirror = Arc::new(tokio::sync::Mutex::new(None));
+                    let entry = Entry {
+                        last_asked: Instant::now(),
+                        mirror: mirror.clone(),
+                        dir: self.repo_dir(upstream),
+                        size: 0,
+                    };
+                    repos.insert(url.clone(), entry);
+                    Some(mirror)
+                }
+            }
         };
-        if new {
+        if let Some(mirror) = new {
             tracing::info!(upstream = %url, namespace = %ns, "git repository registered");
             let service = self.clone();
             let (upstream, ns) = (upstream.clone(), ns.clone());
-            tokio::spawn(async move { service.run(upstream, ns).await });
+            tokio::spawn(async move { service.run(upstream, ns, mirror).await });
         }
     }
 
     fn last_asked(&self, url: &str) -> Option<Instant> {
-        self.repos.lock().expect("registry lock").get(url).copied()
+        self.repos
+            .lock()
+            .expect("registry lock")
+            .get(url)
+            .map(|e| e.last_asked)
+    }
+
+    /// Records this repository's mirror size, then removes whole mirrors of other
+    /// repositories, least recently asked for first, while the total exceeds `limit`. A
+    /// mirror in the middle of a round is skipped, and a repository's own round never removes
+    /// its own mirror (one mirror larger than the limit stays); an evicted repository that is
+    /// still asked for fetches its mirror anew on its next round.
+    async fn enforce_mirror_limit(&self, url: &str, dir: &std::path::Path, limit: u64) {
+        let own = {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || dir_size(&dir))
+                .await
+                .unwrap_or(0)
+        };
+        let mut candidates = {
+            let mut repos = self.repos.lock().expect("registry lock");
+            if let Some(entry) = repos.get_mut(url) {
+                entry.size = own;
+            }
+            let total: u64 = repos.values().map(|e| e.size).sum();
+            if total <= limit {
+                return;
+            }
+            let mut others: Vec<_> = repos
+                .iter()
+                .filter(|(u, e)| u.as_str() != url && e.size > 0)
+                .map(|(u, e)| (e.last_asked, u.clone(), e.mirror.clone(), e.dir.clone()))
+                .collect();
+            others.sort_by_key(|(asked, ..)| *asked);
+            (total, others)
+        };
+        for (_, other, mirror, other_dir) in candidates.1.drain(..) {
+            if candidates.0 <= limit {
+                break;
+            }
+            let Ok(mut slot) = mirror.try_lock() else {
+                continue;
+            };
+            drop(slot.take());
+            remove_dir(&other_dir, &other).await;
+            let freed = {
+                let mut repos = self.repos.lock().expect("registry lock");
+                repos
+                    .get_mut(&other)
+                    .map_or(0, |e| std::mem::take(&mut e.size))
+            };
+            candidates.0 = candidates.0.saturating_sub(freed);
+            metrics::counter!("larder_git_mirrors_evicted_total").increment(1);
+            tracing::info!(upstream = %other, freed, "git mirror removed (--git-mirror-limit)");
+        }
     }
 
     fn repo_dir(&self, upstream: &Upstream) -> PathBuf {
@@ -133,26 +217,38 @@ impl GitService {
 
     /// One repository's generator: a round at once, then one per interval until nobody asked
     /// for it during `idle_after`.
-    async fn run(self: Arc<Self>, upstream: Upstream, ns: Namespace) {
+    async fn run(
+        self: Arc<Self>,
+        upstream: Upstream,
+        ns: Namespace,
+        mirror: Arc<tokio::sync::Mutex<Option<Mirror>>>,
+    ) {
         let url = upstream.url();
         let dir = self.repo_dir(&upstream);
-        let mut mirror: Option<Mirror> = None;
+        let is_idle =
+            |t: Option<Instant>| t.is_none_or(|t| t.elapsed() >= self.settings.idle_after);
         loop {
-            let idle = self
-                .last_asked(&url)
-                .is_none_or(|t| t.elapsed() >= self.settings.idle_after);
-            if idle {
-                self.repos.lock().expect("registry lock").remove(&url);
-                drop(mirror.take());
-                if let Err(e) = tokio::fs::remove_dir_all(&dir).await
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(upstream = %url, error = %e, "cannot remove an idle mirror");
+            if is_idle(self.last_asked(&url)) {
+                // The mirror goes while the repository is still registered, so that a request
+                // arriving meanwhile cannot start a second task on the same directory.
+                drop(mirror.lock().await.take());
+                remove_dir(&dir, &url).await;
+                let mut repos = self.repos.lock().expect("registry lock");
+                if is_idle(repos.get(&url).map(|e| e.last_asked)) {
+                    repos.remove(&url);
+                    tracing::info!(upstream = %url, "git repository idle: dropped");
+                    return;
                 }
-                tracing::info!(upstream = %url, "git repository idle: dropped");
-                return;
+                // Asked for again meanwhile: carry on (the mirror is fetched anew).
             }
-            match self.round(&upstream, &ns, &dir, &mut mirror).await {
+            let result = {
+                let mut slot = mirror.lock().await;
+                self.round(&upstream, &ns, &dir, &mut slot).await
+            };
+            if let Some(limit) = self.settings.mirror_limit {
+                self.enforce_mirror_limit(&url, &dir, limit).await;
+            }
+            match result {
                 Ok(outcome) => tracing::debug!(upstream = %url, outcome, "git round"),
                 Err(e) => {
                     metrics::counter!("larder_git_rounds_failed_total").increment(1);
@@ -430,6 +526,29 @@ impl GitService {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+async fn remove_dir(dir: &std::path::Path, url: &str) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(upstream = %url, dir = %dir.display(), error = %e, "cannot remove a git mirror");
+    }
+}
+
+/// Bytes of the regular files under `dir` (symbolic links not followed).
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn unix_now() -> u64 {

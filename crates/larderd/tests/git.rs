@@ -429,3 +429,50 @@ async fn a_dead_generators_claim_expires_and_the_commit_is_generated() {
     check_snapshot(&http, &srv, &head, &git.url("app.git")).await;
     assert_eq!(generated(&http, &srv).await, 1.0);
 }
+
+/// With `--git-mirror-limit` below what two mirrors take, each round removes the other
+/// repository's mirror; both repositories keep being served and followed, their mirrors
+/// fetched anew.
+#[tokio::test]
+async fn mirrors_beyond_the_limit_are_removed_and_fetched_anew() {
+    let root = tempfile::tempdir().unwrap();
+    for name in ["a.git", "b.git"] {
+        generated_repo(&root.path().join(name), 3, 10, 16 << 10);
+    }
+    let git = GitHttpServer::start(root.path());
+    let mirrors = tempfile::tempdir().unwrap();
+    let srv = Larderd::start(&[
+        "--git-allow",
+        ALLOW_LOOPBACK,
+        "--git-interval",
+        "1s",
+        "--git-mirror-limit",
+        "1KiB",
+        "--git-mirror-dir",
+        mirrors.path().to_str().unwrap(),
+    ]);
+    let http = Client::new();
+    for name in ["a.git", "b.git"] {
+        let url = head_url(&srv, &git, name);
+        assert_eq!(
+            http.get(&url).send().await.unwrap().status(),
+            StatusCode::NOT_FOUND
+        );
+        let tip = git_in(&root.path().join(name), &["rev-parse", "refs/heads/main"]);
+        wait_for_head(&http, &url, &tip).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counter(&http, &srv, "larder_git_mirrors_evicted_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "no mirror was removed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for name in ["a.git", "b.git"] {
+        let new_tip = append_commits(&root.path().join(name), "main", 1);
+        let head = wait_for_head(&http, &head_url(&srv, &git, name), &new_tip).await;
+        check_snapshot(&http, &srv, &head, &git.url(name)).await;
+    }
+    assert_eq!(
+        counter(&http, &srv, "larder_git_rounds_failed_total").await,
+        0.0
+    );
+}
