@@ -153,6 +153,11 @@ pub struct Cli {
     #[arg(long, env = "LARDER_GIT_MIRROR_LIMIT", value_name = "SIZE")]
     pub git_mirror_limit: Option<String>,
 
+    /// How many snapshots of each repository are kept; older ones are deleted when the head
+    /// record moves on [default: 3] (TOML: git.keep)
+    #[arg(long, env = "LARDER_GIT_KEEP", value_name = "N")]
+    pub git_keep: Option<usize>,
+
     /// How often an active repository is fetched and, if its default branch moved,
     /// snapshotted [default: 5m] (TOML: git.interval)
     #[arg(long, env = "LARDER_GIT_INTERVAL", value_name = "DURATION")]
@@ -196,6 +201,7 @@ pub struct GitSection {
     pub allow: Vec<String>,
     pub mirror_dir: Option<PathBuf>,
     pub mirror_limit: Option<SizeValue>,
+    pub keep: Option<usize>,
     pub interval: Option<String>,
     pub idle_after: Option<String>,
 }
@@ -207,11 +213,13 @@ pub struct GitSettings {
     pub allow: Vec<String>,
     pub mirror_dir: PathBuf,
     pub mirror_limit: Option<u64>,
+    pub keep: usize,
     pub interval: Duration,
     pub idle_after: Duration,
 }
 
 pub const DEFAULT_GIT_INTERVAL: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_GIT_KEEP: usize = 3;
 pub const DEFAULT_GIT_IDLE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// `[[tokens]]`: one bearer token, stored as the SHA-256 of the token (hex, as `sha256sum`
@@ -533,6 +541,11 @@ fn resolve_git(
             .or(file.mirror_limit.map(|s| s.to_text()))
             .map(|s| parse_size(&s).map_err(|e| anyhow::anyhow!("git mirror limit: {e}")))
             .transpose()?,
+        keep: match cli.git_keep.or(file.keep).unwrap_or(DEFAULT_GIT_KEEP) {
+            // The snapshot the head record names is always kept.
+            0 => bail!("git keep must be at least 1"),
+            n => n,
+        },
         interval: duration(
             "git interval",
             cli.git_interval.clone().or(file.interval),
@@ -769,12 +782,14 @@ mod tests {
         assert_eq!(git.idle_after, DEFAULT_GIT_IDLE_AFTER);
         assert_eq!(git.mirror_dir, PathBuf::from("/srv/larder/git-mirrors"));
         assert_eq!(git.mirror_limit, Some(20 << 30));
+        assert_eq!(git.keep, DEFAULT_GIT_KEEP);
         let git = with_file(
             toml,
             Cli {
                 git_allow: vec!["http://127.0.0.1:*/**".into()],
                 git_mirror_dir: Some("/tmp/m".into()),
                 git_idle_after: Some("1h".into()),
+                git_keep: Some(5),
                 ..Cli::default()
             },
         )
@@ -784,6 +799,7 @@ mod tests {
         assert_eq!(git.allow, vec!["http://127.0.0.1:*/**".to_string()]);
         assert_eq!(git.mirror_dir, PathBuf::from("/tmp/m"));
         assert_eq!(git.idle_after, Duration::from_secs(3600));
+        assert_eq!(git.keep, 5);
         assert_eq!(git.interval, Duration::from_secs(60));
     }
 
@@ -799,10 +815,7 @@ mod tests {
                 "[git]\nallow = [\"https://x/*\"]\ninterval = \"often\"\n",
                 "git interval",
             ),
-            (
-                "[git]\nallow = [\"https://x/*\"]\nkeep = 3\n",
-                "unknown field",
-            ),
+            ("[git]\nallow = [\"https://x/*\"]\nkeep = 0\n", "at least 1"),
             (
                 "[git]\nallow = [\"https://x/*\"]\nmirror_limit = \"big\"\n",
                 "git mirror limit",

@@ -15,6 +15,10 @@
 //! 3. the head record, replaced by compare-and-swap only when `larder_git::head::decide` says
 //!    the new one is an improvement, retried when another replica swapped first.
 //!
+//! After the head record moved, the repository's snapshot index (`snapshots.json`, replaced by
+//! compare-and-swap) gains the new commit and snapshots beyond the newest `--git-keep` are
+//! deleted.
+//!
 //! A repository nobody asked for during `--git-idle-after` is dropped from the registry and its
 //! mirror deleted; the next request registers it again. With `--git-mirror-limit`, whole
 //! mirrors of the least recently asked-for repositories are removed after a round while the
@@ -40,6 +44,12 @@ const CLAIM_TTL: Duration = Duration::from_secs(10 * 60);
 
 /// How many times a head record update is retried when another replica swapped first.
 const HEAD_CAS_ATTEMPTS: usize = 5;
+
+/// `snapshots.json`: the commits whose snapshots are kept, oldest first.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct SnapshotIndex {
+    commits: Vec<CommitId>,
+}
 
 pub struct GitService {
     allow: AllowList,
@@ -451,6 +461,7 @@ impl GitService {
             match put {
                 Ok(_) => {
                     tracing::info!(upstream = %upstream, commit = %record.commit, ?decision, "git head record moved");
+                    self.retain(ns, upstream, &record.commit).await?;
                     return Ok("head record moved");
                 }
                 Err(e) if e.kind == ErrorKind::PreconditionFailed => {
@@ -465,17 +476,92 @@ impl GitService {
         anyhow::bail!("the head record kept changing under {HEAD_CAS_ATTEMPTS} attempts")
     }
 
+    /// Adds `commit` to the repository's snapshot index (`snapshots.json`, oldest first) and
+    /// deletes the snapshots beyond the newest `keep`, by compare-and-swap on the index so that
+    /// replicas agree on what is kept. Called after the head record moved to `commit`, so the
+    /// snapshot it names is the newest and never deleted. A download in flight of a deleted
+    /// snapshot finishes (the tiers keep bodies being read); a client that resolved the head
+    /// record `keep` moves ago and starts only now gets 404 and asks again.
+    async fn retain(
+        &self,
+        ns: &Namespace,
+        upstream: &Upstream,
+        commit: &CommitId,
+    ) -> anyhow::Result<()> {
+        let key = upstream.snapshot_index_key();
+        for _ in 0..HEAD_CAS_ATTEMPTS {
+            let current = self.read_json::<SnapshotIndex>(ns, &key).await?;
+            let (mut index, precondition) = match current {
+                Some((index, etag)) => (index, WritePrecondition::replace_if(&etag)),
+                None => (SnapshotIndex::default(), WritePrecondition::create_only()),
+            };
+            index.commits.retain(|c| c != commit);
+            index.commits.push(commit.clone());
+            let excess = index.commits.len().saturating_sub(self.settings.keep);
+            let dropped: Vec<CommitId> = index.commits.drain(..excess).collect();
+            let data = bytes::Bytes::from(serde_json::to_vec(&index)?);
+            let body: larder_tier::UploadStream =
+                Box::pin(futures_util::stream::once(async move { Ok(data) }));
+            let opts = PutOptions {
+                ttl: self.ttl,
+                precondition,
+                headers: vec![("content-type".into(), "application/json".into())],
+                ..PutOptions::default()
+            };
+            match self.tier.put(ns, &key, body, opts).await {
+                Ok(_) => {
+                    for old in dropped {
+                        match self.tier.delete(ns, &upstream.snapshot_key(&old)).await {
+                            Ok(_) => {
+                                metrics::counter!("larder_git_snapshots_removed_total")
+                                    .increment(1);
+                                tracing::info!(upstream = %upstream, commit = %old, "old git snapshot removed (--git-keep)");
+                            }
+                            Err(e) if e.kind == ErrorKind::NotFound => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.kind == ErrorKind::PreconditionFailed => {
+                    self.tier.invalidate(ns, &key).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("the snapshot index kept changing under {HEAD_CAS_ATTEMPTS} attempts")
+    }
+
     /// The stored head record and its ETag, if any.
     async fn read_head(
         &self,
         ns: &Namespace,
         upstream: &Upstream,
     ) -> anyhow::Result<Option<(HeadRecord, ETag)>> {
-        let got = match self
-            .tier
-            .get(ns, &upstream.head_key(), GetOptions::default())
-            .await
-        {
+        match self.read_object(ns, &upstream.head_key()).await? {
+            Some((data, etag)) => Ok(Some((HeadRecord::from_json(&data)?, etag))),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+    ) -> anyhow::Result<Option<(T, ETag)>> {
+        match self.read_object(ns, key).await? {
+            Some((data, etag)) => Ok(Some((serde_json::from_slice(&data)?, etag))),
+            None => Ok(None),
+        }
+    }
+
+    /// A small object's bytes and ETag, if it exists.
+    async fn read_object(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+    ) -> anyhow::Result<Option<(Vec<u8>, ETag)>> {
+        let got = match self.tier.get(ns, key, GetOptions::default()).await {
             Ok(got) => got,
             Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -483,10 +569,10 @@ impl GitService {
         match (got.outcome, got.body) {
             (ReadOutcome::Full, Some(body)) => {
                 let data = larder_tier::body_to_bytes(body).await?;
-                Ok(Some((HeadRecord::from_json(&data)?, got.meta.etag)))
+                Ok(Some((data, got.meta.etag)))
             }
             (ReadOutcome::NotFound, _) => Ok(None),
-            (other, _) => anyhow::bail!("unexpected outcome reading the head record: {other:?}"),
+            (other, _) => anyhow::bail!("unexpected outcome reading {key}: {other:?}"),
         }
     }
 

@@ -476,3 +476,52 @@ async fn mirrors_beyond_the_limit_are_removed_and_fetched_anew() {
         0.0
     );
 }
+
+/// `--git-keep 2`: once the head record moved on twice, the first snapshot is deleted and the
+/// two newest stay.
+#[tokio::test]
+async fn only_the_newest_snapshots_are_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let repo = root.path().join("app.git");
+    let srv = Larderd::start(&[
+        "--git-allow",
+        ALLOW_LOOPBACK,
+        "--git-interval",
+        "1s",
+        "--git-keep",
+        "2",
+    ]);
+    let http = Client::new();
+    let url = head_url(&srv, &git, "app.git");
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let mut keys = Vec::new();
+    let mut tip = git_in(&repo, &["rev-parse", "refs/heads/main"]);
+    for round in 0..3 {
+        if round > 0 {
+            tip = append_commits(&repo, "main", 1);
+        }
+        let head = wait_for_head(&http, &url, &tip).await;
+        keys.push(head["snapshot_key"].as_str().unwrap().to_string());
+    }
+    let status = |key: String| {
+        let http = http.clone();
+        let url = srv.object_url("git", &key);
+        async move { http.head(url).send().await.unwrap().status() }
+    };
+    // The old snapshot goes right after the head record moved, not with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(keys[0].clone()).await != StatusCode::NOT_FOUND {
+        assert!(Instant::now() < deadline, "the oldest snapshot was kept");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status(keys[1].clone()).await, StatusCode::OK);
+    assert_eq!(status(keys[2].clone()).await, StatusCode::OK);
+    assert_eq!(
+        counter(&http, &srv, "larder_git_snapshots_removed_total").await,
+        1.0
+    );
+}
