@@ -265,6 +265,20 @@ impl GitService {
                     // Errors from larder-git are scrubbed of credentials; the URL is normalised
                     // and carries none.
                     tracing::warn!(upstream = %url, error = %format!("{e:#}"), "git round failed");
+                    // A repository whose mirror never fetched cleanly may not exist at all: a
+                    // pattern such as `https://github.com/acme/*` admits any name, and each one
+                    // asked for would otherwise be fetched every interval until it went idle.
+                    // Drop it; a client asking again (it got 404 + Retry-After) registers it
+                    // again, so a misspelt name costs one fetch per request, not one per
+                    // interval for a week.
+                    let mut slot = mirror.lock().await;
+                    if slot.as_ref().is_none_or(|m| !m.is_ready()) {
+                        drop(slot.take());
+                        remove_dir(&dir, &url).await;
+                        self.repos.lock().expect("registry lock").remove(&url);
+                        tracing::info!(upstream = %url, "git repository never fetched: dropped");
+                        return;
+                    }
                 }
             }
             tokio::time::sleep(self.settings.interval).await;

@@ -525,3 +525,41 @@ async fn only_the_newest_snapshots_are_kept() {
         1.0
     );
 }
+
+/// A repository the allow list admits but the upstream does not have is fetched once per
+/// request, not every interval: a failed first fetch drops it from the registry.
+#[tokio::test]
+async fn a_repository_that_never_fetched_is_not_retried_without_requests() {
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let srv = Larderd::start(&["--git-allow", ALLOW_LOOPBACK, "--git-interval", "1s"]);
+    let http = Client::new();
+    let url = head_url(&srv, &git, "missing.git");
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&http, &srv, "larder_git_rounds_failed_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "the fetch did not fail");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after_first = git.requests();
+    assert!(after_first > 0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        git.requests(),
+        after_first,
+        "no further fetches without requests"
+    );
+    assert_eq!(
+        counter(&http, &srv, "larder_git_rounds_failed_total").await,
+        1.0
+    );
+    // Asking again registers it again: one more attempt.
+    http.get(&url).send().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(&http, &srv, "larder_git_rounds_failed_total").await < 2.0 {
+        assert!(Instant::now() < deadline, "asking again did not try again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
