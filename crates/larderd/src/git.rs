@@ -103,8 +103,8 @@ impl GitService {
     ///
     /// Routes carry no scheme. The upstream is `https://{route}` when a pattern allows that,
     /// else `http://{route}` when a pattern allows that (a host configured only with an `http`
-    /// pattern, such as a test server or an internal mirror); a route is never both, so one
-    /// repository has one set of keys.
+    /// pattern, such as a test server or an internal mirror). `https` wins when both are
+    /// allowed, so a route always names one repository and one set of keys.
     pub fn resolve(&self, route: &str) -> Result<(Upstream, Namespace), Refused> {
         let bad = |reason: String| Refused {
             status: http::StatusCode::BAD_REQUEST,
@@ -114,7 +114,8 @@ impl GitService {
             .decode_utf8()
             .map_err(|_| bad("the repository path is not UTF-8".into()))?;
         let https = Upstream::from_route(Scheme::Https, &decoded)
-            .map_err(|e| bad(format!("invalid repository {decoded:?}: {e}")))?;
+            // The reason never repeats the path: it could carry a credential.
+            .map_err(|e| bad(format!("invalid repository path: {e}")))?;
         let refusal = match self.allow.check(&https) {
             Ok(ns) => return Ok((https, ns)),
             Err(refusal) => refusal,

@@ -207,12 +207,22 @@ async fn refused_repositories_and_a_disabled_feature_are_explained() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::BAD_REQUEST,
-        "{}",
-        r.text().await.unwrap()
-    );
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let reason = r.text().await.unwrap();
+    assert!(reason.starts_with("invalid repository path: "), "{reason}");
+    // A credential in the path is refused without being repeated.
+    let r = http
+        .get(format!(
+            "{}/api/v1/git/bob:s3cr3t-tok@127.0.0.1:1/a.git/head",
+            srv.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let reason = r.text().await.unwrap();
+    assert!(!reason.contains("s3cr3t-tok"), "{reason}");
+    assert!(reason.contains("user name or password"), "{reason}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(git.requests(), 0, "a refused repository is never fetched");
 }
