@@ -134,6 +134,17 @@ async fn snapshots_are_generated_served_and_follow_the_default_branch() {
 
     let head = wait_for_head(&http, &url, &tip).await;
     assert_eq!(head["ref"], "refs/heads/main");
+    // The record is served like an object: HEAD and conditional requests work on it.
+    let r = http.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let record_etag = r.headers()["etag"].clone();
+    let r = http
+        .get(&url)
+        .header("if-none-match", record_etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     check_snapshot(&http, &srv, &head, &git.url("app.git")).await;
     assert_eq!(generated(&http, &srv).await, 1.0);
 
