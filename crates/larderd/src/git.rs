@@ -1,4 +1,4 @@
-//! Git snapshots on the server side (DESIGN.md "Git snapshots"): which upstream a
+//! Git snapshots on the server side (README "Git snapshots (server)"): which upstream a
 //! `/api/v1/git/{host}/{path}/…` route names, the registry of repositories clients asked for,
 //! and the background generator that keeps each one's snapshot and head record current.
 //!
