@@ -236,6 +236,12 @@ impl Upstream {
             .expect("a valid prefix makes valid keys")
     }
 
+    /// Where the list of stored snapshots lives (the server's retention): `{prefix}/snapshots.json`.
+    pub fn snapshot_index_key(&self) -> Key {
+        self.key("snapshots.json")
+            .expect("a valid prefix makes valid keys")
+    }
+
     /// Where a bundle lives: `{prefix}/bundles/{id}.bundle` (`id` as made by
     /// [`crate::BundleChain`], `full-N` or `inc-N`).
     pub fn bundle_key(&self, id: &str) -> Result<Key, larder_proto::NameError> {

@@ -46,6 +46,8 @@ pub struct State {
     /// so tests can check that a panic costs only its own request. Read once at start-up from
     /// `LARDER_TEST_FAULT_PANIC_KEY` (`ns/key`); when unset, one `None` check per request.
     pub test_fault_panic: Option<(Namespace, Key)>,
+    /// Git snapshots; `None` when no `--git-allow` pattern is configured.
+    pub git: Option<Arc<crate::git::GitService>>,
 }
 
 /// What the access log line of a request reports beyond the status: filled in by the handler
@@ -105,6 +107,9 @@ impl Req {
 }
 
 const OBJECT_PREFIX: &str = "/api/v1/object/";
+const GIT_PREFIX: &str = "/api/v1/git/";
+/// How long a client waits before asking again for a head record that is being generated.
+const GIT_RETRY_AFTER: &str = "5";
 const OBJECT_METHODS: &str = "GET, HEAD, PUT, POST, DELETE";
 const READ_METHODS: &str = "GET, HEAD";
 
@@ -271,6 +276,9 @@ fn route_name(path: &str) -> &'static str {
     if path.starts_with(OBJECT_PREFIX) {
         return "object";
     }
+    if path.starts_with(GIT_PREFIX) && path.ends_with("/head") {
+        return "git_head";
+    }
     match path {
         "/_liveness" => "liveness",
         "/_readiness" => "readiness",
@@ -292,6 +300,10 @@ async fn route(
         "object" => {
             let rest = &path[OBJECT_PREFIX.len()..];
             return object(state, req_parts(rest), req, log).await;
+        }
+        "git_head" => {
+            let route = &path[GIT_PREFIX.len()..path.len() - "/head".len()];
+            return git_head(state, route, req, log).await;
         }
         "unknown" => return text(StatusCode::NOT_FOUND, format!("no route for {path}")),
         _ => {}
@@ -424,6 +436,54 @@ async fn object(
             Err(e) => tier_error(e),
         },
     }
+}
+
+/// `GET|HEAD /api/v1/git/{host}/{path}/head`: the repository's head record, served like an
+/// object (ETag, conditional requests) from its namespace. A miss is `404` with `Retry-After`;
+/// every request, hit or miss, marks the repository as asked for, which starts (or keeps)
+/// its generator. The generator never runs in the request.
+async fn git_head(
+    state: &Arc<State>,
+    route: &str,
+    req: &mut Req,
+    log: &mut RequestLog,
+) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return method_not_allowed(READ_METHODS);
+    }
+    let Some(git) = &state.git else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "git snapshots are not enabled (no --git-allow)",
+        );
+    };
+    let (upstream, ns) = match git.resolve(route) {
+        Ok(found) => found,
+        Err(refused) => return text(refused.status, refused.reason),
+    };
+    // Access is checked before anything is registered: a caller who may not read the
+    // namespace must not be able to make the server fetch repositories either.
+    match state.auth.authorize(req.headers(), Scope::Read, Some(&ns)) {
+        Ok(caller) => log.token = caller.name().to_string(),
+        Err(d) => return denied(d),
+    }
+    let key = upstream.head_key();
+    log.ns = Some(ns.clone());
+    log.key = Some(key.clone());
+    git.register(&upstream, &ns);
+    let head = req.method() == Method::HEAD;
+    let mut response = get(state, &ns, &key, req.headers(), head, log).await;
+    if response.status() == StatusCode::NOT_FOUND {
+        response = text(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot of {upstream} yet; it is being generated, ask again later"),
+        );
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(GIT_RETRY_AFTER),
+        );
+    }
+    response
 }
 
 /// A header value as text. A value that is not visible ASCII becomes `""`: for `If-Match` that

@@ -131,6 +131,42 @@ pub struct Cli {
     /// (TOML: limits.idle_timeout)
     #[arg(long, env = "LARDER_IDLE_TIMEOUT", value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+
+    /// Upstream git repositories served as snapshots: a URL glob (`*` within a path segment,
+    /// `**` across), optionally `=NAMESPACE` for where their snapshots live [default: git].
+    /// Repeatable; no pattern, no git feature (TOML: git.allow)
+    #[arg(
+        long = "git-allow",
+        env = "LARDER_GIT_ALLOW",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub git_allow: Vec<String>,
+
+    /// Directory of the git mirrors and of snapshots being built [default: DATA_DIR/git-mirrors]
+    /// (TOML: git.mirror_dir)
+    #[arg(long, env = "LARDER_GIT_MIRROR_DIR", value_name = "DIR")]
+    pub git_mirror_dir: Option<PathBuf>,
+
+    /// Size limit of the git mirrors together; whole mirrors of the least recently asked-for
+    /// repositories are removed beyond it [default: none] (TOML: git.mirror_limit)
+    #[arg(long, env = "LARDER_GIT_MIRROR_LIMIT", value_name = "SIZE")]
+    pub git_mirror_limit: Option<String>,
+
+    /// How many snapshots of each repository are kept; older ones are deleted when the head
+    /// record moves on [default: 3] (TOML: git.keep)
+    #[arg(long, env = "LARDER_GIT_KEEP", value_name = "N")]
+    pub git_keep: Option<usize>,
+
+    /// How often an active repository is fetched and, if its default branch moved,
+    /// snapshotted [default: 5m] (TOML: git.interval)
+    #[arg(long, env = "LARDER_GIT_INTERVAL", value_name = "DURATION")]
+    pub git_interval: Option<String>,
+
+    /// A repository whose head record nobody asked for this long is no longer fetched, and its
+    /// mirror is removed [default: 7d] (TOML: git.idle_after)
+    #[arg(long, env = "LARDER_GIT_IDLE_AFTER", value_name = "DURATION")]
+    pub git_idle_after: Option<String>,
 }
 
 /// The TOML file. Unknown keys are an error, so a typo never silently falls back to a default.
@@ -154,7 +190,37 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: LimitsSection,
     pub tls: Option<TlsSection>,
+    pub git: Option<GitSection>,
 }
+
+/// `[git]`: snapshots of upstream git repositories.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GitSection {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    pub mirror_dir: Option<PathBuf>,
+    pub mirror_limit: Option<SizeValue>,
+    pub keep: Option<usize>,
+    pub interval: Option<String>,
+    pub idle_after: Option<String>,
+}
+
+/// The git snapshot settings, present only when at least one `--git-allow` pattern is given.
+#[derive(Clone, Debug)]
+pub struct GitSettings {
+    /// The patterns as given; checked by `larder_git::AllowList::new` while resolving.
+    pub allow: Vec<String>,
+    pub mirror_dir: PathBuf,
+    pub mirror_limit: Option<u64>,
+    pub keep: usize,
+    pub interval: Duration,
+    pub idle_after: Duration,
+}
+
+pub const DEFAULT_GIT_INTERVAL: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_GIT_KEEP: usize = 3;
+pub const DEFAULT_GIT_IDLE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// `[[tokens]]`: one bearer token, stored as the SHA-256 of the token (hex, as `sha256sum`
 /// prints it), never the token itself.
@@ -294,6 +360,8 @@ pub struct Config {
     pub auth: Arc<Auth>,
     pub limits: Limits,
     pub tls: Option<TlsFiles>,
+    /// `None`: git snapshots are not enabled (no `--git-allow`).
+    pub git: Option<GitSettings>,
 }
 
 impl Config {
@@ -311,6 +379,12 @@ impl Config {
         let s3 = resolve_s3(&cli, file.s3.unwrap_or_default())?;
         let auth = resolve_auth(file.tokens, file.public_metrics.unwrap_or(true))?;
         let limits = resolve_limits(&cli, file.limits)?;
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .or(file.disk.dir)
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+        let git = resolve_git(&cli, file.git.unwrap_or_default(), &data_dir)?;
         let file_tls = file.tls.unwrap_or_default();
         let tls = match (
             cli.tls_cert.clone().or(file_tls.cert),
@@ -343,10 +417,8 @@ impl Config {
         Ok(Config {
             s3,
             listen,
-            data_dir: cli
-                .data_dir
-                .or(file.disk.dir)
-                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            data_dir,
+            git,
             disk_limit: size(
                 "disk limit",
                 cli.disk_limit.or(file.disk.limit.map(|s| s.to_text())),
@@ -426,6 +498,65 @@ fn resolve_limits(cli: &Cli, file: LimitsSection) -> anyhow::Result<Limits> {
             defaults.idle_timeout,
         )?,
     })
+}
+
+fn resolve_git(
+    cli: &Cli,
+    file: GitSection,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<GitSettings>> {
+    // Flags and the environment replace the file's list rather than add to it, like every
+    // other setting: what an operator passes on the command line is the whole list.
+    let allow: Vec<String> = if cli.git_allow.is_empty() {
+        file.allow
+    } else {
+        cli.git_allow.clone()
+    };
+    let allow: Vec<String> = allow
+        .into_iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    if allow.is_empty() {
+        return Ok(None);
+    }
+    larder_git::AllowList::new(&allow)?;
+    let duration = |name: &str, v: Option<String>, default: Duration| -> anyhow::Result<Duration> {
+        Ok(
+            v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
+                .transpose()?
+                .unwrap_or(default),
+        )
+    };
+    Ok(Some(GitSettings {
+        allow,
+        mirror_dir: cli
+            .git_mirror_dir
+            .clone()
+            .or(file.mirror_dir)
+            .unwrap_or_else(|| data_dir.join("git-mirrors")),
+        mirror_limit: cli
+            .git_mirror_limit
+            .clone()
+            .or(file.mirror_limit.map(|s| s.to_text()))
+            .map(|s| parse_size(&s).map_err(|e| anyhow::anyhow!("git mirror limit: {e}")))
+            .transpose()?,
+        keep: match cli.git_keep.or(file.keep).unwrap_or(DEFAULT_GIT_KEEP) {
+            // The snapshot the head record names is always kept.
+            0 => bail!("git keep must be at least 1"),
+            n => n,
+        },
+        interval: duration(
+            "git interval",
+            cli.git_interval.clone().or(file.interval),
+            DEFAULT_GIT_INTERVAL,
+        )?,
+        idle_after: duration(
+            "git idle after",
+            cli.git_idle_after.clone().or(file.idle_after),
+            DEFAULT_GIT_IDLE_AFTER,
+        )?,
+    }))
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -636,6 +767,70 @@ mod tests {
             let e = with_file(toml, Cli::default()).unwrap_err();
             assert!(format!("{e:#}").contains(expect), "{toml}: {e:#}");
         }
+    }
+
+    #[test]
+    fn git_settings_come_from_the_file_flags_and_defaults() {
+        assert!(
+            Config::resolve(Cli::default()).unwrap().git.is_none(),
+            "no pattern, no git feature"
+        );
+        let toml = "[disk]\ndir = \"/srv/larder\"\n[git]\nallow = [\"https://github.com/acme/*\", \"https://github.com/acme/secret-*=git-secret\"]\ninterval = \"1m\"\nmirror_limit = \"20GiB\"\n";
+        let git = with_file(toml, Cli::default()).unwrap().git.unwrap();
+        assert_eq!(git.allow.len(), 2);
+        assert_eq!(git.interval, Duration::from_secs(60));
+        assert_eq!(git.idle_after, DEFAULT_GIT_IDLE_AFTER);
+        assert_eq!(git.mirror_dir, PathBuf::from("/srv/larder/git-mirrors"));
+        assert_eq!(git.mirror_limit, Some(20 << 30));
+        assert_eq!(git.keep, DEFAULT_GIT_KEEP);
+        let git = with_file(
+            toml,
+            Cli {
+                git_allow: vec!["http://127.0.0.1:*/**".into()],
+                git_mirror_dir: Some("/tmp/m".into()),
+                git_idle_after: Some("1h".into()),
+                git_keep: Some(5),
+                ..Cli::default()
+            },
+        )
+        .unwrap()
+        .git
+        .unwrap();
+        assert_eq!(git.allow, vec!["http://127.0.0.1:*/**".to_string()]);
+        assert_eq!(git.mirror_dir, PathBuf::from("/tmp/m"));
+        assert_eq!(git.idle_after, Duration::from_secs(3600));
+        assert_eq!(git.keep, 5);
+        assert_eq!(git.interval, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_git_settings_are_refused_in_one_line() {
+        for (toml, expect) in [
+            ("[git]\nallow = [\"ftp://x/*\"]\n", "--git-allow pattern"),
+            (
+                "[git]\nallow = [\"https://x/*=Bad Name\"]\n",
+                "--git-allow pattern",
+            ),
+            (
+                "[git]\nallow = [\"https://x/*\"]\ninterval = \"often\"\n",
+                "git interval",
+            ),
+            ("[git]\nallow = [\"https://x/*\"]\nkeep = 0\n", "at least 1"),
+            (
+                "[git]\nallow = [\"https://x/*\"]\nmirror_limit = \"big\"\n",
+                "git mirror limit",
+            ),
+        ] {
+            let e = with_file(toml, Cli::default()).unwrap_err();
+            let text = format!("{e:#}");
+            assert!(text.contains(expect), "{toml}: {text}");
+        }
+        let e = Config::resolve(Cli {
+            git_allow: vec!["github.com/*".into()],
+            ..Cli::default()
+        })
+        .unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod api;
 mod auth;
 mod config;
+mod git;
 mod io;
 mod memory;
 mod metrics;
@@ -99,7 +100,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
             ))
         }
     };
+    let git = match &config.git {
+        None => None,
+        Some(settings) => {
+            let service = git::GitService::new(settings.clone(), tier.clone(), config.max_ttl)?;
+            tracing::info!(
+                patterns = ?settings.allow,
+                mirror_dir = %settings.mirror_dir.display(),
+                "git snapshots enabled"
+            );
+            Some(Arc::new(service))
+        }
+    };
     let state = Arc::new(api::State {
+        git,
         tier,
         max_ttl: config.max_ttl,
         max_object_size: config.max_object_size,
