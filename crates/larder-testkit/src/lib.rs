@@ -381,3 +381,31 @@ pub fn metric(metrics: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// A GET with `headers` through `http`: status, ETag (empty when none) and the whole body.
+pub async fn get(
+    http: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (reqwest::StatusCode, String, Vec<u8>) {
+    let mut req = http.get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let etag = r
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, etag, r.bytes().await.unwrap().to_vec())
+}
+
+impl Larderd {
+    /// The server's Prometheus text (`/metrics`, open unless `public_metrics = false`).
+    pub async fn scrape(&self, http: &reqwest::Client) -> String {
+        let r = http.get(format!("{}/metrics", self.url())).send().await;
+        r.unwrap().text().await.unwrap()
+    }
+}

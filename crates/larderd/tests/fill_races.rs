@@ -6,7 +6,7 @@
 //! object takes seconds and the race can be staged deterministically; the other replica talks to
 //! S3 directly. Without `AWS_ENDPOINT_URL` / `S3_BUCKET` / credentials every test says SKIPPED.
 
-use larder_testkit::{Larderd, TcpRelay, etag_of, metric, pattern, s3};
+use larder_testkit::{Larderd, TcpRelay, etag_of, get, metric, pattern, s3};
 use reqwest::{Client, StatusCode};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -29,21 +29,6 @@ fn replica(prefix: &str, window: &str, endpoint: Option<&str>) -> Larderd {
         Some(url) => Larderd::start_with_env(&args, &[("AWS_ENDPOINT_URL", url)]),
         None => Larderd::start(&args),
     }
-}
-
-async fn get(http: &Client, url: &str, headers: &[(&str, &str)]) -> (StatusCode, String, Vec<u8>) {
-    let mut req = http.get(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let etag = r
-        .headers()
-        .get("etag")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (status, etag, r.bytes().await.unwrap().to_vec())
 }
 
 /// Starts an unpinned GET that starts the replica's fill, and reads its body in the background.
@@ -259,14 +244,7 @@ async fn a_full_disk_during_a_fill_costs_only_the_copy() {
         }
     }
     wait_for_fills_to_end(&full.data_dir).await;
-    let metrics = http
-        .get(format!("{}/metrics", full.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = full.scrape(&http).await;
     assert!(
         metric(&metrics, "larder_fills_total{result=\"failed\"}").unwrap_or(0.0) >= 1.0,
         "the fill that ran out of space is counted as failed:\n{metrics}"

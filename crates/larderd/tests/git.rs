@@ -59,15 +59,7 @@ async fn generated(http: &Client, srv: &Larderd) -> f64 {
 }
 
 async fn counter(http: &Client, srv: &Larderd, name: &str) -> f64 {
-    let m = http
-        .get(format!("{}/metrics", srv.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metric(&m, name).unwrap_or(0.0)
+    metric(&srv.scrape(http).await, name).unwrap_or(0.0)
 }
 
 /// Downloads the snapshot named by `head` through the object API, checks its ETag and a pinned

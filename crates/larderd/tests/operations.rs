@@ -11,13 +11,8 @@ use std::process::Command;
 
 /// The Prometheus text of `srv`.
 async fn scrape(srv: &Larderd) -> String {
-    let r = Client::new()
-        .get(format!("{}/metrics", srv.url()))
-        .send()
-        .await;
-    r.unwrap().text().await.unwrap()
+    srv.scrape(&Client::new()).await
 }
-
 /// larderd arguments for the test bucket under a prefix of this test run, with `s3_toml` as
 /// the `[s3]` section of a config file written into `dir`.
 fn over_s3(dir: &std::path::Path, test: &str, s3_toml: &str) -> Vec<String> {

@@ -5,7 +5,7 @@
 //!
 //! Without `AWS_ENDPOINT_URL` / `S3_BUCKET` / credentials every test says SKIPPED.
 
-use larder_testkit::{Larderd, TcpRelay, etag_of, pattern, s3};
+use larder_testkit::{Larderd, TcpRelay, etag_of, get, pattern, s3};
 use reqwest::{Client, StatusCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,21 +30,6 @@ fn replicas(n: usize, extra: &[&str]) -> Vec<Larderd> {
             Larderd::start(&args)
         })
         .collect()
-}
-
-async fn get(http: &Client, url: &str, headers: &[(&str, &str)]) -> (StatusCode, String, Vec<u8>) {
-    let mut req = http.get(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status();
-    let etag = r
-        .headers()
-        .get("etag")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    (status, etag, r.bytes().await.unwrap().to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
