@@ -22,16 +22,17 @@ impl TcpRelay {
     /// Starts relaying to `upstream` (`host:port`); with `bytes_per_sec`, upstream→client bytes
     /// of all connections together flow at that rate at most.
     pub async fn start(upstream: &str, bytes_per_sec: Option<u64>) -> TcpRelay {
-        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = probe.local_addr().unwrap().to_string();
-        drop(probe);
+        // The first listener is kept, not probed and dropped: another test binding port 0 at
+        // the same moment could take the port in between.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
         let mut relay = TcpRelay {
             addr,
             upstream: upstream.to_string(),
             bytes_per_sec,
             task: None,
         };
-        relay.on().await;
+        relay.serve(listener);
         relay
     }
 
@@ -40,9 +41,13 @@ impl TcpRelay {
         format!("http://{}", self.addr)
     }
 
-    /// Accepts and relays connections (again).
+    /// Accepts and relays connections again, on the same address, after [`TcpRelay::off`].
     pub async fn on(&mut self) {
         let listener = TcpListener::bind(&self.addr).await.unwrap();
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
         let upstream = self.upstream.clone();
         let pace = self.bytes_per_sec.map(|rate| Arc::new(Pacer::new(rate)));
         self.task = Some(tokio::spawn(async move {
