@@ -30,6 +30,20 @@ pub enum Error {
     #[error("{target} not found")]
     NotFound { target: String },
 
+    /// A git repository the server has no snapshot of yet; it is making one.
+    #[error(
+        "no snapshot of {upstream} in the cache yet; the server is making one{}",
+        retry_after.map(|s| format!(", ask again in {s} s")).unwrap_or_default()
+    )]
+    NoSnapshotYet {
+        upstream: String,
+        retry_after: Option<u64>,
+    },
+
+    /// A git command run on a restored repository failed; the message carries git's.
+    #[error("{0}")]
+    Git(String),
+
     /// 412: the message already explains which precondition and why.
     #[error("{message}")]
     PreconditionFailed {
@@ -152,14 +166,14 @@ impl Error {
     /// (401 or 403), which no retry fixes.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::NotFound { .. } => 2,
+            Error::NotFound { .. } | Error::NoSnapshotYet { .. } => 2,
             Error::Unauthorized { .. } | Error::Forbidden { .. } => 3,
             _ => 1,
         }
     }
 
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::NotFound { .. })
+        matches!(self, Error::NotFound { .. } | Error::NoSnapshotYet { .. })
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Error {

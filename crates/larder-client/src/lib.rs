@@ -17,6 +17,7 @@
 mod archive_path;
 mod download;
 mod error;
+pub mod git;
 mod output;
 mod progress;
 mod put;
@@ -28,11 +29,12 @@ pub use download::{
     DEFAULT_RETRIES, DownloadOptions, DownloadSummary, Downloader, ReplicaUsage,
 };
 pub use error::Error;
+pub use git::{GitHead, GitRestoreOptions, GitRestoreSummary};
 pub use larder_proto::{ETag, Key, Namespace};
 pub use output::{FileSink, Sink, WriterSink};
 pub use progress::Progress;
 pub use put::{Precondition, PutOptions, PutResult};
-pub use restore::{RestoreOptions, RestoreSummary};
+pub use restore::{Prepare, RestoreOptions, RestoreSummary};
 pub use save::{SaveOptions, SaveSummary};
 
 use reqwest::header::{self, HeaderMap, HeaderValue};

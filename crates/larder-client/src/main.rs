@@ -15,9 +15,10 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use larder_client::{
     Client, Connection, DownloadOptions, DownloadSummary, Downloader, ETag, Error,
-    LoadedConnection, ObjectInfo, ObjectName, Precondition, Progress, PutOptions, RestoreOptions,
-    SaveOptions, Token,
+    GitRestoreOptions, LoadedConnection, ObjectInfo, ObjectName, Precondition, Progress,
+    PutOptions, RestoreOptions, SaveOptions, Token,
 };
+use larder_git::CommitId;
 use larder_proto::units::{format_size, parse_duration, parse_size};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
@@ -136,6 +137,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Git snapshots: restore a repository from the cache instead of cloning it.
+    Git {
+        #[command(subcommand)]
+        command: GitCommand,
+    },
     /// Show the ETag, size, modification time and content type of NS/KEY.
     Stat {
         #[command(flatten)]
@@ -156,6 +162,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum GitCommand {
+    /// Restore the cache's snapshot of UPSTREAM into DIR (working tree and full history, as
+    /// `git clone` leaves it), then fetch from UPSTREAM only what the snapshot lacks. Exit
+    /// status 2 when the cache has no snapshot yet (it starts making one).
+    Restore(GitArgs),
+    /// Like `restore`, but run `git clone UPSTREAM DIR` when the cache cannot help (no
+    /// snapshot yet, larderd unreachable or refusing), so that the step never fails because of
+    /// the cache.
+    Clone(GitArgs),
+}
+
+#[derive(clap::Args)]
+struct GitArgs {
+    /// Upstream repository URL, as for `git clone` (http:// or https://).
+    upstream: String,
+    /// Directory to create (or replace, with --force).
+    dir: PathBuf,
+    /// Check out this commit (detached), fetching it from UPSTREAM if the snapshot lacks it.
+    #[arg(long, value_name = "SHA", conflicts_with = "git_ref")]
+    commit: Option<String>,
+    /// Check out this branch (tracking origin) or tag, fetching it if the snapshot lacks it.
+    /// Default: the snapshot's branch (UPSTREAM's default branch) at the snapshot's commit.
+    #[arg(long = "ref", value_name = "REF")]
+    git_ref: Option<String>,
+    /// Replace DIR if it exists.
+    #[arg(long)]
+    force: bool,
+    /// The git program to run.
+    #[arg(
+        long,
+        env = "LARDER_GIT",
+        default_value = "git",
+        value_name = "PROGRAM"
+    )]
+    git: PathBuf,
+    #[command(flatten)]
+    download: DownloadArgs,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// The object an operation is about.
@@ -267,7 +316,8 @@ const URL_AFTER: &str = "url_after_command";
 /// The CLI, with a `--url` on every subcommand so that URLs after the subcommand add to those
 /// before it.
 fn command() -> clap::Command {
-    Cli::command().mut_subcommands(|sub| {
+    fn with_url(sub: clap::Command) -> clap::Command {
+        let sub = sub.mut_subcommands(with_url);
         sub.arg(
             Arg::new(URL_AFTER)
                 .long("url")
@@ -279,16 +329,24 @@ fn command() -> clap::Command {
                      LARDER_URL)",
                 ),
         )
-    })
+    }
+    Cli::command().mut_subcommands(with_url)
 }
 
 fn parse() -> Result<Cli, clap::Error> {
     let mut matches = command().try_get_matches()?;
-    let after: Vec<String> = matches
-        .subcommand()
-        .and_then(|(_, sub)| sub.get_many::<String>(URL_AFTER))
-        .map(|v| v.cloned().collect())
-        .unwrap_or_default();
+    // From every level of subcommand (`larder git --url A restore --url B`).
+    let mut after: Vec<String> = Vec::new();
+    let mut level = matches.subcommand();
+    while let Some((_, sub)) = level {
+        after.extend(
+            sub.get_many::<String>(URL_AFTER)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
+        level = sub.subcommand();
+    }
     let before_given = matches.value_source("url") == Some(ValueSource::CommandLine);
     let mut cli = Cli::from_arg_matches_mut(&mut matches)?;
     if !after.is_empty() {
@@ -505,7 +563,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let opts = download.options(progress.clone())?;
             let downloader = Downloader::new(clients(&cli.url, &conn)?, opts)?;
             let restored = downloader
-                .restore(&name, &dir, &RestoreOptions { force })
+                .restore(
+                    &name,
+                    &dir,
+                    &RestoreOptions {
+                        force,
+                        ..RestoreOptions::default()
+                    },
+                )
                 .await?;
             progress.finish();
             if json {
@@ -534,6 +599,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     ),
                 ),
             );
+        }
+        Command::Git { command } => {
+            let (args, clone_on_miss) = match command {
+                GitCommand::Restore(args) => (args, false),
+                GitCommand::Clone(args) => (args, true),
+            };
+            git_restore(&cli.url, &conn, args, clone_on_miss, progress, quiet).await?;
         }
         Command::Stat { target, json } => {
             let name = target.name()?;
@@ -597,6 +669,115 @@ fn download_json(name: &ObjectName, dest: &str, s: &DownloadSummary) -> serde_js
             "diverged": r.diverged,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `larder git restore|clone`.
+async fn git_restore(
+    urls: &[String],
+    conn: &LoadedConnection,
+    args: GitArgs,
+    clone_on_miss: bool,
+    progress: Progress,
+    quiet: bool,
+) -> Result<(), Error> {
+    let commit = args
+        .commit
+        .as_deref()
+        .map(|c| {
+            CommitId::parse(&c.to_ascii_lowercase()).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "--commit {c:?}: not a full commit id (40 or 64 hex digits)"
+                ))
+            })
+        })
+        .transpose()?;
+    let opts = GitRestoreOptions {
+        commit,
+        git_ref: args.git_ref,
+        force: args.force,
+        git: Some(args.git),
+    };
+    larder_client::git::parse_upstream(&args.upstream)?;
+    let started = std::time::Instant::now();
+    let download = args.download.options(progress.clone())?;
+    let restored = match clients(urls, conn).and_then(|c| Downloader::new(c, download)) {
+        Ok(downloader) => {
+            downloader
+                .git_restore(&args.upstream, &args.dir, &opts)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    progress.finish();
+    let (summary, source) = match restored {
+        Ok(summary) => (summary, "snapshot"),
+        // Bad arguments or an existing DIR would fail a clone the same way.
+        Err(e) if clone_on_miss && !matches!(e, Error::InvalidInput(_)) => {
+            status(
+                quiet,
+                format_args!("{e}; cloning {} instead", args.upstream),
+            );
+            let (url, dir) = (args.upstream.clone(), args.dir.clone());
+            let cloned = tokio::task::spawn_blocking(move || {
+                larder_client::git::clone_from_upstream(&url, &dir, &opts)
+            })
+            .await
+            .map_err(|e| Error::Git(format!("the clone did not finish: {e}")))??;
+            (cloned, "clone")
+        }
+        Err(e) => return Err(e),
+    };
+    let elapsed = started.elapsed();
+    if args.json {
+        let restore = summary.restore.as_ref();
+        let v = json!({
+            "upstream": args.upstream,
+            "dir": args.dir.display().to_string(),
+            "source": source,
+            "snapshot_commit": summary.snapshot_commit.as_ref().map(|c| c.as_str()),
+            "commit": summary.commit.as_str(),
+            "branch": summary.branch,
+            "fetched_from_upstream": summary.fetched_from_upstream,
+            "files": restore.map(|r| r.files),
+            "bytes": restore.map(|r| r.bytes),
+            "archive_size": restore.map(|r| r.download.info.size),
+            "seconds": elapsed.as_secs_f64(),
+        });
+        write_stdout(&format!("{v}\n"))?;
+    }
+    let at = match &summary.branch {
+        Some(b) => format!("{b} at {}", summary.commit),
+        None => format!("{} (detached)", summary.commit),
+    };
+    match &summary.restore {
+        Some(r) => status(
+            quiet,
+            format_args!(
+                "restored {} into {}: {at}, {} files, {} from a {} snapshot{} in {:.2} s",
+                args.upstream,
+                args.dir.display(),
+                r.files,
+                format_size(r.bytes),
+                format_size(r.download.info.size),
+                if summary.fetched_from_upstream {
+                    ", then fetched from the upstream"
+                } else {
+                    ""
+                },
+                elapsed.as_secs_f64()
+            ),
+        ),
+        None => status(
+            quiet,
+            format_args!(
+                "cloned {} into {}: {at} in {:.2} s",
+                args.upstream,
+                args.dir.display(),
+                elapsed.as_secs_f64()
+            ),
+        ),
+    }
+    Ok(())
 }
 
 fn parse_etag(s: &str) -> Result<ETag, Error> {

@@ -51,6 +51,26 @@ pub struct RestoreOptions {
     /// Replace an existing target (file or directory); without it an existing target is an
     /// error and is left untouched.
     pub force: bool,
+    /// Restore symlinks whatever they point at, as git does for a working tree (a link to
+    /// `/etc/hosts` or `../sibling` is data there). Writing *through* a symlink stays refused,
+    /// so no file ever lands outside the tree.
+    pub symlinks_may_leave: bool,
+    /// Runs on the complete, checked tree in its staging directory before it is flushed and
+    /// placed; an error discards the tree and leaves the target untouched.
+    pub prepare: Option<Prepare>,
+}
+
+/// A step run on the staging directory of a restore (see [`RestoreOptions::prepare`]).
+#[derive(Clone)]
+pub struct Prepare(pub Arc<PrepareFn>);
+
+/// The function of a [`Prepare`]: given the staging directory.
+pub type PrepareFn = dyn Fn(&Path) -> Result<(), Error> + Send + Sync;
+
+impl std::fmt::Debug for Prepare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prepare(..)")
+    }
 }
 
 /// What a restore placed.
@@ -86,6 +106,8 @@ impl Downloader {
         let sink = RestoreSink {
             target: target.to_path_buf(),
             force: opts.force,
+            symlinks_may_leave: opts.symlinks_may_leave,
+            prepare: opts.prepare.clone(),
             sync: self.options().sync,
             progress: self.options().progress.clone(),
             run: None,
@@ -130,6 +152,8 @@ const QUEUE: usize = 2;
 struct RestoreSink {
     target: PathBuf,
     force: bool,
+    symlinks_may_leave: bool,
+    prepare: Option<Prepare>,
     /// Flush the tree before placing it (see `DownloadOptions::sync`).
     sync: bool,
     progress: Progress,
@@ -203,15 +227,16 @@ impl Sink for RestoreSink {
             })?
             .keep();
         let (tx, rx) = sync_channel::<Bytes>(QUEUE);
-        let (root, progress, target, sync) = (
+        let (root, progress, target, sync, symlinks_may_leave) = (
             staging.clone(),
             self.progress.clone(),
             self.target.clone(),
             self.sync,
+            self.symlinks_may_leave,
         );
         let thread = std::thread::Builder::new()
             .name("larder-extract".into())
-            .spawn(move || extract(rx, &root, &target, &progress, sync));
+            .spawn(move || extract(rx, &root, &target, &progress, sync, symlinks_may_leave));
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
@@ -246,6 +271,9 @@ impl Sink for RestoreSink {
     fn finish(&mut self) -> Result<(), Error> {
         let mut run = self.run.take().expect("begun");
         let stats = run.join()?;
+        if let Some(prepare) = &self.prepare {
+            (prepare.0)(&run.staging)?;
+        }
         if self.sync {
             self.progress.set_message("syncing");
             sync_tree(&run.staging)?;
@@ -307,6 +335,7 @@ fn extract(
     target: &Path,
     progress: &Progress,
     sync: bool,
+    symlinks_may_leave: bool,
 ) -> Result<Stats, Error> {
     let input = ChannelReader {
         rx,
@@ -333,6 +362,7 @@ fn extract(
         dirs: Vec::new(),
         known_dirs: HashSet::new(),
         symlinks: Vec::new(),
+        symlinks_may_leave,
         stats: Stats::default(),
         progress,
         writers: Writers::start(root, workers).map_err(|e| Error::io("cannot start writers", e))?,
@@ -348,7 +378,9 @@ fn extract(
     let mut decoder = archive.into_inner();
     io::copy(&mut decoder, &mut io::sink()).map_err(corrupt)?;
     unpacker.settle()?;
-    unpacker.check_symlinks()?;
+    if !unpacker.symlinks_may_leave {
+        unpacker.check_symlinks()?;
+    }
     unpacker.apply_dir_metadata()?;
     Ok(unpacker.stats)
 }
@@ -361,6 +393,8 @@ struct Unpacker<'a> {
     /// Directories verified (or created) as real directories, to skip re-checking ancestors.
     known_dirs: HashSet<PathBuf>,
     symlinks: Vec<PathBuf>,
+    /// See [`RestoreOptions::symlinks_may_leave`].
+    symlinks_may_leave: bool,
     stats: Stats,
     progress: &'a Progress,
     writers: Writers,
@@ -460,7 +494,9 @@ impl Unpacker<'_> {
                     .map_err(|e| self.io(&raw, e))?
                     .ok_or_else(|| self.refuse(&raw, "is a symlink without a target"))?
                     .into_owned();
-                if let Err(why) = lexically_inside(&rel, &link) {
+                if !self.symlinks_may_leave
+                    && let Err(why) = lexically_inside(&rel, &link)
+                {
                     return Err(self.refuse(&raw, format_args!("is a symlink to {link:?}, {why}")));
                 }
                 self.wait_for(&rel)?;
@@ -1032,7 +1068,12 @@ fn resolves_inside(root: &Path, rel: &Path) -> Result<(), String> {
 }
 
 /// Moves the staging directory to `target`; see the module comment for the rename flavours.
-fn place(staging: &Path, target: &Path, force: bool, progress: &Progress) -> Result<(), Error> {
+pub(crate) fn place(
+    staging: &Path,
+    target: &Path,
+    force: bool,
+    progress: &Progress,
+) -> Result<(), Error> {
     let rename_err = |e: io::Error| {
         Error::io(
             format!("cannot move the restored tree to {}", target.display()),

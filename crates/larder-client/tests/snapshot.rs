@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Fault, FaultServer, Hook, Proxy, data, dir_entries, larder};
+use common::{Entry, Fault, FaultServer, Hook, Proxy, data, dir_entries, larder, raw_archive};
 use filetime::FileTime;
 use larder_testkit::{Larderd, binary};
 use std::collections::BTreeMap;
@@ -293,46 +293,6 @@ fn restore_refuses_an_existing_target_without_force_and_replaces_read_only_trees
     std::fs::write(&file_target, b"x").unwrap();
     larder(&url, &restore_args("s", &file_target, &["--force"]), None).ok();
     assert!(file_target.join("bin/tool").is_file());
-}
-
-/// A tar entry written header by header, so that names the tar crate refuses to write (`..`,
-/// absolute paths) and sequences it would not produce (one path several times) can be made.
-enum Entry<'a> {
-    File(&'a str, &'a [u8]),
-    Dir(&'a str),
-    Symlink(&'a str, &'a str),
-    Hardlink(&'a str, &'a str),
-}
-
-/// A tar + zstd snapshot of exactly these entries, in this order.
-fn raw_archive(entries: &[Entry<'_>]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        let (name, kind, body, link): (&str, tar::EntryType, &[u8], Option<&str>) = match e {
-            Entry::File(n, body) => (n, tar::EntryType::Regular, body, None),
-            Entry::Dir(n) => (n, tar::EntryType::Directory, b"", None),
-            Entry::Symlink(n, t) => (n, tar::EntryType::Symlink, b"", Some(t)),
-            Entry::Hardlink(n, t) => (n, tar::EntryType::Link, b"", Some(t)),
-        };
-        let slot = &mut h.as_old_mut().name;
-        slot[..name.len()].copy_from_slice(name.as_bytes());
-        if let Some(t) = link {
-            let slot = &mut h.as_old_mut().linkname;
-            slot[..t.len()].copy_from_slice(t.as_bytes());
-        }
-        h.set_entry_type(kind);
-        h.set_size(body.len() as u64);
-        h.set_mode(if kind == tar::EntryType::Directory {
-            0o755
-        } else {
-            0o644
-        });
-        h.set_mtime(1_600_000_000);
-        h.set_cksum();
-        b.append(&h, body).unwrap();
-    }
-    zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
 }
 
 fn put_archive(url: &str, key: &str, archive: &[u8]) {

@@ -108,6 +108,8 @@ impl Req {
 
 const OBJECT_PREFIX: &str = "/api/v1/object/";
 const GIT_PREFIX: &str = "/api/v1/git/";
+/// Names the namespace of a repository's snapshots in answers of the head route.
+const GIT_NAMESPACE_HEADER: HeaderName = HeaderName::from_static("larder-namespace");
 /// How long a client waits before asking again for a head record that is being generated.
 const GIT_RETRY_AFTER: &str = "5";
 const OBJECT_METHODS: &str = "GET, HEAD, PUT, POST, DELETE";
@@ -482,6 +484,10 @@ async fn git_head(
             header::RETRY_AFTER,
             HeaderValue::from_static(GIT_RETRY_AFTER),
         );
+    } else if let Ok(value) = HeaderValue::from_str(ns.as_str()) {
+        // The client reads the snapshot through the object route, so it needs the namespace
+        // that the allow-list chose for this repository.
+        response.headers_mut().insert(GIT_NAMESPACE_HEADER, value);
     }
     response
 }

@@ -186,6 +186,10 @@ impl Downloader {
         &self.opts
     }
 
+    pub(crate) fn replicas(&self) -> &[Client] {
+        &self.replicas
+    }
+
     /// Downloads to `path`, which is replaced only once the whole object arrived and matched its
     /// ETag; on any failure `path` is left as it was and no temporary file remains.
     pub async fn download_to_file(

@@ -1,0 +1,592 @@
+//! `larder git restore` and `larder git clone` end to end: a real larderd generating snapshots of
+//! a real smart-HTTP upstream (`git http-backend`), the `larder` binary restoring them, and the
+//! system git checking the result against what `git clone` makes. `LARDER_GIT=/usr/bin/git`
+//! runs the same with the older git (the client, the generator and the checks all use it).
+
+mod common;
+
+use common::{Entry, Run, larder, raw_archive};
+use larder_testkit::Larderd;
+use larder_testkit::git::{GitHttpServer, append_commits, generated_repo, git, git_in};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const ALLOW_LOOPBACK: &str = "http://127.0.0.1:*/*";
+
+/// An upstream `app.git` (generated history, branches, tags, an executable, symlinks) plus two
+/// symlinks that point outside the working tree, which git stores as data.
+fn upstream(root: &Path) -> GitHttpServer {
+    let bare = root.join("app.git");
+    generated_repo(&bare, 6, 30, 64 << 10);
+    let work = root.join("work");
+    let out = git()
+        .args(["clone", "-q"])
+        .arg(&bare)
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    symlink("/etc/hostname", work.join("absolute-link")).unwrap();
+    symlink("../../outside/file", work.join("upward-link")).unwrap();
+    git_in(&work, &["add", "-A"]);
+    git_in(
+        &work,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            "links that leave the tree",
+        ],
+    );
+    git_in(&work, &["push", "-q", "origin", "main"]);
+    std::fs::remove_dir_all(&work).unwrap();
+    GitHttpServer::start(root)
+}
+
+/// Runs `larder git restore` until the server has a snapshot (exit 2 means not yet).
+fn restore_when_ready(url: &str, args: &[&str]) -> Run {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let run = larder(url, args, None);
+        if run.code != 2 {
+            return run;
+        }
+        assert!(
+            run.stderr.contains("no snapshot of") && run.stderr.contains("yet"),
+            "exit 2 says why: {}",
+            run.stderr
+        );
+        assert!(Instant::now() < deadline, "no snapshot within 90 s");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Waits until the head record names `commit`.
+fn wait_for_head(srv: &Larderd, git: &GitHttpServer, name: &str, commit: &str) {
+    let url = format!("{}/api/v1/git/{}/{name}/head", srv.url(), git.addr);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if http_get(&url).is_some_and(|(status, body)| status == 200 && body.contains(commit)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "head record never reached {commit}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A plain HTTP/1.0 GET: status and body.
+fn http_get(url: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_at(rest.find('/')?);
+    let mut conn = std::net::TcpStream::connect(host).ok()?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    let status = answer.split(' ').nth(1)?.parse().ok()?;
+    let body = answer.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+fn refs(dir: &Path) -> String {
+    git_in(
+        dir,
+        &[
+            "for-each-ref",
+            "--format=%(refname) %(objectname) %(upstream)",
+        ],
+    )
+}
+
+/// Everything a CI job relies on after `git clone`: same refs, index, files and configuration
+/// that matters, a clean status and a clean fsck.
+fn assert_like_a_clone(restored: &Path, clone: &Path, url: &str) {
+    assert_eq!(
+        git_in(restored, &["status", "--porcelain"]),
+        "",
+        "git status is clean"
+    );
+    let fsck = git()
+        .current_dir(restored)
+        .args(["fsck", "--no-progress", "--strict"])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "git fsck: {}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    assert_eq!(git_in(restored, &["remote", "get-url", "origin"]), url);
+    assert_eq!(refs(restored), refs(clone), "the same refs as a clone");
+    assert_eq!(
+        git_in(restored, &["rev-parse", "--abbrev-ref", "HEAD@{upstream}"]),
+        git_in(clone, &["rev-parse", "--abbrev-ref", "HEAD@{upstream}"]),
+    );
+    assert_eq!(
+        git_in(restored, &["ls-files", "-s"]),
+        git_in(clone, &["ls-files", "-s"]),
+        "the same index"
+    );
+    for link in ["absolute-link", "upward-link"] {
+        assert_eq!(
+            std::fs::read_link(restored.join(link)).unwrap(),
+            std::fs::read_link(clone.join(link)).unwrap(),
+            "symlinks restored as git stores them"
+        );
+    }
+}
+
+/// A snapshot brings no hooks, not even git's samples.
+fn assert_no_hooks(restored: &Path) {
+    let hooks: Vec<_> = std::fs::read_dir(restored.join(".git/hooks"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(hooks.is_empty(), "no hooks: {hooks:?}");
+}
+
+fn clone_of(url: &str, dest: &Path) {
+    let out = git().args(["clone", "-q", url]).arg(dest).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_restore_is_a_clone_and_catches_up_only_when_asked_for_more() {
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let upstream_url = git.url("app.git");
+    let bare = root.path().join("app.git");
+    let srv = Larderd::start(&["--git-allow", ALLOW_LOOPBACK, "--git-interval", "1s"]);
+    let url = srv.url();
+    let out = tempfile::tempdir().unwrap();
+    let d = |name: &str| -> PathBuf { out.path().join(name) };
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+
+    // First request: nothing yet (exit 2), and the repository starts being snapshotted.
+    let first = larder(
+        &url,
+        &["git", "restore", &upstream_url, &s(&d("early"))],
+        None,
+    );
+    assert_eq!(first.code, 2, "{}", first.stderr);
+    assert!(!d("early").exists(), "a miss creates nothing");
+
+    let run = restore_when_ready(
+        &url,
+        &["git", "restore", &upstream_url, &s(&d("a")), "--json"],
+    )
+    .ok();
+    let summary = run.json();
+    let tip = git_in(&bare, &["rev-parse", "main"]);
+    assert_eq!(summary["source"], "snapshot");
+    assert_eq!(summary["commit"], tip.as_str());
+    assert_eq!(summary["snapshot_commit"], tip.as_str());
+    assert_eq!(summary["branch"], "main");
+    assert_eq!(summary["fetched_from_upstream"], false);
+    clone_of(&upstream_url, &d("clone"));
+    assert_like_a_clone(&d("a"), &d("clone"), &upstream_url);
+    assert_no_hooks(&d("a"));
+
+    // A commit newer than the snapshot: restored from the snapshot, then fetched.
+    let served_before = git.bytes_served();
+    let new_tip = append_commits(&bare, "main", 2);
+    let run = larder(
+        &url,
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            &s(&d("b")),
+            "--commit",
+            &new_tip,
+            "--json",
+        ],
+        None,
+    )
+    .ok();
+    let summary = run.json();
+    assert_eq!(summary["commit"], new_tip.as_str());
+    assert_eq!(summary["fetched_from_upstream"], true);
+    assert_eq!(git_in(&d("b"), &["rev-parse", "HEAD"]), new_tip);
+    assert_eq!(git_in(&d("b"), &["status", "--porcelain"]), "");
+    assert!(
+        git.bytes_served() - served_before < 200_000,
+        "the catch-up fetched only what is new: {} bytes",
+        git.bytes_served() - served_before
+    );
+
+    // Once the server snapshotted the new tip, a plain restore lands on it without upstream.
+    wait_for_head(&srv, &git, "app.git", &new_tip);
+    let served_before = git.bytes_served();
+    larder(&url, &["git", "restore", &upstream_url, &s(&d("c"))], None).ok();
+    assert_eq!(git_in(&d("c"), &["rev-parse", "HEAD"]), new_tip);
+    assert_eq!(
+        git.bytes_served(),
+        served_before,
+        "the upstream was not asked"
+    );
+    clone_of(&upstream_url, &d("clone2"));
+    assert_like_a_clone(&d("c"), &d("clone2"), &upstream_url);
+
+    // A branch and a tag by name.
+    larder(
+        &url,
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            &s(&d("f")),
+            "--ref",
+            "feature/a",
+        ],
+        None,
+    )
+    .ok();
+    assert_eq!(
+        git_in(&d("f"), &["rev-parse", "--abbrev-ref", "HEAD"]),
+        "feature/a"
+    );
+    assert_eq!(
+        git_in(&d("f"), &["rev-parse", "--abbrev-ref", "HEAD@{upstream}"]),
+        "origin/feature/a"
+    );
+    assert_eq!(
+        git_in(&d("f"), &["rev-parse", "HEAD"]),
+        git_in(&bare, &["rev-parse", "feature/a"])
+    );
+    larder(
+        &url,
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            &s(&d("t")),
+            "--ref",
+            "v1.0",
+        ],
+        None,
+    )
+    .ok();
+    assert_eq!(
+        git_in(&d("t"), &["rev-parse", "HEAD"]),
+        git_in(&bare, &["rev-parse", "v1.0^{commit}"])
+    );
+    assert_eq!(git_in(&d("t"), &["status", "--porcelain"]), "");
+
+    // An existing directory is refused without --force and replaced with it.
+    larder(&url, &["git", "restore", &upstream_url, &s(&d("c"))], None).fails(1, "already exists");
+    larder(
+        &url,
+        &["git", "restore", &upstream_url, &s(&d("c")), "--force"],
+        None,
+    )
+    .ok();
+    assert_eq!(git_in(&d("c"), &["status", "--porcelain"]), "");
+}
+
+#[test]
+fn git_clone_falls_back_to_the_upstream_when_the_cache_cannot_help() {
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let upstream_url = git.url("app.git");
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("repo");
+    // No larderd at all: the clone still succeeds, from the upstream.
+    let run = larder(
+        "http://127.0.0.1:9",
+        &[
+            "git",
+            "clone",
+            &upstream_url,
+            dest.to_str().unwrap(),
+            "--json",
+        ],
+        None,
+    )
+    .ok();
+    assert_eq!(run.json()["source"], "clone");
+    assert!(run.stderr.contains("cloning"), "{}", run.stderr);
+    clone_of(&upstream_url, &out.path().join("clone"));
+    assert_like_a_clone(&dest, &out.path().join("clone"), &upstream_url);
+
+    // A larderd without a snapshot yet: `restore` says so (exit 2), `clone` clones.
+    let srv = Larderd::start(&["--git-allow", ALLOW_LOOPBACK, "--git-interval", "1h"]);
+    let r = larder(
+        &srv.url(),
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            out.path().join("r").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let tip = git_in(
+        &root.path().join("app.git"),
+        &["rev-parse", "v0.1^{commit}"],
+    );
+    let run = larder(
+        &srv.url(),
+        &[
+            "git",
+            "clone",
+            &upstream_url,
+            out.path().join("c").to_str().unwrap(),
+            "--commit",
+            &tip,
+            "--json",
+        ],
+        None,
+    )
+    .ok();
+    assert_eq!(run.json()["source"], "clone");
+    assert_eq!(git_in(&out.path().join("c"), &["rev-parse", "HEAD"]), tip);
+}
+
+/// Stores `archive` as the snapshot of `commit` of `upstream` and a head record naming it,
+/// through the object API (anyone with write access to the namespace could).
+fn plant_snapshot(srv: &Larderd, upstream: &str, commit: &str, archive: &[u8]) {
+    let up = larder_git::Upstream::parse(upstream).unwrap();
+    let key = up.snapshot_key(&larder_git::CommitId::parse(commit).unwrap());
+    let put = larder(&srv.url(), &["put", "git", key.as_str()], Some(archive)).ok();
+    let etag = put.stdout_text().trim().trim_matches('"').to_string();
+    let record = serde_json::json!({
+        "version": 1,
+        "commit": commit,
+        "ref": "refs/heads/main",
+        "snapshot_key": key.as_str(),
+        "etag": etag,
+        "size": archive.len(),
+        "observed_at": 1_700_000_000u64,
+        "created_at": 1_700_000_000u64,
+    });
+    let body = serde_json::to_vec(&record).unwrap();
+    larder(
+        &srv.url(),
+        &["put", "git", up.head_key().as_str()],
+        Some(&body),
+    )
+    .ok();
+}
+
+/// A one-commit working repository at `dir` with a file and `main` checked out.
+fn small_repo(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    git_in(dir, &["init", "-q", "-b", "main"]);
+    std::fs::write(dir.join("README"), "hello\n").unwrap();
+    git_in(dir, &["add", "README"]);
+    git_in(
+        dir,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            "one",
+        ],
+    );
+    git_in(dir, &["rev-parse", "HEAD"])
+}
+
+fn archive_of(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    larder_git::snapshot::write_archive(dir, &mut out, &larder_git::SnapshotOptions::default())
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_hostile_snapshot_is_neutralised_or_refused() {
+    // The upstream does not exist: the server's own generator fails and never overwrites what
+    // the test plants, while the allow-list admits the names.
+    let srv = Larderd::start(&[
+        "--git-allow",
+        "http://127.0.0.1:1/*",
+        "--git-interval",
+        "1h",
+    ]);
+    let url = srv.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("ran");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+
+    // Hooks, fsmonitor, a hooks path, filters, aliases and alternates in the snapshot's .git.
+    let evil = tmp.path().join("evil");
+    let commit = small_repo(&evil);
+    let run_marker = format!("touch {}", marker.display());
+    let hook = evil.join(".git/hooks/post-checkout");
+    std::fs::write(&hook, format!("#!/bin/sh\n{run_marker}\n")).unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for (k, v) in [
+        ("core.fsmonitor", run_marker.as_str()),
+        ("core.hooksPath", ".git/hooks"),
+        ("filter.x.clean", run_marker.as_str()),
+        ("filter.x.smudge", run_marker.as_str()),
+        ("core.sshCommand", run_marker.as_str()),
+    ] {
+        git_in(&evil, &["config", k, v]);
+    }
+    std::fs::write(evil.join(".git/info/attributes"), "* filter=x\n").unwrap();
+    std::fs::write(
+        evil.join(".git/objects/info/alternates"),
+        "/nonexistent/objects\n",
+    )
+    .unwrap();
+    std::fs::write(evil.join(".git/commondir"), "/tmp\n").unwrap();
+    let upstream = "http://127.0.0.1:1/evil.git";
+    plant_snapshot(&srv, upstream, &commit, &archive_of(&evil));
+    let dest = out.join("evil");
+    larder(
+        &url,
+        &["git", "restore", upstream, dest.to_str().unwrap()],
+        None,
+    )
+    .ok();
+    assert!(!marker.exists(), "no program of the snapshot ran");
+    assert_eq!(git_in(&dest, &["status", "--porcelain"]), "");
+    assert!(
+        !marker.exists(),
+        "no program of the snapshot runs later either"
+    );
+    let config = std::fs::read_to_string(dest.join(".git/config")).unwrap();
+    for bad in ["fsmonitor", "hooksPath", "filter", "sshCommand"] {
+        assert!(!config.contains(bad), "{bad} survived: {config}");
+    }
+    assert_eq!(git_in(&dest, &["remote", "get-url", "origin"]), upstream);
+    for gone in [
+        "hooks",
+        "commondir",
+        "objects/info/alternates",
+        "info/attributes",
+    ] {
+        assert!(
+            !dest.join(".git").join(gone).exists(),
+            ".git/{gone} survived"
+        );
+    }
+
+    // A working tree that differs from its commit, or has extra files, is refused.
+    let tampered = tmp.path().join("tampered");
+    let commit = small_repo(&tampered);
+    std::fs::write(tampered.join("README"), "changed\n").unwrap();
+    plant_snapshot(
+        &srv,
+        "http://127.0.0.1:1/tampered.git",
+        &commit,
+        &archive_of(&tampered),
+    );
+    let dest = out.join("tampered");
+    larder(
+        &url,
+        &[
+            "git",
+            "restore",
+            "http://127.0.0.1:1/tampered.git",
+            dest.to_str().unwrap(),
+        ],
+        None,
+    )
+    .fails(1, "differs from the commit");
+    assert!(!dest.exists(), "nothing placed");
+    let extra = tmp.path().join("extra");
+    let commit = small_repo(&extra);
+    std::fs::create_dir_all(extra.join(".cargo")).unwrap();
+    std::fs::write(
+        extra.join(".cargo/config.toml"),
+        "[build]\nrustc-wrapper = \"evil\"\n",
+    )
+    .unwrap();
+    plant_snapshot(
+        &srv,
+        "http://127.0.0.1:1/extra.git",
+        &commit,
+        &archive_of(&extra),
+    );
+    larder(
+        &url,
+        &[
+            "git",
+            "restore",
+            "http://127.0.0.1:1/extra.git",
+            out.join("extra").to_str().unwrap(),
+        ],
+        None,
+    )
+    .fails(1, "is not in the commit");
+
+    // A symlink inside .git is refused (it could point git at any directory).
+    let linked = tmp.path().join("linked");
+    let commit = small_repo(&linked);
+    symlink("/tmp", linked.join(".git/refs/tags/elsewhere")).unwrap();
+    plant_snapshot(
+        &srv,
+        "http://127.0.0.1:1/linked.git",
+        &commit,
+        &archive_of(&linked),
+    );
+    larder(
+        &url,
+        &[
+            "git",
+            "restore",
+            "http://127.0.0.1:1/linked.git",
+            out.join("linked").to_str().unwrap(),
+        ],
+        None,
+    )
+    .fails(1, "symlink");
+
+    // `..` entries and writes through a symlink that leaves the tree never land outside.
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let target = outside.to_str().unwrap();
+    for (name, entries) in [
+        (
+            "dotdot",
+            vec![Entry::Dir("."), Entry::File("../escaped", b"x")],
+        ),
+        (
+            "through",
+            vec![
+                Entry::Dir("."),
+                Entry::Symlink("out", target),
+                Entry::File("out/pwned", b"x"),
+            ],
+        ),
+    ] {
+        let upstream = format!("http://127.0.0.1:1/{name}.git");
+        plant_snapshot(&srv, &upstream, &"ab".repeat(20), &raw_archive(&entries));
+        let dest = out.join(name);
+        let run = larder(
+            &url,
+            &["git", "restore", &upstream, dest.to_str().unwrap()],
+            None,
+        );
+        assert_eq!(run.code, 1, "{name}: {}", run.stderr);
+        assert!(!dest.exists(), "{name}: nothing placed");
+    }
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside"
+    );
+    assert!(!out.join("escaped").exists() && !tmp.path().join("escaped").exists());
+}
