@@ -590,3 +590,88 @@ fn a_hostile_snapshot_is_neutralised_or_refused() {
     );
     assert!(!out.join("escaped").exists() && !tmp.path().join("escaped").exists());
 }
+
+/// Every object file (pack or loose object) under `dir`.
+fn objects_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let in_objects = path.components().any(|c| c.as_os_str() == "objects");
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if path.is_dir() {
+            found.extend(objects_under(&path));
+        } else if in_objects && (name.ends_with(".pack") || name.len() == 38) {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_corrupt_mirror_is_never_published_and_restores_stay_clones() {
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let upstream_url = git.url("app.git");
+    let bare = root.path().join("app.git");
+    let mirrors = root.path().join("mirrors");
+    let srv = Larderd::start(&[
+        "--git-allow",
+        ALLOW_LOOPBACK,
+        "--git-interval",
+        "1s",
+        "--git-mirror-dir",
+        mirrors.to_str().unwrap(),
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    restore_when_ready(
+        &srv.url(),
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            out.path().join("first").to_str().unwrap(),
+        ],
+    )
+    .ok();
+
+    // Damage every object of the mirror in the middle (objects the next snapshot needs), then
+    // move the upstream on so that a new snapshot is due.
+    let objects = objects_under(&mirrors);
+    assert!(
+        !objects.is_empty(),
+        "the mirror has objects under {}",
+        mirrors.display()
+    );
+    for object in &objects {
+        let mut data = std::fs::read(object).unwrap();
+        let (middle, len) = (data.len() / 2, data.len());
+        for b in &mut data[middle..middle + 4096.min(len.saturating_sub(middle + 20))] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(object, data).unwrap();
+    }
+    let new_tip = append_commits(&bare, "main", 1);
+    wait_for_head(&srv, &git, "app.git", &new_tip);
+    let dest = out.path().join("second");
+    larder(
+        &srv.url(),
+        &["git", "restore", &upstream_url, dest.to_str().unwrap()],
+        None,
+    )
+    .ok();
+    assert_eq!(git_in(&dest, &["rev-parse", "HEAD"]), new_tip);
+    clone_of(&upstream_url, &out.path().join("clone"));
+    assert_like_a_clone(&dest, &out.path().join("clone"), &upstream_url);
+    let metrics = http_get(&format!("{}/metrics", srv.url())).unwrap().1;
+    let noticed = [
+        "larder_git_rounds_failed_total",
+        "larder_git_mirrors_rebuilt_total",
+    ]
+    .iter()
+    .map(|m| larder_testkit::metric(&metrics, m).unwrap_or(0.0))
+    .sum::<f64>();
+    assert!(
+        noticed >= 1.0,
+        "the damage was noticed (a failed round or a rebuilt mirror)"
+    );
+}

@@ -309,6 +309,9 @@ impl GitService {
         }
         let mirror = slot.as_mut().expect("opened above");
         let fetched = mirror.fetch().await?;
+        if fetched.rebuilt {
+            metrics::counter!("larder_git_mirrors_rebuilt_total").increment(1);
+        }
         let tip = fetched.tip.clone();
         let current = self.read_head(ns, upstream).await?;
         let snapshot_key = upstream.snapshot_key(&tip);
@@ -348,6 +351,7 @@ impl GitService {
                             e.downcast_ref::<larder_git::SnapshotError>(),
                             Some(larder_git::SnapshotError::Git(_))
                         ) {
+                            metrics::counter!("larder_git_mirrors_rebuilt_total").increment(1);
                             mirror.discard().await?;
                         }
                         return Err(e);
