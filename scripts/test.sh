@@ -54,10 +54,13 @@ fi
 
 cargo test --locked --workspace "$@"
 
-# The git features must work with every git a CI machine may have: run the git crate's tests
-# again with the system's git when it is another version than the one first on PATH.
+# The git features must work with every git a CI machine may have: run the git tests (the
+# library, the server's generator and the client's restore) again with the system's git when it
+# is another version than the one first on PATH.
 other_git=/usr/bin/git
 if [ $# -eq 0 ] && [ -x "$other_git" ] && [ "$("$other_git" --version)" != "$(git --version)" ]; then
-  echo "== larder-git again with $("$other_git" --version)"
+  echo "== git tests again with $("$other_git" --version)"
   LARDER_GIT=$other_git cargo test --locked -p larder-git
+  LARDER_GIT=$other_git cargo test --locked -p larderd --test git
+  LARDER_GIT=$other_git cargo test --locked -p larder-client --test git
 fi
