@@ -32,7 +32,7 @@ pub use error::Error;
 pub use git::{GitHead, GitRestoreOptions, GitRestoreSummary};
 pub use larder_proto::{ETag, Key, Namespace};
 pub use output::{FileSink, Sink, WriterSink};
-pub use progress::Progress;
+pub use progress::{Progress, ProgressView, Unit};
 pub use put::{Precondition, PutOptions, PutResult};
 pub use restore::{Prepare, RestoreOptions, RestoreSummary};
 pub use save::{SaveOptions, SaveSummary};

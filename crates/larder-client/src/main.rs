@@ -11,6 +11,8 @@
 //! arguments would let the later occurrence replace the earlier, so the subcommands get their
 //! own `--url` (added in [`command`]) and the two lists are joined after parsing.
 
+mod terminal;
+
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand};
 use larder_client::{
@@ -418,7 +420,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
     .load()?;
     // A bar only for a person watching; notes (restarts, skipped files) unless --quiet.
-    let progress = Progress::stderr(!quiet && std::io::stderr().is_terminal(), !quiet);
+    let progress = terminal::stderr(!quiet && std::io::stderr().is_terminal(), !quiet);
     // Validate every argument before connecting, so a bad name never reaches the network.
     match cli.command {
         Command::Put {

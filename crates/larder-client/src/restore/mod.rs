@@ -4,7 +4,7 @@
 //! Why staging: a CI job that restores a cache and then builds must never see half a tree, nor a
 //! tree from a corrupt or tampered archive. The archive is extracted beside the target (same file
 //! system, so the final step is a rename), the download's digest is verified, the file system is
-//! synced (one `syncfs`, no per-file `fsync`; writeback is started early, see [`EarlySync`];
+//! synced (one `syncfs`, no per-file `fsync`; writeback is started early, see `writers::EarlySync`;
 //! skipped with `--no-sync`), and only then is the staging directory renamed into place — with
 //! `renameat2(RENAME_NOREPLACE)` so a target that appeared meanwhile is not silently replaced, or
 //! with `RENAME_EXCHANGE` under `--force`, which swaps old and new in one step (there is no
@@ -13,7 +13,7 @@
 //!
 //! Why stream: the archive is as big as the cache, and writing it to a temporary file first
 //! would double the disk traffic and the time. The download engine hands over bytes in order
-//! (see `download.rs`), a bounded channel carries them to the extraction thread, and the
+//! (see `download/`), a bounded channel carries them to the extraction thread, and the
 //! extraction runs while later chunks are still arriving.
 //!
 //! Why so suspicious: an archive is input from whoever could write the key. Entries with an
@@ -28,7 +28,6 @@
 //! (an archive appended to) ends as its last entry says, whatever the kinds, as with GNU tar:
 //! a later entry replaces a file, a link or an empty directory, and a non-empty directory is
 //! refused rather than deleted.
-
 //!
 //! Files: this one holds the API and the sink that feeds the extraction thread; `unpack.rs` the
 //! checked tar extraction; `writers.rs` the threads that write small files and start writeback
