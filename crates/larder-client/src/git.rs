@@ -6,7 +6,7 @@
 //! `Larder-Namespace` header says where the snapshot lives), restore the snapshot it names with
 //! the ordinary pinned, verified, parallel restore, and — in the restore's staging directory,
 //! before anything is visible at the target — make the tree safe and current (see
-//! [`prepare_checkout`]). The target then appears in one rename, as with `larder restore`.
+//! `prepare_checkout`). The target then appears in one rename, as with `larder restore`.
 //!
 //! **A snapshot is untrusted input.** Whoever can write the repository's namespace can write its
 //! snapshot, so nothing in it may make git run a program or write outside the target:
