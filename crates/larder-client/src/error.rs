@@ -225,10 +225,38 @@ pub(crate) fn causes(e: &reqwest::Error) -> String {
     }
 }
 
-/// A certificate the client does not trust looks like any other connect failure to reqwest;
-/// rustls names it in the error text ("invalid peer certificate: UnknownIssuer").
+/// A certificate the client does not trust looks like any other connect failure to reqwest; the
+/// rustls error that says so sits in the source chain, wrapped in `io::Error`s (whose own
+/// `source()` skips the error they wrap, so those are unwrapped with `get_ref`).
 pub(crate) fn is_certificate_error(e: &reqwest::Error) -> bool {
-    e.is_connect() && innermost_cause(e).contains("certificate")
+    fn about_certificates(e: &rustls::Error) -> bool {
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::InvalidCertRevocationList(_)
+        )
+    }
+    if !e.is_connect() {
+        return false;
+    }
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<rustls::Error>()
+            .is_some_and(about_certificates)
+        {
+            return true;
+        }
+        next = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// The deepest cause, usually the OS error ("Connection refused (os error 111)") or the TLS

@@ -18,7 +18,7 @@ mod tier;
 pub mod tiered;
 
 pub use disk::{DiskConfig, DiskTier, Spool, StagedRevision};
-pub use error::{ErrorKind, TierError};
+pub use error::{ErrorKind, Fault, TierError};
 pub use s3::{ConditionalPut, ReapReport, S3Config, S3Tier};
 pub use tier::{
     BodyStream, CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions,

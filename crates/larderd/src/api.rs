@@ -894,8 +894,15 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
 
 fn tier_error(e: TierError) -> Response<Body> {
     let status = StatusCode::from_u16(e.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if status.is_server_error() {
-        tracing::error!(kind = e.kind.label(), error = %e, "request failed");
+    // Logged once, here, with every cause; the client gets the one-line message only.
+    match e.fault() {
+        larder_tier::Fault::Server => {
+            tracing::error!(kind = e.kind.label(), error = %e.chain(), "request failed")
+        }
+        larder_tier::Fault::Dependency => {
+            tracing::warn!(kind = e.kind.label(), error = %e.chain(), "request failed: a dependency failed")
+        }
+        larder_tier::Fault::Client => {}
     }
     let mut r = text(status, e.message.clone());
     if e.kind == ErrorKind::PreconditionFailed

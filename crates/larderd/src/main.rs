@@ -165,7 +165,7 @@ fn spawn_reaper(s3: S3Tier, grace: std::time::Duration, interval: std::time::Dur
                 Err(e) => {
                     ::metrics::counter!("larder_s3_reaper_passes_total", "result" => "failed")
                         .increment(1);
-                    tracing::warn!(error = %e, "S3 reaper pass failed");
+                    tracing::warn!(error = %e.chain(), "S3 reaper pass failed");
                 }
             }
         }

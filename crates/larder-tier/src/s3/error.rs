@@ -39,20 +39,19 @@ pub(crate) fn is_missing_bucket(err: &object_store::Error) -> bool {
     matches!(err, object_store::Error::NotFound { .. }) && err.to_string().contains("NoSuchBucket")
 }
 
-/// A client-safe one-line error for an unexpected S3 failure during `what`.
-pub(crate) fn s3_error(what: &str, err: &object_store::Error) -> TierError {
-    let kind = kind_of(err);
-    tracing::warn!(error = %err, kind = kind.label(), "S3 {what} failed");
+/// A client-safe one-line error for an unexpected S3 failure during `what`; the S3 error itself
+/// stays the source, and whoever gives up on the request logs the whole chain once.
+pub(crate) fn s3_error(what: &str, err: object_store::Error) -> TierError {
+    let kind = kind_of(&err);
     let reason = match kind {
         ErrorKind::Unavailable => "S3 is unreachable or timed out",
         _ => "S3 answered with an error",
     };
-    TierError::new(kind, format!("{reason} ({what}): {}", one_line(err)))
+    TierError::new(kind, format!("{reason} ({what}): {}", one_line(&err))).with_source(err)
 }
 
 /// An S3 operation that did not finish within the tier's own deadline.
 pub(crate) fn timed_out(what: &str) -> TierError {
-    tracing::warn!("S3 {what} timed out");
     TierError::new(
         ErrorKind::Unavailable,
         format!("S3 is unreachable or timed out ({what}): no answer in time"),

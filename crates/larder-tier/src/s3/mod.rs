@@ -214,7 +214,7 @@ impl S3Tier {
                     .await
             }
         };
-        let unexpected = |e: object_store::Error| Err(s3_error("conditional PUT probe", &e));
+        let unexpected = |e: object_store::Error| Err(s3_error("conditional PUT probe", e));
         let verdict = async {
             match put("1", PutMode::Create).await? {
                 Ok(_) => {}
@@ -416,17 +416,17 @@ impl Inner {
                 ErrorKind::Upstream,
                 "S3 answered a reference read without an ETag",
             )),
-            Err(e) if error::is_missing_bucket(&e) => Err(s3_error("reference read", &e)),
+            Err(e) if error::is_missing_bucket(&e) => Err(s3_error("reference read", e)),
             // The one place where an S3 404 is an answer: there is no such key.
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(s3_error("reference read", &e)),
+            Err(e) => Err(s3_error("reference read", e)),
         }
     }
 
     async fn delete_object(&self, path: &Path, what: &str) -> Result<(), TierError> {
         match self.small(what, self.store.delete(path)).await? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(s3_error(what, &e)),
+            Err(e) => Err(s3_error(what, e)),
         }
     }
 
@@ -490,7 +490,7 @@ impl Inner {
             .list(Some(&prefix))
             .try_collect()
             .await
-            .map_err(|e| s3_error("list", &e))
+            .map_err(|e| s3_error("list", e))
     }
 
     /// Every reference object under the prefix with its content (`None` if it vanished between
@@ -620,7 +620,7 @@ impl Inner {
                 other => {
                     // The PUT may or may not have landed: look once before reporting failure.
                     let failure = match other {
-                        Ok(Err(e)) => s3_error("reference write", &e),
+                        Ok(Err(e)) => s3_error("reference write", e),
                         Err(e) => e,
                         Ok(Ok(_)) => unreachable!("handled above"),
                     };
@@ -838,8 +838,9 @@ impl Tier for S3Tier {
         {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
-                let err = s3_error("readiness check", &e);
-                Err(TierError::new(ErrorKind::Unavailable, err.message))
+                let err = s3_error("readiness check", e);
+                let message = err.message.clone();
+                Err(TierError::new(ErrorKind::Unavailable, message).with_source(err))
             }
             Err(e) => Err(e),
         }

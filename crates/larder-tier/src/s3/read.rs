@@ -55,7 +55,7 @@ impl BodyReader {
                 .map_err(|e| match e {
                     object_store::Error::NotFound { .. }
                     | object_store::Error::Precondition { .. } => OpenError::Missing(vanished(&e)),
-                    e => OpenError::Failed(s3_error("body read", &e)),
+                    e => OpenError::Failed(s3_error("body read", e)),
                 })?;
         let first_task = spawn_part(collect_part(result, first.clone()));
         // `buffered` counts the first, already running part among those in flight.
@@ -92,7 +92,7 @@ impl BodyReader {
                     // stream ends with an error and the server aborts the connection.
                     object_store::Error::NotFound { .. }
                     | object_store::Error::Precondition { .. } => vanished(&e),
-                    e => s3_error("body read", &e),
+                    e => s3_error("body read", e),
                 })?;
         collect_part(result, range).await
     }
@@ -116,10 +116,7 @@ async fn collect_part(result: GetResult, range: Range<u64>) -> Result<Bytes, Tie
             ),
         ));
     }
-    let bytes = result
-        .bytes()
-        .await
-        .map_err(|e| s3_error("body read", &e))?;
+    let bytes = result.bytes().await.map_err(|e| s3_error("body read", e))?;
     if bytes.len() as u64 != range.end - range.start {
         // Never let a short part through: the response would end cleanly with missing bytes.
         return Err(TierError::new(

@@ -96,7 +96,7 @@ impl Uploader<'_> {
             hasher.update(&chunk);
             if let Some(mp) = multipart.as_mut() {
                 if let Err(e) = mp.writer().wait_for_capacity(self.concurrency).await {
-                    failure = Some(s3_error("body part upload", &e));
+                    failure = Some(s3_error("body part upload", e));
                     break;
                 }
                 mp.writer().put(chunk);
@@ -114,7 +114,7 @@ impl Uploader<'_> {
                         multipart = Some(Multipart(Some(w)));
                     }
                     Err(e) => {
-                        failure = Some(s3_error("multipart upload start", &e));
+                        failure = Some(s3_error("multipart upload start", e));
                         break;
                     }
                 }
@@ -132,14 +132,14 @@ impl Uploader<'_> {
                 let payload: PutPayload = pending.into_iter().collect();
                 // A fresh, unique name: a retried PUT can only write the same bytes again.
                 let put = self.store.put(self.path, payload).await;
-                put.map_err(|e| s3_error("body upload", &e))?.e_tag
+                put.map_err(|e| s3_error("body upload", e))?.e_tag
             }
             Some(mut mp) => {
                 let w = mp.0.take().expect("multipart upload present");
                 let result = w
                     .finish()
                     .await
-                    .map_err(|e| s3_error("multipart upload", &e))?;
+                    .map_err(|e| s3_error("multipart upload", e))?;
                 self.check_multipart(result.e_tag, size).await?
             }
         };
@@ -163,7 +163,7 @@ impl Uploader<'_> {
         let head = tokio::time::timeout(self.metadata_timeout, self.store.head(self.path))
             .await
             .map_err(|_| timed_out("body check"))?
-            .map_err(|e| s3_error("body check", &e))?;
+            .map_err(|e| s3_error("body check", e))?;
         if head.size != size {
             return Err(TierError::new(
                 ErrorKind::Upstream,

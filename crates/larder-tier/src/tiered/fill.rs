@@ -127,7 +127,7 @@ impl<L: CacheTier> Owner<L> {
         };
         metrics::counter!("larder_fills_total", "result" => label).increment(1);
         match ended {
-            Ended::Failed(e) => tracing::warn!(error = %e, "fill abandoned"),
+            Ended::Failed(e) => tracing::warn!(error = %e.chain(), "fill abandoned"),
             _ => tracing::debug!(result = label, "fill ended"),
         }
     }
@@ -242,7 +242,7 @@ pub(super) fn follow_or_fall_back(
                     st.fell_back = true;
                     metrics::counter!("larder_fill_follower_fallbacks_total").increment(1);
                     tracing::warn!(
-                        ns = %st.id.0, key = %st.id.1, error = %e,
+                        ns = %st.id.0, key = %st.id.1, error = %e.chain(),
                         "the fill this read follows failed; continuing from the remote tier"
                     );
                     let rest = ByteRange {

@@ -147,7 +147,7 @@ impl<L: CacheTier> Inner<L> {
             Ok(_) => None,
             Err(e) if e.kind == ErrorKind::NotFound => None,
             Err(e) => {
-                tracing::warn!(%ns, %key, error = %e, "local tier failed; reading the remote tier");
+                tracing::warn!(%ns, %key, error = %e.chain(), "local tier failed; reading the remote tier");
                 None
             }
         }
@@ -203,7 +203,7 @@ impl<L: CacheTier> Inner<L> {
                     }
                     Err(e) if e.kind == ErrorKind::NotFound => {}
                     Err(e) => {
-                        tracing::warn!(ns = %id.0, key = %id.1, error = %e, "cannot follow the fill")
+                        tracing::warn!(ns = %id.0, key = %id.1, error = %e.chain(), "cannot follow the fill")
                     }
                 }
             }
@@ -370,7 +370,7 @@ impl<L: CacheTier> Tier for TieredTier<L> {
         };
         if let Err(e) = committed {
             if e.kind != ErrorKind::PreconditionFailed {
-                tracing::warn!(%ns, %key, error = %e, "local copy not stored; dropping any older one");
+                tracing::warn!(%ns, %key, error = %e.chain(), "local copy not stored; dropping any older one");
             }
             let _ = inner.local.delete(ns, key).await;
         }
