@@ -983,6 +983,17 @@ async fn a_full_bundle_replaces_the_chain_and_the_old_bundles_go_after_the_grace
         counter(&http, &srv, "larder_git_bundles_removed_total").await,
         2.0
     );
+    // Bundle files are removed from the scratch directory once uploaded.
+    let files = walk(&srv.data_dir.join("git-mirrors"));
+    assert!(
+        files.iter().any(|p| p.ends_with("mirror.git/HEAD")),
+        "{files:?}"
+    );
+    let leftovers: Vec<_> = files
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "bundle"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     assert_eq!(
         counter(
             &http,
@@ -992,6 +1003,20 @@ async fn a_full_bundle_replaces_the_chain_and_the_old_bundles_go_after_the_grace
         .await,
         2.0
     );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 /// Adds one commit to `main` of the bare repository `repo` that adds `path` with `data`;
@@ -1134,6 +1159,34 @@ async fn the_bundle_list_is_refused_like_the_head_record() {
                 .await
                 .unwrap();
             assert_eq!(r.status(), StatusCode::FORBIDDEN);
+            // A stock clone passes the token as the README says: an extra header scoped to
+            // larder's URL (the upstream never sees it).
+            for bin in ["/usr/bin/git", "git"] {
+                let dest = dir.path().join(format!("clone-{}", bin.len()));
+                let out = git_with(Path::new(bin))
+                    .arg("-c")
+                    .arg(format!(
+                        "http.{}/.extraHeader=Authorization: Bearer {READER}",
+                        srv.url()
+                    ))
+                    .args(["clone", "-q"])
+                    .arg(format!("--bundle-uri={list}"))
+                    .arg(git.url("app.git"))
+                    .arg(&dest)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert_eq!(git_in(&dest, &["rev-parse", "HEAD"]), tip);
+                assert!(
+                    git_in(&dest, &["for-each-ref", "refs/bundles/"])
+                        .contains("refs/bundles/larder/"),
+                    "{bin}: the bundles were read with the token"
+                );
+            }
             break;
         }
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
