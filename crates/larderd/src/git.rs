@@ -427,8 +427,10 @@ impl GitService {
         // is from a process that died mid-way.
         let scratch = dir.join("bundles");
         remove_dir(&scratch, &upstream.url()).await;
-        // A token whose bundle key was found taken without the chain moving: a leftover
-        // (e.g. of a chain that expired and restarted its tokens), skipped on the next attempt.
+        // The token of a bundle key found taken: the next attempt hands out a higher one. When
+        // the key is another replica's new bundle, the chain read again has moved past it
+        // anyway; when it is a leftover (of a chain that expired and restarted its tokens),
+        // this keeps it from blocking the chain for good.
         let mut taken_token = 0;
         for _ in 0..BUNDLE_CAS_ATTEMPTS {
             let (mut chain, precondition) =
