@@ -80,12 +80,47 @@ pub struct BundleChain {
     pub bundles: Vec<Bundle>,
     /// The last token handed out (kept across a new full bundle).
     pub last_token: u64,
+    /// Bundles a new full bundle replaced: no longer listed, but a client that read the list
+    /// just before may still be downloading them, so their owner deletes them only after a
+    /// grace period. (Absent in chains written before it existed.)
+    #[serde(default)]
+    pub retired: Vec<RetiredBundle>,
 }
+
+/// A bundle that left the chain, and when (unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredBundle {
+    pub id: String,
+    pub since: u64,
+}
+
+/// A new full bundle is made once the chain holds this many increments: a clone applies every
+/// bundle of the list one after the other (each one a download and an index-pack), so a long
+/// chain costs clients more than the one larger full bundle that replaces it.
+pub const MAX_INCREMENTS: usize = 8;
+
+/// …or once the increments together are larger than this fraction (1/N) of the full bundle:
+/// increments repeat objects that later commits replaced (old versions of often-changed files)
+/// which a fresh full bundle, holding only what is reachable now, leaves out.
+pub const INCREMENTS_FRACTION_OF_FULL: u64 = 2;
 
 /// Deadline of one `git bundle create`.
 pub const DEFAULT_BUNDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 impl BundleChain {
+    /// Whether the next bundle should be a full one that restarts the chain (see
+    /// [`MAX_INCREMENTS`] and [`INCREMENTS_FRACTION_OF_FULL`]); an empty chain always starts
+    /// with one.
+    pub fn wants_full(&self) -> bool {
+        let Some(full) = self.bundles.first() else {
+            return true;
+        };
+        let increments = &self.bundles[1..];
+        let increments_size: u64 = increments.iter().map(|b| b.size).sum();
+        increments.len() >= MAX_INCREMENTS
+            || increments_size > full.size / INCREMENTS_FRACTION_OF_FULL
+    }
+
     /// Every tip the chain carries.
     fn covered(&self) -> BTreeSet<CommitId> {
         self.bundles
@@ -95,8 +130,8 @@ impl BundleChain {
     }
 
     /// Makes the next bundle from the mirror's branches into `dir` and adds it to the chain: a
-    /// full bundle when `full` is asked or the chain is empty (the chain then restarts with it),
-    /// else an increment with the branch tips the chain does not carry yet. `None` when there
+    /// full bundle when `full` is asked or the chain is empty (the chain then restarts with it,
+    /// and the bundles it replaces are recorded in `retired`), else an increment with the branch tips the chain does not carry yet. `None` when there
     /// is nothing new.
     pub async fn extend(
         &mut self,
@@ -195,7 +230,14 @@ impl BundleChain {
             size,
         };
         if full {
-            self.bundles.clear();
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.retired.extend(
+                self.bundles
+                    .drain(..)
+                    .map(|b| RetiredBundle { id: b.id, since }),
+            );
         }
         self.bundles.push(bundle.clone());
         self.last_token = token;
@@ -291,6 +333,7 @@ mod tests {
         let chain = BundleChain {
             bundles: vec![bundle("full-3", 3), bundle("inc-4", 4)],
             last_token: 4,
+            ..BundleChain::default()
         };
         let list = chain
             .render_list(|b| {
@@ -311,10 +354,42 @@ mod tests {
     }
 
     #[test]
+    fn a_long_or_heavy_chain_of_increments_wants_a_new_full_bundle() {
+        let sized = |id: &str, token: u64, size: u64| Bundle {
+            size,
+            ..bundle(id, token)
+        };
+        assert!(BundleChain::default().wants_full(), "an empty chain starts");
+        let mut chain = BundleChain {
+            bundles: vec![sized("full-1", 1, 1000)],
+            last_token: 1,
+            ..BundleChain::default()
+        };
+        for t in 2..2 + MAX_INCREMENTS as u64 {
+            assert!(
+                !chain.wants_full(),
+                "{} increments",
+                chain.bundles.len() - 1
+            );
+            chain.bundles.push(sized(&format!("inc-{t}"), t, 10));
+        }
+        assert!(chain.wants_full(), "{MAX_INCREMENTS} increments");
+        chain.bundles.truncate(2);
+        chain.bundles[1].size = 500;
+        assert!(!chain.wants_full(), "exactly half the full bundle");
+        chain.bundles[1].size = 501;
+        assert!(chain.wants_full(), "more than half the full bundle");
+        // Chains stored before `retired` existed still read.
+        let old: BundleChain = serde_json::from_str(r#"{"bundles":[],"last_token":3}"#).unwrap();
+        assert!(old.retired.is_empty() && old.last_token == 3);
+    }
+
+    #[test]
     fn relative_or_unsafe_uris_are_refused() {
         let chain = BundleChain {
             bundles: vec![bundle("full-1", 1)],
             last_token: 1,
+            ..BundleChain::default()
         };
         assert!(matches!(
             chain.render_list(|b| b.file_name()),

@@ -22,7 +22,7 @@ pub mod mirror;
 pub mod snapshot;
 pub mod upstream;
 
-pub use bundles::{Bundle, BundleChain, BundleError};
+pub use bundles::{Bundle, BundleChain, BundleError, RetiredBundle};
 pub use command::{Git, GitError};
 pub use head::{Decision, HeadRecord, Lineage};
 pub use mirror::{Fetched, Mirror, MirrorError, MirrorOptions};

@@ -126,6 +126,31 @@ async fn a_stock_clone_takes_its_objects_from_the_bundles_and_a_fetch_only_the_n
         git_in(&c2, &["for-each-ref", "refs/bundles/"]).contains("refs/bundles/larder/inc-2/main")
     );
 
+    // A new full bundle restarts the chain with the next token and retires what it replaces
+    // (deleted later by the server, after its grace period).
+    let mut restarted = chain.clone();
+    let (refull, _) = restarted
+        .extend(
+            &mirror,
+            &tmp.path().join("refull"),
+            true,
+            DEFAULT_BUNDLE_TIMEOUT,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(refull.full);
+    assert_eq!(refull.creation_token, inc.creation_token + 1);
+    assert_eq!(restarted.bundles, vec![refull]);
+    assert_eq!(
+        restarted
+            .retired
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect::<Vec<_>>(),
+        [full.id.as_str(), inc.id.as_str()]
+    );
+
     // git ≥ 2.42 remembers the list and, on fetch, downloads only bundles newer than it saw.
     if git_version() < (2, 42) {
         println!(

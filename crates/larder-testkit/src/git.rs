@@ -35,7 +35,13 @@ pub fn git_bin() -> PathBuf {
 /// A `git` command with the binary under test, isolated from the machine's and the user's git
 /// configuration so that a developer's settings cannot change what a test sees.
 pub fn git() -> Command {
-    let mut cmd = Command::new(git_bin());
+    git_with(&git_bin())
+}
+
+/// Like [`git`], with the binary `bin` (e.g. `/usr/bin/git` beside the one on `PATH`, to run a
+/// check with both git versions).
+pub fn git_with(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_TERMINAL_PROMPT", "0")

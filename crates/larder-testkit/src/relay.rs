@@ -15,6 +15,8 @@ pub struct TcpRelay {
     pub addr: String,
     upstream: String,
     bytes_per_sec: Option<u64>,
+    /// Whether client→upstream bytes are paced too (uploads to S3), sharing the one rate.
+    pace_uploads: bool,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -22,6 +24,20 @@ impl TcpRelay {
     /// Starts relaying to `upstream` (`host:port`); with `bytes_per_sec`, upstream→client bytes
     /// of all connections together flow at that rate at most.
     pub async fn start(upstream: &str, bytes_per_sec: Option<u64>) -> TcpRelay {
+        TcpRelay::start_paced(upstream, bytes_per_sec, false).await
+    }
+
+    /// Like [`TcpRelay::start`], with bytes in both directions sharing the rate: uploads to S3
+    /// take seconds too (a generator's snapshot upload can be interrupted mid-way).
+    pub async fn start_both_ways(upstream: &str, bytes_per_sec: u64) -> TcpRelay {
+        TcpRelay::start_paced(upstream, Some(bytes_per_sec), true).await
+    }
+
+    async fn start_paced(
+        upstream: &str,
+        bytes_per_sec: Option<u64>,
+        pace_uploads: bool,
+    ) -> TcpRelay {
         // The first listener is kept, not probed and dropped: another test binding port 0 at
         // the same moment could take the port in between.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -30,6 +46,7 @@ impl TcpRelay {
             addr,
             upstream: upstream.to_string(),
             bytes_per_sec,
+            pace_uploads,
             task: None,
         };
         relay.serve(listener);
@@ -50,6 +67,7 @@ impl TcpRelay {
     fn serve(&mut self, listener: TcpListener) {
         let upstream = self.upstream.clone();
         let pace = self.bytes_per_sec.map(|rate| Arc::new(Pacer::new(rate)));
+        let pace_uploads = self.pace_uploads;
         self.task = Some(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -72,18 +90,9 @@ impl TcpRelay {
                         Some(pace) => {
                             let (mut client_rx, mut client_tx) = client.into_split();
                             let (mut server_rx, mut server_tx) = server.into_split();
-                            let up = tokio::io::copy(&mut client_rx, &mut server_tx);
-                            let down = async {
-                                let mut buf = vec![0u8; 16 * 1024];
-                                loop {
-                                    let n = server_rx.read(&mut buf).await?;
-                                    if n == 0 {
-                                        return client_tx.shutdown().await;
-                                    }
-                                    pace.take(n).await;
-                                    client_tx.write_all(&buf[..n]).await?;
-                                }
-                            };
+                            let up_pace = pace_uploads.then(|| pace.clone());
+                            let up = paced_copy(&mut client_rx, &mut server_tx, up_pace);
+                            let down = paced_copy(&mut server_rx, &mut client_tx, Some(pace));
                             let _ = tokio::join!(up, down);
                         }
                     }
@@ -103,6 +112,26 @@ impl TcpRelay {
 impl Drop for TcpRelay {
     fn drop(&mut self) {
         self.off();
+    }
+}
+
+/// Copies `rx` to `tx` until the end, each chunk waiting for its slot of `pace` (if any), then
+/// shuts `tx` down.
+async fn paced_copy(
+    rx: &mut tokio::net::tcp::OwnedReadHalf,
+    tx: &mut tokio::net::tcp::OwnedWriteHalf,
+    pace: Option<Arc<Pacer>>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = rx.read(&mut buf).await?;
+        if n == 0 {
+            return tx.shutdown().await;
+        }
+        if let Some(pace) = &pace {
+            pace.take(n).await;
+        }
+        tx.write_all(&buf[..n]).await?;
     }
 }
 

@@ -110,6 +110,7 @@ const OBJECT_PREFIX: &str = "/api/v1/object/";
 const GIT_PREFIX: &str = "/api/v1/git/";
 /// Names the namespace of a repository's snapshots in answers of the head route.
 const GIT_NAMESPACE_HEADER: HeaderName = HeaderName::from_static("larder-namespace");
+const GIT_BUNDLES_LIST: &str = "/bundles.list";
 /// How long a client waits before asking again for a head record that is being generated.
 const GIT_RETRY_AFTER: &str = "5";
 const OBJECT_METHODS: &str = "GET, HEAD, PUT, POST, DELETE";
@@ -281,6 +282,9 @@ fn route_name(path: &str) -> &'static str {
     if path.starts_with(GIT_PREFIX) && path.ends_with("/head") {
         return "git_head";
     }
+    if path.starts_with(GIT_PREFIX) && path.ends_with(GIT_BUNDLES_LIST) {
+        return "git_bundles_list";
+    }
     match path {
         "/_liveness" => "liveness",
         "/_readiness" => "readiness",
@@ -306,6 +310,10 @@ async fn route(
         "git_head" => {
             let route = &path[GIT_PREFIX.len()..path.len() - "/head".len()];
             return git_head(state, route, req, log).await;
+        }
+        "git_bundles_list" => {
+            let route = &path[GIT_PREFIX.len()..path.len() - GIT_BUNDLES_LIST.len()];
+            return git_bundles_list(state, route, req, log).await;
         }
         "unknown" => return text(StatusCode::NOT_FOUND, format!("no route for {path}")),
         _ => {}
@@ -440,6 +448,49 @@ async fn object(
     }
 }
 
+/// The steps every git route shares: the method, the feature, the route resolved to an
+/// upstream and its namespace (allow-list), the read scope on that namespace, and the
+/// registration of the repository with the generator. `Err` is the answer to give instead
+/// (boxed: a response is large, and this is the cold path).
+fn git_repository(
+    state: &Arc<State>,
+    route: &str,
+    req: &Req,
+    log: &mut RequestLog,
+) -> Result<(Arc<crate::git::GitService>, larder_git::Upstream, Namespace), Box<Response<Body>>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(Box::new(method_not_allowed(READ_METHODS)));
+    }
+    let Some(git) = &state.git else {
+        return Err(Box::new(text(
+            StatusCode::NOT_FOUND,
+            "git snapshots are not enabled (no --git-allow)",
+        )));
+    };
+    let (upstream, ns) = git
+        .resolve(route)
+        .map_err(|refused| Box::new(text(refused.status, refused.reason)))?;
+    // Access is checked before anything is registered: a caller who may not read the
+    // namespace must not be able to make the server fetch repositories either.
+    match state.auth.authorize(req.headers(), Scope::Read, Some(&ns)) {
+        Ok(caller) => log.token = caller.name().to_string(),
+        Err(d) => return Err(Box::new(denied(d))),
+    }
+    log.ns = Some(ns.clone());
+    git.register(&upstream, &ns);
+    Ok((git.clone(), upstream, ns))
+}
+
+/// A git route's answer for something the generator has not made yet.
+fn git_not_yet(reason: String) -> Response<Body> {
+    let mut response = text(StatusCode::NOT_FOUND, reason);
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(GIT_RETRY_AFTER),
+    );
+    response
+}
+
 /// `GET|HEAD /api/v1/git/{host}/{path}/head`: the repository's head record, served like an
 /// object (ETag, conditional requests) from its namespace. A miss is `404` with `Retry-After`;
 /// every request, hit or miss, marks the repository as asked for, which starts (or keeps)
@@ -450,46 +501,114 @@ async fn git_head(
     req: &mut Req,
     log: &mut RequestLog,
 ) -> Response<Body> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return method_not_allowed(READ_METHODS);
-    }
-    let Some(git) = &state.git else {
-        return text(
-            StatusCode::NOT_FOUND,
-            "git snapshots are not enabled (no --git-allow)",
-        );
-    };
-    let (upstream, ns) = match git.resolve(route) {
+    let (_, upstream, ns) = match git_repository(state, route, req, log) {
         Ok(found) => found,
-        Err(refused) => return text(refused.status, refused.reason),
+        Err(response) => return *response,
     };
-    // Access is checked before anything is registered: a caller who may not read the
-    // namespace must not be able to make the server fetch repositories either.
-    match state.auth.authorize(req.headers(), Scope::Read, Some(&ns)) {
-        Ok(caller) => log.token = caller.name().to_string(),
-        Err(d) => return denied(d),
-    }
     let key = upstream.head_key();
-    log.ns = Some(ns.clone());
     log.key = Some(key.clone());
-    git.register(&upstream, &ns);
     let head = req.method() == Method::HEAD;
     let mut response = get(state, &ns, &key, req.headers(), head, log).await;
     if response.status() == StatusCode::NOT_FOUND {
-        response = text(
-            StatusCode::NOT_FOUND,
-            format!("no snapshot of {upstream} yet; it is being generated, ask again later"),
-        );
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static(GIT_RETRY_AFTER),
-        );
-    } else if let Ok(value) = HeaderValue::from_str(ns.as_str()) {
+        return git_not_yet(format!(
+            "no snapshot of {upstream} yet; it is being generated, ask again later"
+        ));
+    }
+    if let Ok(value) = HeaderValue::from_str(ns.as_str()) {
         // The client reads the snapshot through the object route, so it needs the namespace
         // that the allow-list chose for this repository.
         response.headers_mut().insert(GIT_NAMESPACE_HEADER, value);
     }
     response
+}
+
+/// `GET|HEAD /api/v1/git/{host}/{path}/bundles.list`: the repository's bundle list for `git
+/// clone --bundle-uri`, in git's format, rendered from the bundle chain with absolute URIs of
+/// the bundles in the object API (git 2.39 ignores relative ones). The base of those URIs is
+/// `--git-public-url`, else the scheme larderd serves and the request's host. A repository
+/// with no bundle yet is `404` with `Retry-After`, like the head route.
+async fn git_bundles_list(
+    state: &Arc<State>,
+    route: &str,
+    req: &mut Req,
+    log: &mut RequestLog,
+) -> Response<Body> {
+    let (git, upstream, ns) = match git_repository(state, route, req, log) {
+        Ok(found) => found,
+        Err(response) => return *response,
+    };
+    log.key = Some(upstream.bundle_chain_key());
+    let base = match git.public_url() {
+        Some(url) => url.to_string(),
+        None => {
+            // h2 carries the host as the URI's authority, HTTP/1.1 in the Host header.
+            let host = match req.head.uri.authority() {
+                Some(a) => Some(a.as_str()),
+                None => req
+                    .headers()
+                    .get(header::HOST)
+                    .map(|h| h.to_str().unwrap_or("")),
+            };
+            let Some(host) = host else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "bundles.list needs a Host header to build absolute bundle URIs (or the server's --git-public-url)",
+                );
+            };
+            // Only what a host[:port] can hold, so the URIs cannot be made to say more.
+            if host.is_empty()
+                || !host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "the Host header is not a host[:port]",
+                );
+            }
+            let scheme = if git.tls() { "https" } else { "http" };
+            format!("{scheme}://{host}")
+        }
+    };
+    let list = match git.bundle_list(&ns, &upstream, &base).await {
+        Ok(Some(list)) => list,
+        Ok(None) => {
+            return git_not_yet(format!(
+                "no bundles of {upstream} yet; they are made with its next snapshot, ask again later"
+            ));
+        }
+        Err(e) => {
+            return match e.downcast::<TierError>() {
+                Ok(e) => tier_error(e),
+                Err(e) => {
+                    tracing::warn!(upstream = %upstream, error = %format!("{e:#}"), "cannot render the bundle list");
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot render the bundle list: {e}"),
+                    )
+                }
+            };
+        }
+    };
+    // The list depends on the base URI as well as on the chain: the ETag is of the bytes sent.
+    let etag = larder_proto::ETag::of(list.as_bytes());
+    let len = list.len();
+    let body = if req.method() == Method::HEAD {
+        empty_body()
+    } else {
+        full(list)
+    };
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ETAG, value(&etag.header_value()));
+    // Changes with every new bundle: caches must ask again.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
 }
 
 /// A header value as text. A value that is not visible ASCII becomes `""`: for `If-Match` that

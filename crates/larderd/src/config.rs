@@ -167,6 +167,24 @@ pub struct Cli {
     /// mirror is removed [default: 7d] (TOML: git.idle_after)
     #[arg(long, env = "LARDER_GIT_IDLE_AFTER", value_name = "DURATION")]
     pub git_idle_after: Option<String>,
+
+    /// How long snapshots dropped by --git-keep and bundles replaced by a new full bundle stay
+    /// readable before they are deleted, so downloads in flight finish [default: 10m]
+    /// (TOML: git.grace)
+    #[arg(long, env = "LARDER_GIT_GRACE", value_name = "DURATION")]
+    pub git_grace: Option<String>,
+
+    /// How long a generator's claim on a commit keeps other replicas from building it; a
+    /// generator killed mid-way delays the commit by this much [default: 10m]
+    /// (TOML: git.claim_ttl)
+    #[arg(long, env = "LARDER_GIT_CLAIM_TTL", value_name = "DURATION")]
+    pub git_claim_ttl: Option<String>,
+
+    /// Base URL clients reach larderd at, used for the absolute bundle URIs of bundles.list
+    /// (e.g. https://larder.example.com) [default: the request's Host header]
+    /// (TOML: git.public_url)
+    #[arg(long, env = "LARDER_GIT_PUBLIC_URL", value_name = "URL")]
+    pub git_public_url: Option<String>,
 }
 
 /// The TOML file. Unknown keys are an error, so a typo never silently falls back to a default.
@@ -204,6 +222,9 @@ pub struct GitSection {
     pub keep: Option<usize>,
     pub interval: Option<String>,
     pub idle_after: Option<String>,
+    pub grace: Option<String>,
+    pub claim_ttl: Option<String>,
+    pub public_url: Option<String>,
 }
 
 /// The git snapshot settings, present only when at least one `--git-allow` pattern is given.
@@ -216,8 +237,15 @@ pub struct GitSettings {
     pub keep: usize,
     pub interval: Duration,
     pub idle_after: Duration,
+    /// How long retired snapshots and bundles stay readable.
+    pub grace: Duration,
+    pub claim_ttl: Duration,
+    /// Base of bundle URIs (no trailing `/`); `None`: from the request's Host header.
+    pub public_url: Option<String>,
 }
 
+pub const DEFAULT_GIT_GRACE: Duration = Duration::from_secs(10 * 60);
+pub const DEFAULT_GIT_CLAIM_TTL: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_GIT_INTERVAL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_GIT_KEEP: usize = 3;
 pub const DEFAULT_GIT_IDLE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -556,7 +584,44 @@ fn resolve_git(
             cli.git_idle_after.clone().or(file.idle_after),
             DEFAULT_GIT_IDLE_AFTER,
         )?,
+        grace: duration(
+            "git grace",
+            cli.git_grace.clone().or(file.grace),
+            DEFAULT_GIT_GRACE,
+        )?,
+        claim_ttl: duration(
+            "git claim ttl",
+            cli.git_claim_ttl.clone().or(file.claim_ttl),
+            DEFAULT_GIT_CLAIM_TTL,
+        )?,
+        public_url: cli
+            .git_public_url
+            .clone()
+            .or(file.public_url)
+            .map(|u| public_url(&u))
+            .transpose()?,
     }))
+}
+
+/// Checks a `--git-public-url`: `http` or `https`, a host, nothing git could not take as part
+/// of a bundle URI; returned without a trailing `/`.
+fn public_url(raw: &str) -> anyhow::Result<String> {
+    let url = raw.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("git public url {raw:?} must start with http:// or https://")
+        })?;
+    if rest.is_empty()
+        || rest.starts_with('/')
+        || url
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "\"\\;#?".contains(c))
+    {
+        bail!("git public url {raw:?} must be an absolute URL with a host and no query");
+    }
+    Ok(url.to_string())
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -783,13 +848,30 @@ mod tests {
         assert_eq!(git.mirror_dir, PathBuf::from("/srv/larder/git-mirrors"));
         assert_eq!(git.mirror_limit, Some(20 << 30));
         assert_eq!(git.keep, DEFAULT_GIT_KEEP);
+        assert_eq!(git.grace, DEFAULT_GIT_GRACE);
+        assert_eq!(git.claim_ttl, DEFAULT_GIT_CLAIM_TTL);
+        assert_eq!(git.public_url, None);
+        let toml = format!(
+            "{toml}grace = \"30s\"\nclaim_ttl = \"2m\"\npublic_url = \"https://larder.example:8443/\"\n"
+        );
+        let git = with_file(&toml, Cli::default()).unwrap().git.unwrap();
+        assert_eq!(git.grace, Duration::from_secs(30));
+        assert_eq!(git.claim_ttl, Duration::from_secs(120));
+        assert_eq!(
+            git.public_url.as_deref(),
+            Some("https://larder.example:8443"),
+            "without the trailing slash"
+        );
         let git = with_file(
-            toml,
+            &toml,
             Cli {
                 git_allow: vec!["http://127.0.0.1:*/**".into()],
                 git_mirror_dir: Some("/tmp/m".into()),
                 git_idle_after: Some("1h".into()),
                 git_keep: Some(5),
+                git_grace: Some("1s".into()),
+                git_claim_ttl: Some("3s".into()),
+                git_public_url: Some("http://10.0.0.1".into()),
                 ..Cli::default()
             },
         )
@@ -801,6 +883,9 @@ mod tests {
         assert_eq!(git.idle_after, Duration::from_secs(3600));
         assert_eq!(git.keep, 5);
         assert_eq!(git.interval, Duration::from_secs(60));
+        assert_eq!(git.grace, Duration::from_secs(1));
+        assert_eq!(git.claim_ttl, Duration::from_secs(3));
+        assert_eq!(git.public_url.as_deref(), Some("http://10.0.0.1"));
     }
 
     #[test]
@@ -819,6 +904,22 @@ mod tests {
             (
                 "[git]\nallow = [\"https://x/*\"]\nmirror_limit = \"big\"\n",
                 "git mirror limit",
+            ),
+            (
+                "[git]\nallow = [\"https://x/*\"]\ngrace = \"soon\"\n",
+                "git grace",
+            ),
+            (
+                "[git]\nallow = [\"https://x/*\"]\nclaim_ttl = \"0s\"\n",
+                "git claim ttl: invalid duration \"0s\": must be positive",
+            ),
+            (
+                "[git]\nallow = [\"https://x/*\"]\npublic_url = \"larder.example\"\n",
+                "http:// or https://",
+            ),
+            (
+                "[git]\nallow = [\"https://x/*\"]\npublic_url = \"https://a b\"\n",
+                "absolute URL",
             ),
         ] {
             let e = with_file(toml, Cli::default()).unwrap_err();

@@ -37,18 +37,31 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// How long a claim keeps other replicas from building the same commit. Longer than building
-/// a snapshot of a large repository usually takes; a claim that outlives its generator only
-/// delays the next attempt by this much.
-const CLAIM_TTL: Duration = Duration::from_secs(10 * 60);
-
 /// How many times a head record update is retried when another replica swapped first.
 const HEAD_CAS_ATTEMPTS: usize = 5;
 
-/// `snapshots.json`: the commits whose snapshots are kept, oldest first.
+/// How many times a bundle chain extension starts over after another replica extended the
+/// chain first (each attempt may make a bundle: a few, not many).
+const BUNDLE_CAS_ATTEMPTS: usize = 3;
+
+/// Deadline of one `git bundle create`: as long as a snapshot of a large repository may take.
+const BUNDLE_TIMEOUT: Duration = larder_git::bundles::DEFAULT_BUNDLE_TIMEOUT;
+
+/// `snapshots.json`: the commits whose snapshots are kept, oldest first, and those dropped by
+/// `--git-keep` whose snapshots are deleted once `--git-grace` has passed.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct SnapshotIndex {
     commits: Vec<CommitId>,
+    /// Absent in indexes written before it existed.
+    #[serde(default)]
+    retired: Vec<RetiredSnapshot>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RetiredSnapshot {
+    commit: CommitId,
+    /// Unix seconds when it left `commits`.
+    since: u64,
 }
 
 pub struct GitService {
@@ -58,6 +71,8 @@ pub struct GitService {
     git: larder_git::Git,
     /// TTL of snapshots and head records (`--max-ttl`).
     ttl: Duration,
+    /// Whether larderd serves TLS: the scheme of bundle URIs built from a Host header.
+    tls: bool,
     /// Registered repositories by normalised URL.
     repos: Mutex<HashMap<String, Entry>>,
 }
@@ -81,7 +96,12 @@ pub struct Refused {
 }
 
 impl GitService {
-    pub fn new(settings: GitSettings, tier: Arc<dyn Tier>, ttl: Duration) -> anyhow::Result<Self> {
+    pub fn new(
+        settings: GitSettings,
+        tier: Arc<dyn Tier>,
+        ttl: Duration,
+        tls: bool,
+    ) -> anyhow::Result<Self> {
         let allow = AllowList::new(&settings.allow)?;
         std::fs::create_dir_all(&settings.mirror_dir).map_err(|e| {
             anyhow::anyhow!(
@@ -95,6 +115,7 @@ impl GitService {
             tier,
             git: larder_git::Git::from_env(),
             ttl,
+            tls,
             repos: Mutex::new(HashMap::new()),
         })
     }
@@ -260,7 +281,14 @@ impl GitService {
                 self.enforce_mirror_limit(&url, &dir, limit).await;
             }
             match result {
-                Ok(outcome) => tracing::debug!(upstream = %url, outcome, "git round"),
+                Ok(outcome) => {
+                    tracing::debug!(upstream = %url, outcome, "git round");
+                    // Every round, not only those that moved the head: what was retired must
+                    // go once its grace has passed even if the upstream stopped moving.
+                    if let Err(e) = self.reap(&upstream, &ns).await {
+                        tracing::warn!(upstream = %url, error = %format!("{e:#}"), "cannot remove retired git snapshots or bundles");
+                    }
+                }
                 Err(e) => {
                     metrics::counter!("larder_git_rounds_failed_total").increment(1);
                     // Errors from larder-git are scrubbed of credentials; the URL is normalised
@@ -325,6 +353,7 @@ impl GitService {
                 return Ok("unchanged");
             }
         }
+        let mut claimed = false;
         let (etag, size) = match self.stat(ns, &snapshot_key).await? {
             Some(found) => found,
             None => {
@@ -336,7 +365,10 @@ impl GitService {
                     .generate(ns, upstream, mirror, &tip, &snapshot_key, dir)
                     .await
                 {
-                    Ok(stored) => stored,
+                    Ok(stored) => {
+                        claimed = true;
+                        stored
+                    }
                     Err(e) => {
                         // Release the claim so the next round (here or on another replica)
                         // tries again instead of waiting for it to expire. Should the claim
@@ -369,7 +401,265 @@ impl GitService {
             observed_at: fetched.fetched_at,
             created_at: unix_now(),
         };
-        self.publish(ns, upstream, mirror, record).await
+        let outcome = self.publish(ns, upstream, mirror, record).await?;
+        // The replica that held the claim for the tip also extends the bundle chain, so that
+        // replicas do not race to bundle the same commits; after the head record, so that the
+        // snapshot never waits for a bundle. A failed bundle costs stock-git clones some
+        // upstream traffic, nothing more: it never fails the round.
+        if claimed && let Err(e) = self.extend_bundles(ns, upstream, mirror, dir).await {
+            metrics::counter!("larder_git_bundle_failures_total").increment(1);
+            tracing::warn!(upstream = %upstream, error = %format!("{e:#}"), "git bundle not made");
+        }
+        Ok(outcome)
+    }
+
+    /// Adds a bundle of what is new in the mirror to the repository's chain
+    /// (`bundles/chain.json`): builds it into a scratch directory, uploads it create-only under
+    /// `Upstream::bundle_key`, then replaces the chain by compare-and-swap. When another replica
+    /// wrote first (the bundle's key or the chain), what this attempt uploaded is deleted and
+    /// it starts over from the chain as it is now. A new full bundle retires the bundles it
+    /// replaces; `reap` deletes them after `--git-grace`.
+    async fn extend_bundles(
+        &self,
+        ns: &Namespace,
+        upstream: &Upstream,
+        mirror: &Mirror,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        let key = upstream.bundle_chain_key();
+        // Only this repository's round (holding its mirror) uses it: whatever is left there
+        // is from a process that died mid-way.
+        let scratch = dir.join("bundles");
+        remove_dir(&scratch, &upstream.url()).await;
+        // The token of a bundle key found taken: the next attempt hands out a higher one. When
+        // the key is another replica's new bundle, the chain read again has moved past it
+        // anyway; when it is a leftover (of a chain that expired and restarted its tokens),
+        // this keeps it from blocking the chain for good.
+        let mut taken_token = 0;
+        for _ in 0..BUNDLE_CAS_ATTEMPTS {
+            let (mut chain, precondition) =
+                match self.read_json::<larder_git::BundleChain>(ns, &key).await? {
+                    Some((chain, etag)) => (chain, WritePrecondition::replace_if(&etag)),
+                    None => (
+                        larder_git::BundleChain::default(),
+                        WritePrecondition::create_only(),
+                    ),
+                };
+            chain.last_token = chain.last_token.max(taken_token);
+            let mut full = chain.wants_full();
+            if !full && let Some(first) = chain.bundles.first() {
+                // A chain whose full bundle expired (`--max-ttl`) is useless to a fresh clone:
+                // start it again.
+                full = self
+                    .stat(ns, &upstream.bundle_key(&first.id)?)
+                    .await?
+                    .is_none();
+            }
+            let Some((bundle, path)) = chain.extend(mirror, &scratch, full, BUNDLE_TIMEOUT).await?
+            else {
+                return Ok(());
+            };
+            let bundle_key = upstream.bundle_key(&bundle.id)?;
+            let uploaded = self.upload_bundle(ns, &bundle_key, &path).await;
+            if let Err(e) = tokio::fs::remove_file(&path).await {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a bundle file");
+            }
+            match uploaded {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Another replica made a bundle with this token: its chain is (about to
+                    // be) newer than the one read. Nothing of ours was stored.
+                    taken_token = bundle.creation_token;
+                    self.tier.invalidate(ns, &key).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let data = serde_json::to_vec(&chain)?;
+            match self
+                .put_small(ns, &key, data, precondition, "application/json")
+                .await
+            {
+                Ok(()) => {
+                    let kind = if bundle.full { "full" } else { "incremental" };
+                    metrics::counter!("larder_git_bundles_generated_total", "kind" => kind)
+                        .increment(1);
+                    tracing::info!(
+                        upstream = %upstream, bundle = %bundle.id, size = bundle.size,
+                        "git bundle generated"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Never listed, so nobody can be reading it.
+                    self.delete_quietly(ns, &bundle_key, upstream).await;
+                    if e.kind != ErrorKind::PreconditionFailed {
+                        return Err(e.into());
+                    }
+                    self.tier.invalidate(ns, &key).await?;
+                }
+            }
+        }
+        anyhow::bail!("the bundle chain kept changing under {BUNDLE_CAS_ATTEMPTS} attempts")
+    }
+
+    /// Stores the bundle file at `path` create-only under `key`, streamed from the file.
+    /// `false` when the key exists already.
+    async fn upload_bundle(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        path: &std::path::Path,
+    ) -> anyhow::Result<bool> {
+        let file = tokio::fs::File::open(path).await?;
+        let body: larder_tier::UploadStream =
+            Box::pin(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+        let opts = PutOptions {
+            ttl: self.ttl,
+            precondition: WritePrecondition::create_only(),
+            headers: vec![("content-type".into(), "application/x-git-bundle".into())],
+            ..PutOptions::default()
+        };
+        match self.tier.put(ns, key, body, opts).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == ErrorKind::PreconditionFailed => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete_quietly(&self, ns: &Namespace, key: &Key, upstream: &Upstream) {
+        match self.tier.delete(ns, key).await {
+            Ok(_) => {}
+            Err(e) if e.kind == ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(upstream = %upstream, key = %key, error = %e, "cannot delete"),
+        }
+    }
+
+    /// A small object written in one piece with `precondition`.
+    async fn put_small(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        data: Vec<u8>,
+        precondition: WritePrecondition,
+        content_type: &str,
+    ) -> Result<(), larder_tier::TierError> {
+        let data = bytes::Bytes::from(data);
+        let body: larder_tier::UploadStream =
+            Box::pin(futures_util::stream::once(async move { Ok(data) }));
+        let opts = PutOptions {
+            ttl: self.ttl,
+            precondition,
+            headers: vec![("content-type".into(), content_type.into())],
+            ..PutOptions::default()
+        };
+        self.tier.put(ns, key, body, opts).await.map(|_| ())
+    }
+
+    /// Deletes the snapshots and bundles retired longer than `--git-grace` ago, then drops them
+    /// from `snapshots.json` and `bundles/chain.json` (by compare-and-swap, so replicas doing
+    /// the same agree). Deleting first means a failure leaves them listed for the next round,
+    /// never stored and forgotten.
+    async fn reap(&self, upstream: &Upstream, ns: &Namespace) -> anyhow::Result<()> {
+        let now = unix_now();
+        let grace = self.settings.grace.as_secs();
+        let due = |since: u64| now.saturating_sub(since) >= grace;
+
+        let index_key = upstream.snapshot_index_key();
+        if let Some((index, _)) = self.read_json::<SnapshotIndex>(ns, &index_key).await? {
+            let gone: Vec<CommitId> = index
+                .retired
+                .iter()
+                .filter(|r| due(r.since) && !index.commits.contains(&r.commit))
+                .map(|r| r.commit.clone())
+                .collect();
+            if !gone.is_empty() {
+                for commit in &gone {
+                    match self.tier.delete(ns, &upstream.snapshot_key(commit)).await {
+                        Ok(_) => {
+                            metrics::counter!("larder_git_snapshots_removed_total").increment(1);
+                            tracing::info!(upstream = %upstream, commit = %commit, "old git snapshot removed (--git-keep)");
+                        }
+                        Err(e) if e.kind == ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                self.update_json::<SnapshotIndex>(ns, &index_key, |index| {
+                    let before = index.retired.len();
+                    index.retired.retain(|r| !gone.contains(&r.commit));
+                    index.retired.len() != before
+                })
+                .await?;
+            }
+        }
+
+        let chain_key = upstream.bundle_chain_key();
+        if let Some((chain, _)) = self
+            .read_json::<larder_git::BundleChain>(ns, &chain_key)
+            .await?
+        {
+            let gone: Vec<String> = chain
+                .retired
+                .iter()
+                .filter(|r| due(r.since) && !chain.bundles.iter().any(|b| b.id == r.id))
+                .map(|r| r.id.clone())
+                .collect();
+            if !gone.is_empty() {
+                for id in &gone {
+                    match self.tier.delete(ns, &upstream.bundle_key(id)?).await {
+                        Ok(_) => {
+                            metrics::counter!("larder_git_bundles_removed_total").increment(1);
+                            tracing::info!(upstream = %upstream, bundle = %id, "replaced git bundle removed");
+                        }
+                        Err(e) if e.kind == ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                self.update_json::<larder_git::BundleChain>(ns, &chain_key, |chain| {
+                    let before = chain.retired.len();
+                    chain.retired.retain(|r| !gone.contains(&r.id));
+                    chain.retired.len() != before
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the JSON object at `key` (a default one when there is none), lets `change` edit it
+    /// (`false`: nothing to write) and writes it back by compare-and-swap, starting over when
+    /// another replica wrote first.
+    async fn update_json<T>(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        mut change: impl FnMut(&mut T) -> bool,
+    ) -> anyhow::Result<()>
+    where
+        T: Default + serde::Serialize + serde::de::DeserializeOwned,
+    {
+        for _ in 0..HEAD_CAS_ATTEMPTS {
+            let (mut value, precondition) = match self.read_json::<T>(ns, key).await? {
+                Some((value, etag)) => (value, WritePrecondition::replace_if(&etag)),
+                None => (T::default(), WritePrecondition::create_only()),
+            };
+            if !change(&mut value) {
+                return Ok(());
+            }
+            let data = serde_json::to_vec(&value)?;
+            match self
+                .put_small(ns, key, data, precondition, "application/json")
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind == ErrorKind::PreconditionFailed => {
+                    // The value read may have been a local copy not yet revalidated.
+                    self.tier.invalidate(ns, key).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("{key} kept changing under {HEAD_CAS_ATTEMPTS} attempts")
     }
 
     /// Builds the snapshot of `tip` and stores it create-only under `key`, streaming the
@@ -496,59 +786,70 @@ impl GitService {
     }
 
     /// Adds `commit` to the repository's snapshot index (`snapshots.json`, oldest first) and
-    /// deletes the snapshots beyond the newest `keep`, by compare-and-swap on the index so that
+    /// retires the snapshots beyond the newest `keep`, by compare-and-swap on the index so that
     /// replicas agree on what is kept. Called after the head record moved to `commit`, so the
-    /// snapshot it names is the newest and never deleted. A download in flight of a deleted
-    /// snapshot finishes (the tiers keep bodies being read); a client that resolved the head
-    /// record `keep` moves ago and starts only now gets 404 and asks again.
+    /// snapshot it names is the newest and never retired. A retired snapshot stays readable
+    /// for `--git-grace` (`reap` deletes it then), so a client that resolved the previous head
+    /// record just before it moved still downloads it.
     async fn retain(
         &self,
         ns: &Namespace,
         upstream: &Upstream,
         commit: &CommitId,
     ) -> anyhow::Result<()> {
-        let key = upstream.snapshot_index_key();
-        for _ in 0..HEAD_CAS_ATTEMPTS {
-            let current = self.read_json::<SnapshotIndex>(ns, &key).await?;
-            let (mut index, precondition) = match current {
-                Some((index, etag)) => (index, WritePrecondition::replace_if(&etag)),
-                None => (SnapshotIndex::default(), WritePrecondition::create_only()),
-            };
+        let keep = self.settings.keep;
+        let now = unix_now();
+        self.update_json::<SnapshotIndex>(ns, &upstream.snapshot_index_key(), |index| {
             index.commits.retain(|c| c != commit);
             index.commits.push(commit.clone());
-            let excess = index.commits.len().saturating_sub(self.settings.keep);
-            let dropped: Vec<CommitId> = index.commits.drain(..excess).collect();
-            let data = bytes::Bytes::from(serde_json::to_vec(&index)?);
-            let body: larder_tier::UploadStream =
-                Box::pin(futures_util::stream::once(async move { Ok(data) }));
-            let opts = PutOptions {
-                ttl: self.ttl,
-                precondition,
-                headers: vec![("content-type".into(), "application/json".into())],
-                ..PutOptions::default()
-            };
-            match self.tier.put(ns, &key, body, opts).await {
-                Ok(_) => {
-                    for old in dropped {
-                        match self.tier.delete(ns, &upstream.snapshot_key(&old)).await {
-                            Ok(_) => {
-                                metrics::counter!("larder_git_snapshots_removed_total")
-                                    .increment(1);
-                                tracing::info!(upstream = %upstream, commit = %old, "old git snapshot removed (--git-keep)");
-                            }
-                            Err(e) if e.kind == ErrorKind::NotFound => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                    return Ok(());
-                }
-                Err(e) if e.kind == ErrorKind::PreconditionFailed => {
-                    self.tier.invalidate(ns, &key).await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
+            // Made again after it was retired (it expired and the tip had not moved): current.
+            index.retired.retain(|r| &r.commit != commit);
+            let excess = index.commits.len().saturating_sub(keep);
+            index.retired.extend(
+                index
+                    .commits
+                    .drain(..excess)
+                    .map(|commit| RetiredSnapshot { commit, since: now }),
+            );
+            true
+        })
+        .await
+    }
+
+    /// The repository's bundle list in git's format, each bundle URI absolute under `base`
+    /// (`http(s)://host[:port]`, no trailing `/`); `None` before the first bundle exists.
+    pub async fn bundle_list(
+        &self,
+        ns: &Namespace,
+        upstream: &Upstream,
+        base: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let Some((chain, _)) = self
+            .read_json::<larder_git::BundleChain>(ns, &upstream.bundle_chain_key())
+            .await?
+        else {
+            return Ok(None);
+        };
+        if chain.bundles.is_empty() {
+            return Ok(None);
         }
-        anyhow::bail!("the snapshot index kept changing under {HEAD_CAS_ATTEMPTS} attempts")
+        let list = chain.render_list(|b| match upstream.bundle_key(&b.id) {
+            Ok(key) => format!("{base}/api/v1/object/{ns}/{key}"),
+            // Ids are made by `extend` (`full-N`, `inc-N`) and always valid keys; a stored
+            // chain that says otherwise renders an URI `render_list` refuses.
+            Err(_) => String::new(),
+        })?;
+        Ok(Some(list))
+    }
+
+    /// The configured `--git-public-url`, if any.
+    pub fn public_url(&self) -> Option<&str> {
+        self.settings.public_url.as_deref()
+    }
+
+    /// Whether bundle URIs built from a Host header say `https`.
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// The stored head record and its ETag, if any.
@@ -621,7 +922,7 @@ impl GitService {
         let opts = PutOptions {
             // Never longer than the snapshot lives, or a snapshot that expired could not be
             // made again until the claim did.
-            ttl: CLAIM_TTL.min(self.ttl),
+            ttl: self.settings.claim_ttl.min(self.ttl),
             precondition: WritePrecondition::create_only(),
             ..PutOptions::default()
         };

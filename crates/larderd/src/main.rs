@@ -103,7 +103,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let git = match &config.git {
         None => None,
         Some(settings) => {
-            let service = git::GitService::new(settings.clone(), tier.clone(), config.max_ttl)?;
+            let service = git::GitService::new(
+                settings.clone(),
+                tier.clone(),
+                config.max_ttl,
+                config.tls.is_some(),
+            )?;
             tracing::info!(
                 patterns = ?settings.allow,
                 mirror_dir = %settings.mirror_dir.display(),

@@ -3,7 +3,7 @@
 //! (`GitHttpServer` over a `generated_repo`). Run with `LARDER_GIT=/usr/bin/git` to cover the
 //! older git as well (both the upstream and the generator use it).
 
-use larder_testkit::git::{GitHttpServer, append_commits, generated_repo, git_in};
+use larder_testkit::git::{GitHttpServer, append_commits, generated_repo, git_in, git_with};
 use larder_testkit::{Larderd, etag_of, metric, token_sha256};
 use reqwest::{Client, StatusCode};
 use std::path::Path;
@@ -19,6 +19,94 @@ fn upstream(root: &Path) -> GitHttpServer {
 
 fn head_url(srv: &Larderd, git: &GitHttpServer, name: &str) -> String {
     format!("{}/api/v1/git/{}/{name}/head", srv.url(), git.addr)
+}
+
+fn list_url(srv: &Larderd, git: &GitHttpServer, name: &str) -> String {
+    format!("{}/api/v1/git/{}/{name}/bundles.list", srv.url(), git.addr)
+}
+
+/// The key prefix of `name` on `git` (as `larder_git::Upstream::key_prefix` spells it).
+fn key_prefix(git: &GitHttpServer, name: &str) -> String {
+    let port = git.addr.rsplit(':').next().unwrap();
+    format!("http/127.0.0.1~3a{port}/{name}/~")
+}
+
+/// One `[bundle "<id>"]` of a bundle list.
+#[derive(Debug, Clone, PartialEq)]
+struct Listed {
+    id: String,
+    uri: String,
+    token: u64,
+}
+
+/// The bundles of a list in git's format (as larderd renders it: one key per line).
+fn parse_list(list: &str) -> Vec<Listed> {
+    assert!(
+        list.starts_with("[bundle]\n\tversion = 1\n\tmode = all\n\theuristic = creationToken\n"),
+        "{list}"
+    );
+    let mut out: Vec<Listed> = Vec::new();
+    for line in list.lines() {
+        if let Some(id) = line
+            .strip_prefix("[bundle \"")
+            .and_then(|l| l.strip_suffix("\"]"))
+        {
+            out.push(Listed {
+                id: id.to_string(),
+                uri: String::new(),
+                token: 0,
+            });
+        } else if let Some(uri) = line.strip_prefix("\turi = ") {
+            out.last_mut().unwrap().uri = uri.to_string();
+        } else if let Some(t) = line.strip_prefix("\tcreationToken = ") {
+            out.last_mut().unwrap().token = t.parse().unwrap();
+        }
+    }
+    out
+}
+
+/// Polls the bundles.list route until it answers 200 with a list `accept` takes; checks the
+/// response's headers on the way. Before the first bundle it must be 404 + Retry-After.
+async fn wait_for_list(
+    http: &Client,
+    url: &str,
+    accept: impl Fn(&[Listed]) -> bool,
+) -> Vec<Listed> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Vec::new();
+    loop {
+        let r = http.get(url).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+            let etag = r.headers()["etag"].to_str().unwrap().to_string();
+            let len: usize = r.headers()["content-length"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let body = r.text().await.unwrap();
+            assert_eq!(len, body.len());
+            assert_eq!(
+                etag,
+                etag_of(body.as_bytes()),
+                "the list's ETag is of its bytes"
+            );
+            let listed = parse_list(&body);
+            if accept(&listed) {
+                return listed;
+            }
+            last = listed;
+        } else {
+            assert_eq!(r.status(), StatusCode::NOT_FOUND);
+            assert_eq!(r.headers()["retry-after"], "5");
+            assert!(r.text().await.unwrap().starts_with("no bundles of "));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no acceptable bundle list; the last one: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Polls the head route until it answers 200 with a record naming `commit`.
@@ -396,6 +484,28 @@ async fn replicas_over_one_bucket_generate_each_commit_once() {
         );
     }
     assert_eq!(total, 2.0, "each commit generated once over three replicas");
+    // The claim holder of each commit extends the one bundle chain: a full bundle, then one
+    // increment, over all replicas together.
+    let list = wait_for_list(&http, &list_url(&replicas[0], &git, "app.git"), |l| {
+        l.len() == 2
+    })
+    .await;
+    assert!(
+        list[0].id.starts_with("full-") && list[1].id.starts_with("inc-"),
+        "{list:?}"
+    );
+    let mut bundles = 0.0;
+    for srv in &replicas {
+        for kind in ["full", "incremental"] {
+            let series = format!("larder_git_bundles_generated_total{{kind=\"{kind}\"}}");
+            bundles += counter(&http, srv, &series).await;
+        }
+        assert_eq!(
+            counter(&http, srv, "larder_git_bundle_failures_total").await,
+            0.0
+        );
+    }
+    assert_eq!(bundles, 2.0, "{list:?}");
 }
 
 /// A generator that died after taking its claim (simulated by writing the claim object with a
@@ -490,10 +600,12 @@ async fn mirrors_beyond_the_limit_are_removed_and_fetched_anew() {
     );
 }
 
-/// `--git-keep 2`: once the head record moved on twice, the first snapshot is deleted and the
-/// two newest stay.
+/// `--git-keep 2`: once the head record moved on twice, the first snapshot is retired: still
+/// readable during `--git-grace` (a download that resolved the old head record finishes),
+/// deleted after it; the two newest stay.
 #[tokio::test]
 async fn only_the_newest_snapshots_are_kept() {
+    const GRACE: Duration = Duration::from_secs(5);
     let root = tempfile::tempdir().unwrap();
     let git = upstream(root.path());
     let repo = root.path().join("app.git");
@@ -504,6 +616,8 @@ async fn only_the_newest_snapshots_are_kept() {
         "1s",
         "--git-keep",
         "2",
+        "--git-grace",
+        "5s",
     ]);
     let http = Client::new();
     let url = head_url(&srv, &git, "app.git");
@@ -520,17 +634,41 @@ async fn only_the_newest_snapshots_are_kept() {
         let head = wait_for_head(&http, &url, &tip).await;
         keys.push(head["snapshot_key"].as_str().unwrap().to_string());
     }
+    // The head record was seen to move at most one poll after it moved.
+    let moved = Instant::now();
     let status = |key: String| {
         let http = http.clone();
         let url = srv.object_url("git", &key);
         async move { http.head(url).send().await.unwrap().status() }
     };
-    // The old snapshot goes right after the head record moved, not with it.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Within the grace the retired snapshot is still there, whole.
+    let r = http
+        .get(srv.object_url("git", &keys[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "retired, but within the grace");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(etag, etag_of(&r.bytes().await.unwrap()));
+    assert!(
+        moved.elapsed() < GRACE,
+        "the check above ran within the grace"
+    );
+    assert_eq!(
+        counter(&http, &srv, "larder_git_snapshots_removed_total").await,
+        0.0
+    );
+    // It goes once the grace has passed (at the next round after it).
+    let deadline = Instant::now() + GRACE + Duration::from_secs(15);
     while status(keys[0].clone()).await != StatusCode::NOT_FOUND {
         assert!(Instant::now() < deadline, "the oldest snapshot was kept");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(
+        moved.elapsed() >= GRACE - Duration::from_secs(1),
+        "deleted before the grace was over: {:?}",
+        moved.elapsed()
+    );
     assert_eq!(status(keys[1].clone()).await, StatusCode::OK);
     assert_eq!(status(keys[2].clone()).await, StatusCode::OK);
     assert_eq!(
@@ -575,4 +713,584 @@ async fn a_repository_that_never_fetched_is_not_retried_without_requests() {
         assert!(Instant::now() < deadline, "asking again did not try again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Upstream body bytes for `git clone` with `bin`, with and without `--bundle-uri=<list>`; each
+/// clone is checked (tip, origin, fsck).
+fn clone_bytes(
+    bin: &Path,
+    git: &GitHttpServer,
+    url: &str,
+    list: Option<&str>,
+    dest: &Path,
+    tip: &str,
+) -> u64 {
+    let before = git.bytes_served();
+    let mut cmd = git_with(bin);
+    cmd.args(["clone", "-q"]);
+    if let Some(list) = list {
+        cmd.arg(format!("--bundle-uri={list}"));
+    }
+    let out = cmd.arg(url).arg(dest).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} clone {list:?}: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = git.bytes_served() - before;
+    let run = |args: &[&str]| {
+        let out = git_with(bin).current_dir(dest).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    assert_eq!(run(&["rev-parse", "HEAD"]), tip);
+    assert_eq!(run(&["remote", "get-url", "origin"]), url);
+    run(&["fsck", "--no-progress", "--strict"]);
+    if list.is_some() {
+        assert!(
+            run(&["for-each-ref", "refs/bundles/"]).contains("refs/bundles/larder/"),
+            "{} applied no bundle",
+            bin.display()
+        );
+    }
+    bytes
+}
+
+/// A stock `git clone --bundle-uri=<larder's list> <upstream>` with both gits of the machine
+/// (`/usr/bin/git`, 2.39, and the one first on `PATH`, 2.47) is a correct clone that took
+/// nearly all of its objects from larder; a new upstream commit adds an increment with a
+/// higher creation token, and a clone over full + increment is correct too.
+#[tokio::test]
+async fn a_stock_clone_with_bundle_uri_takes_its_objects_from_larder() {
+    let root = tempfile::tempdir().unwrap();
+    let repo = generated_repo(&root.path().join("app.git"), 40, 30, 400_000);
+    let git = GitHttpServer::start(root.path());
+    let srv = Larderd::start(&["--git-allow", ALLOW_LOOPBACK, "--git-interval", "1s"]);
+    let http = Client::new();
+    let url = head_url(&srv, &git, "app.git");
+    let list_url = list_url(&srv, &git, "app.git");
+    let upstream_url = git.url("app.git");
+    let tip = git_in(&repo, &["rev-parse", "refs/heads/main"]);
+
+    let r = http.get(&list_url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "no bundle yet");
+    assert_eq!(r.headers()["retry-after"], "5");
+    wait_for_head(&http, &url, &tip).await;
+    let listed = wait_for_list(&http, &list_url, |l| !l.is_empty()).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].id.starts_with("full-"), "{listed:?}");
+    let prefix = key_prefix(&git, "app.git");
+    assert_eq!(
+        listed[0].uri,
+        srv.object_url("git", &format!("{prefix}/bundles/{}.bundle", listed[0].id)),
+        "absolute, from the Host header"
+    );
+    // The bundle is a plain object: pinned ranges work on it.
+    let r = http.get(&listed[0].uri).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "application/x-git-bundle");
+    let bundle_etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let bundle = r.bytes().await.unwrap();
+    assert!(bundle.starts_with(b"# v2 git bundle\n") || bundle.starts_with(b"# v3 git bundle\n"));
+    let r = http
+        .get(&listed[0].uri)
+        .header("range", "bytes=0-9")
+        .header("if-match", &bundle_etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.bytes().await.unwrap()[..], &bundle[..10]);
+    // HEAD: the same headers, no body.
+    let r = http.head(&list_url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-length"].to_str().unwrap() != "0");
+    assert!(r.bytes().await.unwrap().is_empty());
+
+    let dests = tempfile::tempdir().unwrap();
+    for (i, bin) in ["/usr/bin/git", "git"].iter().enumerate() {
+        let bin = Path::new(bin);
+        let version = git_with(bin).arg("--version").output().unwrap();
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+        let plain = clone_bytes(
+            bin,
+            &git,
+            &upstream_url,
+            None,
+            &dests.path().join(format!("plain-{i}")),
+            &tip,
+        );
+        let bundled = clone_bytes(
+            bin,
+            &git,
+            &upstream_url,
+            Some(&list_url),
+            &dests.path().join(format!("bundled-{i}")),
+            &tip,
+        );
+        println!(
+            "MEASURED {version}: plain clone {plain} upstream bytes, clone --bundle-uri {bundled} upstream bytes ({:.1} %)",
+            bundled as f64 * 100.0 / plain as f64
+        );
+        assert!(
+            bundled * 10 <= plain,
+            "{version}: --bundle-uri clone took {bundled} bytes from the upstream, plain {plain}"
+        );
+    }
+
+    // The upstream moves on: the next snapshot's round adds an increment.
+    let new_tip = append_commits(&repo, "main", 2);
+    wait_for_head(&http, &url, &new_tip).await;
+    let listed = wait_for_list(&http, &list_url, |l| l.len() == 2).await;
+    assert!(listed[1].id.starts_with("inc-"), "{listed:?}");
+    assert!(listed[1].token > listed[0].token, "{listed:?}");
+    let bundled = clone_bytes(
+        Path::new("git"),
+        &git,
+        &upstream_url,
+        Some(&list_url),
+        &dests.path().join("full-and-increment"),
+        &new_tip,
+    );
+    println!("MEASURED clone --bundle-uri over full + increment: {bundled} upstream bytes");
+    assert_eq!(
+        counter(
+            &http,
+            &srv,
+            "larder_git_bundles_generated_total{kind=\"full\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &http,
+            &srv,
+            "larder_git_bundles_generated_total{kind=\"incremental\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        counter(&http, &srv, "larder_git_bundle_failures_total").await,
+        0.0
+    );
+}
+
+/// Once the increments outweigh half the full bundle, the next round makes a new full bundle
+/// that replaces the chain (with a higher creation token); the replaced bundles stay readable
+/// during `--git-grace` and are deleted after it. Bundle URIs use `--git-public-url`.
+#[tokio::test]
+async fn a_full_bundle_replaces_the_chain_and_the_old_bundles_go_after_the_grace() {
+    const GRACE: Duration = Duration::from_secs(5);
+    let root = tempfile::tempdir().unwrap();
+    let repo = generated_repo(&root.path().join("app.git"), 3, 10, 16 << 10);
+    let git = GitHttpServer::start(root.path());
+    let srv = Larderd::start(&[
+        "--git-allow",
+        ALLOW_LOOPBACK,
+        "--git-interval",
+        "1s",
+        "--git-grace",
+        "5s",
+        "--git-public-url",
+        "https://larder.example:8443/",
+    ]);
+    let http = Client::new();
+    let url = head_url(&srv, &git, "app.git");
+    let list_url = list_url(&srv, &git, "app.git");
+    let prefix = key_prefix(&git, "app.git");
+    let object = |id: &str| srv.object_url("git", &format!("{prefix}/bundles/{id}.bundle"));
+    let tip = git_in(&repo, &["rev-parse", "refs/heads/main"]);
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    wait_for_head(&http, &url, &tip).await;
+    let first = wait_for_list(&http, &list_url, |l| !l.is_empty()).await;
+    assert_eq!(
+        first[0].uri,
+        format!(
+            "https://larder.example:8443/api/v1/object/git/{prefix}/bundles/{}.bundle",
+            first[0].id
+        )
+    );
+    // (The header: reqwest's `content_length()` of a HEAD answer is that of its empty body.)
+    let full_size: u64 = http
+        .head(object(&first[0].id))
+        .send()
+        .await
+        .unwrap()
+        .headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // An increment larger than half the full bundle: an incompressible new file.
+    let big = larder_testkit::pattern(full_size as usize, 7);
+    let tip = commit_file(&repo, "big.bin", &big);
+    wait_for_head(&http, &url, &tip).await;
+    let chain = wait_for_list(&http, &list_url, |l| l.len() == 2).await;
+    assert!(chain[1].id.starts_with("inc-"), "{chain:?}");
+
+    // The next new tip restarts the chain with a full bundle.
+    let tip = append_commits(&repo, "main", 1);
+    wait_for_head(&http, &url, &tip).await;
+    let restarted =
+        wait_for_list(&http, &list_url, |l| l.len() == 1 && l[0].id != first[0].id).await;
+    let replaced_at = Instant::now();
+    assert!(restarted[0].id.starts_with("full-"), "{restarted:?}");
+    assert!(restarted[0].token > chain[1].token, "{restarted:?}");
+    // Within the grace the replaced bundles are still there.
+    for old in &chain {
+        let r = http.get(object(&old.id)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{} within the grace", old.id);
+        let etag = r.headers()["etag"].to_str().unwrap().to_string();
+        assert_eq!(etag, etag_of(&r.bytes().await.unwrap()));
+    }
+    assert!(replaced_at.elapsed() < GRACE, "checked within the grace");
+    // After it they go, and the new full bundle stays.
+    let deadline = Instant::now() + GRACE + Duration::from_secs(15);
+    for old in &chain {
+        while http.head(object(&old.id)).send().await.unwrap().status() != StatusCode::NOT_FOUND {
+            assert!(Instant::now() < deadline, "{} was kept", old.id);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        replaced_at.elapsed() >= GRACE - Duration::from_secs(1),
+        "deleted before the grace was over: {:?}",
+        replaced_at.elapsed()
+    );
+    assert_eq!(
+        http.head(object(&restarted[0].id))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        counter(&http, &srv, "larder_git_bundles_removed_total").await,
+        2.0
+    );
+    // Bundle files are removed from the scratch directory once uploaded.
+    let files = walk(&srv.data_dir.join("git-mirrors"));
+    assert!(
+        files.iter().any(|p| p.ends_with("mirror.git/HEAD")),
+        "{files:?}"
+    );
+    let leftovers: Vec<_> = files
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "bundle"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert_eq!(
+        counter(
+            &http,
+            &srv,
+            "larder_git_bundles_generated_total{kind=\"full\"}"
+        )
+        .await,
+        2.0
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Adds one commit to `main` of the bare repository `repo` that adds `path` with `data`;
+/// returns the new tip.
+fn commit_file(repo: &Path, path: &str, data: &[u8]) -> String {
+    use std::io::Write;
+    let parent = git_in(repo, &["rev-parse", "refs/heads/main"]);
+    let mut s = Vec::new();
+    write!(
+        s,
+        "commit refs/heads/main\ncommitter T <t@larder.invalid> 1800000000 +0000\ndata 4\nbig\nfrom {parent}\nM 100644 inline {path}\ndata {}\n",
+        data.len()
+    )
+    .unwrap();
+    s.extend_from_slice(data);
+    s.extend_from_slice(b"\n\n");
+    let mut child = larder_testkit::git::git()
+        .current_dir(repo)
+        .args(["fast-import", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&s).unwrap();
+    assert!(child.wait().unwrap().success());
+    git_in(repo, &["rev-parse", "refs/heads/main"])
+}
+
+/// bundles.list answers a disabled feature, a refused repository and a caller without read
+/// scope on the repository's namespace exactly as the head route does; a request without any
+/// host to build bundle URIs from is refused with a reason.
+#[tokio::test]
+async fn the_bundle_list_is_refused_like_the_head_record() {
+    const READER: &str = "git-reader-1b2c3d";
+    const OTHER: &str = "ci-reader-4e5f6a";
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let http = Client::new();
+
+    let off = Larderd::start(&[]);
+    let refused = Larderd::start(&["--git-allow", "https://github.com/acme/*"]);
+    for srv in [&off, &refused] {
+        let head = http
+            .get(head_url(srv, &git, "app.git"))
+            .send()
+            .await
+            .unwrap();
+        let list = http
+            .get(list_url(srv, &git, "app.git"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(list.status(), head.status());
+        let (head, list) = (head.text().await.unwrap(), list.text().await.unwrap());
+        assert_eq!(list, head);
+        assert_eq!(list.lines().count(), 1, "{list}");
+    }
+    // Only GET and HEAD.
+    let r = http
+        .post(list_url(&refused, &git, "app.git"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("larder.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[git]\nallow = [\"{ALLOW_LOOPBACK}=git-private\"]\ninterval = \"1s\"\n\
+             [[tokens]]\nname = \"git-reader\"\nsha256 = \"{}\"\nscopes = [\"read\"]\nnamespaces = [\"git-*\"]\n\
+             [[tokens]]\nname = \"ci-reader\"\nsha256 = \"{}\"\nscopes = [\"read\", \"write\"]\nnamespaces = [\"ci-*\"]\n",
+            token_sha256(READER),
+            token_sha256(OTHER)
+        ),
+    )
+    .unwrap();
+    let srv = Larderd::start(&["--config", cfg.to_str().unwrap()]);
+    let list = list_url(&srv, &git, "app.git");
+    assert_eq!(
+        http.get(&list).send().await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        http.get(&list)
+            .bearer_auth(OTHER)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        git.requests(),
+        0,
+        "a caller without access registers nothing"
+    );
+
+    // With access, it registers the repository like the head route does, and without a Host
+    // header (HTTP/1.0) there is nothing to build absolute URIs from.
+    let path = list.trim_start_matches(&srv.url()).to_string();
+    let answer = raw_request(
+        &srv.addr,
+        &format!("GET {path} HTTP/1.0\r\nAuthorization: Bearer {READER}\r\n\r\n"),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.0 400") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("bundles.list needs a Host header to build absolute bundle URIs (or the server's --git-public-url)\n"), "{answer}");
+    let answer = raw_request(
+        &srv.addr,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: a b\r\nAuthorization: Bearer {READER}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(answer.contains(" 400 "), "{answer}");
+    let tip = git_in(
+        &root.path().join("app.git"),
+        &["rev-parse", "refs/heads/main"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = http.get(&list).bearer_auth(READER).send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            let listed = parse_list(&r.text().await.unwrap());
+            // Readable with the same token only, like the snapshot.
+            let r = http
+                .get(&listed[0].uri)
+                .bearer_auth(READER)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let r = http
+                .get(&listed[0].uri)
+                .bearer_auth(OTHER)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::FORBIDDEN);
+            // A stock clone passes the token as the README says: an extra header scoped to
+            // larder's URL (the upstream never sees it).
+            for bin in ["/usr/bin/git", "git"] {
+                let dest = dir.path().join(format!("clone-{}", bin.len()));
+                let out = git_with(Path::new(bin))
+                    .arg("-c")
+                    .arg(format!(
+                        "http.{}/.extraHeader=Authorization: Bearer {READER}",
+                        srv.url()
+                    ))
+                    .args(["clone", "-q"])
+                    .arg(format!("--bundle-uri={list}"))
+                    .arg(git.url("app.git"))
+                    .arg(&dest)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert_eq!(git_in(&dest, &["rev-parse", "HEAD"]), tip);
+                assert!(
+                    git_in(&dest, &["for-each-ref", "refs/bundles/"])
+                        .contains("refs/bundles/larder/"),
+                    "{bin}: the bundles were read with the token"
+                );
+            }
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(Instant::now() < deadline, "no bundle list for {tip}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Sends `request` as it is and returns the whole answer (the server closes the connection).
+fn raw_request(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    answer
+}
+
+/// A real `kill -9` of a generator mid-way: replica A reaches S3 through a slow link, so its
+/// snapshot upload takes seconds; it is killed once its claim exists and before its snapshot
+/// does. Replica B, started afterwards over the same bucket, finds the commit claimed until
+/// the claim expires (`--git-claim-ttl`), then generates it, and the head record names a
+/// readable snapshot. (`a_dead_generators_claim_expires_and_the_commit_is_generated` plants a
+/// claim instead of killing a process.)
+// Multi-threaded: the relay's task must run while the test blocks starting larderd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generator_killed_mid_way_leaves_a_claim_that_expires_and_another_replica_finishes() {
+    use larder_testkit::{TcpRelay, s3};
+    if !s3::available(
+        "a_generator_killed_mid_way_leaves_a_claim_that_expires_and_another_replica_finishes",
+    ) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    // About 12 MiB of snapshot (incompressible): some 20 s over a 512 KiB/s link.
+    let repo = generated_repo(&root.path().join("app.git"), 5, 20, 3 << 20);
+    let git = GitHttpServer::start(root.path());
+    let prefix = s3::unique_prefix("git-kill9");
+    let mut args: Vec<String> = [
+        "--git-allow",
+        ALLOW_LOOPBACK,
+        "--git-interval",
+        "1s",
+        "--git-claim-ttl",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(s3::replica_args(&prefix));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let slow = TcpRelay::start_both_ways(&s3::endpoint_addr(), 512 << 10).await;
+    let mut a = Larderd::start_with_env(&args, &[("AWS_ENDPOINT_URL", &slow.url())]);
+    let http = Client::new();
+    let tip = git_in(&repo, &["rev-parse", "refs/heads/main"]);
+    let keys = key_prefix(&git, "app.git");
+    let claim = format!("{keys}/claims/{tip}");
+    let snapshot = format!("{keys}/snapshots/{tip}.tar.zst");
+    assert_eq!(
+        http.get(head_url(&a, &git, "app.git"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http
+        .head(a.object_url("git", &claim))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != StatusCode::OK
+    {
+        assert!(Instant::now() < deadline, "replica A never claimed {tip}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.kill9();
+    let killed = Instant::now();
+
+    let b = Larderd::start(&args);
+    assert_eq!(
+        http.head(b.object_url("git", &snapshot))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND,
+        "A was killed before its snapshot was stored"
+    );
+    let url = head_url(&b, &git, "app.git");
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let head = wait_for_head(&http, &url, &tip).await;
+    println!(
+        "replica B published {tip} {:?} after A was killed",
+        killed.elapsed()
+    );
+    assert_eq!(generated(&http, &b).await, 1.0, "B generated the commit");
+    assert_eq!(head["snapshot_key"], snapshot.as_str());
+    check_snapshot(&http, &b, &head, &git.url("app.git")).await;
 }
