@@ -171,6 +171,35 @@ impl Downloader {
         opts.check()?;
         let upstream = parse_upstream(url)?;
         let head = self.git_head(&upstream).await?;
+        match self
+            .restore_head(&upstream, url, head.clone(), dir, opts)
+            .await
+        {
+            // The snapshot was deleted between reading the head record and downloading it (a
+            // restore that started longer than `--git-grace` after the record moved on): the
+            // record now names a newer one.
+            Err(e) if e.is_not_found() => {
+                let newer = self.git_head(&upstream).await?;
+                if newer.record.snapshot_key == head.record.snapshot_key {
+                    return Err(e);
+                }
+                self.options()
+                    .progress
+                    .note("the snapshot was replaced while being restored; restoring the new one");
+                self.restore_head(&upstream, url, newer, dir, opts).await
+            }
+            other => other,
+        }
+    }
+
+    async fn restore_head(
+        &self,
+        upstream: &Upstream,
+        url: &str,
+        head: GitHead,
+        dir: &Path,
+        opts: &GitRestoreOptions,
+    ) -> Result<GitRestoreSummary, Error> {
         let record = head.record;
         if record.snapshot_key != upstream.snapshot_key(&record.commit).as_str() {
             return Err(Error::Protocol(format!(

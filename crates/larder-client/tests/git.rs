@@ -675,3 +675,96 @@ fn a_corrupt_mirror_is_never_published_and_restores_stay_clones() {
         "the damage was noticed (a failed round or a rebuilt mirror)"
     );
 }
+
+/// A restore through a relay slow enough that the head record moves on (with `--git-keep 1`, so
+/// the snapshot being restored is retired) before it finishes. Returns the restore's JSON
+/// summary, the commits before and after, and where it restored.
+fn restore_while_the_head_moves(
+    grace: &str,
+) -> (serde_json::Value, String, String, tempfile::TempDir) {
+    let root = tempfile::tempdir().unwrap();
+    // Incompressible files make a snapshot of several MiB, which takes seconds through the
+    // throttled relay below.
+    let bare = root.path().join("big.git");
+    generated_repo(&bare, 4, 10, 3 << 20);
+    let git = GitHttpServer::start(root.path());
+    let upstream_url = git.url("big.git");
+    let srv = Larderd::start(&[
+        "--git-allow",
+        ALLOW_LOOPBACK,
+        "--git-interval",
+        "1s",
+        "--git-keep",
+        "1",
+        "--git-grace",
+        grace,
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    let first = git_in(&bare, &["rev-parse", "main"]);
+    restore_when_ready(
+        &srv.url(),
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            out.path().join("warm").to_str().unwrap(),
+        ],
+    )
+    .ok();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server_addr = srv.url().trim_start_matches("http://").to_string();
+    let relay = rt.block_on(larder_testkit::TcpRelay::start(&server_addr, Some(2 << 20)));
+    let dest = out.path().join("during");
+    let (relay_url, up, d) = (relay.url(), upstream_url.clone(), dest.clone());
+    let restore = std::thread::spawn(move || {
+        let args = [
+            "git",
+            "restore",
+            &up,
+            d.to_str().unwrap(),
+            "--json",
+            "--concurrency",
+            "2",
+            "--chunk-size",
+            "1MiB",
+        ];
+        (larder(&relay_url, &args, None), Instant::now())
+    });
+    let second = append_commits(&bare, "main", 1);
+    wait_for_head(&srv, &git, "big.git", &second);
+    let moved_at = Instant::now();
+    let (run, finished_at) = restore.join().unwrap();
+    let summary = run.ok().json();
+    assert!(
+        moved_at < finished_at,
+        "the head record moved only after the restore finished: the test did not overlap them"
+    );
+    assert_eq!(git_in(&dest, &["status", "--porcelain"]), "");
+    assert_eq!(
+        git_in(&dest, &["rev-parse", "HEAD"]),
+        summary["commit"].as_str().unwrap()
+    );
+    (summary, first, second, out)
+}
+
+#[test]
+fn a_head_record_moving_during_a_restore_changes_nothing_in_it() {
+    let (summary, first, _, _dirs) = restore_while_the_head_moves("5m");
+    assert_eq!(
+        summary["commit"],
+        first.as_str(),
+        "the restore kept the snapshot it started with"
+    );
+}
+
+#[test]
+fn a_snapshot_deleted_during_its_restore_is_replaced_by_the_new_head() {
+    // A grace shorter than the restore: the snapshot goes while it is being downloaded.
+    let (summary, _, second, _dirs) = restore_while_the_head_moves("1s");
+    assert_eq!(
+        summary["commit"],
+        second.as_str(),
+        "the restore went on with the new head"
+    );
+}
