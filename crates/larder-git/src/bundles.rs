@@ -43,7 +43,7 @@ pub enum BundleError {
     RelativeUri(String),
     #[error("bundle URI {0:?} cannot be written into a bundle list")]
     UnsafeUri(String),
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,

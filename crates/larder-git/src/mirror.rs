@@ -37,10 +37,10 @@ const STATE_FILE: &str = "larder-mirror.json";
 pub enum MirrorError {
     /// The upstream did not answer (network, authentication, missing repository); the mirror
     /// was left as it was.
-    #[error("upstream {upstream} did not answer: {source}")]
+    #[error("upstream {upstream} did not answer")]
     Upstream { upstream: String, source: GitError },
     /// The mirror could not be brought up to date even after a rebuild.
-    #[error("mirror of {upstream} could not be fetched cleanly: {source}")]
+    #[error("mirror of {upstream} could not be fetched cleanly")]
     Fetch { upstream: String, source: GitError },
     /// The mirror has not fetched cleanly since it was (re)built, so it answers nothing.
     #[error("mirror of {0} has not fetched cleanly yet")]
@@ -50,7 +50,7 @@ pub enum MirrorError {
     Git(#[from] GitError),
     #[error("{0}")]
     Invalid(String),
-    #[error("mirror directory {path}: {source}")]
+    #[error("mirror directory {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -67,7 +67,7 @@ pub enum SnapshotError {
     /// the clone elsewhere. Never expected; checked because it is cheap.
     #[error("the snapshot's {0} refers to the mirror")]
     RefersToMirror(String),
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
