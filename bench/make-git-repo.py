@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """bench/make-git-repo.py DIR — a large bare git repository for bench/git-restore.sh.
 
-Shaped like the issue's anchor (a real 109 MiB repository with 23,000 commits and 3,072 files):
-COMMITS commits on `main`, each rewriting CHANGED of FILES text files with fresh pseudo-random
-content (so history, not the working tree, makes up most of the pack, as in long-lived
-repositories), plus a few executables, a symlink and tags every 1,000 commits. Deterministic
-(fixed seed and dates), made with `git fast-import` in a few tens of seconds.
+Shaped like the issue's anchor (a real 109 MiB repository with 23,000 commits and 3,072 files)
+and like real source trees (ripgrep's files average 13.7 KB): FILES text files of about
+FILE_BYTES, then COMMITS commits on `main`, each replacing a run of lines (about EDIT_BYTES) in
+CHANGED files with new pseudo-random ones, so that history is made of deltas as in a real
+repository and outweighs the working tree in the pack; plus a few executables, a symlink and
+tags every 1,000 commits. Deterministic (fixed seed and dates), made with `git fast-import`
+and packed with a full delta search (`git repack -adf`), in a few minutes.
 
-Knobs (environment): COMMITS=23000 FILES=3072 CHANGED=2 FILE_BYTES=3000
+Knobs (environment): COMMITS=23000 FILES=3072 CHANGED=2 FILE_BYTES=12000 EDIT_BYTES=1200
 """
 import os
 import random
@@ -20,16 +22,28 @@ def main() -> None:
     commits = int(os.environ.get("COMMITS", "23000"))
     files = int(os.environ.get("FILES", "3072"))
     changed = int(os.environ.get("CHANGED", "2"))
-    size = int(os.environ.get("FILE_BYTES", "3000"))
+    size = int(os.environ.get("FILE_BYTES", "12000"))
+    edit = int(os.environ.get("EDIT_BYTES", "1200"))
     rng = random.Random(42)
     alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _(){};=+-*/"
 
-    def content() -> bytes:
-        # Text-like lines of random tokens: compressible like source code, never delta-able.
-        out = bytearray()
-        while len(out) < size:
-            out += bytes(rng.choice(alphabet) for _ in range(rng.randint(20, 90))) + b"\n"
-        return bytes(out)
+    def lines(n_bytes: int) -> list:
+        # Text-like lines of random tokens: compressible like source code.
+        out, total = [], 0
+        while total < n_bytes:
+            line = bytes(rng.choice(alphabet) for _ in range(rng.randint(20, 90))) + b"\n"
+            out.append(line)
+            total += len(line)
+        return out
+
+    tree = {}
+
+    def edited(i: int) -> bytes:
+        old = tree[i]
+        start = rng.randrange(len(old))
+        new = lines(edit)
+        tree[i] = old[:start] + new + old[start + len(new):]
+        return b"".join(tree[i])
 
     def path(i: int) -> str:
         return f"src/mod{i % 48:02d}/sub{i % 7}/file{i:05d}.rs"
@@ -49,7 +63,8 @@ def main() -> None:
         w.write(b"data %d\n%s\n" % (len(message), message))
         if n == 0:
             for i in range(files):
-                data = content()
+                tree[i] = lines(size)
+                data = b"".join(tree[i])
                 w.write(b"M 644 inline %s\ndata %d\n" % (path(i).encode(), len(data)) + data + b"\n")
             for i in range(4):
                 data = b"#!/bin/sh\necho tool %d\n" % i
@@ -58,8 +73,9 @@ def main() -> None:
             w.write(b"M 120000 inline link-to-first\ndata %d\n%s\n" % (len(target), target))
         else:
             for _ in range(changed):
-                data = content()
-                p = path(rng.randrange(files)).encode()
+                i = rng.randrange(files)
+                data = edited(i)
+                p = path(i).encode()
                 w.write(b"M 644 inline %s\ndata %d\n" % (p, len(data)) + data + b"\n")
         w.write(b"\n")
         if n % 1000 == 999:
@@ -69,7 +85,7 @@ def main() -> None:
     if fi.wait() != 0:
         sys.exit("git fast-import failed")
     # One pack with deltas searched as a real server's would be after gc.
-    subprocess.run(["git", "-C", dest, "repack", "-adq"], check=True)
+    subprocess.run(["git", "-C", dest, "repack", "-adfq"], check=True)
 
 
 if __name__ == "__main__":
