@@ -7,18 +7,21 @@ mod common;
 
 use common::{Entry, Run, larder, raw_archive};
 use larder_testkit::Larderd;
-use larder_testkit::git::{GitHttpServer, append_commits, generated_repo, git, git_in};
+use larder_testkit::git::{
+    GitHttpServer, append_commits, generated_repo, git, git_in, ripgrep_upstream,
+};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const ALLOW_LOOPBACK: &str = "http://127.0.0.1:*/*";
 
-/// An upstream `app.git` (generated history, branches, tags, an executable, symlinks) plus two
-/// symlinks that point outside the working tree, which git stores as data.
+/// An upstream `app.git` (generated history of thousands of commits, two incompressible 1 MiB
+/// files, branches, tags, an executable, symlinks) plus two symlinks that point outside the
+/// working tree, which git stores as data.
 fn upstream(root: &Path) -> GitHttpServer {
     let bare = root.join("app.git");
-    generated_repo(&bare, 6, 30, 64 << 10);
+    generated_repo(&bare, 2000, 200, 1 << 20);
     let work = root.join("work");
     let out = git()
         .args(["clone", "-q"])
@@ -138,7 +141,12 @@ fn assert_like_a_clone(restored: &Path, clone: &Path, url: &str) {
         git_in(clone, &["ls-files", "-s"]),
         "the same index"
     );
-    for link in ["absolute-link", "upward-link"] {
+    let links: Vec<String> = git_in(clone, &["ls-files", "-s"])
+        .lines()
+        .filter(|l| l.starts_with("120000 "))
+        .map(|l| l.split('\t').nth(1).unwrap().to_string())
+        .collect();
+    for link in &links {
         assert_eq!(
             std::fs::read_link(restored.join(link)).unwrap(),
             std::fs::read_link(clone.join(link)).unwrap(),
@@ -200,6 +208,9 @@ fn a_restore_is_a_clone_and_catches_up_only_when_asked_for_more() {
     clone_of(&upstream_url, &d("clone"));
     assert_like_a_clone(&d("a"), &d("clone"), &upstream_url);
     assert_no_hooks(&d("a"));
+    for link in ["absolute-link", "upward-link"] {
+        assert!(d("a").join(link).is_symlink(), "{link} restored");
+    }
 
     // A commit newer than the snapshot: restored from the snapshot, then fetched.
     let served_before = git.bytes_served();
@@ -767,4 +778,33 @@ fn a_snapshot_deleted_during_its_restore_is_replaced_by_the_new_head() {
         second.as_str(),
         "the restore went on with the new head"
     );
+}
+
+#[test]
+fn ripgrep_restored_from_the_cache_is_a_clone() {
+    let name = "ripgrep_restored_from_the_cache_is_a_clone";
+    let root = tempfile::tempdir().unwrap();
+    if ripgrep_upstream(name, &root.path().join("ripgrep.git")).is_none() {
+        return;
+    }
+    let git = GitHttpServer::start(root.path());
+    let upstream_url = git.url("ripgrep.git");
+    let srv = Larderd::start(&["--git-allow", ALLOW_LOOPBACK, "--git-interval", "1h"]);
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("rg");
+    let run = restore_when_ready(
+        &srv.url(),
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            dest.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .ok();
+    assert_eq!(run.json()["fetched_from_upstream"], false);
+    clone_of(&upstream_url, &out.path().join("clone"));
+    assert_like_a_clone(&dest, &out.path().join("clone"), &upstream_url);
+    assert_no_hooks(&dest);
 }
