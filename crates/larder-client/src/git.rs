@@ -670,18 +670,6 @@ struct Git {
     dir: PathBuf,
 }
 
-/// Environment variables that would point git at another repository, index or object store.
-const REPOSITORY_ENV: &[&str] = &[
-    "GIT_DIR",
-    "GIT_WORK_TREE",
-    "GIT_INDEX_FILE",
-    "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-    "GIT_COMMON_DIR",
-    "GIT_NAMESPACE",
-    "GIT_CONFIG",
-];
-
 struct Output {
     status: std::process::ExitStatus,
     stdout: Vec<u8>,
@@ -702,7 +690,7 @@ impl Git {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for var in REPOSITORY_ENV {
+        for var in larder_git::command::REPOSITORY_ENV {
             cmd.env_remove(var);
         }
         cmd

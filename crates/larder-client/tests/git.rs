@@ -8,7 +8,7 @@ mod common;
 use common::{Entry, Run, larder, raw_archive};
 use larder_testkit::Larderd;
 use larder_testkit::git::{
-    GitHttpServer, append_commits, generated_repo, git, git_in, ripgrep_upstream,
+    GitHttpServer, append_commits, generated_repo, git_in, ripgrep_upstream,
 };
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -23,32 +23,19 @@ fn upstream(root: &Path) -> GitHttpServer {
     let bare = root.join("app.git");
     generated_repo(&bare, 2000, 200, 1 << 20);
     let work = root.join("work");
-    let out = git()
-        .args(["clone", "-q"])
-        .arg(&bare)
-        .arg(&work)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    git_in(
+        root,
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
     );
     symlink("/etc/hostname", work.join("absolute-link")).unwrap();
     symlink("../../outside/file", work.join("upward-link")).unwrap();
     git_in(&work, &["add", "-A"]);
-    git_in(
-        &work,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            "links that leave the tree",
-        ],
-    );
+    git_in(&work, &["commit", "-qm", "links that leave the tree"]);
     git_in(&work, &["push", "-q", "origin", "main"]);
     std::fs::remove_dir_all(&work).unwrap();
     GitHttpServer::start(root)
@@ -120,16 +107,8 @@ fn assert_like_a_clone(restored: &Path, clone: &Path, url: &str) {
         "",
         "git status is clean"
     );
-    let fsck = git()
-        .current_dir(restored)
-        .args(["fsck", "--no-progress", "--strict"])
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "git fsck: {}",
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    // Panics with git's message when fsck finds a problem.
+    git_in(restored, &["fsck", "--no-progress", "--strict"]);
     assert_eq!(git_in(restored, &["remote", "get-url", "origin"]), url);
     assert_eq!(refs(restored), refs(clone), "the same refs as a clone");
     assert_eq!(
@@ -164,11 +143,9 @@ fn assert_no_hooks(restored: &Path) {
 }
 
 fn clone_of(url: &str, dest: &Path) {
-    let out = git().args(["clone", "-q", url]).arg(dest).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    git_in(
+        Path::new("."),
+        &["clone", "-q", url, dest.to_str().unwrap()],
     );
 }
 
@@ -401,18 +378,7 @@ fn small_repo(dir: &Path) -> String {
     git_in(dir, &["init", "-q", "-b", "main"]);
     std::fs::write(dir.join("README"), "hello\n").unwrap();
     git_in(dir, &["add", "README"]);
-    git_in(
-        dir,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            "one",
-        ],
-    );
+    git_in(dir, &["commit", "-qm", "one"]);
     git_in(dir, &["rev-parse", "HEAD"])
 }
 
@@ -421,6 +387,21 @@ fn archive_of(dir: &Path) -> Vec<u8> {
     larder_git::snapshot::write_archive(dir, &mut out, &larder_git::SnapshotOptions::default())
         .unwrap();
     out
+}
+
+/// Plants the snapshot of the working repository `tree` (at `commit`) for the upstream
+/// `http://127.0.0.1:1/{name}.git`, `name` being the directory's name, and restores it into
+/// `out/{name}`.
+fn restore_planted(srv: &Larderd, tree: &Path, commit: &str, out: &Path) -> Run {
+    let name = tree.file_name().unwrap().to_str().unwrap();
+    let upstream = format!("http://127.0.0.1:1/{name}.git");
+    plant_snapshot(srv, &upstream, commit, &archive_of(tree));
+    let dest = out.join(name);
+    larder(
+        &srv.url(),
+        &["git", "restore", &upstream, dest.to_str().unwrap()],
+        None,
+    )
 }
 
 #[test]
@@ -463,14 +444,8 @@ fn a_hostile_snapshot_is_neutralised_or_refused() {
     .unwrap();
     std::fs::write(evil.join(".git/commondir"), "/tmp\n").unwrap();
     let upstream = "http://127.0.0.1:1/evil.git";
-    plant_snapshot(&srv, upstream, &commit, &archive_of(&evil));
     let dest = out.join("evil");
-    larder(
-        &url,
-        &["git", "restore", upstream, dest.to_str().unwrap()],
-        None,
-    )
-    .ok();
+    restore_planted(&srv, &evil, &commit, &out).ok();
     assert!(!marker.exists(), "no program of the snapshot ran");
     assert_eq!(git_in(&dest, &["status", "--porcelain"]), "");
     assert!(
@@ -498,72 +473,20 @@ fn a_hostile_snapshot_is_neutralised_or_refused() {
     let tampered = tmp.path().join("tampered");
     let commit = small_repo(&tampered);
     std::fs::write(tampered.join("README"), "changed\n").unwrap();
-    plant_snapshot(
-        &srv,
-        "http://127.0.0.1:1/tampered.git",
-        &commit,
-        &archive_of(&tampered),
-    );
-    let dest = out.join("tampered");
-    larder(
-        &url,
-        &[
-            "git",
-            "restore",
-            "http://127.0.0.1:1/tampered.git",
-            dest.to_str().unwrap(),
-        ],
-        None,
-    )
-    .fails(1, "differs from the commit");
-    assert!(!dest.exists(), "nothing placed");
+    restore_planted(&srv, &tampered, &commit, &out).fails(1, "differs from the commit");
+    assert!(!out.join("tampered").exists(), "nothing placed");
     let extra = tmp.path().join("extra");
     let commit = small_repo(&extra);
     std::fs::create_dir_all(extra.join(".cargo")).unwrap();
-    std::fs::write(
-        extra.join(".cargo/config.toml"),
-        "[build]\nrustc-wrapper = \"evil\"\n",
-    )
-    .unwrap();
-    plant_snapshot(
-        &srv,
-        "http://127.0.0.1:1/extra.git",
-        &commit,
-        &archive_of(&extra),
-    );
-    larder(
-        &url,
-        &[
-            "git",
-            "restore",
-            "http://127.0.0.1:1/extra.git",
-            out.join("extra").to_str().unwrap(),
-        ],
-        None,
-    )
-    .fails(1, "is not in the commit");
+    let wrapper = "[build]\nrustc-wrapper = \"evil\"\n";
+    std::fs::write(extra.join(".cargo/config.toml"), wrapper).unwrap();
+    restore_planted(&srv, &extra, &commit, &out).fails(1, "is not in the commit");
 
     // A symlink inside .git is refused (it could point git at any directory).
     let linked = tmp.path().join("linked");
     let commit = small_repo(&linked);
     symlink("/tmp", linked.join(".git/refs/tags/elsewhere")).unwrap();
-    plant_snapshot(
-        &srv,
-        "http://127.0.0.1:1/linked.git",
-        &commit,
-        &archive_of(&linked),
-    );
-    larder(
-        &url,
-        &[
-            "git",
-            "restore",
-            "http://127.0.0.1:1/linked.git",
-            out.join("linked").to_str().unwrap(),
-        ],
-        None,
-    )
-    .fails(1, "symlink");
+    restore_planted(&srv, &linked, &commit, &out).fails(1, "symlink");
 
     // `..` entries and writes through a symlink that leaves the tree never land outside.
     let outside = tmp.path().join("outside");

@@ -28,9 +28,10 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bytes of stderr kept (the end of it, where git says what went wrong).
 const STDERR_TAIL: usize = 16 * 1024;
 
-/// Inherited variables git must not see: they would point it at another repository, make it
-/// ask someone for a password, or print HTTP headers (credentials) to stderr.
-const REMOVED_ENV: &[&str] = &[
+/// Inherited variables that would point git at another repository, index or object store than
+/// the one a command is run in (a CI job's own `GIT_DIR`, or git's variables when larder runs
+/// inside a hook). The client's git commands drop these too.
+pub const REPOSITORY_ENV: &[&str] = &[
     "GIT_DIR",
     "GIT_WORK_TREE",
     "GIT_INDEX_FILE",
@@ -40,10 +41,11 @@ const REMOVED_ENV: &[&str] = &[
     "GIT_NAMESPACE",
     "GIT_PREFIX",
     "GIT_QUARANTINE_PATH",
-    "GIT_ASKPASS",
-    "SSH_ASKPASS",
-    "GIT_CURL_VERBOSE",
 ];
+
+/// Further inherited variables the server's git must not see: they would make it ask someone
+/// for a password, or print HTTP headers (credentials) to stderr.
+const SERVICE_REMOVED_ENV: &[&str] = &["GIT_ASKPASS", "SSH_ASKPASS", "GIT_CURL_VERBOSE"];
 
 /// A git binary and the defaults its commands run with.
 #[derive(Clone, Debug)]
@@ -219,7 +221,10 @@ impl<'a> GitCommand<'a> {
             .kill_on_drop(true);
         for (k, _) in std::env::vars_os() {
             let name = k.to_string_lossy();
-            if REMOVED_ENV.contains(&&*name) || name.starts_with("GIT_TRACE") {
+            if REPOSITORY_ENV.contains(&&*name)
+                || SERVICE_REMOVED_ENV.contains(&&*name)
+                || name.starts_with("GIT_TRACE")
+            {
                 cmd.env_remove(&k);
             }
         }

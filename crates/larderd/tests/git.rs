@@ -196,6 +196,27 @@ async fn check_snapshot(http: &Client, srv: &Larderd, head: &serde_json::Value, 
     assert_eq!(git_in(&tree, &["remote", "get-url", "origin"]), url);
 }
 
+/// A larderd whose loopback repositories live in the namespace `git-private`, with two tokens:
+/// `reader` may read `git-*`, `other` may read and write `ci-*` only. The directory holding its
+/// configuration goes with the returned guard.
+fn private_namespace_server(reader: &str, other: &str) -> (Larderd, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("larder.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[git]\nallow = [\"{ALLOW_LOOPBACK}=git-private\"]\ninterval = \"1s\"\n\
+             [[tokens]]\nname = \"git-reader\"\nsha256 = \"{}\"\nscopes = [\"read\"]\nnamespaces = [\"git-*\"]\n\
+             [[tokens]]\nname = \"ci-reader\"\nsha256 = \"{}\"\nscopes = [\"read\", \"write\"]\nnamespaces = [\"ci-*\"]\n",
+            token_sha256(reader),
+            token_sha256(other)
+        ),
+    )
+    .unwrap();
+    let srv = Larderd::start(&["--config", cfg.to_str().unwrap()]);
+    (srv, dir)
+}
+
 #[tokio::test]
 async fn snapshots_are_generated_served_and_follow_the_default_branch() {
     let root = tempfile::tempdir().unwrap();
@@ -324,20 +345,7 @@ async fn the_head_route_needs_read_scope_on_the_repositorys_namespace() {
     const OTHER: &str = "ci-reader-4e5f6a";
     let root = tempfile::tempdir().unwrap();
     let git = upstream(root.path());
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("larder.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[git]\nallow = [\"{ALLOW_LOOPBACK}=git-private\"]\ninterval = \"1s\"\n\
-             [[tokens]]\nname = \"git-reader\"\nsha256 = \"{}\"\nscopes = [\"read\"]\nnamespaces = [\"git-*\"]\n\
-             [[tokens]]\nname = \"ci-reader\"\nsha256 = \"{}\"\nscopes = [\"read\", \"write\"]\nnamespaces = [\"ci-*\"]\n",
-            token_sha256(READER),
-            token_sha256(OTHER)
-        ),
-    )
-    .unwrap();
-    let srv = Larderd::start(&["--config", cfg.to_str().unwrap()]);
+    let (srv, _config) = private_namespace_server(READER, OTHER);
     let http = Client::new();
     let url = head_url(&srv, &git, "app.git");
 
@@ -1081,20 +1089,7 @@ async fn the_bundle_list_is_refused_like_the_head_record() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
 
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("larder.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[git]\nallow = [\"{ALLOW_LOOPBACK}=git-private\"]\ninterval = \"1s\"\n\
-             [[tokens]]\nname = \"git-reader\"\nsha256 = \"{}\"\nscopes = [\"read\"]\nnamespaces = [\"git-*\"]\n\
-             [[tokens]]\nname = \"ci-reader\"\nsha256 = \"{}\"\nscopes = [\"read\", \"write\"]\nnamespaces = [\"ci-*\"]\n",
-            token_sha256(READER),
-            token_sha256(OTHER)
-        ),
-    )
-    .unwrap();
-    let srv = Larderd::start(&["--config", cfg.to_str().unwrap()]);
+    let (srv, dir) = private_namespace_server(READER, OTHER);
     let list = list_url(&srv, &git, "app.git");
     assert_eq!(
         http.get(&list).send().await.unwrap().status(),
