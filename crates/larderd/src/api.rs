@@ -9,9 +9,10 @@
 
 use crate::auth::{Auth, Caller, Denied, Scope};
 use crate::config::Limits;
+use crate::io::Pump;
 use crate::metrics::{RequestMetrics, limit_rejected};
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use futures_util::{FutureExt, TryStreamExt};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -110,6 +111,7 @@ const OBJECT_PREFIX: &str = "/api/v1/object/";
 const GIT_PREFIX: &str = "/api/v1/git/";
 /// Names the namespace of a repository's snapshots in answers of the head route.
 const GIT_NAMESPACE_HEADER: HeaderName = HeaderName::from_static("larder-namespace");
+const GIT_HEAD: &str = "/head";
 const GIT_BUNDLES_LIST: &str = "/bundles.list";
 /// How long a client waits before asking again for a head record that is being generated.
 const GIT_RETRY_AFTER: &str = "5";
@@ -146,11 +148,15 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         head,
         body: BodyState::Unread(body),
     };
+    // The route borrows the path from a copy of the URI (a reference count), so that the
+    // handler may still borrow the request mutably.
+    let uri = req.head.uri.clone();
     let (route, mut response) = match oversized_head(&state.limits, req.headers()) {
         Some(refused) => ("unknown", refused),
         None => {
-            let route = route_name(req.head.uri.path());
-            let routed = AssertUnwindSafe(self::route(&state, route, &mut req, &mut log))
+            let parsed = Route::parse(uri.path());
+            let route = parsed.label();
+            let routed = AssertUnwindSafe(self::route(&state, parsed, &mut req, &mut log))
                 .catch_unwind()
                 .instrument(span.clone())
                 .await;
@@ -274,59 +280,108 @@ fn denied(d: Denied) -> Response<Body> {
     }
 }
 
-/// The route of a path: the label of its metrics and access line.
-fn route_name(path: &str) -> &'static str {
-    if path.starts_with(OBJECT_PREFIX) {
-        return "object";
+/// Where a request goes, parsed once from its path; the parameters are still percent-encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route<'a> {
+    /// `/api/v1/object/{ns}/{key}`: namespace and key.
+    Object(&'a str, &'a str),
+    /// `/api/v1/git/{host}/{path}/head`: `{host}/{path}`.
+    GitHead(&'a str),
+    /// `/api/v1/git/{host}/{path}/bundles.list`: `{host}/{path}`.
+    GitBundlesList(&'a str),
+    /// Health, metrics and listings: read-only, no parameters.
+    Service(ServiceRoute),
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceRoute {
+    /// `/_liveness`
+    Liveness,
+    /// `/_readiness`
+    Readiness,
+    /// `/metrics`
+    Metrics,
+    /// `/api/v1/namespaces`
+    Namespaces,
+    /// `/api/v1/stats`
+    Stats,
+}
+
+impl<'a> Route<'a> {
+    fn parse(path: &'a str) -> Route<'a> {
+        if let Some(rest) = path.strip_prefix(OBJECT_PREFIX) {
+            let (ns, key) = rest.split_once('/').unwrap_or((rest, ""));
+            return Route::Object(ns, key);
+        }
+        if let Some(rest) = path.strip_prefix(GIT_PREFIX) {
+            if let Some(repo) = rest.strip_suffix(GIT_HEAD) {
+                return Route::GitHead(repo);
+            }
+            if let Some(repo) = rest.strip_suffix(GIT_BUNDLES_LIST) {
+                return Route::GitBundlesList(repo);
+            }
+        }
+        Route::Service(match path {
+            "/_liveness" => ServiceRoute::Liveness,
+            "/_readiness" => ServiceRoute::Readiness,
+            "/metrics" => ServiceRoute::Metrics,
+            "/api/v1/namespaces" => ServiceRoute::Namespaces,
+            "/api/v1/stats" => ServiceRoute::Stats,
+            _ => return Route::Unknown,
+        })
     }
-    if path.starts_with(GIT_PREFIX) && path.ends_with("/head") {
-        return "git_head";
-    }
-    if path.starts_with(GIT_PREFIX) && path.ends_with(GIT_BUNDLES_LIST) {
-        return "git_bundles_list";
-    }
-    match path {
-        "/_liveness" => "liveness",
-        "/_readiness" => "readiness",
-        "/metrics" => "metrics",
-        "/api/v1/namespaces" => "namespaces",
-        "/api/v1/stats" => "stats",
-        _ => "unknown",
+
+    /// The label of its metrics and access line.
+    fn label(self) -> &'static str {
+        match self {
+            Route::Object(..) => "object",
+            Route::GitHead(_) => "git_head",
+            Route::GitBundlesList(_) => "git_bundles_list",
+            Route::Service(ServiceRoute::Liveness) => "liveness",
+            Route::Service(ServiceRoute::Readiness) => "readiness",
+            Route::Service(ServiceRoute::Metrics) => "metrics",
+            Route::Service(ServiceRoute::Namespaces) => "namespaces",
+            Route::Service(ServiceRoute::Stats) => "stats",
+            Route::Unknown => "unknown",
+        }
     }
 }
 
 async fn route(
     state: &Arc<State>,
-    route: &'static str,
+    route: Route<'_>,
     req: &mut Req,
     log: &mut RequestLog,
 ) -> Response<Body> {
-    let path = req.head.uri.path().to_string();
     match route {
-        "object" => {
-            let rest = &path[OBJECT_PREFIX.len()..];
-            return object(state, req_parts(rest), req, log).await;
-        }
-        "git_head" => {
-            let route = &path[GIT_PREFIX.len()..path.len() - "/head".len()];
-            return git_head(state, route, req, log).await;
-        }
-        "git_bundles_list" => {
-            let route = &path[GIT_PREFIX.len()..path.len() - GIT_BUNDLES_LIST.len()];
-            return git_bundles_list(state, route, req, log).await;
-        }
-        "unknown" => return text(StatusCode::NOT_FOUND, format!("no route for {path}")),
-        _ => {}
+        Route::Object(ns, key) => object(state, (ns, key), req, log).await,
+        Route::GitHead(repo) => git_head(state, repo, req, log).await,
+        Route::GitBundlesList(repo) => git_bundles_list(state, repo, req, log).await,
+        Route::Unknown => text(
+            StatusCode::NOT_FOUND,
+            format!("no route for {}", req.head.uri.path()),
+        ),
+        Route::Service(service_route) => service(state, service_route, req, log).await,
     }
+}
+
+/// The read-only routes: health checks, metrics, namespace list and statistics.
+async fn service(
+    state: &Arc<State>,
+    route: ServiceRoute,
+    req: &mut Req,
+    log: &mut RequestLog,
+) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return method_not_allowed(READ_METHODS);
     }
     // Health checks stay open: load balancers and supervisors carry no tokens.
     let needs = match route {
-        "liveness" | "readiness" => None,
-        "metrics" if state.auth.public_metrics => None,
-        "metrics" | "stats" => Some(Scope::Admin),
-        _ => Some(Scope::Read),
+        ServiceRoute::Liveness | ServiceRoute::Readiness => None,
+        ServiceRoute::Metrics if state.auth.public_metrics => None,
+        ServiceRoute::Metrics | ServiceRoute::Stats => Some(Scope::Admin),
+        ServiceRoute::Namespaces => Some(Scope::Read),
     };
     let caller = match needs {
         None => Caller::Open,
@@ -337,12 +392,12 @@ async fn route(
     };
     log.token = caller.name().to_string();
     match route {
-        "liveness" => text(StatusCode::OK, "ok"),
-        "readiness" => match state.tier.ready().await {
+        ServiceRoute::Liveness => text(StatusCode::OK, "ok"),
+        ServiceRoute::Readiness => match state.tier.ready().await {
             Ok(()) => text(StatusCode::OK, "ready"),
             Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
         },
-        "metrics" => {
+        ServiceRoute::Metrics => {
             let mut r = Response::new(full(state.metrics.render()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -350,7 +405,7 @@ async fn route(
             );
             r
         }
-        "namespaces" => match state.tier.list_namespaces().await {
+        ServiceRoute::Namespaces => match state.tier.list_namespaces().await {
             Ok(mut list) => {
                 // A token sees only the namespaces it may read.
                 list.retain(|usage| {
@@ -361,7 +416,7 @@ async fn route(
             }
             Err(e) => tier_error(e),
         },
-        _ => match state.tier.stats().await {
+        ServiceRoute::Stats => match state.tier.stats().await {
             Ok(tiers) => json_response(
                 StatusCode::OK,
                 &json!({ "uptime_seconds": state.started.elapsed().as_secs(), "tiers": tiers }),
@@ -369,11 +424,6 @@ async fn route(
             Err(e) => tier_error(e),
         },
     }
-}
-
-/// The `{namespace}/{key}` part of an object path, still percent-encoded.
-fn req_parts(rest: &str) -> (&str, &str) {
-    rest.split_once('/').unwrap_or((rest, ""))
 }
 
 fn parse_names(ns: &str, key: &str) -> Result<(Namespace, Key), larder_proto::NameError> {
@@ -739,6 +789,46 @@ fn add_validators(h: &mut HeaderMap, meta: &ObjectMeta) {
     );
 }
 
+/// What a PUT's headers ask for, decided before any byte of the body is read: the TTL
+/// (`Time-To-Live`, capped at `max_ttl`), the headers stored with the object, and the write
+/// precondition. `Err` is the one-line reason for a 400.
+fn put_options(
+    headers: &HeaderMap,
+    max_ttl: Duration,
+    max_object_size: u64,
+) -> Result<PutOptions, String> {
+    let ttl = match headers.get("time-to-live") {
+        None => max_ttl,
+        Some(v) => v
+            .to_str()
+            .map_err(|_| "not text".to_string())
+            .and_then(parse_duration)
+            .map_err(|e| format!("invalid Time-To-Live: {e}"))?
+            .min(max_ttl),
+    };
+    let mut stored = Vec::new();
+    for (name, v) in headers {
+        if is_storable_header(name.as_str()) {
+            let v = v
+                .to_str()
+                .map_err(|_| format!("header {name} is not visible ASCII"))?;
+            stored.push((name.as_str().to_string(), v.to_string()));
+        }
+    }
+    let precondition = WritePrecondition::from_headers(
+        header_text(headers, header::IF_MATCH),
+        header_text(headers, header::IF_NONE_MATCH),
+    );
+    Ok(PutOptions {
+        ttl,
+        precondition,
+        headers: stored,
+        max_size: Some(max_object_size),
+        expect_etag: None,
+        last_modified: None,
+    })
+}
+
 async fn put(state: &State, ns: &Namespace, key: &Key, req: &mut Req) -> Response<Body> {
     let headers = req.headers();
     if let Some(len) = headers
@@ -770,86 +860,18 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: &mut Req) -> Respons
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let ttl = match headers.get("time-to-live") {
-        None => state.max_ttl,
-        Some(v) => match v
-            .to_str()
-            .map_err(|_| "not text".to_string())
-            .and_then(parse_duration)
-        {
-            Ok(ttl) => ttl.min(state.max_ttl),
-            Err(e) => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!("invalid Time-To-Live: {e}"),
-                );
-            }
-        },
-    };
-    let mut stored = Vec::new();
-    for (name, v) in headers {
-        if is_storable_header(name.as_str()) {
-            match v.to_str() {
-                Ok(v) => stored.push((name.as_str().to_string(), v.to_string())),
-                Err(_) => {
-                    return text(
-                        StatusCode::BAD_REQUEST,
-                        format!("header {name} is not visible ASCII"),
-                    );
-                }
-            }
-        }
-    }
-    let precondition = WritePrecondition::from_headers(
-        header_text(headers, header::IF_MATCH),
-        header_text(headers, header::IF_NONE_MATCH),
-    );
-    let opts = PutOptions {
-        ttl,
-        precondition,
-        headers: stored,
-        max_size: Some(state.max_object_size),
-        expect_etag: None,
-        last_modified: None,
+    let opts = match put_options(headers, state.max_ttl, state.max_object_size) {
+        Ok(opts) => opts,
+        Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
     // The body is pumped through a channel rather than handed to the tier, so that when the tier
     // refuses it half-way (disk full, too large, a precondition checked first) the handler still
     // owns the connection's body and can give the remainder back to `handle` to drain: the
     // client then reads the 4xx/5xx instead of a reset.
     let mut incoming = req.take_body();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let upload = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })
-    .boxed();
+    let (tx, upload) = crate::io::upload_channel();
     let idle = state.limits.idle_timeout;
-    let pump = async {
-        let tx = tx; // owned, so the upload stream ends when the body does
-        loop {
-            let item = match tokio::time::timeout(idle, incoming.frame()).await {
-                Ok(None) => return Pump::Complete,
-                Ok(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => Ok(data),
-                    Err(_) => continue, // trailers carry nothing we store
-                },
-                Ok(Some(Err(e))) => Err(std::io::Error::other(e)),
-                Err(_) => {
-                    // The tier sees a failed body and discards what it wrote.
-                    let _ = tx
-                        .send(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "upload body idle",
-                        )))
-                        .await;
-                    return Pump::Idle;
-                }
-            };
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return Pump::Stopped;
-            }
-        }
-    };
+    let pump = crate::io::pump_body(&mut incoming, tx, idle);
     let (result, pumped) = tokio::join!(state.tier.put(ns, key, upload, opts), pump);
     match pumped {
         Pump::Complete => req.body_done(),
@@ -885,16 +907,6 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: &mut Req) -> Respons
         }
         Err(e) => tier_error(e),
     }
-}
-
-#[derive(PartialEq, Eq)]
-enum Pump {
-    /// The whole body went to the tier.
-    Complete,
-    /// The tier stopped reading, or the body failed.
-    Stopped,
-    /// The client stopped sending for longer than the idle timeout.
-    Idle,
 }
 
 /// Decides what becomes of the request body a handler left unread, before the answer goes out.
@@ -1031,4 +1043,85 @@ fn tier_error(e: TierError) -> Response<Body> {
             .insert(header::ETAG, value(&etag.header_value()));
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_parse_into_routes() {
+        assert_eq!(
+            Route::parse("/api/v1/object/ci/a/b.tar"),
+            Route::Object("ci", "a/b.tar")
+        );
+        assert_eq!(Route::parse("/api/v1/object/ci"), Route::Object("ci", ""));
+        assert_eq!(
+            Route::parse("/api/v1/git/github.com/acme/app.git/head"),
+            Route::GitHead("github.com/acme/app.git")
+        );
+        assert_eq!(
+            Route::parse("/api/v1/git/127.0.0.1:8000/x.git/bundles.list"),
+            Route::GitBundlesList("127.0.0.1:8000/x.git")
+        );
+        assert_eq!(Route::parse("/api/v1/git/h/x.git/other"), Route::Unknown);
+        assert_eq!(
+            Route::parse("/metrics"),
+            Route::Service(ServiceRoute::Metrics)
+        );
+        assert_eq!(Route::parse("/api/v1/stats").label(), "stats");
+        assert_eq!(Route::parse("/api/v1/statsx"), Route::Unknown);
+        assert_eq!(Route::parse("/").label(), "unknown");
+    }
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn put_options_cap_the_ttl_and_keep_only_storable_headers() {
+        let max = Duration::from_secs(3600);
+        let opts = put_options(
+            &headers(&[
+                ("time-to-live", b"2h"),
+                ("content-type", b"application/zstd"),
+                ("x-larder-meta-build", b"42"),
+                ("authorization", b"Bearer secret"),
+                ("if-none-match", b"*"),
+            ]),
+            max,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(opts.ttl, max, "capped at the maximum");
+        assert_eq!(
+            opts.headers,
+            vec![
+                ("content-type".to_string(), "application/zstd".to_string()),
+                ("x-larder-meta-build".to_string(), "42".to_string()),
+            ],
+            "credentials are never stored"
+        );
+        assert_eq!(opts.precondition, WritePrecondition::create_only());
+        assert_eq!(opts.max_size, Some(1 << 20));
+        let opts = put_options(&headers(&[("time-to-live", b"30m")]), max, 1).unwrap();
+        assert_eq!(opts.ttl, Duration::from_secs(1800));
+        assert_eq!(put_options(&HeaderMap::new(), max, 1).unwrap().ttl, max);
+    }
+
+    #[test]
+    fn bad_put_headers_are_refused_with_a_reason() {
+        let max = Duration::from_secs(3600);
+        let e = put_options(&headers(&[("time-to-live", b"soon")]), max, 1).unwrap_err();
+        assert!(e.starts_with("invalid Time-To-Live"), "{e}");
+        let e = put_options(&headers(&[("content-type", b"caf\xc3\xa9")]), max, 1).unwrap_err();
+        assert_eq!(e, "header content-type is not visible ASCII");
+    }
 }

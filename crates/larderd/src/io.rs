@@ -1,5 +1,6 @@
-//! A connection wrapper that bounds how long a peer may stall a response, and remembers whether
-//! the peer sent anything since the last response.
+//! Byte plumbing between the socket and the handlers: a connection wrapper that bounds how long
+//! a peer may stall a response and remembers whether the peer sent anything since the last
+//! response, and the pump that feeds an upload's body to the tier.
 //!
 //! A client that stops reading a download would otherwise hold its connection, its buffers and
 //! an open revision file forever: a write that cannot make progress for the idle timeout fails
@@ -135,5 +136,69 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.stalled(cx, poll)
+    }
+}
+
+/// A piece of an upload's body, or why the body failed.
+pub type BodyChunk = Result<bytes::Bytes, io::Error>;
+/// Where the pump sends an upload's body.
+pub type BodySender = tokio::sync::mpsc::Sender<BodyChunk>;
+
+/// How an upload's body pump ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pump {
+    /// The whole body went to the tier.
+    Complete,
+    /// The tier stopped reading, or the body failed.
+    Stopped,
+    /// The client stopped sending for longer than the idle timeout.
+    Idle,
+}
+
+/// An upload's body as a stream for the tier, fed through the returned sender.
+///
+/// The body is pumped through a channel rather than handed to the tier, so that when the tier
+/// refuses it half-way (disk full, too large, a precondition checked first) the handler still
+/// owns the connection's body and can give the remainder back to be drained: the client then
+/// reads the 4xx/5xx instead of a reset.
+pub fn upload_channel() -> (
+    BodySender,
+    futures_util::stream::BoxStream<'static, BodyChunk>,
+) {
+    use futures_util::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed();
+    (tx, stream)
+}
+
+/// Feeds `body` into `tx` until it ends, fails, the receiver stops, or nothing arrives for
+/// `idle` (then the receiver gets a `TimedOut` error, so the tier discards what it wrote).
+pub async fn pump_body(body: &mut hyper::body::Incoming, tx: BodySender, idle: Duration) -> Pump {
+    use http_body_util::BodyExt;
+    loop {
+        let item = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(None) => return Pump::Complete,
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Ok(data),
+                Err(_) => continue, // trailers carry nothing we store
+            },
+            Ok(Some(Err(e))) => Err(io::Error::other(e)),
+            Err(_) => {
+                let _ = tx
+                    .send(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "upload body idle",
+                    )))
+                    .await;
+                return Pump::Idle;
+            }
+        };
+        let failed = item.is_err();
+        if tx.send(item).await.is_err() || failed {
+            return Pump::Stopped;
+        }
     }
 }
