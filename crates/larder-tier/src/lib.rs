@@ -7,9 +7,10 @@
 //! reader can never see the metadata of one revision with the bytes of another.
 //!
 //! Tiers compose by wrapping: the tiered cache (disk over S3) is itself a `Tier`. The
-//! [`conformance`] module holds the scenarios every tier must pass; each tier's tests run all of
-//! them through [`conformance_suite!`].
+//! `conformance` module (behind the `conformance` feature) holds the scenarios every tier must
+//! pass; each tier's tests run all of them through its `conformance_suite!` macro.
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod disk;
 mod error;
