@@ -1,8 +1,101 @@
 //! Human units for configuration and headers: sizes (`512`, `64KiB`, `50GiB`, also `KB/MB/GB` as
 //! powers of 1000) and durations (`90s`, `30m`, `12h`, `7d`), as used by `--disk-limit`,
 //! `--max-ttl` and the `Time-To-Live` header.
+//!
+//! [`ByteSize`] and [`Interval`] carry a parsed value with its grammar: they parse from flags and
+//! environment variables (`FromStr`) and from TOML (`Deserialize`; a size may also be a plain
+//! number), and print back in the same grammar (`Display`), so a default shown in `--help` is
+//! text the parser accepts.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
+
+/// A size in bytes: `512`, `64KiB`, `50GiB` (see [`parse_size`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        parse_size(s).map(ByteSize)
+    }
+}
+
+/// The largest binary unit that divides the size exactly: `100GiB`, `64KiB`, `1000`.
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (unit, name) in UNITS {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
+                return write!(f, "{}{name}", self.0 / unit);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"50GiB\" or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {n}: negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A positive duration in whole seconds: `90s`, `30m`, `12h`, `7d` (see [`parse_duration`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Interval(pub Duration);
+
+impl FromStr for Interval {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Interval, String> {
+        parse_duration(s).map(Interval)
+    }
+}
+
+/// The largest unit that divides the duration exactly: `7d`, `10m`, `90s`.
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs();
+        for (unit, name) in [(86_400, 'd'), (3_600, 'h'), (60, 'm')] {
+            if secs >= unit && secs.is_multiple_of(unit) {
+                return write!(f, "{}{name}", secs / unit);
+            }
+        }
+        write!(f, "{secs}s")
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Interval {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Interval, D::Error> {
+        let s = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Parses a size: a non-negative integer with an optional unit `B`, `KiB`, `MiB`, `GiB`, `TiB`
 /// (powers of 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000); case-insensitive unit, optional
@@ -100,6 +193,20 @@ pub fn format_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_and_intervals_print_what_they_parse_from() {
+        for text in ["100GiB", "64KiB", "1000", "3TiB", "512"] {
+            assert_eq!(text.parse::<ByteSize>().unwrap().to_string(), text);
+        }
+        assert_eq!(ByteSize(1536).to_string(), "1536");
+        for text in ["7d", "10m", "90s", "12h", "30s"] {
+            assert_eq!(text.parse::<Interval>().unwrap().to_string(), text);
+        }
+        assert_eq!(Interval(Duration::from_secs(600)).to_string(), "10m");
+        assert!("0s".parse::<Interval>().is_err());
+        assert!("5x".parse::<ByteSize>().is_err());
+    }
 
     const KI: u64 = 1 << 10;
     const MI: u64 = 1 << 20;

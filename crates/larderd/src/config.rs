@@ -3,12 +3,17 @@
 //!
 //! clap resolves flag-over-environment itself; every such field is an `Option` without a clap
 //! default, so that "not given" stays distinguishable and the file can fill it in. Defaults are
-//! applied last, in [`Config::resolve`].
+//! applied last, in [`Config::resolve`], from the `DEFAULT_*` constants below, which are also
+//! what `--help` shows (added by [`command`]), so a default is written once.
+//!
+//! Sizes and durations are typed (`ByteSize`, `Interval` from `larder_proto::units`): clap and
+//! serde parse them where they are read, and a bad value is refused with the flag's or the
+//! file key's name before anything starts.
 
 use crate::auth::{Auth, Grant};
 use anyhow::{Context, bail};
 use clap::Parser;
-use larder_proto::units::{parse_duration, parse_size};
+use larder_proto::units::{ByteSize, Interval};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +24,16 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "./larder-data";
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_MAX_OBJECT_SIZE: u64 = 100 << 30;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_REVALIDATE_AFTER: Duration = Duration::from_secs(5);
+pub const DEFAULT_S3_REAP_GRACE: Duration = Duration::from_secs(3600);
+pub const DEFAULT_S3_REAP_INTERVAL: Duration = Duration::from_secs(600);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_UPLOADS: usize = 64;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// larderd: a tiered cache server for CI artifacts.
 ///
@@ -38,35 +53,35 @@ pub struct Cli {
     #[arg(long)]
     pub hash_token: bool,
 
-    /// Address to listen on [default: 127.0.0.1:8080] (TOML: listen)
+    /// Address to listen on (TOML: listen)
     #[arg(long, env = "LARDER_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
 
-    /// Directory of the disk tier [default: ./larder-data] (TOML: disk.dir)
+    /// Directory of the disk tier (TOML: disk.dir)
     #[arg(long, env = "LARDER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
     /// Size limit of the disk tier; least recently read objects are evicted beyond it, e.g. 50GiB
     /// [default: none] (TOML: disk.limit)
     #[arg(long, env = "LARDER_DISK_LIMIT", value_name = "SIZE")]
-    pub disk_limit: Option<String>,
+    pub disk_limit: Option<ByteSize>,
 
     /// Longest time to live an object can have; also the TTL of uploads without a
-    /// Time-To-Live header [default: 7d] (TOML: max_ttl)
+    /// Time-To-Live header (TOML: max_ttl)
     #[arg(long, env = "LARDER_MAX_TTL", value_name = "DURATION")]
-    pub max_ttl: Option<String>,
+    pub max_ttl: Option<Interval>,
 
-    /// Largest object accepted; larger uploads get 413 [default: 100GiB] (TOML: max_object_size)
+    /// Largest object accepted; larger uploads get 413 (TOML: max_object_size)
     #[arg(long, env = "LARDER_MAX_OBJECT_SIZE", value_name = "SIZE")]
-    pub max_object_size: Option<String>,
+    pub max_object_size: Option<ByteSize>,
 
-    /// Log format: text or json [default: text] (TOML: log_format)
+    /// Log format (TOML: log_format)
     #[arg(long, env = "LARDER_LOG_FORMAT", value_name = "FORMAT")]
-    pub log_format: Option<String>,
+    pub log_format: Option<LogFormat>,
 
-    /// How long shutdown waits for requests in flight [default: 30s] (TOML: shutdown_grace)
+    /// How long shutdown waits for requests in flight (TOML: shutdown_grace)
     #[arg(long, env = "LARDER_SHUTDOWN_GRACE", value_name = "DURATION")]
-    pub shutdown_grace: Option<String>,
+    pub shutdown_grace: Option<Interval>,
 
     /// S3 bucket: enables the S3 tier, with the disk tier as its cache (TOML: s3.bucket).
     /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the TOML file
@@ -87,14 +102,14 @@ pub struct Cli {
     pub s3_prefix: Option<String>,
 
     /// How long a disk copy is served without asking S3 whether it is still current; replicas
-    /// converge on a new revision within this window [default: 5s] (TOML: s3.revalidate_after)
+    /// converge on a new revision within this window (TOML: s3.revalidate_after)
     #[arg(long, env = "LARDER_REVALIDATE_AFTER", value_name = "DURATION")]
-    pub revalidate_after: Option<String>,
+    pub revalidate_after: Option<Interval>,
 
     /// How long an S3 body no longer referenced by any key is kept before the reaper deletes
-    /// it, so downloads in flight on other replicas can finish [default: 1h] (TOML: s3.reap_grace)
+    /// it, so downloads in flight on other replicas can finish (TOML: s3.reap_grace)
     #[arg(long, env = "LARDER_S3_REAP_GRACE", value_name = "DURATION")]
-    pub s3_reap_grace: Option<String>,
+    pub s3_reap_grace: Option<Interval>,
 
     /// Serve without access control on a non-loopback address. Without tokens configured
     /// ([[tokens]] in the config file) larderd otherwise refuses to listen beyond loopback
@@ -111,26 +126,25 @@ pub struct Cli {
     #[arg(long, env = "LARDER_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 
-    /// Most open client connections; more get 503 with Retry-After [default: 4096]
+    /// Most open client connections; more get 503 with Retry-After
     /// (TOML: limits.max_connections)
     #[arg(long, env = "LARDER_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Most uploads in progress at once; more get 503 with Retry-After [default: 64]
+    /// Most uploads in progress at once; more get 503 with Retry-After
     /// (TOML: limits.max_uploads)
     #[arg(long, env = "LARDER_MAX_UPLOADS", value_name = "N")]
     pub max_uploads: Option<usize>,
 
     /// Time a client has to send a complete request head; slower ones get 408, idle
-    /// keep-alive connections are closed after it [default: 30s] (TOML: limits.header_timeout)
+    /// keep-alive connections are closed after it (TOML: limits.header_timeout)
     #[arg(long, env = "LARDER_HEADER_TIMEOUT", value_name = "DURATION")]
-    pub header_timeout: Option<String>,
+    pub header_timeout: Option<Interval>,
 
     /// Longest pause in a request or response body before the transfer is abandoned
-    /// (upload: 408, nothing stored; download: connection closed) [default: 60s]
-    /// (TOML: limits.idle_timeout)
+    /// (upload: 408, nothing stored; download: connection closed) (TOML: limits.idle_timeout)
     #[arg(long, env = "LARDER_IDLE_TIMEOUT", value_name = "DURATION")]
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<Interval>,
 
     /// Upstream git repositories served as snapshots: a URL glob (`*` within a path segment,
     /// `**` across), optionally `=NAMESPACE` for where their snapshots live [default: git].
@@ -151,34 +165,32 @@ pub struct Cli {
     /// Size limit of the git mirrors together; whole mirrors of the least recently asked-for
     /// repositories are removed beyond it [default: none] (TOML: git.mirror_limit)
     #[arg(long, env = "LARDER_GIT_MIRROR_LIMIT", value_name = "SIZE")]
-    pub git_mirror_limit: Option<String>,
+    pub git_mirror_limit: Option<ByteSize>,
 
     /// How many snapshots of each repository are kept; older ones are deleted when the head
-    /// record moves on [default: 3] (TOML: git.keep)
+    /// record moves on (TOML: git.keep)
     #[arg(long, env = "LARDER_GIT_KEEP", value_name = "N")]
     pub git_keep: Option<usize>,
 
     /// How often an active repository is fetched and, if its default branch moved,
-    /// snapshotted [default: 5m] (TOML: git.interval)
+    /// snapshotted (TOML: git.interval)
     #[arg(long, env = "LARDER_GIT_INTERVAL", value_name = "DURATION")]
-    pub git_interval: Option<String>,
+    pub git_interval: Option<Interval>,
 
     /// A repository whose head record nobody asked for this long is no longer fetched, and its
-    /// mirror is removed [default: 7d] (TOML: git.idle_after)
+    /// mirror is removed (TOML: git.idle_after)
     #[arg(long, env = "LARDER_GIT_IDLE_AFTER", value_name = "DURATION")]
-    pub git_idle_after: Option<String>,
+    pub git_idle_after: Option<Interval>,
 
     /// How long snapshots dropped by --git-keep and bundles replaced by a new full bundle stay
-    /// readable before they are deleted, so downloads in flight finish [default: 10m]
-    /// (TOML: git.grace)
+    /// readable before they are deleted, so downloads in flight finish (TOML: git.grace)
     #[arg(long, env = "LARDER_GIT_GRACE", value_name = "DURATION")]
-    pub git_grace: Option<String>,
+    pub git_grace: Option<Interval>,
 
     /// How long a generator's claim on a commit keeps other replicas from building it; a
-    /// generator killed mid-way delays the commit by this much [default: 10m]
-    /// (TOML: git.claim_ttl)
+    /// generator killed mid-way delays the commit by this much (TOML: git.claim_ttl)
     #[arg(long, env = "LARDER_GIT_CLAIM_TTL", value_name = "DURATION")]
-    pub git_claim_ttl: Option<String>,
+    pub git_claim_ttl: Option<Interval>,
 
     /// Base URL clients reach larderd at, used for the absolute bundle URIs of bundles.list
     /// (e.g. https://larder.example.com) [default: the request's Host header]
@@ -192,10 +204,10 @@ pub struct Cli {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
-    pub max_ttl: Option<String>,
-    pub max_object_size: Option<SizeValue>,
-    pub log_format: Option<String>,
-    pub shutdown_grace: Option<String>,
+    pub max_ttl: Option<Interval>,
+    pub max_object_size: Option<ByteSize>,
+    pub log_format: Option<LogFormat>,
+    pub shutdown_grace: Option<Interval>,
     #[serde(default)]
     pub disk: DiskSection,
     pub s3: Option<S3Section>,
@@ -218,12 +230,12 @@ pub struct GitSection {
     #[serde(default)]
     pub allow: Vec<String>,
     pub mirror_dir: Option<PathBuf>,
-    pub mirror_limit: Option<SizeValue>,
+    pub mirror_limit: Option<ByteSize>,
     pub keep: Option<usize>,
-    pub interval: Option<String>,
-    pub idle_after: Option<String>,
-    pub grace: Option<String>,
-    pub claim_ttl: Option<String>,
+    pub interval: Option<Interval>,
+    pub idle_after: Option<Interval>,
+    pub grace: Option<Interval>,
+    pub claim_ttl: Option<Interval>,
     pub public_url: Option<String>,
 }
 
@@ -269,10 +281,10 @@ pub struct TokenSection {
 pub struct LimitsSection {
     pub max_connections: Option<usize>,
     pub max_uploads: Option<usize>,
-    pub max_header_bytes: Option<SizeValue>,
+    pub max_header_bytes: Option<ByteSize>,
     pub max_headers: Option<usize>,
-    pub header_timeout: Option<String>,
-    pub idle_timeout: Option<String>,
+    pub header_timeout: Option<Interval>,
+    pub idle_timeout: Option<Interval>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -296,12 +308,12 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_connections: 4096,
-            max_uploads: 64,
-            max_header_bytes: 64 << 10,
-            max_headers: 100,
-            header_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(60),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_uploads: DEFAULT_MAX_UPLOADS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -323,15 +335,15 @@ pub struct S3Section {
     pub secret_access_key: Option<String>,
     /// Virtual-hosted-style URLs (bucket.endpoint) instead of path-style.
     pub virtual_hosted_style: Option<bool>,
-    pub revalidate_after: Option<String>,
-    pub reap_grace: Option<String>,
-    pub reap_interval: Option<String>,
+    pub revalidate_after: Option<Interval>,
+    pub reap_grace: Option<Interval>,
+    pub reap_interval: Option<Interval>,
     /// Multipart upload part size.
-    pub part_size: Option<SizeValue>,
+    pub part_size: Option<ByteSize>,
     /// Size and number of parallel ranged GETs for large reads.
-    pub read_part_size: Option<SizeValue>,
+    pub read_part_size: Option<ByteSize>,
     pub read_concurrency: Option<usize>,
-    pub request_timeout: Option<String>,
+    pub request_timeout: Option<Interval>,
 }
 
 /// The S3 tier's settings, when one is configured.
@@ -347,29 +359,15 @@ pub struct S3Settings {
 #[serde(deny_unknown_fields)]
 pub struct DiskSection {
     pub dir: Option<PathBuf>,
-    pub limit: Option<SizeValue>,
+    pub limit: Option<ByteSize>,
 }
 
-/// Sizes may be written as `"50GiB"` or as a plain number of bytes.
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
-pub enum SizeValue {
-    Bytes(u64),
-    Text(String),
-}
-
-impl SizeValue {
-    fn to_text(&self) -> String {
-        match self {
-            SizeValue::Bytes(n) => n.to_string(),
-            SizeValue::Text(s) => s.clone(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// One human-readable line per event.
     Text,
+    /// One JSON object per line, for log collectors.
     Json,
 }
 
@@ -429,44 +427,89 @@ impl Config {
         let listen = listen_text.parse().with_context(|| {
             format!("invalid listen address {listen_text:?} (expected IP:PORT)")
         })?;
-        let size = |name: &str, v: Option<String>| -> anyhow::Result<Option<u64>> {
-            v.map(|s| parse_size(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
-                .transpose()
-        };
-        let duration = |name: &str, v: Option<String>| -> anyhow::Result<Option<Duration>> {
-            v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
-                .transpose()
-        };
-        let log_format = match cli.log_format.or(file.log_format).as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => bail!("log format: {other:?} is neither \"text\" nor \"json\""),
-        };
         Ok(Config {
             s3,
             listen,
             data_dir,
             git,
-            disk_limit: size(
-                "disk limit",
-                cli.disk_limit.or(file.disk.limit.map(|s| s.to_text())),
-            )?,
-            max_ttl: duration("max ttl", cli.max_ttl.or(file.max_ttl))?.unwrap_or(DEFAULT_MAX_TTL),
-            max_object_size: size(
-                "max object size",
-                cli.max_object_size
-                    .or(file.max_object_size.map(|s| s.to_text())),
-            )?
-            .unwrap_or(DEFAULT_MAX_OBJECT_SIZE),
-            log_format,
-            shutdown_grace: duration("shutdown grace", cli.shutdown_grace.or(file.shutdown_grace))?
-                .unwrap_or(Duration::from_secs(30)),
+            disk_limit: cli.disk_limit.or(file.disk.limit).map(|s| s.0),
+            max_ttl: or_default(cli.max_ttl.or(file.max_ttl), DEFAULT_MAX_TTL),
+            max_object_size: cli
+                .max_object_size
+                .or(file.max_object_size)
+                .map_or(DEFAULT_MAX_OBJECT_SIZE, |s| s.0),
+            log_format: cli
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            shutdown_grace: or_default(
+                cli.shutdown_grace.or(file.shutdown_grace),
+                DEFAULT_SHUTDOWN_GRACE,
+            ),
             allow_anonymous: cli.allow_anonymous || file.allow_anonymous.unwrap_or(false),
             auth: Arc::new(auth),
             limits,
             tls,
         })
     }
+}
+
+/// The duration given, else `default`.
+fn or_default(given: Option<Interval>, default: Duration) -> Duration {
+    given.map_or(default, |i| i.0)
+}
+
+/// The command line, with each flag's default appended to its help from the same constant
+/// that [`Config::resolve`] applies.
+pub fn command() -> clap::Command {
+    let defaults: [(&str, String); 17] = [
+        ("listen", DEFAULT_LISTEN.to_string()),
+        ("data_dir", DEFAULT_DATA_DIR.to_string()),
+        ("max_ttl", Interval(DEFAULT_MAX_TTL).to_string()),
+        (
+            "max_object_size",
+            ByteSize(DEFAULT_MAX_OBJECT_SIZE).to_string(),
+        ),
+        (
+            "shutdown_grace",
+            Interval(DEFAULT_SHUTDOWN_GRACE).to_string(),
+        ),
+        (
+            "revalidate_after",
+            Interval(DEFAULT_REVALIDATE_AFTER).to_string(),
+        ),
+        ("s3_reap_grace", Interval(DEFAULT_S3_REAP_GRACE).to_string()),
+        ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
+        ("max_uploads", DEFAULT_MAX_UPLOADS.to_string()),
+        (
+            "header_timeout",
+            Interval(DEFAULT_HEADER_TIMEOUT).to_string(),
+        ),
+        ("idle_timeout", Interval(DEFAULT_IDLE_TIMEOUT).to_string()),
+        ("git_keep", DEFAULT_GIT_KEEP.to_string()),
+        ("git_interval", Interval(DEFAULT_GIT_INTERVAL).to_string()),
+        (
+            "git_idle_after",
+            Interval(DEFAULT_GIT_IDLE_AFTER).to_string(),
+        ),
+        ("git_grace", Interval(DEFAULT_GIT_GRACE).to_string()),
+        ("git_claim_ttl", Interval(DEFAULT_GIT_CLAIM_TTL).to_string()),
+        ("log_format", "text".to_string()),
+    ];
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    for (id, default) in defaults {
+        cmd = cmd.mut_arg(id, |arg| {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            arg.help(format!("{help} [default: {default}]"))
+        });
+    }
+    cmd
+}
+
+/// Parses the command line and the environment (see [`command`]).
+pub fn parse_cli() -> Cli {
+    use clap::FromArgMatches;
+    Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
 }
 
 fn resolve_auth(tokens: Vec<TokenSection>, public_metrics: bool) -> anyhow::Result<Auth> {
@@ -479,26 +522,15 @@ fn resolve_auth(tokens: Vec<TokenSection>, public_metrics: bool) -> anyhow::Resu
 
 fn resolve_limits(cli: &Cli, file: LimitsSection) -> anyhow::Result<Limits> {
     let defaults = Limits::default();
-    let duration = |name: &str, v: Option<String>, default: Duration| -> anyhow::Result<Duration> {
-        // parse_duration refuses zero, which would disable a limit by accident.
-        Ok(
-            v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
-                .transpose()?
-                .unwrap_or(default),
-        )
-    };
     let positive = |name: &str, v: Option<usize>, default: usize| -> anyhow::Result<usize> {
         match v.unwrap_or(default) {
             0 => bail!("{name} must be at least 1"),
             n => Ok(n),
         }
     };
-    let header_bytes = match file.max_header_bytes {
-        None => defaults.max_header_bytes,
-        Some(v) => parse_size(&v.to_text())
-            .map_err(|e| anyhow::anyhow!("limits.max_header_bytes: {e}"))?
-            as usize,
-    };
+    let header_bytes = file
+        .max_header_bytes
+        .map_or(defaults.max_header_bytes, |s| s.0 as usize);
     if header_bytes < 1024 {
         bail!("limits.max_header_bytes must be at least 1KiB");
     }
@@ -515,16 +547,15 @@ fn resolve_limits(cli: &Cli, file: LimitsSection) -> anyhow::Result<Limits> {
         )?,
         max_header_bytes: header_bytes,
         max_headers: positive("limits.max_headers", file.max_headers, defaults.max_headers)?,
-        header_timeout: duration(
-            "header timeout",
-            cli.header_timeout.clone().or(file.header_timeout),
+        // An Interval is never zero, which would disable a limit by accident.
+        header_timeout: or_default(
+            cli.header_timeout.or(file.header_timeout),
             defaults.header_timeout,
-        )?,
-        idle_timeout: duration(
-            "idle timeout",
-            cli.idle_timeout.clone().or(file.idle_timeout),
+        ),
+        idle_timeout: or_default(
+            cli.idle_timeout.or(file.idle_timeout),
             defaults.idle_timeout,
-        )?,
+        ),
     })
 }
 
@@ -549,13 +580,6 @@ fn resolve_git(
         return Ok(None);
     }
     larder_git::AllowList::new(&allow)?;
-    let duration = |name: &str, v: Option<String>, default: Duration| -> anyhow::Result<Duration> {
-        Ok(
-            v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
-                .transpose()?
-                .unwrap_or(default),
-        )
-    };
     Ok(Some(GitSettings {
         allow,
         mirror_dir: cli
@@ -563,37 +587,19 @@ fn resolve_git(
             .clone()
             .or(file.mirror_dir)
             .unwrap_or_else(|| data_dir.join("git-mirrors")),
-        mirror_limit: cli
-            .git_mirror_limit
-            .clone()
-            .or(file.mirror_limit.map(|s| s.to_text()))
-            .map(|s| parse_size(&s).map_err(|e| anyhow::anyhow!("git mirror limit: {e}")))
-            .transpose()?,
+        mirror_limit: cli.git_mirror_limit.or(file.mirror_limit).map(|s| s.0),
         keep: match cli.git_keep.or(file.keep).unwrap_or(DEFAULT_GIT_KEEP) {
             // The snapshot the head record names is always kept.
             0 => bail!("git keep must be at least 1"),
             n => n,
         },
-        interval: duration(
-            "git interval",
-            cli.git_interval.clone().or(file.interval),
-            DEFAULT_GIT_INTERVAL,
-        )?,
-        idle_after: duration(
-            "git idle after",
-            cli.git_idle_after.clone().or(file.idle_after),
+        interval: or_default(cli.git_interval.or(file.interval), DEFAULT_GIT_INTERVAL),
+        idle_after: or_default(
+            cli.git_idle_after.or(file.idle_after),
             DEFAULT_GIT_IDLE_AFTER,
-        )?,
-        grace: duration(
-            "git grace",
-            cli.git_grace.clone().or(file.grace),
-            DEFAULT_GIT_GRACE,
-        )?,
-        claim_ttl: duration(
-            "git claim ttl",
-            cli.git_claim_ttl.clone().or(file.claim_ttl),
-            DEFAULT_GIT_CLAIM_TTL,
-        )?,
+        ),
+        grace: or_default(cli.git_grace.or(file.grace), DEFAULT_GIT_GRACE),
+        claim_ttl: or_default(cli.git_claim_ttl.or(file.claim_ttl), DEFAULT_GIT_CLAIM_TTL),
         public_url: cli
             .git_public_url
             .clone()
@@ -632,17 +638,6 @@ fn resolve_s3(cli: &Cli, file: S3Section) -> anyhow::Result<Option<S3Settings>> 
     let Some(bucket) = cli.s3_bucket.clone().or(file.bucket) else {
         return Ok(None);
     };
-    let duration = |name: &str, v: Option<String>, default: Duration| -> anyhow::Result<Duration> {
-        Ok(
-            v.map(|s| parse_duration(&s).map_err(|e| anyhow::anyhow!("{name}: {e}")))
-                .transpose()?
-                .unwrap_or(default),
-        )
-    };
-    let size = |name: &str, v: Option<SizeValue>| -> anyhow::Result<Option<u64>> {
-        v.map(|s| parse_size(&s.to_text()).map_err(|e| anyhow::anyhow!("{name}: {e}")))
-            .transpose()
-    };
     let mut tier = larder_tier::S3Config::new(bucket);
     tier.endpoint = cli
         .s3_endpoint
@@ -666,37 +661,24 @@ fn resolve_s3(cli: &Cli, file: S3Section) -> anyhow::Result<Option<S3Settings>> 
     tier.secret_access_key = env_var("AWS_SECRET_ACCESS_KEY").or(file.secret_access_key);
     tier.session_token = env_var("AWS_SESSION_TOKEN");
     tier.virtual_hosted_style = file.virtual_hosted_style.unwrap_or(false);
-    if let Some(part) = size("s3 part size", file.part_size)? {
-        tier.part_size = part as usize;
+    if let Some(part) = file.part_size {
+        tier.part_size = part.0 as usize;
     }
-    if let Some(part) = size("s3 read part size", file.read_part_size)? {
-        tier.read_part_size = part;
+    if let Some(part) = file.read_part_size {
+        tier.read_part_size = part.0;
     }
     if let Some(n) = file.read_concurrency {
         tier.read_concurrency = n;
     }
-    tier.request_timeout = duration(
-        "s3 request timeout",
-        file.request_timeout,
-        tier.request_timeout,
-    )?;
+    tier.request_timeout = or_default(file.request_timeout, tier.request_timeout);
     Ok(Some(S3Settings {
         tier,
-        revalidate_after: duration(
-            "revalidate after",
-            cli.revalidate_after.clone().or(file.revalidate_after),
-            Duration::from_secs(5),
-        )?,
-        reap_grace: duration(
-            "s3 reap grace",
-            cli.s3_reap_grace.clone().or(file.reap_grace),
-            Duration::from_secs(3600),
-        )?,
-        reap_interval: duration(
-            "s3 reap interval",
-            file.reap_interval,
-            Duration::from_secs(600),
-        )?,
+        revalidate_after: or_default(
+            cli.revalidate_after.or(file.revalidate_after),
+            DEFAULT_REVALIDATE_AFTER,
+        ),
+        reap_grace: or_default(cli.s3_reap_grace.or(file.reap_grace), DEFAULT_S3_REAP_GRACE),
+        reap_interval: or_default(file.reap_interval, DEFAULT_S3_REAP_INTERVAL),
     }))
 }
 
@@ -747,12 +729,21 @@ mod tests {
     fn bad_values_are_explained() {
         let e = with_file("listn = \"x\"\n", Cli::default()).unwrap_err();
         assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
-        let e = Config::resolve(Cli {
-            disk_limit: Some("lots".into()),
-            ..Cli::default()
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("disk limit"), "{e}");
+        // Sizes and durations are refused where they are read, naming the flag or the key.
+        let e = command()
+            .try_get_matches_from(["larderd", "--disk-limit", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--disk-limit") && e.contains("invalid size \"lots\""),
+            "{e}"
+        );
+        let e = with_file("[disk]\nlimit = \"lots\"\n", Cli::default()).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("limit") && e.contains("invalid size \"lots\""),
+            "{e}"
+        );
         let e = Config::resolve(Cli {
             listen: Some("localhost".into()),
             ..Cli::default()
@@ -826,7 +817,7 @@ mod tests {
                 "unknown field",
             ),
             ("[limits]\nmax_connections = 0\n", "at least 1"),
-            ("[limits]\nidle_timeout = \"0s\"\n", "idle timeout"),
+            ("[limits]\nidle_timeout = \"0s\"\n", "must be positive"),
             ("[tls]\ncert = \"c.pem\"\n", "--tls-key"),
         ] {
             let e = with_file(toml, Cli::default()).unwrap_err();
@@ -867,10 +858,10 @@ mod tests {
             Cli {
                 git_allow: vec!["http://127.0.0.1:*/**".into()],
                 git_mirror_dir: Some("/tmp/m".into()),
-                git_idle_after: Some("1h".into()),
+                git_idle_after: Some("1h".parse().unwrap()),
                 git_keep: Some(5),
-                git_grace: Some("1s".into()),
-                git_claim_ttl: Some("3s".into()),
+                git_grace: Some("1s".parse().unwrap()),
+                git_claim_ttl: Some("3s".parse().unwrap()),
                 git_public_url: Some("http://10.0.0.1".into()),
                 ..Cli::default()
             },
@@ -898,20 +889,20 @@ mod tests {
             ),
             (
                 "[git]\nallow = [\"https://x/*\"]\ninterval = \"often\"\n",
-                "git interval",
+                "invalid duration \"often\"",
             ),
             ("[git]\nallow = [\"https://x/*\"]\nkeep = 0\n", "at least 1"),
             (
                 "[git]\nallow = [\"https://x/*\"]\nmirror_limit = \"big\"\n",
-                "git mirror limit",
+                "invalid size \"big\"",
             ),
             (
                 "[git]\nallow = [\"https://x/*\"]\ngrace = \"soon\"\n",
-                "git grace",
+                "invalid duration \"soon\"",
             ),
             (
                 "[git]\nallow = [\"https://x/*\"]\nclaim_ttl = \"0s\"\n",
-                "git claim ttl: invalid duration \"0s\": must be positive",
+                "invalid duration \"0s\": must be positive",
             ),
             (
                 "[git]\nallow = [\"https://x/*\"]\npublic_url = \"larder.example\"\n",
@@ -932,6 +923,29 @@ mod tests {
         })
         .unwrap_err();
         assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn help_shows_the_defaults_that_apply() {
+        let help = command().render_long_help().to_string();
+        let defaults = Config::resolve(Cli::default()).unwrap();
+        for shown in [
+            format!("[default: {}]", Interval(defaults.max_ttl)),
+            format!("[default: {}]", ByteSize(defaults.max_object_size)),
+            format!("[default: {}]", Interval(defaults.limits.idle_timeout)),
+            format!("[default: {}]", defaults.limits.max_uploads),
+            "[default: 7d]".to_string(),
+            "[default: 100GiB]".to_string(),
+        ] {
+            assert!(help.contains(&shown), "{shown} missing from --help");
+        }
+        let flags = command()
+            .try_get_matches_from(["larderd", "--max-ttl", "2h", "--log-format", "json"])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&flags).unwrap();
+        let c = Config::resolve(cli).unwrap();
+        assert_eq!(c.max_ttl, Duration::from_secs(7200));
+        assert_eq!(c.log_format, LogFormat::Json);
     }
 
     #[test]

@@ -14,8 +14,7 @@ mod metrics;
 mod server;
 mod tls;
 
-use clap::Parser;
-use config::{Cli, Config, LogFormat};
+use config::{Config, LogFormat};
 use larder_tier::{DiskConfig, DiskTier, S3Tier, Tier, TieredTier};
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,7 +34,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = config::parse_cli();
     if cli.hash_token {
         let mut token = String::new();
         if let Err(e) = std::io::stdin().read_line(&mut token) {

@@ -855,7 +855,7 @@ fn bad_configuration_is_refused_with_a_reason() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(
-        err.contains("disk limit") && err.contains("plenty"),
+        err.contains("--disk-limit") && err.contains("invalid size \"plenty\""),
         "{err}"
     );
 }
