@@ -8,6 +8,8 @@
 use larder_proto::ETag;
 use reqwest::StatusCode;
 
+/// Why a client operation failed. `Display` is the complete message for the user; match on the
+/// variant to decide (see [`Error::exit_code`] and [`Error::is_not_found`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Bad local input (names, flags, URL): nothing was sent.
@@ -16,7 +18,12 @@ pub enum Error {
 
     /// No TCP/TLS connection to the server could be made.
     #[error("cannot connect to {url}: is larderd running? set --url or LARDER_URL ({cause})")]
-    Connect { url: String, cause: String },
+    Connect {
+        /// The server URL as the user gave it.
+        url: String,
+        /// The innermost cause, usually the OS or TLS error.
+        cause: String,
+    },
 
     /// The TLS handshake failed on the server's certificate: retrying cannot help, trusting
     /// the right CA can.
@@ -24,11 +31,19 @@ pub enum Error {
         "cannot connect to {url}: {cause}; the server's TLS certificate is not trusted: pass \
          --ca-cert FILE (or set LARDER_CA_CERT) with the PEM of the CA that signed it"
     )]
-    UntrustedCertificate { url: String, cause: String },
+    UntrustedCertificate {
+        /// The server URL as the user gave it.
+        url: String,
+        /// The innermost cause: the TLS library's verdict on the certificate.
+        cause: String,
+    },
 
     /// 404 on an object.
     #[error("{target} not found")]
-    NotFound { target: String },
+    NotFound {
+        /// What was asked for, as the user would name it (`ns/key`).
+        target: String,
+    },
 
     /// A git repository the server has no snapshot of yet; it is making one.
     #[error(
@@ -36,7 +51,9 @@ pub enum Error {
         retry_after.map(|s| format!(", ask again in {s} s")).unwrap_or_default()
     )]
     NoSnapshotYet {
+        /// The upstream's normalised URL.
         upstream: String,
+        /// The server's `Retry-After`, in seconds, if it sent one.
         retry_after: Option<u64>,
     },
 
@@ -47,16 +64,23 @@ pub enum Error {
     /// 412: the message already explains which precondition and why.
     #[error("{message}")]
     PreconditionFailed {
+        /// The complete message shown to the user.
         message: String,
+        /// ETag of the current revision, if the server named one (`None` when the key does not
+        /// exist).
         current: Option<ETag>,
     },
 
     /// 401: no token was sent where one is needed, or the server does not know the one sent.
     #[error("{op} {target}: {}", unauthorized(*token_sent, reason))]
     Unauthorized {
+        /// The HTTP method of the request (`"GET"`, `"PUT"`, …).
         op: &'static str,
+        /// What the request was about, as the user would name it (`ns/key`, a head record).
         target: String,
+        /// Whether the request carried a token (decides the advice: pass one, or check it).
         token_sent: bool,
+        /// The server's one-line reason.
         reason: String,
     },
 
@@ -68,17 +92,24 @@ pub enum Error {
         scope_for(op)
     )]
     Forbidden {
+        /// The HTTP method of the request (`"GET"`, `"PUT"`, …).
         op: &'static str,
+        /// What the request was about, as the user would name it (`ns/key`, a head record).
         target: String,
+        /// The server's one-line reason.
         reason: String,
     },
 
     /// Any other 4xx/5xx, with the server's one-line reason.
     #[error("{op} {target}: the server answered {status}: {reason}{}", server_hint(*status))]
     Server {
+        /// The HTTP method of the request (`"GET"`, `"PUT"`, …).
         op: &'static str,
+        /// What the request was about, as the user would name it (`ns/key`, a head record).
         target: String,
+        /// The status the server answered.
         status: StatusCode,
+        /// The server's one-line reason.
         reason: String,
     },
 
@@ -87,8 +118,11 @@ pub enum Error {
         "{op} {target}: {cause}; retry, and check the network or the larderd logs if it persists"
     )]
     Transport {
+        /// The HTTP method of the request (`"GET"`, `"PUT"`, …).
         op: &'static str,
+        /// What the request was about, as the user would name it (`ns/key`, a head record).
         target: String,
+        /// The chain of causes (`timed out: …` for a timeout).
         cause: String,
     },
 
@@ -98,9 +132,14 @@ pub enum Error {
          {consequence}"
     )]
     DigestMismatch {
+        /// The object downloaded (`ns/key`).
         target: String,
+        /// The ETag the server announced for the revision.
         expected: ETag,
+        /// The digest of the bytes actually received.
         actual: ETag,
+        /// What the failure means for the destination (from
+        /// [`Sink::failure_consequence`](crate::Sink::failure_consequence)).
         consequence: String,
     },
 
@@ -116,7 +155,9 @@ pub enum Error {
     /// A local file or stream failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, and on which file (`"writing to out.bin"`).
         context: String,
+        /// The underlying I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -172,6 +213,8 @@ impl Error {
         }
     }
 
+    /// Whether the object (or the snapshot) does not exist: [`Error::NotFound`] or
+    /// [`Error::NoSnapshotYet`], the failures with exit code 2.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. } | Error::NoSnapshotYet { .. })
     }

@@ -39,7 +39,9 @@ pub const NAMESPACE_HEADER: &str = "larder-namespace";
 /// What the server says about an upstream: its head record and where its objects live.
 #[derive(Clone, Debug)]
 pub struct GitHead {
+    /// The upstream's current head record: commit, snapshot key and ETag.
     pub record: HeadRecord,
+    /// The namespace the snapshot (and the head record) live in.
     pub namespace: Namespace,
 }
 

@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! The larder client library: talks to larderd's HTTP object API (the README's "HTTP API by
 //! example"; docs/ARCHITECTURE.md, "Client").
 //!
@@ -46,7 +48,9 @@ use std::time::{Duration, SystemTime};
 /// A validated `namespace/key` pair: holding one proves both parts are acceptable to the server.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectName {
+    /// The namespace.
     pub ns: Namespace,
+    /// The key within the namespace.
     pub key: Key,
 }
 
@@ -69,17 +73,24 @@ impl std::fmt::Display for ObjectName {
 /// What HEAD (or the headers of a GET) says about the current revision of an object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
+    /// Strong ETag of the revision (the BLAKE3 digest of its bytes); downloads are pinned to it.
     pub etag: ETag,
+    /// Length of the whole body in bytes.
     pub size: u64,
+    /// `Last-Modified`, whole seconds; `None` when the header is missing or not an HTTP date.
     pub last_modified: Option<SystemTime>,
+    /// `Content-Type` stored with the object, if any.
     pub content_type: Option<String>,
 }
 
 /// One line of `GET /api/v1/namespaces`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceUsage {
+    /// The namespace.
     pub name: String,
+    /// Number of objects in it.
     pub objects: u64,
+    /// Their total size in bytes.
     pub bytes: u64,
 }
 

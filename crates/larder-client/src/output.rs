@@ -22,6 +22,8 @@ use std::sync::Arc;
 /// object arrived and matched its ETag. Dropping a sink that was not finished must leave nothing
 /// behind.
 pub trait Sink: Send + 'static {
+    /// Prepares the destination for the object `info` describes. Called again after a restart, when
+    /// it must discard what the earlier attempt delivered, or fail if it cannot take it back.
     fn begin(&mut self, info: &ObjectInfo) -> Result<(), Error>;
 
     /// A file to receive every chunk by positioned write as soon as it arrives, in any order.
@@ -34,6 +36,8 @@ pub trait Sink: Send + 'static {
         Ok(())
     }
 
+    /// Called once the whole object arrived and matched its ETag: completes the destination (a
+    /// staged file is put in place, a stream is flushed).
     fn finish(&mut self) -> Result<(), Error>;
 
     /// What a failure means for the destination, e.g. "out.bin was not written".
@@ -183,6 +187,8 @@ pub struct WriterSink<W> {
 }
 
 impl<W: Write> WriterSink<W> {
+    /// Writes to `out`; `label` names it in messages (for example `"stdout"`). A restart after
+    /// bytes were written fails, since they cannot be taken back.
     pub fn new(out: W, label: String) -> WriterSink<W> {
         WriterSink {
             out,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 /// What a phase counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
+    /// Bytes transferred or written.
     Bytes,
     /// Items such as files.
     Items,
@@ -26,6 +27,7 @@ pub enum Unit {
 pub trait ProgressView: Send + Sync + std::fmt::Debug {
     /// A new phase begins (`total` is `None` while unknown); counting restarts at 0.
     fn phase(&self, label: &str, unit: Unit, total: Option<u64>);
+    /// Counts `n` more units of the current phase.
     fn inc(&self, n: u64);
     /// Takes back units counted for an attempt that failed and will be done again.
     fn dec(&self, n: u64);

@@ -30,11 +30,14 @@ pub enum Precondition {
     IfMatch(ETag),
 }
 
+/// Options of an upload; the default is an unconditional write with the server's TTL.
 #[derive(Clone, Debug, Default)]
 pub struct PutOptions {
+    /// Condition the server checks when it commits; a failure is [`Error::PreconditionFailed`].
     pub precondition: Precondition,
     /// Time to live; the server clamps it to its maximum, which also applies when this is None.
     pub ttl: Option<Duration>,
+    /// `Content-Type` to store with the object, returned on every read of it.
     pub content_type: Option<String>,
     /// Shows bytes sent; hidden by default.
     pub progress: Progress,
@@ -43,7 +46,9 @@ pub struct PutOptions {
 /// What the server stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PutResult {
+    /// Strong ETag of the stored revision: the BLAKE3 digest of the bytes sent.
     pub etag: ETag,
+    /// Length of the stored body in bytes.
     pub size: u64,
     /// The key had no current revision before (201 rather than 200).
     pub created: bool,

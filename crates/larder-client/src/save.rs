@@ -64,9 +64,13 @@ impl Default for SaveOptions {
 /// What a save stored.
 #[derive(Clone, Debug)]
 pub struct SaveSummary {
+    /// What the server stored: the archive's ETag and size.
     pub put: PutResult,
+    /// Regular files archived.
     pub files: u64,
+    /// Directories archived.
     pub dirs: u64,
+    /// Symbolic links archived.
     pub symlinks: u64,
     /// Sockets, FIFOs and devices, which a cache has no use for.
     pub skipped: u64,

@@ -33,20 +33,30 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
+/// Why a bundle could not be made or a bundle list could not be rendered.
 #[derive(Debug, Error)]
 pub enum BundleError {
+    /// The mirror could not be opened, fetched or queried.
     #[error(transparent)]
     Mirror(#[from] MirrorError),
+    /// `git bundle create` (or another git command) failed.
     #[error("{0}")]
     Git(#[from] GitError),
+    /// A bundle URI without a scheme: git 2.39 ignores relative URIs in a bundle list.
     #[error("bundle URI {0:?} is not absolute (git 2.39 ignores relative bundle URIs)")]
     RelativeUri(String),
+    /// A bundle URI with whitespace, a control character or one of `"\;#`, which the list's
+    /// config syntax cannot carry.
     #[error("bundle URI {0:?} cannot be written into a bundle list")]
     UnsafeUri(String),
+    /// A file or directory of the bundle store could not be created or written.
     #[error("{what} {path}")]
     Io {
+        /// What was being done (`"cannot create"`, …); the message is `"{what} {path}"`.
         what: &'static str,
+        /// The file or directory concerned.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
 }
@@ -56,7 +66,10 @@ pub enum BundleError {
 pub struct Bundle {
     /// `full-<token>` or `inc-<token>`: the list's section name and the ref namespace inside.
     pub id: String,
+    /// The bundle's `creationToken` in the list: increases along the chain, so git applies bundles
+    /// in order and fetches only those newer than it already has.
     pub creation_token: u64,
+    /// True for a full bundle (no prerequisites), false for an increment on top of earlier bundles.
     pub full: bool,
     /// Branch tips it carries (branch name → commit).
     pub tips: BTreeMap<String, CommitId>,
@@ -77,6 +90,8 @@ impl Bundle {
 /// bundles so that any replica can extend it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BundleChain {
+    /// The current chain: the full bundle first, then its increments in creation order; empty
+    /// before the first bundle.
     pub bundles: Vec<Bundle>,
     /// The last token handed out (kept across a new full bundle).
     pub last_token: u64,
@@ -90,7 +105,9 @@ pub struct BundleChain {
 /// A bundle that left the chain, and when (unix seconds).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetiredBundle {
+    /// The bundle's id (as in [`Bundle::id`]); its file is `<id>.bundle`.
     pub id: String,
+    /// Unix seconds when it left the chain; the grace period before deleting it counts from here.
     pub since: u64,
 }
 

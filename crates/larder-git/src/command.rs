@@ -61,6 +61,8 @@ impl Git {
         Git::new(std::env::var_os("LARDER_GIT").unwrap_or_else(|| "git".into()))
     }
 
+    /// The git binary at `bin` (a path, or a name looked up in `PATH`), with the default deadline
+    /// ([`DEFAULT_TIMEOUT`]) and no extra environment.
     pub fn new(bin: impl Into<PathBuf>) -> Git {
         Git {
             bin: bin.into(),
@@ -83,6 +85,7 @@ impl Git {
         self
     }
 
+    /// The binary commands are started with, as given.
     pub fn bin(&self) -> &Path {
         &self.bin
     }
@@ -129,12 +132,14 @@ pub struct GitCommand<'a> {
 pub struct Finished {
     /// The exit code (`None` if a signal ended it).
     pub code: Option<i32>,
+    /// Everything the command wrote to its standard output.
     pub stdout: Vec<u8>,
     /// Scrubbed, and only the last 16 KiB.
     pub stderr: String,
 }
 
 impl<'a> GitCommand<'a> {
+    /// Appends one argument.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> GitCommand<'a> {
         self.args.push(arg.as_ref().to_owned());
         self
@@ -146,16 +151,21 @@ impl<'a> GitCommand<'a> {
         self
     }
 
+    /// Runs the command in `dir` (else in this process's working directory).
     pub fn current_dir(mut self, dir: impl Into<PathBuf>) -> GitCommand<'a> {
         self.dir = Some(dir.into());
         self
     }
 
+    /// Deadline of this command, replacing the [`Git`] default; past it the process group is
+    /// killed.
     pub fn timeout(mut self, timeout: Duration) -> GitCommand<'a> {
         self.timeout = timeout;
         self
     }
 
+    /// Sets an environment variable for this command; it wins over one of the same name set on
+    /// the [`Git`].
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> GitCommand<'a> {
         self.env
             .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
@@ -354,12 +364,16 @@ pub enum ErrorKind {
 #[derive(Clone, Debug, Error)]
 #[error("{}", self.describe())]
 pub struct GitError {
+    /// The command line, credentials scrubbed.
     pub command: String,
+    /// How the command failed.
     pub kind: ErrorKind,
+    /// The end (at most 16 KiB) of its stderr, scrubbed; may be empty.
     pub stderr: String,
 }
 
 impl GitError {
+    /// Whether the command was killed at its deadline.
     pub fn timed_out(&self) -> bool {
         matches!(self.kind, ErrorKind::TimedOut(_))
     }

@@ -31,6 +31,7 @@ pub const VERSION: u32 = 1;
 /// The head record, stored as JSON (`head.json` under the repository's key prefix).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeadRecord {
+    /// Format version of the record; a reader refuses versions newer than [`VERSION`].
     pub version: u32,
     /// The snapshot's commit: the tip of `ref` when it was observed.
     pub commit: CommitId,
@@ -49,17 +50,22 @@ pub struct HeadRecord {
     pub created_at: u64,
 }
 
+/// Why a stored head record was refused by [`HeadRecord::from_json`].
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum HeadError {
+    /// Not JSON, or a required field is missing or has the wrong type.
     #[error("invalid head record: {0}")]
     Json(String),
+    /// Written by a newer larder, in a format version this one does not know.
     #[error("head record version {0} is newer than this larder understands ({VERSION})")]
     Version(u32),
+    /// A field parsed but holds an invalid value (the text says which).
     #[error("invalid head record: {0}")]
     Field(&'static str),
 }
 
 impl HeadRecord {
+    /// The record as pretty-printed JSON, as it is stored.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("a head record serialises")
     }
@@ -118,6 +124,8 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Whether the new record replaces the stored one (`First`, `FastForward`, `Rewritten`,
+    /// `BranchChanged`); every other decision leaves the stored record in place.
     pub fn replaces(self) -> bool {
         matches!(
             self,

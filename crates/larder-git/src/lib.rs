@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! Git snapshots for larder (docs/ARCHITECTURE.md, "Crates"): CI jobs restore a repository from a
 //! tar + zstd snapshot laid out exactly as `git clone` leaves it, instead of cloning it.
 //!
@@ -37,6 +39,8 @@ use serde::{Deserialize, Serialize};
 pub struct CommitId(String);
 
 impl CommitId {
+    /// Accepts exactly 40 or 64 lower-case hex digits; `None` for anything else (upper case, an
+    /// abbreviated id, a ref name).
     pub fn parse(s: &str) -> Option<CommitId> {
         let hex = s
             .bytes()
@@ -44,6 +48,7 @@ impl CommitId {
         (hex && (s.len() == 40 || s.len() == 64)).then(|| CommitId(s.to_string()))
     }
 
+    /// The full hex id.
     pub fn as_str(&self) -> &str {
         &self.0
     }

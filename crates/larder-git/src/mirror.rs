@@ -33,26 +33,42 @@ use thiserror::Error;
 /// The file inside the bare repository that says what the mirror is and whether it is trusted.
 const STATE_FILE: &str = "larder-mirror.json";
 
+/// Why a mirror could not be opened, fetched or queried.
 #[derive(Debug, Error)]
 pub enum MirrorError {
     /// The upstream did not answer (network, authentication, missing repository); the mirror
     /// was left as it was.
     #[error("upstream {upstream} did not answer")]
-    Upstream { upstream: String, source: GitError },
+    Upstream {
+        /// The upstream's URL.
+        upstream: String,
+        /// The failed `ls-remote` of its `HEAD`.
+        source: GitError,
+    },
     /// The mirror could not be brought up to date even after a rebuild.
     #[error("mirror of {upstream} could not be fetched cleanly")]
-    Fetch { upstream: String, source: GitError },
+    Fetch {
+        /// The upstream's URL.
+        upstream: String,
+        /// The last failed fetch or connectivity check.
+        source: GitError,
+    },
     /// The mirror has not fetched cleanly since it was (re)built, so it answers nothing.
     #[error("mirror of {0} has not fetched cleanly yet")]
     NotReady(String),
     /// A query to a trusted mirror failed.
     #[error(transparent)]
     Git(#[from] GitError),
+    /// The upstream or the mirror's answer makes no sense for a mirror: for example the upstream's
+    /// `HEAD` is not a branch, or a name is not a valid branch name.
     #[error("{0}")]
     Invalid(String),
+    /// The mirror's directory or its state file could not be created, read or written.
     #[error("mirror directory {path}")]
     Io {
+        /// The file or directory concerned.
         path: PathBuf,
+        /// The underlying I/O error.
         source: std::io::Error,
     },
 }
@@ -133,14 +149,17 @@ impl Mirror {
         Ok(mirror)
     }
 
+    /// The directory of the bare repository.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The upstream this mirrors.
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
     }
 
+    /// The git binary and defaults the mirror runs its commands with.
     pub fn git(&self) -> &Git {
         &self.git
     }

@@ -48,29 +48,46 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+/// Why a snapshot could not be made.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
+    /// The mirror could not be opened, fetched or queried.
     #[error(transparent)]
     Mirror(#[from] MirrorError),
     /// A git command failed; a failed clone can mean the mirror is corrupt.
     #[error("{0}")]
     Git(#[from] GitError),
+    /// The mirror does not hold `commit` (not fetched yet, or not in the upstream).
     #[error("commit {commit} is not in the mirror of {upstream}")]
-    UnknownCommit { commit: CommitId, upstream: String },
+    UnknownCommit {
+        /// The commit asked for.
+        commit: CommitId,
+        /// The upstream's URL.
+        upstream: String,
+    },
+    /// `commit` is in the mirror but not reachable from the default branch, so it is not
+    /// snapshotted.
     #[error("commit {commit} is not on {upstream}'s default branch {branch}")]
     NotOnDefaultBranch {
+        /// The commit asked for.
         commit: CommitId,
+        /// The upstream's default branch.
         branch: String,
+        /// The upstream's URL.
         upstream: String,
     },
     /// A file in `.git` names the mirror: publishing it would leak a server path and break
     /// the clone elsewhere. Never expected; checked because it is cheap.
     #[error("the snapshot's {0} refers to the mirror")]
     RefersToMirror(String),
+    /// A file of the checkout could not be created, read or listed.
     #[error("{what} {path}")]
     Io {
+        /// What was being done (`"cannot list"`, …); the message is `"{what} {path}"`.
         what: &'static str,
+        /// The file or directory concerned.
         path: PathBuf,
+        /// The underlying I/O error.
         source: io::Error,
     },
 }
@@ -247,6 +264,7 @@ impl Checkout {
         self.tmp.path().join("repo")
     }
 
+    /// The commit checked out.
     pub fn commit(&self) -> &CommitId {
         &self.commit
     }
@@ -357,15 +375,20 @@ pub type ArchiveStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 
 /// An archive being made: read `body`; `finished` ends when the archiver does.
 pub struct SnapshotStream {
+    /// The tar + zstd archive as it is produced; if archiving fails, its last item is the error.
     pub body: ArchiveStream,
+    /// Resolves when the archiver is done, with what went into the archive or why it failed.
     pub finished: tokio::task::JoinHandle<Result<ArchiveStats, SnapshotError>>,
 }
 
 /// What went into an archive.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ArchiveStats {
+    /// Regular files archived.
     pub files: u64,
+    /// Directories archived.
     pub dirs: u64,
+    /// Symbolic links archived.
     pub symlinks: u64,
     /// Sum of the regular files' sizes.
     pub input_bytes: u64,

@@ -29,25 +29,34 @@ use thiserror::Error;
 /// credential.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum UpstreamError {
+    /// Not a URL at all, or one without a host (the text is the parser's reason).
     #[error("not a URL: {0}")]
     Syntax(String),
+    /// A scheme other than `http` or `https` (the text is the scheme).
     #[error("unsupported scheme {0:?}: upstreams are http:// or https:// URLs")]
     Scheme(String),
     #[error(
         "the URL carries a user name or password; configure upstream credentials in git \
          (a credential helper or http.extraHeader) instead"
     )]
+    /// The URL carries a user name or a password.
     Credentials,
+    /// The URL has a `?query` or a `#fragment`.
     #[error("the URL has a query or a fragment, which a repository URL does not need")]
     QueryOrFragment,
+    /// The URL names a host but no repository path.
     #[error("the URL has no repository path")]
     EmptyPath,
+    /// A path segment is empty, `.` or `..`, also when percent-encoded.
     #[error("the URL path has an empty, '.' or '..' segment (also percent-encoded)")]
     Segment,
+    /// The URL contains a backslash or a control character.
     #[error("the URL path has a backslash or a control character")]
     Character,
+    /// The URL's storage-key prefix would be longer than 400 bytes.
     #[error("the URL is too long to name storage keys (at most {MAX_PREFIX} bytes escaped)")]
     TooLong,
+    /// A route or a storage-key prefix does not name an upstream (the text says why).
     #[error("not a route: {0}")]
     Route(String),
 }
@@ -55,11 +64,14 @@ pub enum UpstreamError {
 /// An upstream's scheme.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scheme {
+    /// `http://`
     Http,
+    /// `https://`
     Https,
 }
 
 impl Scheme {
+    /// The scheme as written in a URL: `"http"` or `"https"`.
     pub fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",
@@ -82,6 +94,8 @@ pub struct Upstream {
 const MAX_PREFIX: usize = 400;
 
 impl Upstream {
+    /// Parses and normalises an upstream URL (lower-case host, default port dropped, trailing `/`
+    /// stripped), refusing anything [`UpstreamError`] lists.
     pub fn parse(raw: &str) -> Result<Upstream, UpstreamError> {
         if raw.bytes().any(|b| b == b'\\' || b.is_ascii_control()) {
             return Err(UpstreamError::Character);
@@ -178,6 +192,7 @@ impl Upstream {
         Ok(upstream)
     }
 
+    /// The URL's scheme.
     pub fn scheme(&self) -> Scheme {
         self.scheme
     }
@@ -337,7 +352,9 @@ pub const DEFAULT_NAMESPACE: &str = "git";
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("invalid --git-allow pattern {pattern:?}: {reason}")]
 pub struct PatternError {
+    /// The pattern as given.
     pub pattern: String,
+    /// Why it was refused, one line.
     pub reason: String,
 }
 
@@ -366,6 +383,8 @@ pub struct AllowList {
 }
 
 impl AllowList {
+    /// Parses `URLGLOB[=namespace]` patterns (namespace `git` when omitted); the first invalid one
+    /// is the error.
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<AllowList, PatternError> {
         let rules = patterns
             .iter()
@@ -374,6 +393,7 @@ impl AllowList {
         Ok(AllowList { rules })
     }
 
+    /// Whether no pattern was given, so that no upstream is served.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }

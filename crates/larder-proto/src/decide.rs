@@ -13,7 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// The validators of the current revision of a key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Validators {
+    /// Strong ETag of the revision: the BLAKE3 digest of its bytes.
     pub etag: ETag,
+    /// Length of the revision's body in bytes; ranges are resolved against it.
     pub size: u64,
     /// Whole seconds (HTTP dates have no finer resolution).
     pub last_modified: SystemTime,
@@ -23,13 +25,18 @@ pub struct Validators {
 /// are None (RFC 9110 says to ignore them); a malformed `Range` is None (ignored).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReadConditions {
+    /// `If-Match`: the read proceeds only if the current ETag strongly matches (or `*`).
     pub if_match: Option<TagList>,
+    /// `If-None-Match`: a weak match with the current ETag answers 304.
     pub if_none_match: Option<TagList>,
+    /// `If-Modified-Since`; consulted only when `if_none_match` is absent.
     pub if_modified_since: Option<SystemTime>,
+    /// `If-Unmodified-Since`; consulted only when `if_match` is absent.
     pub if_unmodified_since: Option<SystemTime>,
     /// Raw `If-Range` value: an entity-tag (strong comparison), or anything else, which never
     /// matches (see `if_range_holds`).
     pub if_range: Option<String>,
+    /// `Range`, when it is one syntactically valid byte range.
     pub range: Option<RangeSpec>,
 }
 
@@ -191,11 +198,14 @@ fn strong_list(etag: &ETag) -> TagList {
 /// The preconditions of a PUT.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WritePrecondition {
+    /// `If-Match`: the write needs a current revision that strongly matches (or any, for `*`).
     pub if_match: Option<TagList>,
+    /// `If-None-Match`: `*` means create only; a list fails on a weak match with the current ETag.
     pub if_none_match: Option<TagList>,
 }
 
 impl WritePrecondition {
+    /// Builds the precondition from raw header values (`None` = header absent).
     pub fn from_headers(if_match: Option<&str>, if_none_match: Option<&str>) -> WritePrecondition {
         WritePrecondition {
             if_match: if_match.map(TagList::parse),
@@ -218,9 +228,12 @@ impl WritePrecondition {
     }
 }
 
+/// What [`decide_write`] says about a PUT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
+    /// The preconditions hold: commit the new revision.
     Proceed,
+    /// 412: a precondition is false; the current revision stays.
     PreconditionFailed,
 }
 

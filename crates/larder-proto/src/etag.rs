@@ -45,6 +45,7 @@ impl ETag {
         ETag(s)
     }
 
+    /// The raw 32-byte digest; the inverse of [`ETag::from_bytes`].
     pub fn to_bytes(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
         for (o, pair) in out.iter_mut().zip(self.0.as_bytes().chunks_exact(2)) {
@@ -108,6 +109,7 @@ pub struct InvalidETag;
 /// One entity tag as it appears in a request header: `"abc"` or `W/"abc"`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntityTag {
+    /// True for a weak tag (`W/"..."`), which never matches in a strong comparison.
     pub weak: bool,
     /// The opaque tag without quotes.
     pub tag: String,
@@ -179,6 +181,7 @@ impl std::fmt::Display for EntityTag {
 /// The value of `If-Match` or `If-None-Match`: `*` or a comma-separated list of entity tags.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TagList {
+    /// `*`: matches any current revision, and none when the key does not exist.
     Any,
     /// Malformed members are dropped while parsing, so a header made only of garbage becomes an
     /// empty list, which matches nothing.
@@ -186,6 +189,7 @@ pub enum TagList {
 }
 
 impl TagList {
+    /// Parses a header value; never fails: malformed members are dropped (see [`TagList::Tags`]).
     pub fn parse(header: &str) -> TagList {
         if trim_ows(header) == "*" {
             return TagList::Any;

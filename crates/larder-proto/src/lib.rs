@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! Protocol pieces shared by the `larderd` server and the `larder` client.
 //!
 //! Everything here is pure: parsing and validating namespaces and keys, strong content-digest

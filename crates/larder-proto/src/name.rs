@@ -9,24 +9,33 @@ use thiserror::Error;
 /// Why a namespace or key was refused; the Display text is the one-line reason sent with a 400.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum NameError {
+    /// The namespace does not match `[a-z0-9][a-z0-9_-]{0,63}`.
     #[error("invalid namespace: must match [a-z0-9][a-z0-9_-]{{0,63}}")]
     Namespace,
+    /// The key is the empty string.
     #[error("invalid key: empty")]
     KeyEmpty,
+    /// The key is longer than 512 bytes after percent-decoding.
     #[error("invalid key: longer than 512 bytes")]
     KeyTooLong,
+    /// A `%` in the URL path is not followed by two hex digits.
     #[error("invalid key: bad percent-encoding")]
     KeyEncoding,
+    /// A byte outside `[A-Za-z0-9._~-]` and `/` (including any non-ASCII byte).
     #[error("invalid key: only A-Z a-z 0-9 . _ ~ - and / are allowed")]
     KeyCharacter,
+    /// A `/`-separated segment is empty, `.` or `..`.
     #[error("invalid key: empty, '.' or '..' path segment")]
     KeySegment,
 }
 
+/// A validated namespace: matches `[a-z0-9][a-z0-9_-]{0,63}`, so it is safe as a directory name,
+/// an S3 key prefix and a URL path segment without escaping.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Namespace(String);
 
 impl Namespace {
+    /// Validates `s`; the error's `Display` is the reason to send with a 400.
     pub fn parse(s: &str) -> Result<Namespace, NameError> {
         let b = s.as_bytes();
         let first_ok = matches!(b.first(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit());
@@ -40,6 +49,7 @@ impl Namespace {
         }
     }
 
+    /// The namespace as given.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -59,6 +69,8 @@ impl std::str::FromStr for Namespace {
     }
 }
 
+/// A validated, percent-decoded key: 1–512 bytes of `[A-Za-z0-9._~-]` and `/`, with no empty,
+/// `.` or `..` segment, so it is safe in file names, S3 keys and log lines without escaping.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(String);
 
@@ -90,6 +102,7 @@ impl Key {
         Ok(Key(key))
     }
 
+    /// The decoded key, as stored (never percent-encoded).
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -18,7 +18,9 @@ pub enum RangeSpec {
 /// A satisfiable range resolved against a length: `start..start+len`, `len >= 1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteRange {
+    /// Offset of the first byte.
     pub start: u64,
+    /// Number of bytes, at least 1.
     pub len: u64,
 }
 

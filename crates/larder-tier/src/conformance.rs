@@ -15,6 +15,7 @@ use larder_proto::{
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The tier under test, as every scenario takes it.
 pub type TierRef = Arc<dyn Tier>;
 
 /// The list of scenarios; the macro below must name each of them.
@@ -65,6 +66,7 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// `data` as an [`UploadStream`] of 64 KiB chunks.
 pub fn upload(data: Vec<u8>) -> UploadStream {
     let chunks: Vec<Result<Bytes, std::io::Error>> = data
         .chunks(64 * 1024)
@@ -128,6 +130,7 @@ async fn get_verified(t: &TierRef, ns: &Namespace, k: &Key) -> Result<(ETag, Vec
     Ok((r.meta.etag, body))
 }
 
+/// Bodies from 0 bytes to 3 MiB come back byte for byte with the ETag the write returned.
 pub async fn roundtrip_of_various_sizes(t: TierRef) {
     let ns = ns();
     for (i, size) in [0usize, 1, 4095, 64 * 1024, (1 << 20) + 17, 3 << 20]
@@ -143,6 +146,7 @@ pub async fn roundtrip_of_various_sizes(t: TierRef) {
     }
 }
 
+/// A missing key is `NotFound` whatever the `If-Match`, `If-None-Match` or `Range` of the read.
 pub async fn missing_key_is_not_found_whatever_preconditions(t: TierRef) {
     let ns = ns();
     let k = key("missing");
@@ -169,6 +173,7 @@ pub async fn missing_key_is_not_found_whatever_preconditions(t: TierRef) {
     }
 }
 
+/// The ETag is the BLAKE3 digest of the body, so identical bytes under two keys share it.
 pub async fn etag_is_the_content_digest(t: TierRef) {
     let ns = ns();
     let data = pattern(100_000, 7);
@@ -178,6 +183,7 @@ pub async fn etag_is_the_content_digest(t: TierRef) {
     assert_eq!(a, b, "identical bytes get identical ETags");
 }
 
+/// A second write of a key reports `created: false`, and reads then serve the new revision.
 pub async fn overwrite_reports_replaced_and_serves_new_revision(t: TierRef) {
     let ns = ns();
     let k = key("k");
@@ -197,6 +203,8 @@ pub async fn overwrite_reports_replaced_and_serves_new_revision(t: TierRef) {
     assert_eq!(etag, second.etag);
 }
 
+/// `first-last`, `first-`, `-suffix` and over-long ranges are served as 206 with the right bytes,
+/// also across read-chunk boundaries; a malformed range gets the whole body.
 pub async fn range_reads_in_all_forms(t: TierRef) {
     let ns = ns();
     let k = key("r");
@@ -235,6 +243,7 @@ pub async fn range_reads_in_all_forms(t: TierRef) {
     assert_eq!(body.len() as u64, n);
 }
 
+/// Ranges starting at or past the end, and `bytes=-0`, are 416 with no body.
 pub async fn unsatisfiable_range(t: TierRef) {
     let ns = ns();
     let k = key("u");
@@ -247,6 +256,7 @@ pub async fn unsatisfiable_range(t: TierRef) {
     }
 }
 
+/// A read pinned to a replaced revision is 412 with the current ETag and no byte of either.
 pub async fn pinned_read_of_stale_etag_fails_with_current(t: TierRef) {
     let ns = ns();
     let k = key("p");
@@ -262,6 +272,7 @@ pub async fn pinned_read_of_stale_etag_fails_with_current(t: TierRef) {
     );
 }
 
+/// A ranged read pinned to the current revision is 206 with that revision's bytes.
 pub async fn pinned_range_read_of_current_etag_succeeds(t: TierRef) {
     let ns = ns();
     let k = key("pin/ok");
@@ -279,6 +290,8 @@ pub async fn pinned_range_read_of_current_etag_succeeds(t: TierRef) {
     assert!(body == data[range.start as usize..(range.start + range.len) as usize]);
 }
 
+/// `If-None-Match` with the ETag (strong or weak), `*` or a list containing it is 304; another
+/// tag gets the whole body.
 pub async fn if_none_match_gives_not_modified(t: TierRef) {
     let ns = ns();
     let k = key("inm");
@@ -302,6 +315,7 @@ pub async fn if_none_match_gives_not_modified(t: TierRef) {
     assert_eq!(body, b"hello");
 }
 
+/// A HEAD gets the outcome a GET would get, and never a body.
 pub async fn head_decides_like_get_without_body(t: TierRef) {
     let ns = ns();
     let k = key("h");
@@ -338,6 +352,7 @@ pub async fn head_decides_like_get_without_body(t: TierRef) {
     }
 }
 
+/// A second create-only write is 412 with the current ETag and changes nothing.
 pub async fn create_only_put(t: TierRef) {
     let ns = ns();
     let k = key("c");
@@ -363,6 +378,8 @@ pub async fn create_only_put(t: TierRef) {
     );
 }
 
+/// `If-Match` writes: 412 on a missing key or a stale ETag (with the current one), success on the
+/// current ETag or `*`.
 pub async fn compare_and_swap_put(t: TierRef) {
     let ns = ns();
     let k = key("cas");
@@ -410,6 +427,7 @@ pub async fn compare_and_swap_put(t: TierRef) {
     assert_eq!(get_verified(&t, &ns, &k).await.unwrap().1, b"v4");
 }
 
+/// Deleting reports whether there was something to delete; afterwards the key is not found.
 pub async fn delete_is_idempotent(t: TierRef) {
     let ns = ns();
     let k = key("d");
@@ -420,6 +438,7 @@ pub async fn delete_is_idempotent(t: TierRef) {
     assert_eq!(err.kind, ErrorKind::NotFound);
 }
 
+/// An expired revision is not served, and a create-only write treats its key as absent.
 pub async fn ttl_expiry_hides_revision(t: TierRef) {
     let ns = ns();
     let k = key("ttl");
@@ -449,6 +468,7 @@ pub async fn ttl_expiry_hides_revision(t: TierRef) {
         .expect("an expired key counts as absent");
 }
 
+/// Headers stored with a revision come back in its metadata, in order.
 pub async fn stored_headers_roundtrip(t: TierRef) {
     let ns = ns();
     let k = key("hdr");
@@ -475,6 +495,7 @@ pub async fn stored_headers_roundtrip(t: TierRef) {
     assert_eq!(r.meta.headers, headers);
 }
 
+/// A body over `max_size` fails with `TooLarge` and leaves the previous revision in place.
 pub async fn too_large_upload_stores_nothing(t: TierRef) {
     let ns = ns();
     let k = key("big");
@@ -496,6 +517,7 @@ pub async fn too_large_upload_stores_nothing(t: TierRef) {
     );
 }
 
+/// A body stream that ends in an error fails with `BodyAborted`, and nothing becomes visible.
 pub async fn aborted_upload_stores_nothing(t: TierRef) {
     let ns = ns();
     let k = key("abort");
@@ -524,6 +546,7 @@ pub async fn aborted_upload_stores_nothing(t: TierRef) {
     );
 }
 
+/// A namespace's listing counts its keys and the bytes of their bodies.
 pub async fn list_namespaces_counts_objects(t: TierRef) {
     let ns = ns();
     put(&t, &ns, &key("a"), vec![1; 10]).await;
@@ -536,6 +559,7 @@ pub async fn list_namespaces_counts_objects(t: TierRef) {
     assert_eq!((mine.objects, mine.bytes), (2, 30));
 }
 
+/// Of eight concurrent create-only writes of one key exactly one wins, and its revision is served.
 pub async fn concurrent_create_only_has_one_winner(t: TierRef) {
     let ns = ns();
     let k = key("race");
@@ -562,6 +586,8 @@ pub async fn concurrent_create_only_has_one_winner(t: TierRef) {
     assert_eq!(get_verified(&t, &ns, &k).await.unwrap().0, winners[0]);
 }
 
+/// Readers racing writers of one key always get bytes that hash to the ETag served with them,
+/// and a pinned range read either matches its revision or is 412 without a body.
 pub async fn concurrent_writers_and_readers_never_mix_revisions(t: TierRef) {
     let ns = ns();
     let k = key("hot/key");

@@ -6,6 +6,8 @@ use larder_proto::ETag;
 use std::fmt;
 use std::sync::Arc;
 
+/// What went wrong, independent of the backend; decides the HTTP status ([`ErrorKind::status`])
+/// and who is to blame ([`TierError::fault`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
     /// No current revision (404).
@@ -71,8 +73,11 @@ pub enum Fault {
     Dependency,
 }
 
+/// A tier failure: its [`ErrorKind`], a one-line message safe to show the client, and the
+/// underlying cause kept for logs only (see [`TierError::chain`]).
 #[derive(Clone, Debug)]
 pub struct TierError {
+    /// What went wrong; match on this, never on the message.
     pub kind: ErrorKind,
     /// One line, safe to send to the client.
     pub message: String,
@@ -84,6 +89,7 @@ pub struct TierError {
 }
 
 impl TierError {
+    /// An error of `kind` with a client-safe `message`, no current ETag and no source.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> TierError {
         TierError {
             kind,
@@ -102,9 +108,12 @@ impl TierError {
         self
     }
 
+    /// `NotFound` with the standard message: the key has no current revision.
     pub fn not_found() -> TierError {
         TierError::new(ErrorKind::NotFound, "no such object")
     }
+    /// `PreconditionFailed` carrying `current`, the ETag of the current revision (`None` when the
+    /// key does not exist), which the message names too.
     pub fn precondition_failed(current: Option<ETag>) -> TierError {
         let message = match &current {
             Some(etag) => format!("precondition failed: current ETag is {etag}"),
@@ -115,6 +124,7 @@ impl TierError {
             ..TierError::new(ErrorKind::PreconditionFailed, message)
         }
     }
+    /// `Internal` (500) with the message `"{context}: {err}"`; for bugs and unexpected failures.
     pub fn internal(context: &str, err: impl fmt::Display) -> TierError {
         TierError::new(ErrorKind::Internal, format!("{context}: {err}"))
     }

@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! The storage tiers of larder and the one abstraction they share.
 //!
 //! A [`Tier`] stores revisions of objects under `(namespace, key)`. Every method takes an

@@ -22,16 +22,21 @@ pub type UploadStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>>
 /// The metadata of one revision. It travels with the bytes as a unit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
+    /// Strong ETag: the BLAKE3 digest of the revision's bytes, identical on every tier.
     pub etag: ETag,
+    /// Length of the whole body in bytes (not of the range being served).
     pub size: u64,
     /// Commit time, whole seconds.
     pub last_modified: SystemTime,
+    /// When the revision expires (write time plus its TTL); from then on the key reads as not
+    /// found.
     pub expires: SystemTime,
     /// Stored response headers (already filtered by the allow-list), lower-case names.
     pub headers: Vec<(String, String)>,
 }
 
 impl ObjectMeta {
+    /// The validators [`larder_proto::decide_read`] and [`larder_proto::decide_write`] decide on.
     pub fn validators(&self) -> Validators {
         Validators {
             etag: self.etag.clone(),
@@ -41,8 +46,10 @@ impl ObjectMeta {
     }
 }
 
+/// Options of [`Tier::get`]; the default is an unconditional GET of the whole body.
 #[derive(Clone, Debug, Default)]
 pub struct GetOptions {
+    /// The conditional and range headers the read is decided against.
     pub conditions: ReadConditions,
     /// HEAD: decide exactly as for GET, but open no body.
     pub head: bool,
@@ -51,8 +58,12 @@ pub struct GetOptions {
 /// A decided read. `outcome` is never `NotFound` (that is `Err(ErrorKind::NotFound)`); `body`
 /// is present exactly when the outcome is `Full` or `Partial` and the request is not a HEAD.
 pub struct GetResponse {
+    /// How the read was decided; never [`ReadOutcome::NotFound`].
     pub outcome: ReadOutcome,
+    /// Metadata of the revision the outcome was decided against (for a 412, the current one).
     pub meta: ObjectMeta,
+    /// The bytes of `outcome.body_range(meta.size)`, from that same revision; `None` for a HEAD or
+    /// an outcome without a body.
     pub body: Option<BodyStream>,
     /// The tier the answer came from (`"disk"`, `"s3"`): for logs and per-tier byte counts.
     pub source: &'static str,
@@ -69,10 +80,13 @@ impl std::fmt::Debug for GetResponse {
     }
 }
 
+/// Options of [`Tier::put`]. The default is an unconditional write with a 7-day TTL, no stored
+/// headers and no size limit.
 #[derive(Clone, Debug)]
 pub struct PutOptions {
     /// Time to live, already clamped to the configured maximum.
     pub ttl: Duration,
+    /// `If-Match` / `If-None-Match` of the write, checked at commit time; a failure stores nothing.
     pub precondition: WritePrecondition,
     /// Headers to store with the revision (already filtered by the allow-list).
     pub headers: Vec<(String, String)>,
@@ -100,32 +114,50 @@ impl Default for PutOptions {
     }
 }
 
+/// The revision a successful [`Tier::put`] committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PutResult {
+    /// Strong ETag of the new revision: the BLAKE3 digest of the bytes received.
     pub etag: ETag,
+    /// Length of the stored body in bytes.
     pub size: u64,
     /// True when the key had no current revision before this write.
     pub created: bool,
 }
 
+/// One namespace and what its current revisions occupy, as [`Tier::list_namespaces`] reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NamespaceUsage {
+    /// The namespace.
     pub name: String,
+    /// Number of keys with a current revision.
     pub objects: u64,
+    /// Sum of the body sizes of those revisions, in bytes.
     pub bytes: u64,
 }
 
+/// Occupancy and counters of one tier, as [`Tier::stats`] reports them (serialised for the stats
+/// endpoint).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TierStats {
+    /// The tier's name (`"disk"`, `"s3"`).
     pub tier: String,
+    /// Number of revisions held.
     pub objects: u64,
+    /// Bytes those revisions occupy.
     pub bytes: u64,
+    /// The configured size limit in bytes, if the tier has one (omitted from JSON when `None`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
+    /// Revisions evicted to stay under `limit` since the process started.
     pub evictions: u64,
+    /// Expired revisions removed since the process started.
     pub expirations: u64,
 }
 
+/// A store of object revisions under `(namespace, key)`: the disk tier, the S3 tier and the
+/// tiered cache all implement it, and the server only talks to a `dyn Tier`. Every read is
+/// decided against the revision actually opened, and every write commits whole or not at all.
 #[async_trait]
 pub trait Tier: Send + Sync + 'static {
     /// A short name for logs, metrics and stats ("disk", "s3", "tiered").
@@ -153,8 +185,11 @@ pub trait Tier: Send + Sync + 'static {
     /// Removes the key; `Ok(false)` when there was nothing to remove.
     async fn delete(&self, ns: &Namespace, key: &Key) -> Result<bool, TierError>;
 
+    /// The namespaces the tier holds objects in, each with its object count and total bytes.
     async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError>;
 
+    /// One [`TierStats`] per underlying tier (a tiered cache reports its local tier, then its
+    /// remote).
     async fn stats(&self) -> Result<Vec<TierStats>, TierError>;
 
     /// Drops copies held locally (a cache tier's copy), leaving the authoritative tier alone.

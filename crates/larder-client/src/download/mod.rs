@@ -102,6 +102,7 @@ pub struct DownloadOptions {
     /// flush (30–50 % of a 100,000-file restore on 2 cores) where the disk does not outlive
     /// the machine, as on ephemeral CI runners; the kernel then writes the data back later.
     pub sync: bool,
+    /// Shows bytes received; hidden by default.
     pub progress: Progress,
 }
 
@@ -122,9 +123,11 @@ impl Default for DownloadOptions {
 /// One replica's share of a download.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaUsage {
+    /// The replica's server URL, as used in messages.
     pub url: String,
     /// Body bytes received from it, including those of attempts that later failed.
     pub bytes: u64,
+    /// Requests to it that failed; after each one it is given no range for a while.
     pub failures: u64,
     /// It served another revision than the one pinned, so the (last) attempt went on without it.
     pub diverged: bool,
@@ -133,6 +136,7 @@ pub struct ReplicaUsage {
 /// What a finished download did.
 #[derive(Clone, Debug)]
 pub struct DownloadSummary {
+    /// The revision that was downloaded (after the last restart).
     pub info: ObjectInfo,
     /// Fresh discoveries after the object changed.
     pub restarts: u32,
@@ -141,8 +145,11 @@ pub struct DownloadSummary {
     /// Slow ranges asked again from another replica, and how many of those second requests
     /// answered first.
     pub hedged: u64,
+    /// Hedged requests that answered before the request they duplicated.
     pub hedges_won: u64,
+    /// Wall-clock time of the whole download, restarts included.
     pub elapsed: Duration,
+    /// Each replica's share, in the order the replicas were given.
     pub replicas: Vec<ReplicaUsage>,
 }
 
@@ -158,6 +165,8 @@ const MAX_CHUNK_SIZE: u64 = 1 << 30;
 const MAX_CONCURRENCY: usize = 256;
 
 impl Downloader {
+    /// Checks the options (1 to 256 concurrent ranges, chunks of 1 byte to 1 GiB, a positive idle
+    /// timeout) and that there is at least one replica; `InvalidInput` otherwise.
     pub fn new(replicas: Vec<Client>, opts: DownloadOptions) -> Result<Downloader, Error> {
         if replicas.is_empty() {
             return Err(Error::InvalidInput("no server URL given".into()));
@@ -182,6 +191,7 @@ impl Downloader {
         Ok(Downloader { replicas, opts })
     }
 
+    /// The options downloads run with.
     pub fn options(&self) -> &DownloadOptions {
         &self.opts
     }

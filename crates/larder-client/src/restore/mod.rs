@@ -50,6 +50,8 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use unpack::{Stats, extract};
 
+/// Options of [`Downloader::restore`](crate::Downloader::restore); the default refuses an existing
+/// target, refuses symlinks that leave the tree, and runs no [`Prepare`] step.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// Replace an existing target (file or directory); without it an existing target is an
@@ -80,10 +82,15 @@ impl std::fmt::Debug for Prepare {
 /// What a restore placed.
 #[derive(Clone, Debug)]
 pub struct RestoreSummary {
+    /// How the archive was downloaded.
     pub download: DownloadSummary,
+    /// Regular files written.
     pub files: u64,
+    /// Directories created.
     pub dirs: u64,
+    /// Symbolic links created.
     pub symlinks: u64,
+    /// Hard links created (to files of the archive already written).
     pub hardlinks: u64,
     /// Sum of the regular files' sizes.
     pub bytes: u64,

@@ -50,8 +50,11 @@ const OPEN_CACHE_ENTRIES: usize = 256;
 /// How much of a file the first read takes: the header plus, for small objects, the whole body.
 const FIRST_READ: usize = 16 * 1024;
 
+/// Settings of a [`DiskTier`]; [`DiskConfig::new`] gives the defaults for a directory.
 #[derive(Clone, Debug)]
 pub struct DiskConfig {
+    /// Directory the tier owns (created if missing): revision files under `objects/`, temp files
+    /// under `tmp/`. Nothing else may write there.
     pub dir: PathBuf,
     /// Total bytes of revision files allowed; the least recently read are evicted beyond it.
     pub limit: Option<u64>,
@@ -65,6 +68,8 @@ pub struct DiskConfig {
 }
 
 impl DiskConfig {
+    /// Defaults for `dir`: no size limit, 1 MiB reads, one chunk of read-ahead, a sweep every
+    /// minute.
     pub fn new(dir: impl Into<PathBuf>) -> DiskConfig {
         DiskConfig {
             dir: dir.into(),
@@ -122,6 +127,9 @@ impl UnsyncedUnlinks {
     }
 }
 
+/// The local disk tier (see the [module documentation](crate::disk)): one immutable file per
+/// revision, an in-memory index for the size limit and eviction, and a background sweeper of
+/// expired revisions. Cloning is cheap and shares the same tier.
 #[derive(Clone)]
 pub struct DiskTier {
     inner: Arc<Inner>,

@@ -14,17 +14,24 @@ use std::time::Duration;
 /// S3 rejects multipart parts smaller than this (except the last one).
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 
+/// Settings of an [`S3Tier`](crate::S3Tier): where the bucket is, credentials, and the client's
+/// sizes, concurrency and time limits. [`S3Config::new`] gives the defaults; `Debug` redacts the
+/// secret and the session token.
 #[derive(Clone)]
 pub struct S3Config {
+    /// Bucket name; must not be empty.
     pub bucket: String,
     /// An S3-compatible endpoint (`http://127.0.0.1:9000`); `None` means AWS itself.
     pub endpoint: Option<String>,
+    /// Region to sign requests for; `us-east-1` by default.
     pub region: String,
     /// Key prefix inside the bucket ("" or e.g. `larder/prod`), without leading or trailing `/`.
     pub prefix: String,
     /// `None` lets `object_store` find credentials itself (instance metadata, web identity).
     pub access_key_id: Option<String>,
+    /// The secret paired with `access_key_id`; never shown by `Debug`.
     pub secret_access_key: Option<String>,
+    /// Session token of temporary credentials, if any; never shown by `Debug`.
     pub session_token: Option<String>,
     /// Required for `http://` endpoints (loopback test servers, in-cluster MinIO).
     pub allow_http: bool,

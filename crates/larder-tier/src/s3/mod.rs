@@ -2,7 +2,7 @@
 //!
 //! S3 offers no way to change an object's metadata and bytes together under a precondition
 //! except by rewriting the whole object, and no way to read a key pinned to a revision except
-//! `If-Match` on S3's own ETag. So a key is split in two (see [`layout`]): its bytes go into an
+//! `If-Match` on S3's own ETag. So a key is split in two (see `layout`): its bytes go into an
 //! immutable body object with a name used exactly once, and its revision — larder's ETag, size,
 //! headers, expiry and the body's name — into a small reference object that is written last with
 //! a conditional PUT. Committing a revision is therefore one atomic compare-and-swap of a small
@@ -62,14 +62,22 @@ pub enum ConditionalPut {
 /// What one [`S3Tier::reap`] pass removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReapReport {
+    /// Unreferenced body objects deleted because their grace period had passed.
     pub bodies_deleted: u64,
+    /// Total size in bytes of the deleted bodies.
     pub bytes_freed: u64,
+    /// Reference objects deleted because their revision had expired (and was not replaced
+    /// meanwhile).
     pub expired_refs_deleted: u64,
+    /// Retirement markers deleted: those of deleted bodies, and stale ones whose body no longer
+    /// exists.
     pub markers_deleted: u64,
     /// Unreferenced bodies kept because their grace period has not passed yet.
     pub bodies_in_grace: u64,
 }
 
+/// The authoritative S3 tier (see the [module documentation](crate::s3)); built with
+/// [`S3Tier::connect`]. Cloning is cheap and shares the same client.
 #[derive(Clone)]
 pub struct S3Tier {
     inner: Arc<Inner>,
@@ -190,6 +198,7 @@ impl S3Tier {
         Ok(tier)
     }
 
+    /// The settings the tier was connected with.
     pub fn config(&self) -> &S3Config {
         &self.inner.config
     }
@@ -797,7 +806,7 @@ impl Tier for S3Tier {
     }
 
     /// Lists and reads every reference object: one request per key, so the result is reused
-    /// for a few seconds (see [`USAGE_TTL`]).
+    /// for a few seconds (see `USAGE_TTL`).
     async fn list_namespaces(&self) -> Result<Vec<NamespaceUsage>, TierError> {
         Ok(self
             .inner

@@ -11,9 +11,9 @@
 //!   less than `revalidate_after` ago. After that one small remote read (the reference) tells
 //!   whether the local copy is still current; replicas therefore converge on the newest
 //!   revision within the window, and a remote failure outside it is a 503, never stale bytes
-//!   presented as current. Reads never go backwards on one replica (see [`knowledge`]).
+//!   presented as current. Reads never go backwards on one replica (see `knowledge`).
 //! - Whatever the remote tier serves starts one background fill of the local tier per key and
-//!   revision (see [`fill`]), pinned to the served ETag, verified against the digest, and
+//!   revision (see `fill`), pinned to the served ETag, verified against the digest, and
 //!   committed only when complete and only if no delete or newer revision was seen meanwhile.
 //!
 //! Writes stream to both tiers at once; the remote tier commits first and decides the
@@ -59,6 +59,8 @@ struct Inner<L: CacheTier> {
 const REMOTE_DOWN_BACKOFF: Duration = Duration::from_secs(1);
 
 impl<L: CacheTier> TieredTier<L> {
+    /// Puts `local` in front of `remote`. An unpinned read serves a local copy without asking the
+    /// remote while the remote was seen holding that revision less than `revalidate_after` ago.
     pub fn new(local: Arc<L>, remote: Arc<dyn Tier>, revalidate_after: Duration) -> TieredTier<L> {
         let keys = Arc::new(Keys::new(revalidate_after));
         let fills = Arc::new(FillContext {
