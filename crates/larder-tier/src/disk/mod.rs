@@ -18,15 +18,28 @@
 //! Reads are positioned reads of large chunks (`read_chunk`, 1 MiB by default) on the blocking
 //! pool with a little read-ahead, so memory stays flat in the object size; small objects come
 //! back from the very read that decoded the header.
+//!
+//! Files: this one holds the tier itself (reads, commits, deletes, eviction, expiry); `format`
+//! the revision file's header; `index` the in-memory index; `files` temp files, positioned reads
+//! and durable directory changes; `scan` the start-up scan; `spool` the `CacheTier` capability
+//! (spooling a copy from another tier while readers follow it); `pool` the read buffers.
 
+mod files;
 mod format;
 mod index;
 mod pool;
+mod scan;
+mod spool;
+
+use files::{
+    TempFile, create_dir_all_synced, names, read_cached_at, read_full_at, sync_dir, write_temp,
+};
+pub use spool::{Spool, StagedRevision};
 
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
     BodyStream, CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions,
-    PutResult, SpoolWrite, Tier, TierStats, UploadStream,
+    PutResult, Tier, TierStats, UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -37,12 +50,12 @@ use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, d
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// Open revisions kept for hot keys. Each holds a descriptor and up to `FIRST_READ` bytes.
 const OPEN_CACHE_ENTRIES: usize = 256;
@@ -133,20 +146,6 @@ impl UnsyncedUnlinks {
 #[derive(Clone)]
 pub struct DiskTier {
     inner: Arc<Inner>,
-}
-
-/// A temp file that removes itself unless it was renamed into place.
-struct TempFile {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
 }
 
 enum Upload {
@@ -275,58 +274,6 @@ impl Inner {
     /// against the file it replaces), only size accounting and eviction do. So a cold start with
     /// many objects costs no unavailability. Commits made during the scan win over what the scan
     /// found: the scan removes and indexes only files that its paths still name.
-    fn load_index(&self) -> Result<(), TierError> {
-        let started = std::time::Instant::now();
-        let scanned = scan(&self.objects)?;
-        let removed = self.remove_scanned(&scanned.doomed);
-        let added = self.index_scanned(&scanned.found);
-        let (objects, bytes) = {
-            let index = self.index.lock().unwrap();
-            (index.len(), index.total_bytes)
-        };
-        tracing::info!(
-            dir = %self.config.dir.display(),
-            objects,
-            bytes,
-            scanned = added,
-            removed_orphans = removed,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "disk tier index loaded"
-        );
-        self.evict_over_limit(None);
-        self.loaded.send_replace(true);
-        Ok(())
-    }
-
-    /// Removes what the scan found wanting, each file only if its path still names it: the
-    /// scan ran without the index lock, and a commit may have renamed a new revision onto the
-    /// path since.
-    fn remove_scanned(&self, doomed: &[(PathBuf, FileId)]) -> usize {
-        doomed
-            .iter()
-            .filter(|(path, file)| {
-                let index = self.index.lock().unwrap();
-                self.unlink_if_same(&index, path, *file)
-            })
-            .count()
-    }
-
-    /// Indexes what the scan found, unless a commit indexed the key since, or the path no
-    /// longer names the file the scan read (an entry must name the file its path holds).
-    fn index_scanned(&self, found: &[(EntryId, Entry)]) -> usize {
-        let mut added = 0;
-        for batch in found.chunks(1024) {
-            let mut index = self.index.lock().unwrap();
-            for (id, entry) in batch {
-                if index.get(id).is_none() && names(&self.path_of(&id.0, &id.1), entry.file) {
-                    index.insert(id.clone(), entry.clone());
-                    added += 1;
-                }
-            }
-        }
-        added
-    }
-
     /// The current revision's validators, from its file: the truth even while the index loads.
     fn current_validators(
         &self,
@@ -727,142 +674,6 @@ impl Inner {
     }
 }
 
-/// A new revision's temp file name and encoded header, decided before any byte arrives.
-struct Prepared {
-    temp: TempFile,
-    file: File,
-    header: Vec<u8>,
-}
-
-/// A revision being written that readers may follow: the body of the temp file at `path`
-/// starting at `body_offset`, of which `progress` bytes are in the file. The file is renamed
-/// into place when complete, which does not disturb a reader holding it open.
-#[derive(Clone)]
-pub struct Spool {
-    path: PathBuf,
-    body_offset: u64,
-    progress: watch::Receiver<u64>,
-}
-
-impl Inner {
-    fn prepare(&self, ns: &Namespace, key: &Key, opts: &PutOptions) -> Result<Prepared, TierError> {
-        let now = now_ms();
-        let expires_ms = now.saturating_add(opts.ttl.as_millis() as u64);
-        let meta = MetaJson {
-            ns: ns.as_str().to_string(),
-            key: key.as_str().to_string(),
-            headers: opts.headers.clone(),
-        };
-        let last_modified_s = opts.last_modified.map_or(now / 1000, |t| {
-            t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-        });
-        let header = format::encode_header(&meta, expires_ms, last_modified_s)
-            .map_err(|e| TierError::new(ErrorKind::InvalidInput, e))?;
-        let path = self.tmp.join(format!("{:016x}.tmp", rand::random::<u64>()));
-        // Created before any byte arrives, so that a reader following a spool finds the file.
-        let file = File::create_new(&path).map_err(|e| TierError::io("create temp file", &e))?;
-        Ok(Prepared {
-            temp: TempFile { path, armed: true },
-            file,
-            header,
-        })
-    }
-
-    async fn stage(
-        self: Arc<Self>,
-        ns: Namespace,
-        key: Key,
-        mut body: UploadStream,
-        opts: PutOptions,
-        prepared: Prepared,
-        progress: Option<watch::Sender<u64>>,
-    ) -> Result<StagedRevision, TierError> {
-        let Prepared { temp, file, header } = prepared;
-        let (tx, rx) = mpsc::channel(8);
-        let writer =
-            tokio::task::spawn_blocking(move || write_temp(temp, file, header, rx, progress));
-        let max = opts
-            .max_size
-            .unwrap_or(u64::MAX)
-            .min(self.config.limit.unwrap_or(u64::MAX));
-        let mut received = 0u64;
-        let mut failure = None;
-        while let Some(item) = body.next().await {
-            match item {
-                Ok(chunk) => {
-                    received += chunk.len() as u64;
-                    if received > max {
-                        failure = Some(if opts.max_size.is_some_and(|m| received > m) {
-                            TierError::new(
-                                ErrorKind::TooLarge,
-                                format!(
-                                    "body exceeds the maximum object size of {} bytes",
-                                    opts.max_size.unwrap_or(0)
-                                ),
-                            )
-                        } else {
-                            TierError::new(
-                                ErrorKind::InsufficientStorage,
-                                "object is larger than the disk tier's size limit",
-                            )
-                        });
-                        break;
-                    }
-                    if tx.send(Upload::Chunk(chunk)).await.is_err() {
-                        break; // the writer failed; its error is reported below
-                    }
-                }
-                Err(e) => {
-                    failure = Some(TierError::new(
-                        ErrorKind::BodyAborted,
-                        format!("request body failed: {e}"),
-                    ));
-                    break;
-                }
-            }
-        }
-        if failure.is_none() {
-            let _ = tx.send(Upload::Finish).await;
-        }
-        drop(tx);
-        let written = writer
-            .await
-            .map_err(|e| TierError::internal("disk write", e))?;
-        if let Some(f) = failure {
-            return Err(f);
-        }
-        let (temp, fixed) = written?;
-        if let Some(expected) = &opts.expect_etag
-            && fixed.etag() != *expected
-        {
-            return Err(TierError::new(
-                ErrorKind::Upstream,
-                format!(
-                    "copied body has ETag {} instead of {expected}",
-                    fixed.etag()
-                ),
-            ));
-        }
-        Ok(StagedRevision {
-            ns,
-            key,
-            temp,
-            fixed,
-            opts,
-        })
-    }
-}
-
-/// A revision written to a temp file and verified, not yet committed. Dropping it removes the
-/// temp file.
-pub struct StagedRevision {
-    ns: Namespace,
-    key: Key,
-    temp: TempFile,
-    fixed: Fixed,
-    opts: PutOptions,
-}
-
 struct OpenRevision {
     file: Arc<File>,
     /// Which revision this is, beyond its ETag (see `FileId`).
@@ -871,378 +682,6 @@ struct OpenRevision {
     meta: MetaJson,
     /// Body bytes that came with the header read.
     prefix: Bytes,
-}
-
-/// Reads what the page cache already holds at `offset` without blocking (`RWF_NOWAIT`), up to
-/// `buf.len()` bytes; returns how many it got (0 when nothing was cached or on any error, which
-/// the caller then meets again on the blocking path).
-fn read_cached_at(file: &File, buf: &mut [u8], offset: u64) -> usize {
-    use std::os::fd::AsRawFd;
-    let mut done = 0;
-    while done < buf.len() {
-        let iov = libc::iovec {
-            iov_base: buf[done..].as_mut_ptr().cast(),
-            iov_len: buf.len() - done,
-        };
-        // SAFETY: `iov` points into `buf`, which outlives the call; the descriptor is open.
-        let n = unsafe {
-            libc::preadv2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                (offset + done as u64) as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        done += n as usize;
-    }
-    done
-}
-
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
-/// Writes the temp file from the upload channel, hashing on the way, then patches the header,
-/// fsyncs, and hands back the still-armed temp file.
-fn write_temp(
-    temp: TempFile,
-    file: File,
-    header: Vec<u8>,
-    mut rx: mpsc::Receiver<Upload>,
-    progress: Option<watch::Sender<u64>>,
-) -> Result<(TempFile, Fixed), TierError> {
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    // Flushed at once, so that what BufWriter holds later is body only (see `progress`).
-    out.write_all(&header)
-        .and_then(|_| out.flush())
-        .map_err(|e| TierError::io("write temp file", &e))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut body_len = 0u64;
-    let mut finished = false;
-    while let Some(msg) = rx.blocking_recv() {
-        match msg {
-            Upload::Chunk(chunk) => {
-                hasher.update(&chunk);
-                body_len += chunk.len() as u64;
-                out.write_all(&chunk)
-                    .map_err(|e| TierError::io("write temp file", &e))?;
-                if let Some(p) = &progress {
-                    // What BufWriter still holds is not in the file yet.
-                    p.send_replace(body_len - out.buffer().len() as u64);
-                }
-            }
-            Upload::Finish => {
-                finished = true;
-                break;
-            }
-        }
-    }
-    if !finished {
-        return Err(TierError::new(ErrorKind::BodyAborted, "upload aborted"));
-    }
-    let file = out
-        .into_inner()
-        .map_err(|e| TierError::io("write temp file", e.error()))?;
-    if let Some(p) = &progress {
-        p.send_replace(body_len);
-    }
-    let etag = *hasher.finalize().as_bytes();
-    file.write_all_at(&body_len.to_le_bytes(), format::BODY_LEN_OFFSET)
-        .and_then(|_| file.write_all_at(&etag, format::ETAG_OFFSET))
-        .and_then(|_| file.sync_all())
-        .map_err(|e| TierError::io("write temp file", &e))?;
-    let mut fixed = Fixed::decode(&header).map_err(|e| TierError::internal("encode header", e))?;
-    fixed.body_len = body_len;
-    fixed.etag = etag;
-    Ok((temp, fixed))
-}
-
-/// fsyncs a directory, which makes the creation, rename or removal of its entries durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Whether `path` names `file` (without following a symlink).
-fn names(path: &Path, file: FileId) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|md| FileId::of(&md) == file)
-}
-
-/// `fs::create_dir_all` that also fsyncs the parent of each directory it creates.
-fn create_dir_all_synced(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    create_dir_all_synced(parent)?;
-    match fs::create_dir(dir) {
-        Ok(()) => sync_dir(parent),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// What the start-up scan found: complete, unexpired revisions to index (oldest commit first),
-/// and every other file with the file that was examined at its path, to be removed only if the
-/// path still names it.
-#[derive(Default)]
-struct Scanned {
-    found: Vec<(EntryId, Entry)>,
-    doomed: Vec<(PathBuf, FileId)>,
-}
-
-/// What one scanning thread found, with each revision's mtime for the LRU order.
-type ScanResult = (Vec<(EntryId, Entry, SystemTime)>, Vec<(PathBuf, FileId)>);
-
-/// Reads the object tree: which files are complete, unexpired revisions and which are not. It
-/// removes nothing itself (see `Inner::remove_scanned`). Directories are scanned on all cores:
-/// start-up time is what an operator waits for.
-fn scan(objects: &Path) -> Result<Scanned, TierError> {
-    let mut dirs = Vec::new();
-    for ns_entry in fs::read_dir(objects).map_err(|e| TierError::io("scan objects", &e))? {
-        let ns_entry = ns_entry.map_err(|e| TierError::io("scan objects", &e))?;
-        let ns_name = ns_entry.file_name().to_string_lossy().into_owned();
-        if Namespace::parse(&ns_name).is_err() {
-            tracing::warn!(path = %ns_entry.path().display(), "ignoring unexpected entry in object tree");
-            continue;
-        }
-        let ns: Arc<str> = Arc::from(ns_name.as_str());
-        for sub in fs::read_dir(ns_entry.path()).map_err(|e| TierError::io("scan objects", &e))? {
-            let sub = sub.map_err(|e| TierError::io("scan objects", &e))?;
-            dirs.push((ns.clone(), sub.path()));
-        }
-    }
-    let threads = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, 8);
-    let now = now_ms();
-    let chunks: Vec<_> = dirs.chunks(dirs.len().div_ceil(threads).max(1)).collect();
-    let results: Vec<ScanResult> = std::thread::scope(|s| {
-        let handles: Vec<_> = chunks
-            .iter()
-            .map(|chunk| s.spawn(move || scan_dirs(chunk, now)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    let mut found = Vec::new();
-    let mut doomed = Vec::new();
-    for (entries, d) in results {
-        found.extend(entries);
-        doomed.extend(d);
-    }
-    // Last access is not persisted; commit time is the best estimate of recency after a restart.
-    found.sort_by_key(|(_, _, mtime)| *mtime);
-    Ok(Scanned {
-        found: found
-            .into_iter()
-            .map(|(id, entry, _)| (id, entry))
-            .collect(),
-        doomed,
-    })
-}
-
-fn scan_dirs(dirs: &[(Arc<str>, PathBuf)], now_ms: u64) -> ScanResult {
-    let mut found = Vec::new();
-    let mut doomed = Vec::new();
-    let mut buf = [0u8; format::FIXED_LEN];
-    for (ns, dir) in dirs {
-        let Ok(rd) = fs::read_dir(dir) else { continue };
-        for entry in rd.flatten() {
-            let path = entry.path();
-            let hash = parse_hex32(&entry.file_name().to_string_lossy());
-            // The tier never makes symlinks; one is not a revision (and not followed).
-            let file = hash.and_then(|_| {
-                File::options()
-                    .read(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&path)
-                    .ok()
-            });
-            let md = match &file {
-                Some(f) => f.metadata(),
-                None => fs::symlink_metadata(&path),
-            };
-            let Ok(md) = md else { continue };
-            let examined = FileId::of(&md);
-            let valid = hash.zip(file).and_then(|(hash, file)| {
-                let n = read_full_at(&file, &mut buf, 0).ok()?;
-                let fixed = Fixed::decode(&buf[..n]).ok()?;
-                if md.len() != fixed.file_len() || fixed.expires_ms <= now_ms {
-                    return None;
-                }
-                let entry = Entry {
-                    file_len: fixed.file_len(),
-                    body_len: fixed.body_len,
-                    file: examined,
-                    expires_ms: fixed.expires_ms,
-                    last_access: 0,
-                };
-                Some(((ns.clone(), hash), entry))
-            });
-            match valid {
-                Some((id, entry)) => {
-                    found.push((id, entry, md.modified().unwrap_or(UNIX_EPOCH)));
-                }
-                None => doomed.push((path, examined)),
-            }
-        }
-    }
-    (found, doomed)
-}
-
-/// Spooling and staging for the tiered cache: a spool is the temp file a revision is being
-/// written to (readers open it by path and wait on the writer's progress), a staged revision the
-/// complete, fsynced temp file waiting for its commit.
-#[async_trait]
-impl CacheTier for DiskTier {
-    type Spool = Spool;
-    type Staged = StagedRevision;
-
-    fn capacity(&self) -> Option<u64> {
-        self.inner.config.limit
-    }
-
-    fn spool(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        body: UploadStream,
-        opts: PutOptions,
-    ) -> Result<(Spool, SpoolWrite<StagedRevision>), TierError> {
-        let prepared = self.inner.prepare(ns, key, &opts)?;
-        let (tx, rx) = watch::channel(0u64);
-        let spool = Spool {
-            path: prepared.temp.path.clone(),
-            body_offset: prepared.header.len() as u64,
-            progress: rx,
-        };
-        let write = self
-            .inner
-            .clone()
-            .stage(ns.clone(), key.clone(), body, opts, prepared, Some(tx))
-            .boxed();
-        Ok((spool, write))
-    }
-
-    async fn stage(
-        &self,
-        ns: &Namespace,
-        key: &Key,
-        body: UploadStream,
-        opts: PutOptions,
-    ) -> Result<StagedRevision, TierError> {
-        let prepared = self.inner.prepare(ns, key, &opts)?;
-        self.inner
-            .clone()
-            .stage(ns.clone(), key.clone(), body, opts, prepared, None)
-            .await
-    }
-
-    fn staged_etag(staged: &StagedRevision) -> ETag {
-        staged.fixed.etag()
-    }
-
-    async fn commit_staged(
-        &self,
-        staged: StagedRevision,
-        still_wanted: Box<dyn Fn() -> bool + Send + Sync>,
-    ) -> Result<PutResult, TierError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let StagedRevision {
-                ns,
-                key,
-                temp,
-                fixed,
-                opts,
-            } = staged;
-            let created = inner.commit(&ns, &key, temp, &fixed, &opts, still_wanted.as_ref())?;
-            Ok(PutResult {
-                etag: fixed.etag(),
-                size: fixed.body_len,
-                created,
-            })
-        })
-        .await
-        .map_err(|e| TierError::internal("disk commit", e))?
-    }
-
-    async fn read_spool(
-        &self,
-        spool: &Spool,
-        start: u64,
-        len: u64,
-    ) -> Result<BodyStream, TierError> {
-        let path = spool.path.clone();
-        let file = tokio::task::spawn_blocking(move || File::open(path))
-            .await
-            .map_err(|e| TierError::internal("open spool", e))?;
-        let file = match file {
-            Ok(f) => Arc::new(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TierError::not_found()),
-            Err(e) => return Err(TierError::io("open spool", &e)),
-        };
-        let chunk = self.inner.config.read_chunk as u64;
-        let base = spool.body_offset;
-        let state = (file, spool.progress.clone(), start, start + len);
-        let stream =
-            futures_util::stream::unfold(state, move |(file, mut progress, pos, end)| async move {
-                if pos >= end {
-                    return None;
-                }
-                let n = chunk.min(end - pos);
-                // Wait until the writer has these bytes in the file.
-                while *progress.borrow_and_update() < pos + n {
-                    if progress.changed().await.is_err() {
-                        if *progress.borrow() >= pos + n {
-                            break;
-                        }
-                        let err = TierError::new(
-                            ErrorKind::Upstream,
-                            "the fill this read follows failed",
-                        );
-                        return Some((Err(err), (file, progress, end, end)));
-                    }
-                }
-                let f = file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; n as usize];
-                    let got = read_full_at(&f, &mut buf, base + pos)
-                        .map_err(|e| TierError::io("read spool", &e))?;
-                    if got as u64 != n {
-                        return Err(TierError::internal(
-                            "read spool",
-                            "spool shorter than its progress",
-                        ));
-                    }
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .map_err(|e| TierError::internal("read spool", e))
-                .and_then(|r| r);
-                let next = if read.is_ok() { pos + n } else { end };
-                Some((read, (file, progress, next, end)))
-            });
-        Ok(stream.boxed())
-    }
 }
 
 #[async_trait]

@@ -479,7 +479,7 @@ async fn the_start_up_scan_removes_only_the_file_it_examined() {
     let t = DiskTier {
         inner: inner.clone(),
     };
-    let scanned = scan(&inner.objects).unwrap();
+    let scanned = scan::scan(&inner.objects).unwrap();
     assert_eq!(scanned.doomed.len(), 2, "both files are found wanting");
     assert!(scanned.found.is_empty());
     // New revisions are committed onto both paths before the scan's removals run.
