@@ -140,7 +140,9 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         request_id = id,
         %method,
         ns = tracing::field::Empty,
-        key = tracing::field::Empty
+        key = tracing::field::Empty,
+        tier = tracing::field::Empty,
+        etag = tracing::field::Empty
     );
     let mut log = RequestLog::default();
     let (head, body) = req.into_parts();
@@ -692,6 +694,10 @@ async fn get(
         Err(e) => return tier_error(e),
     };
     log.tier = got.source;
+    // Every log line of the request from here on says which tier answered and which revision.
+    let span = tracing::Span::current();
+    span.record("tier", got.source);
+    span.record("etag", got.meta.etag.as_str());
     let meta = &got.meta;
     let (status, mut response) = match got.outcome {
         ReadOutcome::Full | ReadOutcome::Partial(_) => {
@@ -902,7 +908,8 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: &mut Req) -> Respons
             );
             r.headers_mut()
                 .insert(header::ETAG, value(&put.etag.header_value()));
-            tracing::info!(etag = %put.etag, size = put.size, created = put.created, "stored");
+            tracing::Span::current().record("etag", put.etag.as_str());
+            tracing::info!(size = put.size, created = put.created, "stored");
             r
         }
         Err(e) => tier_error(e),

@@ -698,6 +698,10 @@ async fn every_request_of_a_concurrent_load_with_logging_on_is_answered() {
             if spans != 1 || v["span"]["name"] != "request" {
                 foreign.push(line.to_string());
             }
+            assert!(
+                v["span"]["etag"].as_str().is_some_and(|e| e.len() == 64),
+                "the request span names the revision stored: {line}"
+            );
         }
         assert!(!line.contains("panicked"), "a request panicked: {line}");
     }
