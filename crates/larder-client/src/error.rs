@@ -201,7 +201,50 @@ fn server_hint(status: StatusCode) -> &'static str {
     }
 }
 
+/// Who a client failure is to blame on, as the server's `TierError` says it: what to fix, and
+/// whether trying again may help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The request as given (a name, a flag, a missing object, a refused token, a precondition):
+    /// the same request fails the same way.
+    Caller,
+    /// The network between client and server, or a server that cannot be reached: a retry may
+    /// help.
+    Network,
+    /// The server or what it depends on answered with an error (5xx), or not like a larderd.
+    Server,
+    /// The data is not what it claims to be (a digest mismatch, an unsafe archive).
+    Data,
+    /// This machine: a local file, a child process (git).
+    Local,
+}
+
 impl Error {
+    /// Who is to blame (see [`Fault`]).
+    pub fn fault(&self) -> Fault {
+        match self {
+            Error::InvalidInput(_)
+            | Error::NotFound { .. }
+            | Error::NoSnapshotYet { .. }
+            | Error::PreconditionFailed { .. }
+            | Error::Unauthorized { .. }
+            | Error::Forbidden { .. }
+            | Error::UntrustedCertificate { .. } => Fault::Caller,
+            Error::Connect { .. } | Error::Transport { .. } => Fault::Network,
+            Error::Server { status, .. } if status.is_client_error() => Fault::Caller,
+            Error::Server { .. } | Error::Protocol(_) => Fault::Server,
+            Error::DigestMismatch { .. } | Error::UnsafeArchive(_) => Fault::Data,
+            Error::Git(_) | Error::Io { .. } => Fault::Local,
+        }
+    }
+
+    /// Whether the same operation may succeed if tried again unchanged: a network failure, a
+    /// 5xx, a snapshot that is being made, or data damaged on the way.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Error::NoSnapshotYet { .. })
+            || matches!(self.fault(), Fault::Network | Fault::Server | Fault::Data)
+    }
+
     /// The process exit status for this failure: 2 means "no such object", so scripts can treat
     /// a cache miss differently from a broken cache; 3 means access control refused the request
     /// (401 or 403), which no retry fixes.
@@ -310,4 +353,49 @@ pub(crate) fn innermost_cause(e: &reqwest::Error) -> String {
         last = next;
     }
     last.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_say_what_to_fix_and_whether_to_retry() {
+        let not_found = Error::NotFound {
+            target: "ci/x".into(),
+        };
+        assert_eq!(not_found.fault(), Fault::Caller);
+        assert!(!not_found.retryable());
+        let down = Error::Connect {
+            url: "http://127.0.0.1:9".into(),
+            cause: "refused".into(),
+        };
+        assert_eq!(down.fault(), Fault::Network);
+        assert!(down.retryable());
+        let bad_gateway = Error::Server {
+            op: "GET",
+            target: "ci/x".into(),
+            status: StatusCode::BAD_GATEWAY,
+            reason: "S3 answered with an error".into(),
+        };
+        assert_eq!(bad_gateway.fault(), Fault::Server);
+        assert!(bad_gateway.retryable());
+        let too_large = Error::Server {
+            op: "PUT",
+            target: "ci/x".into(),
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            reason: "too large".into(),
+        };
+        assert_eq!(too_large.fault(), Fault::Caller);
+        assert!(!too_large.retryable());
+        let not_yet = Error::NoSnapshotYet {
+            upstream: "https://h/r.git".into(),
+            retry_after: Some(5),
+        };
+        assert!(
+            not_yet.retryable(),
+            "a snapshot being made is worth asking for again"
+        );
+        assert_eq!(not_yet.exit_code(), 2);
+    }
 }

@@ -30,7 +30,7 @@ pub use download::{
     DEFAULT_CHUNK_SIZE, DEFAULT_CONCURRENCY, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_RESTARTS,
     DEFAULT_RETRIES, DownloadOptions, DownloadSummary, Downloader, ReplicaUsage,
 };
-pub use error::Error;
+pub use error::{Error, Fault};
 pub use git::{GitHead, GitRestoreOptions, GitRestoreSummary};
 pub use larder_proto::{ETag, Key, Namespace};
 pub use output::{FileSink, Sink, WriterSink};

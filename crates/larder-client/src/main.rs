@@ -713,7 +713,8 @@ async fn git_restore(
     progress.finish();
     let (summary, source) = match restored {
         Ok(summary) => (summary, "snapshot"),
-        // Bad arguments or an existing DIR would fail a clone the same way.
+        // Bad arguments or an existing DIR would fail a clone the same way; anything else the
+        // cache did (a miss, a refusal, a failure of larderd or of its data) a clone avoids.
         Err(e) if clone_on_miss && !matches!(e, Error::InvalidInput(_)) => {
             status(
                 quiet,
