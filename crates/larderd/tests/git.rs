@@ -217,6 +217,36 @@ fn private_namespace_server(reader: &str, other: &str) -> (Larderd, tempfile::Te
     (srv, dir)
 }
 
+/// Objects retired at `retired_at` (a snapshot dropped by `--git-keep`, a bundle replaced by a
+/// new full one): whole and readable now, within `grace`, and deleted once it has passed, not
+/// before (within a second: rounds run every second).
+async fn readable_within_the_grace_then_gone(
+    http: &Client,
+    objects: &[String],
+    retired_at: Instant,
+    grace: Duration,
+) {
+    for url in objects {
+        let r = http.get(url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{url} within the grace");
+        let etag = r.headers()["etag"].to_str().unwrap().to_string();
+        assert_eq!(etag, etag_of(&r.bytes().await.unwrap()));
+    }
+    assert!(retired_at.elapsed() < grace, "checked within the grace");
+    let deadline = Instant::now() + grace + Duration::from_secs(15);
+    for url in objects {
+        while http.head(url).send().await.unwrap().status() != StatusCode::NOT_FOUND {
+            assert!(Instant::now() < deadline, "{url} was kept");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        retired_at.elapsed() >= grace - Duration::from_secs(1),
+        "deleted before the grace was over: {:?}",
+        retired_at.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn snapshots_are_generated_served_and_follow_the_default_branch() {
     let root = tempfile::tempdir().unwrap();
@@ -649,34 +679,13 @@ async fn only_the_newest_snapshots_are_kept() {
         let url = srv.object_url("git", &key);
         async move { http.head(url).send().await.unwrap().status() }
     };
-    // Within the grace the retired snapshot is still there, whole.
-    let r = http
-        .get(srv.object_url("git", &keys[0]))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK, "retired, but within the grace");
-    let etag = r.headers()["etag"].to_str().unwrap().to_string();
-    assert_eq!(etag, etag_of(&r.bytes().await.unwrap()));
-    assert!(
-        moved.elapsed() < GRACE,
-        "the check above ran within the grace"
-    );
     assert_eq!(
         counter(&http, &srv, "larder_git_snapshots_removed_total").await,
-        0.0
+        0.0,
+        "nothing deleted before the grace"
     );
-    // It goes once the grace has passed (at the next round after it).
-    let deadline = Instant::now() + GRACE + Duration::from_secs(15);
-    while status(keys[0].clone()).await != StatusCode::NOT_FOUND {
-        assert!(Instant::now() < deadline, "the oldest snapshot was kept");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        moved.elapsed() >= GRACE - Duration::from_secs(1),
-        "deleted before the grace was over: {:?}",
-        moved.elapsed()
-    );
+    readable_within_the_grace_then_gone(&http, &[srv.object_url("git", &keys[0])], moved, GRACE)
+        .await;
     assert_eq!(status(keys[1].clone()).await, StatusCode::OK);
     assert_eq!(status(keys[2].clone()).await, StatusCode::OK);
     assert_eq!(
@@ -958,27 +967,9 @@ async fn a_full_bundle_replaces_the_chain_and_the_old_bundles_go_after_the_grace
     let replaced_at = Instant::now();
     assert!(restarted[0].id.starts_with("full-"), "{restarted:?}");
     assert!(restarted[0].token > chain[1].token, "{restarted:?}");
-    // Within the grace the replaced bundles are still there.
-    for old in &chain {
-        let r = http.get(object(&old.id)).send().await.unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "{} within the grace", old.id);
-        let etag = r.headers()["etag"].to_str().unwrap().to_string();
-        assert_eq!(etag, etag_of(&r.bytes().await.unwrap()));
-    }
-    assert!(replaced_at.elapsed() < GRACE, "checked within the grace");
-    // After it they go, and the new full bundle stays.
-    let deadline = Instant::now() + GRACE + Duration::from_secs(15);
-    for old in &chain {
-        while http.head(object(&old.id)).send().await.unwrap().status() != StatusCode::NOT_FOUND {
-            assert!(Instant::now() < deadline, "{} was kept", old.id);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    assert!(
-        replaced_at.elapsed() >= GRACE - Duration::from_secs(1),
-        "deleted before the grace was over: {:?}",
-        replaced_at.elapsed()
-    );
+    // The replaced bundles stay for the grace and go after it; the new full bundle stays.
+    let replaced: Vec<String> = chain.iter().map(|old| object(&old.id)).collect();
+    readable_within_the_grace_then_gone(&http, &replaced, replaced_at, GRACE).await;
     assert_eq!(
         http.head(object(&restarted[0].id))
             .send()
