@@ -117,7 +117,8 @@ impl Token {
         }
         if let Some(bad) = token.bytes().position(|b| !b.is_ascii_graphic()) {
             return Err(Error::InvalidInput(format!(
-                "the token has a character that cannot be sent in an HTTP header at position {}                  (only visible ASCII without spaces is allowed; the token is not shown)",
+                "the token has a character that cannot be sent in an HTTP header at position {} \
+                 (only visible ASCII without spaces is allowed; the token is not shown)",
                 bad + 1
             )));
         }

@@ -281,6 +281,13 @@ fn help_documents_the_exit_statuses_and_never_shows_the_token() {
     let bad = run(&["--token", "secret with spaces", "stat", "ci", "k"], &[])
         .fails(1, "the token has a character that cannot be sent");
     assert!(!bad.stderr.contains("secret"), "{}", bad.stderr);
+    // One line, words separated by single spaces (a lost line continuation once left a run of
+    // 18 spaces in this message).
+    assert!(
+        bad.stderr.contains("at position 7 (only visible ASCII") && !bad.stderr.contains("  "),
+        "{}",
+        bad.stderr
+    );
 }
 
 #[test]
