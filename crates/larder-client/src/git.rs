@@ -126,6 +126,8 @@ pub struct GitRestoreSummary {
     pub branch: Option<String>,
     /// Whether the catch-up fetched from the upstream.
     pub fetched_from_upstream: bool,
+    /// Whether the catch-up took what it needed from larder's bundles newer than the snapshot.
+    pub fetched_from_bundles: bool,
     /// The snapshot restore; `None` after a fallback clone.
     pub restore: Option<RestoreSummary>,
 }
@@ -136,6 +138,7 @@ struct CheckedOut {
     commit: CommitId,
     branch: Option<String>,
     fetched: bool,
+    from_bundles: bool,
 }
 
 impl GitRestoreOptions {
@@ -221,9 +224,21 @@ impl Downloader {
             })?
             .to_string();
         let name = ObjectName {
-            ns: head.namespace,
+            ns: head.namespace.clone(),
             key: Key::parse(&record.snapshot_key)
                 .map_err(|e| Error::Protocol(format!("bad snapshot key in head record: {e}")))?,
+        };
+        // Bundles newer than the snapshot, for a commit the snapshot may not have: fetched
+        // before the upstream is asked. Only `--commit` can use them (a ref's value is the
+        // upstream's to say).
+        let bundles =
+            tempfile::tempdir().map_err(|e| Error::io("cannot create a temporary directory", e))?;
+        let newer = match &opts.commit {
+            Some(c) if c != &record.commit => {
+                self.newer_bundles(upstream, &head.namespace, &record.commit, bundles.path())
+                    .await
+            }
+            _ => Vec::new(),
         };
         let outcome = Arc::new(Mutex::new(None));
         let step = {
@@ -236,15 +251,17 @@ impl Downloader {
             let (want_commit, want_ref) = (opts.commit.clone(), opts.git_ref.clone());
             move |root: &Path| {
                 let git = Git::new(&git, root);
-                let done = prepare_checkout(
-                    &git,
-                    root,
-                    &url,
-                    &commit,
-                    &branch,
-                    want_commit.as_ref(),
-                    want_ref.as_deref(),
-                )?;
+                let snapshot = Snapshot {
+                    url: &url,
+                    commit: &commit,
+                    branch: &branch,
+                };
+                let wanted = Wanted {
+                    commit: want_commit.as_ref(),
+                    git_ref: want_ref.as_deref(),
+                    newer_bundles: &newer,
+                };
+                let done = prepare_checkout(&git, root, &snapshot, &wanted)?;
                 *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(done);
                 Ok(())
             }
@@ -267,12 +284,66 @@ impl Downloader {
             .ok_or_else(|| {
                 Error::Protocol("internal error: the checkout step did not run".into())
             })?;
+        drop(bundles);
         Ok(GitRestoreSummary {
             snapshot_commit: Some(record.commit),
             commit: done.commit,
             branch: done.branch,
             fetched_from_upstream: done.fetched,
+            fetched_from_bundles: done.from_bundles,
             restore: Some(restore),
+        })
+    }
+
+    /// Downloads into `dir` the bundles of the repository's chain made after the one that
+    /// carries `snapshot_commit`, oldest first. Best effort: without a chain, without that
+    /// bundle in it, or on any failure, none (the upstream is asked instead).
+    async fn newer_bundles(
+        &self,
+        upstream: &Upstream,
+        ns: &larder_proto::Namespace,
+        snapshot_commit: &CommitId,
+        dir: &Path,
+    ) -> Vec<PathBuf> {
+        let found: Result<Vec<PathBuf>, Error> = async {
+            let chain_file = dir.join("chain.json");
+            let chain_name = ObjectName {
+                ns: ns.clone(),
+                key: upstream.bundle_chain_key(),
+            };
+            self.download_to_file(&chain_name, &chain_file).await?;
+            let text = std::fs::read(&chain_file)
+                .map_err(|e| Error::io("cannot read the bundle chain", e))?;
+            let chain: larder_git::BundleChain = serde_json::from_slice(&text)
+                .map_err(|e| Error::Protocol(format!("not a bundle chain: {e}")))?;
+            let Some(carrier) = chain
+                .bundles
+                .iter()
+                .rposition(|b| b.tips.values().any(|t| t == snapshot_commit))
+            else {
+                return Ok(Vec::new());
+            };
+            let mut paths = Vec::new();
+            for bundle in &chain.bundles[carrier + 1..] {
+                let key = upstream
+                    .bundle_key(&bundle.id)
+                    .map_err(|e| Error::Protocol(format!("bad bundle id {:?}: {e}", bundle.id)))?;
+                let path = dir.join(bundle.file_name());
+                let name = ObjectName {
+                    ns: ns.clone(),
+                    key,
+                };
+                self.download_to_file(&name, &path).await?;
+                paths.push(path);
+            }
+            Ok(paths)
+        }
+        .await;
+        found.unwrap_or_else(|e| {
+            self.options().progress.note(&format!(
+                "newer bundles not used ({e}); asking the upstream"
+            ));
+            Vec::new()
         })
     }
 
@@ -347,18 +418,32 @@ pub fn clone_from_upstream(
     Ok(summary)
 }
 
+/// What the restored snapshot is of: the upstream URL given, its commit and branch.
+struct Snapshot<'a> {
+    url: &'a str,
+    commit: &'a CommitId,
+    branch: &'a str,
+}
+
+/// What the caller asked to check out, and the bundles that may have it.
+struct Wanted<'a> {
+    commit: Option<&'a CommitId>,
+    git_ref: Option<&'a str>,
+    newer_bundles: &'a [PathBuf],
+}
+
 /// Makes the restored tree at `root` safe and current: sanitises `.git`, writes its config,
 /// rebuilds the index from the snapshot's commit and checks the working tree against it, then
-/// fetches and checks out what was asked for.
+/// fetches (from newer bundles first, then the upstream) and checks out what was asked for.
 fn prepare_checkout(
     git: &Git,
     root: &Path,
-    url: &str,
-    snapshot_commit: &CommitId,
-    branch: &str,
-    want_commit: Option<&CommitId>,
-    want_ref: Option<&str>,
+    snapshot: &Snapshot<'_>,
+    wanted: &Wanted<'_>,
 ) -> Result<CheckedOut, Error> {
+    let (url, snapshot_commit, branch) = (snapshot.url, snapshot.commit, snapshot.branch);
+    let (want_commit, want_ref, newer_bundles) =
+        (wanted.commit, wanted.git_ref, wanted.newer_bundles);
     let dot_git = root.join(".git");
     sanitize_git_dir(&dot_git)?;
     write_git_config(&dot_git, url, branch, snapshot_commit)?;
@@ -390,7 +475,38 @@ fn prepare_checkout(
         }
     }
     let mut fetched = false;
+    let mut from_bundles = false;
     if let Some(c) = want_commit {
+        // Newer bundles first: their objects come from larder, not from the upstream. A bundle
+        // whose prerequisites are missing is skipped (`bundle verify`).
+        for bundle in newer_bundles {
+            if git.has_commit(c.as_str())? {
+                break;
+            }
+            if git
+                .output(&[
+                    OsStr::new("bundle"),
+                    OsStr::new("verify"),
+                    OsStr::new("-q"),
+                    bundle.as_os_str(),
+                ])?
+                .status
+                .success()
+            {
+                git.run(&[
+                    OsStr::new("fetch"),
+                    OsStr::new("--quiet"),
+                    bundle.as_os_str(),
+                    OsStr::new(&format!("refs/heads/*:{BUNDLE_REFS}*")),
+                ])?;
+                // The objects stay; the bundle's refs would make the repository unlike a clone.
+                let refs = git.run(&["for-each-ref", "--format=%(refname)", BUNDLE_REFS])?;
+                for name in String::from_utf8_lossy(&refs).lines() {
+                    git.run(&["update-ref", "-d", name])?;
+                }
+                from_bundles = git.has_commit(c.as_str())?;
+            }
+        }
         if !git.has_commit(c.as_str())? {
             git.run(&["fetch", "--quiet", "origin"])?;
             fetched = true;
@@ -413,6 +529,7 @@ fn prepare_checkout(
         commit: s.commit,
         branch: s.branch,
         fetched,
+        from_bundles,
     })
 }
 
@@ -508,9 +625,13 @@ fn summarize(
         commit,
         branch,
         fetched_from_upstream: fetched,
+        fetched_from_bundles: false,
         restore: None,
     })
 }
+
+/// Where a bundle's branches are fetched to for a moment (git needs a destination for a glob).
+const BUNDLE_REFS: &str = "refs/larder-bundle/";
 
 /// What `.git` may hold after a restore; everything else is removed.
 const GIT_DIR_KEEP: &[&str] = &[

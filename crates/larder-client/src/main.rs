@@ -741,6 +741,7 @@ async fn git_restore(
             "commit": summary.commit.as_str(),
             "branch": summary.branch,
             "fetched_from_upstream": summary.fetched_from_upstream,
+            "fetched_from_bundles": summary.fetched_from_bundles,
             "files": restore.map(|r| r.files),
             "bytes": restore.map(|r| r.bytes),
             "archive_size": restore.map(|r| r.download.info.size),
@@ -762,10 +763,10 @@ async fn git_restore(
                 r.files,
                 format_size(r.bytes),
                 format_size(r.download.info.size),
-                if summary.fetched_from_upstream {
-                    ", then fetched from the upstream"
-                } else {
-                    ""
+                match (summary.fetched_from_bundles, summary.fetched_from_upstream) {
+                    (_, true) => ", then fetched from the upstream",
+                    (true, false) => ", then caught up from larder's bundles",
+                    (false, false) => "",
                 },
                 elapsed.as_secs_f64()
             ),

@@ -731,3 +731,79 @@ fn ripgrep_restored_from_the_cache_is_a_clone() {
     assert_like_a_clone(&dest, &out.path().join("clone"), &upstream_url);
     assert_no_hooks(&dest);
 }
+
+#[test]
+fn a_commit_in_a_bundle_newer_than_the_snapshot_comes_from_larder_not_the_upstream() {
+    let root = tempfile::tempdir().unwrap();
+    let git = upstream(root.path());
+    let upstream_url = git.url("app.git");
+    let bare = root.path().join("app.git");
+    let srv = Larderd::start(&["--git-allow", ALLOW_LOOPBACK, "--git-interval", "1s"]);
+    let out = tempfile::tempdir().unwrap();
+    restore_when_ready(
+        &srv.url(),
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            out.path().join("a").to_str().unwrap(),
+        ],
+    )
+    .ok();
+    let head_url = format!("{}/api/v1/git/{}/app.git/head", srv.url(), git.addr);
+    let old_record = http_get(&head_url).unwrap().1;
+
+    // The upstream moves on; larder snapshots it and bundles what is new (an increment).
+    let new_tip = append_commits(&bare, "main", 2);
+    wait_for_head(&srv, &git, "app.git", &new_tip);
+    let list_url = format!("{}/api/v1/git/{}/app.git/bundles.list", srv.url(), git.addr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_get(&list_url).is_some_and(|(status, body)| status == 200 && body.contains("inc-"))
+    {
+        assert!(Instant::now() < deadline, "no increment bundle");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // A client that finds the older head record (as a replica that lags would serve it) and
+    // asks for the new commit, while the upstream is down: only larder's bundle can have it.
+    drop(git);
+    let up = larder_git::Upstream::parse(&upstream_url).unwrap();
+    larder(
+        &srv.url(),
+        &["put", "git", up.head_key().as_str()],
+        Some(old_record.as_bytes()),
+    )
+    .ok();
+    let dest = out.path().join("b");
+    let run = larder(
+        &srv.url(),
+        &[
+            "git",
+            "restore",
+            &upstream_url,
+            dest.to_str().unwrap(),
+            "--commit",
+            &new_tip,
+            "--json",
+        ],
+        None,
+    )
+    .ok();
+    let summary = run.json();
+    assert_ne!(
+        summary["snapshot_commit"],
+        new_tip.as_str(),
+        "restored the older snapshot"
+    );
+    assert_eq!(summary["commit"], new_tip.as_str());
+    assert_eq!(summary["fetched_from_bundles"], true);
+    assert_eq!(summary["fetched_from_upstream"], false);
+    assert_eq!(git_in(&dest, &["rev-parse", "HEAD"]), new_tip);
+    assert_eq!(git_in(&dest, &["status", "--porcelain"]), "");
+    git_in(&dest, &["fsck", "--no-progress", "--strict"]);
+    let refs = git_in(&dest, &["for-each-ref", "--format=%(refname)"]);
+    assert!(
+        !refs.contains("larder"),
+        "no ref of the bundle is left: {refs}"
+    );
+}
