@@ -23,14 +23,18 @@
 //!
 //! The result is what `git clone` leaves: `git status` clean, `git fsck` clean.
 
-use crate::restore::{Prepare, RestoreOptions, RestoreSummary, remove_tree};
+mod runner;
+mod sanitize;
+
+use crate::restore::{Prepare, RestoreOptions, RestoreSummary};
 use crate::{Client, Downloader, Error, ObjectName};
 use larder_git::{CommitId, HeadRecord, Upstream};
 use larder_proto::{Key, Namespace};
 use reqwest::StatusCode;
+use runner::Git;
+use sanitize::{sanitize_git_dir, write_file, write_git_config};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 /// The header of the head route naming the namespace the repository's snapshots live in.
@@ -633,96 +637,6 @@ fn summarize(
 /// Where a bundle's branches are fetched to for a moment (git needs a destination for a glob).
 const BUNDLE_REFS: &str = "refs/larder-bundle/";
 
-/// What `.git` may hold after a restore; everything else is removed.
-const GIT_DIR_KEEP: &[&str] = &[
-    "HEAD",
-    "description",
-    "info",
-    "logs",
-    "objects",
-    "packed-refs",
-    "refs",
-    "reftable",
-    "FETCH_HEAD",
-    "ORIG_HEAD",
-];
-
-/// Enforces the module comment's rules on `.git`: a real directory, no symlinks anywhere in it,
-/// only [`GIT_DIR_KEEP`] at its top, no alternates, no index, only `info/exclude` in `info/`.
-fn sanitize_git_dir(dot_git: &Path) -> Result<(), Error> {
-    let refuse = |why: String| Error::UnsafeArchive(format!("{why}; nothing was restored"));
-    match std::fs::symlink_metadata(dot_git) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(refuse("the snapshot's .git is not a directory".into())),
-        Err(_) => return Err(refuse("the snapshot has no .git directory".into())),
-    }
-    let entries = list_dir(dot_git)?;
-    for name in entries {
-        if !GIT_DIR_KEEP.iter().any(|k| OsStr::new(k) == name) {
-            remove(&dot_git.join(&name))?;
-        }
-    }
-    if let Some(link) = find_symlink(dot_git)? {
-        return Err(refuse(format!(
-            "the snapshot's .git holds the symlink {}",
-            link.strip_prefix(dot_git).unwrap_or(&link).display()
-        )));
-    }
-    for extra in ["objects/info/alternates", "objects/info/http-alternates"] {
-        remove(&dot_git.join(extra))?;
-    }
-    let info = dot_git.join("info");
-    if info.is_dir() {
-        for name in list_dir(&info)? {
-            if name != "exclude" {
-                remove(&info.join(name))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `.git/config` as `git clone <url>` writes it, with the object and ref formats the snapshot
-/// uses (taken from the commit id's length and the presence of `reftable/`, not from the
-/// snapshot's own configuration).
-fn write_git_config(
-    dot_git: &Path,
-    url: &str,
-    branch: &str,
-    commit: &CommitId,
-) -> Result<(), Error> {
-    let sha256 = commit.as_str().len() == 64;
-    let reftable = dot_git.join("reftable").is_dir();
-    let mut config = format!(
-        "[core]\n\trepositoryformatversion = {}\n\tfilemode = true\n\tbare = false\n\
-         \tlogallrefupdates = true\n",
-        if sha256 || reftable { 1 } else { 0 }
-    );
-    if sha256 || reftable {
-        config.push_str("[extensions]\n");
-        if sha256 {
-            config.push_str("\tobjectformat = sha256\n");
-        }
-        if reftable {
-            config.push_str("\trefstorage = reftable\n");
-        }
-    }
-    config.push_str(&format!(
-        "[remote \"origin\"]\n\turl = {}\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n\
-         [branch {}]\n\tremote = origin\n\tmerge = {}\n",
-        config_value(url),
-        config_value(branch),
-        config_value(&format!("refs/heads/{branch}")),
-    ));
-    write_file(&dot_git.join("config"), &config)
-}
-
-/// A git config value (or subsection name) in double quotes, so that `#`, `;` and spaces are
-/// literal.
-fn config_value(v: &str) -> String {
-    format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 /// Rejects what git would not take as a ref name, before it reaches a command line.
 fn check_ref_name(r: &str) -> Result<(), Error> {
     let bad = r.is_empty()
@@ -747,126 +661,4 @@ fn short_ref(r: &str) -> &str {
     r.strip_prefix("refs/heads/")
         .or_else(|| r.strip_prefix("refs/tags/"))
         .unwrap_or(r)
-}
-
-fn list_dir(dir: &Path) -> Result<Vec<std::ffi::OsString>, Error> {
-    std::fs::read_dir(dir)
-        .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect())
-        .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))
-}
-
-fn remove(path: &Path) -> Result<(), Error> {
-    match remove_tree(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("cannot remove {}", path.display()), e)),
-    }
-}
-
-fn find_symlink(dir: &Path) -> Result<Option<PathBuf>, Error> {
-    for name in list_dir(dir)? {
-        let path = dir.join(name);
-        let meta = std::fs::symlink_metadata(&path)
-            .map_err(|e| Error::io(format!("cannot inspect {}", path.display()), e))?;
-        if meta.file_type().is_symlink() {
-            return Ok(Some(path));
-        }
-        if meta.is_dir()
-            && let Some(found) = find_symlink(&path)?
-        {
-            return Ok(Some(found));
-        }
-    }
-    Ok(None)
-}
-
-fn write_file(path: &Path, text: &str) -> Result<(), Error> {
-    // A file of that name from the snapshot is replaced, never written through.
-    remove(path)?;
-    std::fs::write(path, text).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
-}
-
-/// The system git, run in one directory with the caller's repository-selecting environment
-/// removed (a CI job's `GIT_DIR` must not redirect the commands to another repository).
-struct Git {
-    bin: PathBuf,
-    dir: PathBuf,
-}
-
-struct Output {
-    status: std::process::ExitStatus,
-    stdout: Vec<u8>,
-}
-
-impl Git {
-    fn new(bin: &Path, dir: &Path) -> Git {
-        Git {
-            bin: bin.to_path_buf(),
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(args)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for var in larder_git::command::REPOSITORY_ENV {
-            cmd.env_remove(var);
-        }
-        cmd
-    }
-
-    /// Runs a command whose exit status is an answer, not an error.
-    fn output<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output, Error> {
-        let out = self
-            .command(args)
-            .output()
-            .map_err(|e| Error::io(format!("cannot run {}", self.bin.display()), e))?;
-        Ok(Output {
-            status: out.status,
-            stdout: out.stdout,
-        })
-    }
-
-    /// Runs a command that must succeed; its error names the command and git's message.
-    fn run<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Vec<u8>, Error> {
-        let out = self
-            .command(args)
-            .output()
-            .map_err(|e| Error::io(format!("cannot run {}", self.bin.display()), e))?;
-        if !out.status.success() {
-            let words: Vec<String> = args
-                .iter()
-                .map(|a| a.as_ref().to_string_lossy().into_owned())
-                .collect();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let message = stderr
-                .lines()
-                .map(str::trim)
-                .rfind(|l| !l.is_empty())
-                .unwrap_or("no message");
-            return Err(Error::Git(format!(
-                "`git {}` failed ({}): {}",
-                words.join(" "),
-                out.status,
-                larder_git::command::scrub(message)
-            )));
-        }
-        Ok(out.stdout)
-    }
-
-    fn rev_parse(&self, rev: &str) -> Result<Option<String>, Error> {
-        let out = self.output(&["rev-parse", "--verify", "--quiet", "--end-of-options", rev])?;
-        Ok(out
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()))
-    }
-
-    fn has_commit(&self, commit: &str) -> Result<bool, Error> {
-        Ok(self.rev_parse(&format!("{commit}^{{commit}}"))?.is_some())
-    }
 }
