@@ -40,6 +40,14 @@ if ! command -v strace >/dev/null && command -v apt-get >/dev/null && [ "$(id -u
     echo "warning: could not install strace; the disk tier's fault tests will skip (or fail under CI)" >&2
 fi
 
+# ccache (and gcc, which it wraps), the real client of crates/larderd/tests/build_caches.rs, from
+# Debian when missing; without them that test prints SKIPPED, or fails when CI is set.
+if ! { command -v ccache && command -v gcc; } >/dev/null && command -v apt-get >/dev/null &&
+  [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends ccache gcc libc6-dev; } >&2 ||
+    echo "warning: could not install ccache; the build cache tests will skip (or fail under CI)" >&2
+fi
+
 if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ "${LARDER_TEST_S3:-}" != skip ]; then
   s3_dir="$PWD/target/s3-test"
   port=${LARDER_TEST_S3_PORT:-9100}

@@ -1,0 +1,129 @@
+//! Build tools' remote caches against the real larderd, driven by the real clients (issue 14):
+//! each test stores with one build, then builds again from a clean local cache and checks that
+//! the tool reports remote hits and produces identical outputs.
+//!
+//! ccache (4.7, Debian) speaks HTTP remote storage with its default `subdirs` layout
+//! (`GET/PUT/HEAD {url}/{2 hex}/{rest of the key}`), which is the generic object route as it is.
+
+use larder_testkit::Larderd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The program on PATH, or `None` with a SKIPPED line (a failure under CI, which installs it).
+fn tool(test: &str, name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: {name} is not installed (scripts/test.sh installs it from Debian)"
+        );
+        println!("SKIPPED {test}: {name} is not installed (scripts/test.sh installs it)");
+    }
+    found
+}
+
+/// `ccache --print-stats` of one cache directory, as `name value` pairs.
+fn ccache_stats(ccache: &Path, cache_dir: &Path) -> std::collections::HashMap<String, u64> {
+    let out = Command::new(ccache)
+        .arg("--print-stats")
+        .env("CCACHE_DIR", cache_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once('\t')?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn ccache_gets_remote_hits_from_larder_and_identical_objects() {
+    let name = "ccache_gets_remote_hits_from_larder_and_identical_objects";
+    let (Some(ccache), Some(_)) = (tool(name, "ccache"), tool(name, "gcc")) else {
+        return;
+    };
+    let srv = Larderd::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(
+        src.join("greeting.h"),
+        "#define GREETING \"hello from larder\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("main.c"),
+        "#include <stdio.h>\n#include \"greeting.h\"\nint main(void) { puts(GREETING); return 0; }\n",
+    )
+    .unwrap();
+    let remote = format!("{}/api/v1/object/ccache", srv.url());
+    let build = |cache: &str, output: &str| {
+        let cache_dir = work.path().join(cache);
+        let out = Command::new(&ccache)
+            .args(["gcc", "-O2", "-c", "main.c", "-o", output])
+            .current_dir(&src)
+            .env("CCACHE_DIR", &cache_dir)
+            .env("CCACHE_REMOTE_STORAGE", &remote)
+            // Paths differ between the two builds of a CI fleet; the key must not depend on them.
+            .env("CCACHE_BASEDIR", work.path())
+            .env_remove("CCACHE_DISABLE")
+            .env_remove("CCACHE_REMOTE_ONLY")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ccache_stats(&ccache, &cache_dir)
+    };
+
+    let first = build("cache-a", "first.o");
+    assert_eq!(
+        first.get("remote_storage_hit").copied().unwrap_or(0),
+        0,
+        "{first:?}"
+    );
+    assert!(
+        first.get("remote_storage_write").copied().unwrap_or(0) >= 1,
+        "stored in larder: {first:?}"
+    );
+    // Another machine: an empty local cache, the same remote.
+    let second = build("cache-b", "second.o");
+    assert!(
+        second.get("remote_storage_hit").copied().unwrap_or(0) >= 1,
+        "a remote hit from larder: {second:?}"
+    );
+    assert_eq!(
+        second.get("cache_miss").copied().unwrap_or(0),
+        0,
+        "{second:?}"
+    );
+    assert_eq!(
+        std::fs::read(src.join("first.o")).unwrap(),
+        std::fs::read(src.join("second.o")).unwrap(),
+        "the object file from the cache is the one the compiler made"
+    );
+    // What ccache stored is in the namespace, as ordinary objects.
+    let url = format!("{}/api/v1/namespaces", srv.url());
+    let list = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() });
+    assert!(list.contains("\"ccache\""), "{list}");
+    assert_eq!(
+        second.get("remote_storage_error").copied().unwrap_or(0),
+        0,
+        "{second:?}"
+    );
+}
