@@ -32,20 +32,17 @@ if [ -z "${LARDER_REDBOT:-}" ] && [ -f "$redbot_venv/.redbot-$REDBOT_VERSION" ];
   export LARDER_REDBOT=$redbot_venv/bin/redbot
 fi
 
-# strace, under which crates/larderd/tests/disk_tier.rs runs larderd to see its fsyncs and to make
-# them fail, from Debian when missing (needs root and apt). Not fatal here either: those tests
-# then print SKIPPED, or fail when CI is set.
-if ! command -v strace >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  { apt-get update -qq && apt-get install -y -qq --no-install-recommends strace; } >&2 ||
-    echo "warning: could not install strace; the disk tier's fault tests will skip (or fail under CI)" >&2
-fi
-
-# ccache (and gcc, which it wraps), the real client of crates/larderd/tests/build_caches.rs, from
-# Debian when missing; without them that test prints SKIPPED, or fails when CI is set.
-if ! { command -v ccache && command -v gcc; } >/dev/null && command -v apt-get >/dev/null &&
-  [ "$(id -u)" = 0 ]; then
-  { apt-get update -qq && apt-get install -y -qq --no-install-recommends ccache gcc libc6-dev; } >&2 ||
-    echo "warning: could not install ccache; the build cache tests will skip (or fail under CI)" >&2
+# From Debian when missing (needs root and apt), in one apt run: strace, under which
+# crates/larderd/tests/disk_tier.rs runs larderd to see its fsyncs and to make them fail; ccache
+# and gcc, the real client of crates/larderd/tests/build_caches.rs. Not fatal here either: those
+# tests then print SKIPPED, or fail when CI is set.
+missing=()
+command -v strace >/dev/null || missing+=(strace)
+command -v ccache >/dev/null || missing+=(ccache)
+command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >&2 ||
+    echo "warning: could not install ${missing[*]}; the tests that need them will skip (or fail under CI)" >&2
 fi
 
 if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ "${LARDER_TEST_S3:-}" != skip ]; then
