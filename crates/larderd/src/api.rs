@@ -269,9 +269,15 @@ fn denied(d: Denied) -> Response<Body> {
             metrics::counter!("larder_auth_denied_total", "reason" => "unauthenticated")
                 .increment(1);
             let mut r = text(StatusCode::UNAUTHORIZED, reason);
+            // Both schemes are offered: HTTP clients of build tools (Gradle, Maven) send their
+            // credentials only after a Basic challenge.
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"larder\""),
+            );
+            r.headers_mut().append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"larder\", charset=\"UTF-8\""),
             );
             r
         }

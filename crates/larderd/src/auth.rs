@@ -173,13 +173,10 @@ impl Auth {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| {
-                let (scheme, token) = v.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
+            .and_then(token_of)
             .filter(|t| !t.is_empty())
             .ok_or(Denied::Unauthenticated(
-                "the Authorization header is not \"Bearer <token>\"",
+                "the Authorization header is neither \"Bearer <token>\" nor Basic with the token as password",
             ))?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.by_digest
@@ -208,6 +205,27 @@ impl Auth {
             None => format!("token {:?} has no {} scope", caller.name(), scope.as_str()),
         }))
     }
+}
+
+/// The token in an `Authorization` value: `Bearer <token>`, or `Basic` with the token as the
+/// password (Gradle and Maven send nothing else; the user name is not checked), or as the user
+/// name when the password is empty.
+fn token_of(value: &str) -> Option<String> {
+    use base64::Engine;
+    let (scheme, rest) = value.split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.to_string());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest)
+        .ok()?;
+    let pair = String::from_utf8(decoded).ok()?;
+    let (user, password) = pair.split_once(':')?;
+    Some(if password.is_empty() { user } else { password }.to_string())
 }
 
 fn parse_digest(hex: &str) -> Result<[u8; 32], &'static str> {

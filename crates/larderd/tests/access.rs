@@ -82,7 +82,7 @@ async fn tokens_grant_exactly_their_scopes_on_their_namespaces() {
     let r = f
         .http
         .get(format!("{}{obj}", f.srv.url()))
-        .basic_auth("ci", Some(WRITER))
+        .header("authorization", format!("Digest {WRITER}"))
         .send()
         .await
         .unwrap();
@@ -370,4 +370,73 @@ fn without_tokens_larderd_stays_on_loopback_unless_told() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-anonymous cannot be combined"));
+}
+
+/// Gradle and Maven send credentials only as HTTP Basic, and only after a Basic challenge: the
+/// token is accepted as the password (any user name), and a 401 offers both schemes.
+#[tokio::test]
+async fn basic_authentication_carries_the_token_as_the_password() {
+    let f = Fixture::new("");
+    let url = format!("{}/api/v1/object/ci-gradle/entry", f.srv.url());
+    let r = f.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let challenges: Vec<_> = r
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert!(
+        challenges.iter().any(|c| c.starts_with("Basic realm=")),
+        "{challenges:?}"
+    );
+    assert!(
+        challenges.iter().any(|c| c.starts_with("Bearer realm=")),
+        "{challenges:?}"
+    );
+    let put = f
+        .http
+        .put(&url)
+        .basic_auth("gradle", Some(WRITER))
+        .body("cache entry")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let get = f
+        .http
+        .get(&url)
+        .basic_auth("anyone", Some(READER))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::OK);
+    assert_eq!(get.text().await.unwrap(), "cache entry");
+    // The token's scopes still apply, and an unknown password is no token.
+    let r = f
+        .http
+        .put(&url)
+        .basic_auth("gradle", Some(READER))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let r = f
+        .http
+        .get(&url)
+        .basic_auth("gradle", Some("not-a-token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Token as the user name with an empty password (how some tools are configured).
+    let r = f
+        .http
+        .get(&url)
+        .basic_auth(READER, Some(""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
 }
