@@ -34,12 +34,13 @@ fi
 
 # From Debian when missing (needs root and apt), in one apt run: strace, under which
 # crates/larderd/tests/disk_tier.rs runs larderd to see its fsyncs and to make them fail; ccache
-# and gcc, the real client of crates/larderd/tests/build_caches.rs. Not fatal here either: those
-# tests then print SKIPPED, or fail when CI is set.
+# with gcc, and Gradle (4.4 with its JRE), the real clients of crates/larderd/tests/build_caches.rs.
+# Not fatal here either: those tests then print SKIPPED, or fail when CI is set.
 missing=()
 command -v strace >/dev/null || missing+=(strace)
 command -v ccache >/dev/null || missing+=(ccache)
 command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+command -v gradle >/dev/null || missing+=(gradle)
 if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >&2 ||
     echo "warning: could not install ${missing[*]}; the tests that need them will skip (or fail under CI)" >&2

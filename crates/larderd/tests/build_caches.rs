@@ -127,3 +127,98 @@ fn ccache_gets_remote_hits_from_larder_and_identical_objects() {
         "{second:?}"
     );
 }
+
+/// A one-class Java project whose `settings.gradle` points Gradle's HTTP build cache at `url`
+/// with `password` (the larder token) for HTTP Basic, local cache off.
+fn gradle_project(dir: &Path, url: &str, password: &str) {
+    std::fs::create_dir_all(dir.join("src/main/java")).unwrap();
+    std::fs::write(
+        dir.join("settings.gradle"),
+        format!(
+            "rootProject.name = 'hello'\n\
+             buildCache {{\n\
+               local(DirectoryBuildCache) {{ enabled = false }}\n\
+               remote(HttpBuildCache) {{\n\
+                 url = '{url}'\n\
+                 push = true\n\
+                 credentials {{ username = 'gradle'; password = '{password}' }}\n\
+               }}\n\
+             }}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("build.gradle"), "apply plugin: 'java'\n").unwrap();
+    std::fs::write(
+        dir.join("src/main/java/Hello.java"),
+        "public class Hello { public static void main(String[] a) { System.out.println(\"hello from larder\"); } }\n",
+    )
+    .unwrap();
+}
+
+/// Runs `gradle compileJava` with the build cache in `dir`, with its own Gradle home; returns
+/// the plain console output.
+fn gradle_compile(gradle: &Path, dir: &Path) -> String {
+    let out = Command::new(gradle)
+        .args([
+            "--no-daemon",
+            "--build-cache",
+            "--console=plain",
+            "compileJava",
+        ])
+        .current_dir(dir)
+        .env("GRADLE_USER_HOME", dir.join(".gradle-home"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "gradle failed:\n{text}");
+    text
+}
+
+#[test]
+fn gradle_takes_its_outputs_from_larder_with_the_token_as_basic_password() {
+    let name = "gradle_takes_its_outputs_from_larder_with_the_token_as_basic_password";
+    let Some(gradle) = tool(name, "gradle") else {
+        return;
+    };
+    const WRITER: &str = "gradle-writer-5b1e77";
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("larder.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[tokens]]\nname = \"gradle\"\nsha256 = \"{}\"\nscopes = [\"read\", \"write\"]\nnamespaces = [\"gradle\"]\n",
+            larder_testkit::token_sha256(WRITER)
+        ),
+    )
+    .unwrap();
+    let srv = Larderd::start(&["--config", cfg.to_str().unwrap()]);
+    let url = format!("{}/api/v1/object/gradle/", srv.url());
+    let class = "build/classes/java/main/Hello.class";
+
+    let first = work.path().join("first");
+    gradle_project(&first, &url, WRITER);
+    let out = gradle_compile(&gradle, &first);
+    assert!(!out.contains("FROM-CACHE"), "{out}");
+    // Another checkout, another Gradle home: the compiled class comes from larder.
+    let second = work.path().join("second");
+    gradle_project(&second, &url, WRITER);
+    let out = gradle_compile(&gradle, &second);
+    assert!(out.contains(":compileJava FROM-CACHE"), "{out}");
+    assert_eq!(
+        std::fs::read(first.join(class)).unwrap(),
+        std::fs::read(second.join(class)).unwrap()
+    );
+    // A wrong token is refused: the build compiles itself, never gets a foreign output.
+    let third = work.path().join("third");
+    gradle_project(&third, &url, "not-a-token");
+    let out = gradle_compile(&gradle, &third);
+    assert!(!out.contains("FROM-CACHE"), "{out}");
+    assert_eq!(
+        std::fs::read(first.join(class)).unwrap(),
+        std::fs::read(third.join(class)).unwrap()
+    );
+}
