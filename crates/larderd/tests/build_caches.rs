@@ -3,7 +3,9 @@
 //! the tool reports remote hits and produces identical outputs.
 //!
 //! ccache (4.7, Debian) speaks HTTP remote storage with its default `subdirs` layout
-//! (`GET/PUT/HEAD {url}/{2 hex}/{rest of the key}`), which is the generic object route as it is.
+//! (`GET/PUT/HEAD {url}/{2 hex}/{rest of the key}`), and Gradle (4.4, Debian) its HTTP build
+//! cache (`GET/PUT {url}/{cache key}`): both are the generic object route as it is; Gradle
+//! authenticates with HTTP Basic, the token as the password.
 
 use larder_testkit::Larderd;
 use std::path::{Path, PathBuf};
