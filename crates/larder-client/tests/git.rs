@@ -89,6 +89,20 @@ fn http_get(url: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// `larder git restore UPSTREAM DIR --commit COMMIT --json`, which must succeed; its summary.
+fn restore_commit_json(url: &str, upstream: &str, dir: &Path, commit: &str) -> serde_json::Value {
+    let args = [
+        "git",
+        "restore",
+        upstream,
+        dir.to_str().unwrap(),
+        "--commit",
+        commit,
+        "--json",
+    ];
+    larder(url, &args, None).ok().json()
+}
+
 fn refs(dir: &Path) -> String {
     git_in(
         dir,
@@ -192,21 +206,7 @@ fn a_restore_is_a_clone_and_catches_up_only_when_asked_for_more() {
     // A commit newer than the snapshot: restored from the snapshot, then fetched.
     let served_before = git.bytes_served();
     let new_tip = append_commits(&bare, "main", 2);
-    let run = larder(
-        &url,
-        &[
-            "git",
-            "restore",
-            &upstream_url,
-            &s(&d("b")),
-            "--commit",
-            &new_tip,
-            "--json",
-        ],
-        None,
-    )
-    .ok();
-    let summary = run.json();
+    let summary = restore_commit_json(&url, &upstream_url, &d("b"), &new_tip);
     assert_eq!(summary["commit"], new_tip.as_str());
     assert_eq!(summary["fetched_from_upstream"], true);
     assert_eq!(git_in(&d("b"), &["rev-parse", "HEAD"]), new_tip);
@@ -775,21 +775,7 @@ fn a_commit_in_a_bundle_newer_than_the_snapshot_comes_from_larder_not_the_upstre
     )
     .ok();
     let dest = out.path().join("b");
-    let run = larder(
-        &srv.url(),
-        &[
-            "git",
-            "restore",
-            &upstream_url,
-            dest.to_str().unwrap(),
-            "--commit",
-            &new_tip,
-            "--json",
-        ],
-        None,
-    )
-    .ok();
-    let summary = run.json();
+    let summary = restore_commit_json(&srv.url(), &upstream_url, &dest, &new_tip);
     assert_ne!(
         summary["snapshot_commit"],
         new_tip.as_str(),
