@@ -490,11 +490,27 @@ fn fast_import(dir: &Path, stream: &[u8]) {
 /// Where the real-world fixture lives: `shared/` beside the repository, or
 /// `LARDER_GIT_FIXTURES`.
 fn fixtures_dir() -> PathBuf {
-    std::env::var_os("LARDER_GIT_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/git")
-        })
+    if let Some(dir) = std::env::var_os("LARDER_GIT_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let beside = repo.join("../shared/fixtures/git");
+    if beside.is_dir() {
+        return beside;
+    }
+    // A throw-away clone of a local checkout (CI's "fresh clone", e.g. under /tmp) has no
+    // `../shared` of its own; the checkout it was cloned from does.
+    let origin = Command::new("git")
+        .args(["config", "--get", "remote.origin.url"])
+        .current_dir(&repo)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|u| u.starts_with('/'));
+    match origin {
+        Some(origin) => Path::new(&origin).join("../shared/fixtures/git"),
+        None => beside,
+    }
 }
 
 /// A bare clone of the ripgrep fixture bundle at `dest` (an upstream with real history), or
