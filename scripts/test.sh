@@ -46,6 +46,14 @@ if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0
     echo "warning: could not install ${missing[*]}; the tests that need them will skip (or fail under CI)" >&2
 fi
 
+# Bazel, turbo and nx, the build tools distributed through npm, pinned in scripts/npm-tools
+# (LARDER_BAZEL, LARDER_TURBO, LARDER_NX name them for the tests). Not fatal either.
+if npm_tools=$(scripts/install-npm-tools.sh); then
+  eval "$npm_tools"
+else
+  echo "warning: could not install the npm build tools; the tests that need them will skip (or fail under CI)" >&2
+fi
+
 if [ -z "${AWS_ENDPOINT_URL:-}" ] && [ "${LARDER_TEST_S3:-}" != skip ]; then
   s3_dir="$PWD/target/s3-test"
   port=${LARDER_TEST_S3_PORT:-9100}
