@@ -5,6 +5,7 @@
 //! that races with them can be staged without guessing at timing).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +18,8 @@ pub struct TcpRelay {
     bytes_per_sec: Option<u64>,
     /// Whether client→upstream bytes are paced too (uploads to S3), sharing the one rate.
     pace_uploads: bool,
+    /// Upstream→client bytes relayed so far, all connections together.
+    down: Arc<AtomicU64>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -47,6 +50,7 @@ impl TcpRelay {
             upstream: upstream.to_string(),
             bytes_per_sec,
             pace_uploads,
+            down: Arc::default(),
             task: None,
         };
         relay.serve(listener);
@@ -56,6 +60,13 @@ impl TcpRelay {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Bytes relayed from the upstream to clients so far (what larderd has received from S3):
+    /// counted as they pass on a throttled relay, when the connection closes on an unthrottled
+    /// one.
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
     }
 
     /// Accepts and relays connections again, on the same address, after [`TcpRelay::off`].
@@ -68,6 +79,7 @@ impl TcpRelay {
         let upstream = self.upstream.clone();
         let pace = self.bytes_per_sec.map(|rate| Arc::new(Pacer::new(rate)));
         let pace_uploads = self.pace_uploads;
+        let down = self.down.clone();
         self.task = Some(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -76,6 +88,7 @@ impl TcpRelay {
                 };
                 let upstream = upstream.clone();
                 let pace = pace.clone();
+                let down = down.clone();
                 conns.spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
@@ -85,14 +98,19 @@ impl TcpRelay {
                     match pace {
                         None => {
                             let (mut client, mut server) = (client, server);
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            if let Ok((_, from_server)) =
+                                tokio::io::copy_bidirectional(&mut client, &mut server).await
+                            {
+                                down.fetch_add(from_server, Ordering::Relaxed);
+                            }
                         }
                         Some(pace) => {
                             let (mut client_rx, mut client_tx) = client.into_split();
                             let (mut server_rx, mut server_tx) = server.into_split();
                             let up_pace = pace_uploads.then(|| pace.clone());
-                            let up = paced_copy(&mut client_rx, &mut server_tx, up_pace);
-                            let down = paced_copy(&mut server_rx, &mut client_tx, Some(pace));
+                            let up = paced_copy(&mut client_rx, &mut server_tx, up_pace, None);
+                            let down =
+                                paced_copy(&mut server_rx, &mut client_tx, Some(pace), Some(down));
                             let _ = tokio::join!(up, down);
                         }
                     }
@@ -115,12 +133,13 @@ impl Drop for TcpRelay {
     }
 }
 
-/// Copies `rx` to `tx` until the end, each chunk waiting for its slot of `pace` (if any), then
-/// shuts `tx` down.
+/// Copies `rx` to `tx` until the end, each chunk waiting for its slot of `pace` (if any) and
+/// counted in `count` once written, then shuts `tx` down.
 async fn paced_copy(
     rx: &mut tokio::net::tcp::OwnedReadHalf,
     tx: &mut tokio::net::tcp::OwnedWriteHalf,
     pace: Option<Arc<Pacer>>,
+    count: Option<Arc<AtomicU64>>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -132,6 +151,9 @@ async fn paced_copy(
             pace.take(n).await;
         }
         tx.write_all(&buf[..n]).await?;
+        if let Some(count) = &count {
+            count.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 

@@ -262,3 +262,50 @@ async fn a_full_disk_during_a_fill_costs_only_the_copy() {
     assert_eq!((status, got), (StatusCode::OK, etag_of(&update)));
     assert!(body == update);
 }
+
+/// A cold read through the S3 tier streams: its first bytes leave larderd as soon as they
+/// arrive from S3, not after a whole read part (8 MiB by default) has been collected or spooled
+/// to disk. Seen through the throttled relay: when the client has its first body bytes, the
+/// relay has carried far less than one part; and the whole body is the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_read_gets_its_first_bytes_before_a_whole_part_arrives_from_s3() {
+    let test = "a_cold_read_gets_its_first_bytes_before_a_whole_part_arrives_from_s3";
+    if !s3::available(test) {
+        return;
+    }
+    const PART: u64 = 8 << 20;
+    let prefix = s3::unique_prefix(test);
+    let relay = TcpRelay::start(&s3::endpoint_addr(), Some(2 << 20)).await;
+    let slow = replica(&prefix, LONG_WINDOW, Some(&relay.url()));
+    let other = replica(&prefix, SHORT_WINDOW, None);
+    let http = Client::new();
+    let data = pattern(10 << 20, 9);
+    let r = http
+        .put(other.object_url("ci", "cold"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    let before = relay.bytes_down();
+    let mut r = http
+        .get(slow.object_url("ci", "cold"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let first = r.chunk().await.unwrap().expect("a body");
+    let carried = relay.bytes_down() - before;
+    assert!(
+        carried < PART * 3 / 4,
+        "the first {} body bytes reached the client only after {carried} bytes came from S3 \
+         (a read part is {PART})",
+        first.len()
+    );
+    let mut body = first.to_vec();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    assert!(body == data, "the streamed body differs from the object");
+}

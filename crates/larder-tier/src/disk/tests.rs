@@ -508,3 +508,66 @@ async fn the_start_up_scan_removes_only_the_file_it_examined() {
     }
     assert_eq!(t.stats().await.unwrap()[0].objects, 2);
 }
+
+/// A reader following a spool gets each chunk as it arrives, before the writer has it in the
+/// file (it sits in the writer's buffer here until the end); a reader that joins late, after
+/// more chunks than the live broadcast keeps, gets the same bytes through the file.
+#[tokio::test]
+async fn spool_followers_get_chunks_live_and_late_joiners_from_the_file() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    let chunks: Vec<Bytes> = (0..200)
+        .map(|i| Bytes::from(pattern(1000 + i, i as u64)))
+        .collect();
+    let data: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let body =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+            .boxed();
+    let k = key("spool/live");
+    let (spool, write) = t.spool(&ns("ci"), &k, body, PutOptions::default()).unwrap();
+    let write = tokio::spawn(write);
+    let len = data.len() as u64;
+    let mut first = t.read_spool(&spool, 0, len).await.unwrap();
+
+    tx.send(Ok(chunks[0].clone())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), first.next())
+        .await
+        .expect("the first chunk never reached the follower")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, chunks[0]);
+    assert_eq!(
+        *spool.progress.borrow(),
+        0,
+        "the chunk came from the file, not live"
+    );
+
+    // Keeps up for 150 chunks: each is read before the next is sent.
+    let mut first_got = got.to_vec();
+    for c in &chunks[1..150] {
+        tx.send(Ok(c.clone())).await.unwrap();
+        let sent = first_got.len() + c.len();
+        while first_got.len() < sent {
+            first_got.extend_from_slice(&first.next().await.unwrap().unwrap());
+        }
+    }
+    // Joins after 150 chunks, more than the broadcast keeps, and reads from the middle.
+    let mut late = t.read_spool(&spool, 500, len - 500).await.unwrap();
+    let feeder = tokio::spawn(async move {
+        for c in &chunks[150..] {
+            tx.send(Ok(c.clone())).await.unwrap();
+        }
+    });
+    while let Some(c) = first.next().await {
+        first_got.extend_from_slice(&c.unwrap());
+    }
+    let mut late_got = Vec::new();
+    while let Some(c) = late.next().await {
+        late_got.extend_from_slice(&c.unwrap());
+    }
+    feeder.await.unwrap();
+    write.await.unwrap().unwrap();
+    assert!(first_got == data, "the live follower's bytes differ");
+    assert!(late_got == data[500..], "the late joiner's bytes differ");
+}
