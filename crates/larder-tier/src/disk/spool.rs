@@ -42,6 +42,13 @@ pub struct Spool {
     first_live: Arc<Mutex<Option<broadcast::Receiver<LiveChunk>>>>,
 }
 
+/// What the writer of a spool tells its readers: how much of the body is in the file, and each
+/// chunk as it arrives.
+pub(super) struct Followers {
+    progress: watch::Sender<u64>,
+    live: broadcast::Sender<LiveChunk>,
+}
+
 impl Inner {
     pub(super) fn prepare(
         &self,
@@ -78,10 +85,10 @@ impl Inner {
         mut body: UploadStream,
         opts: PutOptions,
         prepared: Prepared,
-        progress: Option<watch::Sender<u64>>,
-        live: Option<broadcast::Sender<LiveChunk>>,
+        followers: Option<Followers>,
     ) -> Result<StagedRevision, TierError> {
         let Prepared { temp, file, header } = prepared;
+        let (progress, live) = followers.map(|f| (f.progress, f.live)).unzip();
         let (tx, rx) = mpsc::channel(8);
         let writer =
             tokio::task::spawn_blocking(move || write_temp(temp, file, header, rx, progress));
@@ -210,8 +217,7 @@ impl CacheTier for DiskTier {
                 body,
                 opts,
                 prepared,
-                Some(tx),
-                Some(live),
+                Some(Followers { progress: tx, live }),
             )
             .boxed();
         Ok((spool, write))
@@ -227,7 +233,7 @@ impl CacheTier for DiskTier {
         let prepared = self.inner.prepare(ns, key, &opts)?;
         self.inner
             .clone()
-            .stage(ns.clone(), key.clone(), body, opts, prepared, None, None)
+            .stage(ns.clone(), key.clone(), body, opts, prepared, None)
             .await
     }
 
