@@ -83,6 +83,11 @@ pub struct Cli {
     #[arg(long, env = "LARDER_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<Interval>,
 
+    /// Threads serving connections, each with its own listening socket (SO_REUSEPORT) and event
+    /// loop, so that a connection stays on one thread from accept to close (TOML: workers)
+    #[arg(long, env = "LARDER_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+
     /// S3 bucket: enables the S3 tier, with the disk tier as its cache (TOML: s3.bucket).
     /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the TOML file
     #[arg(long, env = "LARDER_S3_BUCKET", value_name = "BUCKET")]
@@ -208,6 +213,7 @@ pub struct FileConfig {
     pub max_object_size: Option<ByteSize>,
     pub log_format: Option<LogFormat>,
     pub shutdown_grace: Option<Interval>,
+    pub workers: Option<usize>,
     #[serde(default)]
     pub disk: DiskSection,
     pub s3: Option<S3Section>,
@@ -381,6 +387,8 @@ pub struct Config {
     pub max_object_size: u64,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
+    /// Connection-serving threads (see `server`).
+    pub workers: usize,
     pub s3: Option<S3Settings>,
     pub allow_anonymous: bool,
     pub auth: Arc<Auth>,
@@ -446,12 +454,22 @@ impl Config {
                 cli.shutdown_grace.or(file.shutdown_grace),
                 DEFAULT_SHUTDOWN_GRACE,
             ),
+            workers: match cli.workers.or(file.workers) {
+                Some(0) => bail!("workers must be at least 1"),
+                Some(n) => n,
+                None => default_workers(),
+            },
             allow_anonymous: cli.allow_anonymous || file.allow_anonymous.unwrap_or(false),
             auth: Arc::new(auth),
             limits,
             tls,
         })
     }
+}
+
+/// One connection-serving thread per core the process may run on.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The duration given, else `default`.
@@ -462,7 +480,7 @@ fn or_default(given: Option<Interval>, default: Duration) -> Duration {
 /// The command line, with each flag's default appended to its help from the same constant
 /// that [`Config::resolve`] applies.
 pub fn command() -> clap::Command {
-    let defaults: [(&str, String); 17] = [
+    let defaults: [(&str, String); 18] = [
         ("listen", DEFAULT_LISTEN.to_string()),
         ("data_dir", DEFAULT_DATA_DIR.to_string()),
         ("max_ttl", Interval(DEFAULT_MAX_TTL).to_string()),
@@ -479,6 +497,7 @@ pub fn command() -> clap::Command {
             Interval(DEFAULT_REVALIDATE_AFTER).to_string(),
         ),
         ("s3_reap_grace", Interval(DEFAULT_S3_REAP_GRACE).to_string()),
+        ("workers", "one per core".to_string()),
         ("max_connections", DEFAULT_MAX_CONNECTIONS.to_string()),
         ("max_uploads", DEFAULT_MAX_UPLOADS.to_string()),
         (

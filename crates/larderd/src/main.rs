@@ -19,18 +19,29 @@ use larder_tier::{DiskConfig, DiskTier, S3Tier, Tier, TieredTier};
 use std::sync::Arc;
 use std::time::Instant;
 
-fn init_logging(format: LogFormat) {
-    // Access lines (one per request) are off by default: at tens of thousands of small requests
-    // per second, formatting them costs more than serving. `LARDER_LOG=info` turns them on.
+/// Logs, the access log (one line per request) included, go to stderr through a buffer that a
+/// thread of their own writes out: formatting a line is all a request pays, never a write to a
+/// slow stderr (a pipe into journald). Lines are written in batches as they come; the returned
+/// guard flushes what is left when the process ends, so it must be dropped, not skipped by
+/// `process::exit`.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LARDER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,larderd::access=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // A full buffer (a stuck stderr) makes requests wait instead of losing lines.
+        .lossy(false)
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 fn main() {
@@ -57,13 +68,18 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(config.log_format);
+    let log_guard = init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config));
+    if let Err(e) = &result {
         tracing::error!("{e:#}");
+    }
+    drop(runtime);
+    drop(log_guard);
+    if let Err(e) = result {
         eprintln!("larderd: {e:#}");
         std::process::exit(1);
     }
@@ -133,7 +149,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tls,
         grace: config.shutdown_grace,
     };
-    server::serve(config.listen, state, options).await
+    server::serve(config.listen, config.workers, state, options).await
 }
 
 /// The test fault hook of `api::State::test_fault_panic`: deliberately an environment variable

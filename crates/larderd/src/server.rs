@@ -1,5 +1,14 @@
-//! The accept loop: connection limits, HTTP/1.1 (and HTTP/2 over TLS) served by hyper, the
+//! The accept loops: connection limits, HTTP/1.1 (and HTTP/2 over TLS) served by hyper, the
 //! timeouts that keep slow or stalled clients from holding resources, and graceful shutdown.
+//!
+//! Connections are served nginx's way: `--workers` threads (one per core by default), each
+//! with its own single-threaded event loop and its own listening socket on the same port
+//! (`SO_REUSEPORT`: the kernel spreads new connections over them). A connection lives on one
+//! thread from accept to close, so serving a small object involves no hand-over between threads
+//! (a work-stealing runtime wakes another thread for nearly every request, which cost more than
+//! the request itself). Work a request starts (a fill, a blocking disk read) runs on that
+//! worker's loop or its blocking pool; the process's main runtime keeps the background work
+//! (index scan, reaper, memory trimmer).
 //!
 //! hyper's write buffer limit is raised well above the 1 MiB body chunks so that a few chunks
 //! can be queued for one `writev` while the next positioned read is in flight; with the default
@@ -22,6 +31,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -44,20 +54,24 @@ pub struct ServeOptions {
     pub grace: Duration,
 }
 
-pub async fn serve(addr: SocketAddr, state: Arc<State>, opts: ServeOptions) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    let local = listener.local_addr()?;
+/// Listens on `addr` with `workers` threads and serves until SIGTERM or SIGINT, then lets
+/// requests in flight finish for up to the grace period.
+pub async fn serve(
+    addr: SocketAddr,
+    workers: usize,
+    state: Arc<State>,
+    opts: ServeOptions,
+) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
+    let listeners = bind(addr, workers.max(1))?;
+    let local = listeners[0].local_addr()?;
     let scheme = if opts.tls.is_some() { "https" } else { "http" };
-    tracing::info!(%local, scheme, "listening");
+    tracing::info!(%local, scheme, workers = listeners.len(), "listening");
     // One plain line on stdout, so scripts and tests can learn the port when binding to :0.
     println!("larderd listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
 
     let limits = opts.limits;
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown_signal());
     let mut h1 = http1::Builder::new();
     // hyper's own header limits are a hard ceiling above the configured ones: between the two,
     // `api` answers 431 with a reason; beyond, hyper answers 431 without reading further.
@@ -78,6 +92,8 @@ pub async fn serve(addr: SocketAddr, state: Arc<State>, opts: ServeOptions) -> a
         // A peer that stops answering pings is gone; its streams and buffers are released.
         .keep_alive_interval(limits.idle_timeout / 2)
         .keep_alive_timeout(limits.idle_timeout / 2);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    crate::memory::spawn_trimmer(connections.clone(), limits.max_connections);
     let server = Arc::new(Server {
         state,
         h1,
@@ -85,54 +101,77 @@ pub async fn serve(addr: SocketAddr, state: Arc<State>, opts: ServeOptions) -> a
         tls: opts.tls,
         idle: limits.idle_timeout,
         header_timeout: limits.header_timeout,
+        connections,
+        // Connections beyond the limit are told so (503) while a few of them fit; past that
+        // they are closed at once, so a flood cannot buy memory by opening sockets.
+        refusals: Arc::new(Semaphore::new((limits.max_connections / 16).clamp(8, 256))),
+        grace: opts.grace,
     });
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    crate::memory::spawn_trimmer(connections.clone(), limits.max_connections);
-    // Connections beyond the limit are told so (503) while a few of them fit; past that they
-    // are closed at once, so a flood cannot buy memory by opening sockets.
-    let refusals = Arc::new(Semaphore::new((limits.max_connections / 16).clamp(8, 256)));
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            limit_rejected("connections");
-            if let Ok(permit) = refusals.clone().try_acquire_owned() {
-                let server = server.clone();
-                tokio::spawn(async move {
-                    server.refuse(stream, peer).await;
-                    drop(permit);
-                });
-            }
-            continue;
-        };
-        let server = server.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            server.connection(stream, peer, watcher).await;
-            drop(permit);
-        });
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut finished = Vec::new();
+    for (n, listener) in listeners.into_iter().enumerate() {
+        let (server, stopped) = (server.clone(), stopped.clone());
+        let (done, finished_one) = tokio::sync::oneshot::channel::<()>();
+        finished.push(finished_one);
+        thread::Builder::new()
+            .name(format!("larderd-worker-{n}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name(format!("larderd-worker-{n}-blocking"))
+                    .build()
+                    .expect("worker runtime");
+                runtime.block_on(server.accept_loop(listener, stopped));
+                // Dropping the runtime ends what is left on it (fills of a stopping server).
+                drop(runtime);
+                let _ = done.send(());
+            })
+            .context("cannot start a worker thread")?;
     }
-    drop(listener);
+    shutdown.await;
     tracing::info!(
         grace_seconds = opts.grace.as_secs(),
         "shutting down: waiting for requests in flight"
     );
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(opts.grace) => tracing::warn!("grace period over; closing remaining connections"),
+    let _ = stop.send(true);
+    for worker in finished {
+        let _ = worker.await;
     }
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// `workers` listening sockets on one address, each with `SO_REUSEPORT` so the kernel spreads
+/// connections over them. Port 0 is resolved by the first; the others bind the port it got.
+fn bind(addr: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    // SO_REUSEPORT would also let a second larderd (same user) share a port another one
+    // already serves, each getting half the connections: a plain bind first says whether the
+    // port is taken. (Port 0 needs no check: the kernel never picks a port in use for it.)
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        probe.set_reuse_address(true)?;
+        probe
+            .bind(&addr.into())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+    }
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    let mut at = addr;
+    for _ in 0..workers {
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&at.into())
+            .and_then(|_| socket.listen(1024))
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = std::net::TcpListener::from(socket);
+        at = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }
 
 struct Server {
@@ -142,9 +181,68 @@ struct Server {
     tls: Option<TlsAcceptor>,
     idle: Duration,
     header_timeout: Duration,
+    /// Open connections, all workers together (`--max-connections`).
+    connections: Arc<Semaphore>,
+    /// Connections being told 503 because of the limit.
+    refusals: Arc<Semaphore>,
+    grace: Duration,
 }
 
 impl Server {
+    /// One worker: accepts on its own listener until told to stop, then waits up to the grace
+    /// period for its connections' requests in flight.
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: std::net::TcpListener,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "worker cannot use its listening socket");
+                return;
+            }
+        };
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.wait_for(|stop| *stop) => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                limit_rejected("connections");
+                if let Ok(permit) = self.refusals.clone().try_acquire_owned() {
+                    let server = self.clone();
+                    tokio::spawn(async move {
+                        server.refuse(stream, peer).await;
+                        drop(permit);
+                    });
+                }
+                continue;
+            };
+            let server = self.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                server.connection(stream, peer, watcher).await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        tokio::select! {
+            _ = graceful.shutdown() => tracing::debug!("worker's connections all closed"),
+            _ = tokio::time::sleep(self.grace) => tracing::warn!("grace period over; closing remaining connections"),
+        }
+    }
+
     async fn connection(
         &self,
         stream: TcpStream,
@@ -271,11 +369,16 @@ fn send_request_timeout(mut socket: std::net::TcpStream, after: Duration) {
     let _ = socket.shutdown(std::net::Shutdown::Write);
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled: a signal sent right after the "listening" line must be caught.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
     }
 }

@@ -310,3 +310,24 @@ fn the_sample_systemd_unit_verifies_and_starts_larderd() {
         "systemd-analyze warnings: {stderr}"
     );
 }
+
+/// Workers listen with SO_REUSEPORT, which would let a second larderd silently share the port
+/// of a running one (and take half its connections): the second must refuse to start instead.
+#[test]
+fn a_second_larderd_on_a_port_in_use_refuses_to_start() {
+    let first = Larderd::start(&[]);
+    let addr = first.url().trim_start_matches("http://").to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(larder_testkit::binary("larderd"))
+        .args(["--listen", &addr, "--data-dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a port in use: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "unclear error: {stderr}"
+    );
+}
