@@ -829,8 +829,9 @@ async fn nx_gets_a_remote_cache_hit_from_larder_in_a_clean_workspace() {
 }
 
 #[tokio::test]
-async fn nx_with_a_read_only_token_builds_its_upload_gets_403_and_without_a_token_it_stops() {
-    let name = "nx_with_a_read_only_token_builds_its_upload_gets_403_and_without_a_token_it_stops";
+async fn nx_with_a_read_only_token_builds_its_upload_gets_403_and_a_refused_token_stops_the_run() {
+    let name =
+        "nx_with_a_read_only_token_builds_its_upload_gets_403_and_a_refused_token_stops_the_run";
     let Some(bin) = npm_tool(name, "LARDER_NX") else {
         return;
     };
@@ -862,18 +863,24 @@ async fn nx_with_a_read_only_token_builds_its_upload_gets_403_and_without_a_toke
     assert!(ok && !out.contains("[remote cache]"), "{out}");
 
     // Without a token (or with an unknown one) larderd answers 401, and nx stops the run with
-    // larder's reason: it documents a rejected credential as fatal.
-    for (token, reason) in [
-        (None, "a bearer token is required"),
-        (Some("not-a-token"), "unknown token"),
-    ] {
-        let dir = work
-            .path()
-            .join(format!("unauthorized-{}", token.is_some()));
+    // larder's reason; a 403 to its read (a namespace the token may not read) stops it too.
+    // Nx documents both as fatal: a credential or server that is wrong.
+    let outside = format!("{}/nx/other-team", srv.url());
+    let refusals = [
+        (&server, None, "Unauthorized: a bearer token is required"),
+        (&server, Some("not-a-token"), "Unauthorized: unknown token"),
+        (
+            &outside,
+            Some(READER),
+            "Misconfigured remote cache endpoint: Unexpected response status: 403",
+        ),
+    ];
+    for (i, (server, token, reason)) in refusals.into_iter().enumerate() {
+        let dir = work.path().join(format!("refused-{i}"));
         nx_workspace(&dir, &bin);
-        let (ok, out) = nx_build(&bin, work.path(), &dir, &server, token);
+        let (ok, out) = nx_build(&bin, work.path(), &dir, server, token);
         assert!(!ok, "{out}");
-        assert!(out.contains(&format!("Unauthorized: {reason}")), "{out}");
+        assert!(out.contains(reason), "{out}");
         assert!(!dir.join("apps/hello/dist").exists(), "{out}");
     }
 }
