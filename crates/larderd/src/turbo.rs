@@ -27,9 +27,9 @@
 //! other (`namespaces = ["turbo-*"]`).
 //!
 //! Every error answer is JSON: `{"code":"forbidden","message":"…","error":{same}}`. The
-//! top-level pair is the shape of Turborepo's published remote cache spec; the `error` object
-//! is what turbo 2.x itself parses out of a `403` (anything else there is reported as invalid
-//! JSON instead of the reason).
+//! top-level pair is the shape the Go versions of turbo and other remote cache servers use;
+//! the `error` object is what turbo 2.x itself parses out of a `403` (anything else there is
+//! reported as invalid JSON instead of the reason).
 
 use crate::api::{self, Body, PutRules, Req, RequestLog, State};
 use crate::auth::Scope;
