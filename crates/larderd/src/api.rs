@@ -54,18 +54,18 @@ pub struct State {
 /// What the access log line of a request reports beyond the status: filled in by the handler
 /// that knows it.
 #[derive(Default)]
-struct RequestLog {
-    ns: Option<Namespace>,
-    key: Option<Key>,
-    tier: &'static str,
-    token: String,
+pub(crate) struct RequestLog {
+    pub(crate) ns: Option<Namespace>,
+    pub(crate) key: Option<Key>,
+    pub(crate) tier: &'static str,
+    pub(crate) token: String,
 }
 
 /// A request as handlers see it: the head, and the body for the handler that reads it. Whatever
 /// of the body a handler leaves unread, `handle` deals with once the answer is decided (see
 /// [`finish_body`]), so no handler has to remember it for each early answer.
-struct Req {
-    head: Parts,
+pub(crate) struct Req {
+    pub(crate) head: Parts,
     body: BodyState,
 }
 
@@ -82,27 +82,27 @@ enum BodyState {
 }
 
 impl Req {
-    fn method(&self) -> &Method {
+    pub(crate) fn method(&self) -> &Method {
         &self.head.method
     }
 
-    fn headers(&self) -> &HeaderMap {
+    pub(crate) fn headers(&self) -> &HeaderMap {
         &self.head.headers
     }
 
     /// The body, for a handler that reads it; it then reports with `body_done` or `return_body`.
-    fn take_body(&mut self) -> Incoming {
+    pub(crate) fn take_body(&mut self) -> Incoming {
         match std::mem::replace(&mut self.body, BodyState::Taken) {
             BodyState::Unread(body) | BodyState::Returned(body) => body,
             BodyState::Taken | BodyState::Done => unreachable!("the request body is taken once"),
         }
     }
 
-    fn body_done(&mut self) {
+    pub(crate) fn body_done(&mut self) {
         self.body = BodyState::Done;
     }
 
-    fn return_body(&mut self, body: Incoming) {
+    pub(crate) fn return_body(&mut self, body: Incoming) {
         self.body = BodyState::Returned(body);
     }
 }
@@ -263,7 +263,7 @@ fn oversized_head(limits: &Limits, headers: &HeaderMap) -> Option<Response<Body>
     None
 }
 
-fn denied(d: Denied) -> Response<Body> {
+pub(crate) fn denied(d: Denied) -> Response<Body> {
     match d {
         Denied::Unauthenticated(reason) => {
             metrics::counter!("larder_auth_denied_total", "reason" => "unauthenticated")
@@ -297,6 +297,10 @@ enum Route<'a> {
     GitHead(&'a str),
     /// `/api/v1/git/{host}/{path}/bundles.list`: `{host}/{path}`.
     GitBundlesList(&'a str),
+    /// Turborepo's remote cache API, `/turbo/v8/artifacts…` (`turbo.rs`).
+    Turbo(crate::turbo::TurboRoute<'a>),
+    /// Nx's self-hosted remote cache, `/nx/{ns}/v1/cache/{hash}` (`nx.rs`): namespace and hash.
+    Nx(&'a str, &'a str),
     /// Health, metrics and listings: read-only, no parameters.
     Service(ServiceRoute),
     Unknown,
@@ -330,6 +334,12 @@ impl<'a> Route<'a> {
                 return Route::GitBundlesList(repo);
             }
         }
+        if let Some(turbo) = crate::turbo::TurboRoute::parse(path) {
+            return Route::Turbo(turbo);
+        }
+        if let Some((ns, hash)) = crate::nx::parse(path) {
+            return Route::Nx(ns, hash);
+        }
         Route::Service(match path {
             "/_liveness" => ServiceRoute::Liveness,
             "/_readiness" => ServiceRoute::Readiness,
@@ -346,6 +356,8 @@ impl<'a> Route<'a> {
             Route::Object(..) => "object",
             Route::GitHead(_) => "git_head",
             Route::GitBundlesList(_) => "git_bundles_list",
+            Route::Turbo(turbo) => turbo.label(),
+            Route::Nx(..) => "nx",
             Route::Service(ServiceRoute::Liveness) => "liveness",
             Route::Service(ServiceRoute::Readiness) => "readiness",
             Route::Service(ServiceRoute::Metrics) => "metrics",
@@ -366,6 +378,8 @@ async fn route(
         Route::Object(ns, key) => object(state, (ns, key), req, log).await,
         Route::GitHead(repo) => git_head(state, repo, req, log).await,
         Route::GitBundlesList(repo) => git_bundles_list(state, repo, req, log).await,
+        Route::Turbo(turbo) => crate::turbo::handle(state, turbo, req, log).await,
+        Route::Nx(ns, hash) => crate::nx::handle(state, (ns, hash), req, log).await,
         Route::Unknown => text(
             StatusCode::NOT_FOUND,
             format!("no route for {}", req.head.uri.path()),
@@ -438,6 +452,26 @@ fn parse_names(ns: &str, key: &str) -> Result<(Namespace, Key), larder_proto::Na
     Ok((Namespace::parse(ns)?, Key::from_url_path(key)?))
 }
 
+/// The key of a build tool's content hash, which Turborepo and Nx send as one path segment:
+/// 1 to 128 ASCII letters, digits, `-`, `_` and `.` (no percent-encoding, no dot segments).
+/// `Err` is the reason for a 400.
+pub(crate) fn hash_key(hash: &str) -> Result<Key, String> {
+    let well_formed = !hash.is_empty()
+        && hash.len() <= 128
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    match well_formed.then(|| Key::parse(hash)) {
+        Some(Ok(key)) => Ok(key),
+        _ => {
+            let shown: String = hash.chars().take(130).collect();
+            Err(format!(
+                "invalid hash {shown:?}: expected 1 to 128 ASCII letters, digits, '-', '_' or '.'"
+            ))
+        }
+    }
+}
+
 async fn object(
     state: &Arc<State>,
     (ns, key): (&str, &str),
@@ -498,7 +532,7 @@ async fn object(
         Method::GET | Method::HEAD => {
             get(state, &ns, &key, req.headers(), method == Method::HEAD, log).await
         }
-        Method::PUT | Method::POST => put(state, &ns, &key, req).await,
+        Method::PUT | Method::POST => put(state, &ns, &key, req, &OBJECT_PUT).await,
         _ => match state.tier.delete(&ns, &key).await {
             Ok(_) => empty(StatusCode::NO_CONTENT),
             Err(e) => tier_error(e),
@@ -675,7 +709,7 @@ fn header_text(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     headers.get(name).map(|v| v.to_str().unwrap_or(""))
 }
 
-async fn get(
+pub(crate) async fn get(
     state: &State,
     ns: &Namespace,
     key: &Key,
@@ -808,6 +842,7 @@ fn put_options(
     headers: &HeaderMap,
     max_ttl: Duration,
     max_object_size: u64,
+    rules: &PutRules,
 ) -> Result<PutOptions, String> {
     let ttl = match headers.get("time-to-live") {
         None => max_ttl,
@@ -820,17 +855,21 @@ fn put_options(
     };
     let mut stored = Vec::new();
     for (name, v) in headers {
-        if is_storable_header(name.as_str()) {
+        if (rules.storable)(name.as_str()) {
             let v = v
                 .to_str()
                 .map_err(|_| format!("header {name} is not visible ASCII"))?;
             stored.push((name.as_str().to_string(), v.to_string()));
         }
     }
-    let precondition = WritePrecondition::from_headers(
-        header_text(headers, header::IF_MATCH),
-        header_text(headers, header::IF_NONE_MATCH),
-    );
+    let precondition = if rules.create_only {
+        WritePrecondition::create_only()
+    } else {
+        WritePrecondition::from_headers(
+            header_text(headers, header::IF_MATCH),
+            header_text(headers, header::IF_NONE_MATCH),
+        )
+    };
     Ok(PutOptions {
         ttl,
         precondition,
@@ -841,7 +880,27 @@ fn put_options(
     })
 }
 
-async fn put(state: &State, ns: &Namespace, key: &Key, req: &mut Req) -> Response<Body> {
+/// What a route's PUT keeps besides the body, and whether it may replace a revision.
+pub(crate) struct PutRules {
+    /// Which request headers are stored with the object and returned with it.
+    pub(crate) storable: fn(&str) -> bool,
+    /// Create-only whatever the request says: an existing key answers `412`.
+    pub(crate) create_only: bool,
+}
+
+/// The object route's PUT: the generic storable headers, preconditions as the client sends them.
+const OBJECT_PUT: PutRules = PutRules {
+    storable: is_storable_header,
+    create_only: false,
+};
+
+pub(crate) async fn put(
+    state: &State,
+    ns: &Namespace,
+    key: &Key,
+    req: &mut Req,
+    rules: &PutRules,
+) -> Response<Body> {
     let headers = req.headers();
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
@@ -872,7 +931,7 @@ async fn put(state: &State, ns: &Namespace, key: &Key, req: &mut Req) -> Respons
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let opts = match put_options(headers, state.max_ttl, state.max_object_size) {
+    let opts = match put_options(headers, state.max_ttl, state.max_object_size, rules) {
         Ok(opts) => opts,
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
@@ -987,13 +1046,13 @@ fn value(s: &str) -> HeaderValue {
     HeaderValue::try_from(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-fn full(data: impl Into<Bytes>) -> Body {
+pub(crate) fn full(data: impl Into<Bytes>) -> Body {
     Full::new(data.into())
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
-fn empty_body() -> Body {
+pub(crate) fn empty_body() -> Body {
     full(Bytes::new())
 }
 
@@ -1016,7 +1075,7 @@ pub fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
     r
 }
 
-fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(format!("{v}\n")));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -1026,7 +1085,7 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     r
 }
 
-fn method_not_allowed(allow: &'static str) -> Response<Body> {
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut r = text(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("method not allowed; allowed: {allow}"),
@@ -1036,7 +1095,7 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
     r
 }
 
-fn tier_error(e: TierError) -> Response<Body> {
+pub(crate) fn tier_error(e: TierError) -> Response<Body> {
     let status = StatusCode::from_u16(e.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     // Logged once, here, with every cause; the client gets the one-line message only.
     match e.fault() {
@@ -1085,6 +1144,54 @@ mod tests {
         assert_eq!(Route::parse("/api/v1/stats").label(), "stats");
         assert_eq!(Route::parse("/api/v1/statsx"), Route::Unknown);
         assert_eq!(Route::parse("/").label(), "unknown");
+        assert_eq!(
+            Route::parse("/turbo/v8/artifacts/abc"),
+            Route::Turbo(crate::turbo::TurboRoute::Artifact("abc"))
+        );
+        assert_eq!(Route::parse("/turbo/v8/artifacts").label(), "turbo_query");
+        assert_eq!(Route::parse("/turbo/v8/other"), Route::Unknown);
+        assert_eq!(Route::parse("/nx/ci/v1/cache/123"), Route::Nx("ci", "123"));
+        assert_eq!(Route::parse("/nx/ci/v1/cache/123").label(), "nx");
+        assert_eq!(Route::parse("/nx/ci/123"), Route::Unknown);
+    }
+
+    #[test]
+    fn hashes_are_single_segment_keys() {
+        assert_eq!(
+            hash_key("8788862417028171840").unwrap().as_str(),
+            "8788862417028171840"
+        );
+        assert_eq!(
+            hash_key("2aad5ac5ec1e54a0").unwrap().as_str(),
+            "2aad5ac5ec1e54a0"
+        );
+        assert!(hash_key(&"a".repeat(128)).is_ok());
+        for bad in ["", ".", "..", "a/b", "a%2Fb", "a b", "caf\u{e9}"] {
+            let e = hash_key(bad).unwrap_err();
+            assert!(e.starts_with("invalid hash"), "{bad}: {e}");
+        }
+        assert!(hash_key(&"a".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn create_only_rules_ignore_the_clients_preconditions() {
+        let rules = PutRules {
+            storable: |name| name == "x-kept",
+            create_only: true,
+        };
+        let opts = put_options(
+            &headers(&[
+                ("if-match", b"\"abc\""),
+                ("x-kept", b"1"),
+                ("content-type", b"text/plain"),
+            ]),
+            Duration::from_secs(60),
+            1,
+            &rules,
+        )
+        .unwrap();
+        assert_eq!(opts.precondition, WritePrecondition::create_only());
+        assert_eq!(opts.headers, vec![("x-kept".to_string(), "1".to_string())]);
     }
 
     fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
@@ -1111,6 +1218,7 @@ mod tests {
             ]),
             max,
             1 << 20,
+            &OBJECT_PUT,
         )
         .unwrap();
         assert_eq!(opts.ttl, max, "capped at the maximum");
@@ -1124,17 +1232,29 @@ mod tests {
         );
         assert_eq!(opts.precondition, WritePrecondition::create_only());
         assert_eq!(opts.max_size, Some(1 << 20));
-        let opts = put_options(&headers(&[("time-to-live", b"30m")]), max, 1).unwrap();
+        let opts = put_options(&headers(&[("time-to-live", b"30m")]), max, 1, &OBJECT_PUT).unwrap();
         assert_eq!(opts.ttl, Duration::from_secs(1800));
-        assert_eq!(put_options(&HeaderMap::new(), max, 1).unwrap().ttl, max);
+        assert_eq!(
+            put_options(&HeaderMap::new(), max, 1, &OBJECT_PUT)
+                .unwrap()
+                .ttl,
+            max
+        );
     }
 
     #[test]
     fn bad_put_headers_are_refused_with_a_reason() {
         let max = Duration::from_secs(3600);
-        let e = put_options(&headers(&[("time-to-live", b"soon")]), max, 1).unwrap_err();
+        let e =
+            put_options(&headers(&[("time-to-live", b"soon")]), max, 1, &OBJECT_PUT).unwrap_err();
         assert!(e.starts_with("invalid Time-To-Live"), "{e}");
-        let e = put_options(&headers(&[("content-type", b"caf\xc3\xa9")]), max, 1).unwrap_err();
+        let e = put_options(
+            &headers(&[("content-type", b"caf\xc3\xa9")]),
+            max,
+            1,
+            &OBJECT_PUT,
+        )
+        .unwrap_err();
         assert_eq!(e, "header content-type is not visible ASCII");
     }
 }

@@ -11,8 +11,10 @@ mod git;
 mod io;
 mod memory;
 mod metrics;
+mod nx;
 mod server;
 mod tls;
+mod turbo;
 
 use config::{Config, LogFormat};
 use larder_tier::{DiskConfig, DiskTier, S3Tier, Tier, TieredTier};
