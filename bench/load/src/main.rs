@@ -85,6 +85,11 @@ struct Args {
     /// Name of this run in the summary (e.g. the server configuration)
     #[arg(long, default_value = "larderd")]
     label: String,
+    /// Write the objects as files under DIR (at their URL paths) instead of PUTting them, for
+    /// a static file server whose document root is DIR (nginx, as the reference); the ETags
+    /// are then the server's own, learnt with a HEAD. Needs a mix without PUT.
+    #[arg(long, value_name = "DIR")]
+    static_root: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -166,6 +171,9 @@ struct Object {
 struct ObjState {
     current: u32,
     etags: HashMap<String, u32>,
+    /// The BLAKE3 digest of each revision's bytes, as larderd's ETags spell it (for larderd the
+    /// ETag is this digest; a static file server has ETags of its own).
+    digests: HashMap<u32, String>,
     /// PUTs started on this key; a reader compares it before and after its request.
     puts_started: u64,
     in_flight: bool,
@@ -203,6 +211,10 @@ impl Object {
 
     fn rev_of(&self, etag: &str) -> Option<u32> {
         self.state.lock().unwrap().etags.get(etag).copied()
+    }
+
+    fn digest_of(&self, rev: u32) -> Option<String> {
+        self.state.lock().unwrap().digests.get(&rev).cloned()
     }
 }
 
@@ -457,7 +469,7 @@ fn check_full(
                 format!("{} of {} bytes", got.len, obj.size),
             );
         }
-        if got.digest.as_deref() != Some(etag) {
+        if got.digest.is_none() || got.digest != obj.digest_of(rev) {
             return bad(
                 "200 body does not match ETag",
                 format!("ETag {etag}, body digest {:?}", got.digest),
@@ -543,6 +555,7 @@ async fn run(
             {
                 let mut s = obj.state.lock().unwrap();
                 s.etags.insert(etag.clone(), rev);
+                s.digests.insert(rev, etag.clone());
                 s.puts_started += 1;
                 s.in_flight = true;
             }
@@ -844,6 +857,38 @@ fn human_size(n: u64) -> String {
     }
 }
 
+/// Writes revision 0 of `obj` as a file under `root` at its URL path, and returns the ETag the
+/// server in front of `root` gives it.
+async fn write_static(
+    root: &std::path::Path,
+    obj: &Object,
+    conn: &mut Conn,
+    stats: &mut Stats,
+) -> anyhow::Result<String> {
+    let path = root.join(obj.path.trim_start_matches('/'));
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    let mut buf = vec![0u8; CHUNK];
+    let mut off = 0;
+    while off < obj.size {
+        let n = (obj.size - off).min(CHUNK as u64) as usize;
+        fill(obj.id, 0, off, &mut buf[..n]);
+        std::io::Write::write_all(&mut file, &buf[..n])?;
+        off += n as u64;
+    }
+    std::io::Write::flush(&mut file)?;
+    let req = conn.request(Method::HEAD, &obj.path).body(empty_body())?;
+    let resp = conn.sender(stats).await?.send_request(req).await?;
+    let etag = header_str(resp.headers(), header::ETAG);
+    match (resp.status(), etag) {
+        (StatusCode::OK, Some(etag)) => Ok(etag),
+        (status, etag) => bail!(
+            "HEAD {} after writing it: {status}, ETag {etag:?}",
+            obj.path
+        ),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -900,7 +945,11 @@ async fn main() -> anyhow::Result<()> {
     let setup = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
+    if args.static_root.is_some() && mix[KINDS.iter().position(|k| *k == Kind::Put).unwrap()] > 0 {
+        bail!("--static-root needs a --mix without PUT (a static file server takes no uploads)");
+    }
     for _ in 0..8 {
+        let static_root = args.static_root.clone();
         let objects = objects.clone();
         let next = next.clone();
         let mut conn = new_conn();
@@ -912,6 +961,13 @@ async fn main() -> anyhow::Result<()> {
                     return Ok::<_, anyhow::Error>(());
                 };
                 let etag = etag_of(obj.id, 0, obj.size);
+                if let Some(root) = &static_root {
+                    let served = write_static(root, obj, &mut conn, &mut stats).await?;
+                    let mut s = obj.state.lock().unwrap();
+                    s.etags.insert(served, 0);
+                    s.digests.insert(0, etag);
+                    continue;
+                }
                 let req = conn
                     .request(Method::PUT, &obj.path)
                     .header(header::CONTENT_LENGTH, obj.size)
@@ -928,7 +984,9 @@ async fn main() -> anyhow::Result<()> {
                         obj.path
                     );
                 }
-                obj.state.lock().unwrap().etags.insert(etag, 0);
+                let mut s = obj.state.lock().unwrap();
+                s.etags.insert(etag.clone(), 0);
+                s.digests.insert(0, etag);
             }
         }));
     }
