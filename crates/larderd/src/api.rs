@@ -178,20 +178,22 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         started,
     }
     .record();
-    tracing::info!(
-        target: "larderd::access",
-        request_id = id,
-        %method,
+    crate::access_log::record(&crate::access_log::AccessLine {
+        request_id: id,
+        method: method.as_str(),
         route,
-        ns = log.ns.as_ref().map_or("", |n| n.as_str()),
-        key = log.key.as_ref().map_or("", |k| k.as_str()),
-        status = response.status().as_u16(),
-        tier = log.tier,
-        etag = response.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).unwrap_or(""),
-        token = log.token,
-        micros = started.elapsed().as_micros() as u64,
-        "request"
-    );
+        ns: log.ns.as_ref().map_or("", |n| n.as_str()),
+        key: log.key.as_ref().map_or("", |k| k.as_str()),
+        status: response.status().as_u16(),
+        tier: log.tier,
+        etag: response
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        token: &log.token,
+        micros: started.elapsed().as_micros() as u64,
+    });
     response
         .headers_mut()
         .insert(HeaderName::from_static("x-request-id"), request_id);
@@ -734,10 +736,14 @@ pub(crate) async fn get(
         Err(e) => return tier_error(e),
     };
     log.tier = got.source;
-    // Every log line of the request from here on says which tier answered and which revision.
-    let span = tracing::Span::current();
-    span.record("tier", got.source);
-    span.record("etag", got.meta.etag.as_str());
+    // Every log line of the request from here on says which tier answered and which revision,
+    // except on a local disk hit: recording two span fields cost an eighth of a small GET's
+    // instructions, and nothing logs after a disk hit but the access line, which says both.
+    if got.source != "disk" {
+        let span = tracing::Span::current();
+        span.record("tier", got.source);
+        span.record("etag", got.meta.etag.as_str());
+    }
     let meta = &got.meta;
     let (status, mut response) = match got.outcome {
         ReadOutcome::Full | ReadOutcome::Partial(_) => {

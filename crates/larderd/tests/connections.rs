@@ -521,7 +521,7 @@ async fn every_request_on_a_keep_alive_connection_is_answered_after_early_answer
 async fn a_panicking_request_gets_500_and_its_connection_serves_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("larderd.log");
-    let srv = Launch::new(&[])
+    let mut srv = Launch::new(&[])
         .env("LARDER_TEST_FAULT_PANIC_KEY", "ci/boom")
         .stderr_to(&log)
         .start();
@@ -578,7 +578,8 @@ async fn a_panicking_request_gets_500_and_its_connection_serves_the_next() {
         500,
         "still panicking, still answered"
     );
-    drop(srv);
+    // A graceful stop: log lines are buffered, and only a stop flushes the last of them.
+    srv.terminate();
     let text = std::fs::read_to_string(&log).unwrap();
     for id in ["boom-get", "boom-put"] {
         assert!(
@@ -603,7 +604,7 @@ async fn every_request_of_a_concurrent_load_with_logging_on_is_answered() {
     const KEYS: usize = 16;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("larderd.log");
-    let srv = Launch::new(&["--log-format", "json"])
+    let mut srv = Launch::new(&["--log-format", "json"])
         .env("LARDER_LOG", "info")
         .stderr_to(&log)
         .start();
@@ -680,7 +681,8 @@ async fn every_request_of_a_concurrent_load_with_logging_on_is_answered() {
         failures[..failures.len().min(20)].join("\n")
     );
     assert_eq!(connects, CONNECTIONS, "no connection ended");
-    drop(srv);
+    // A graceful stop: log lines are buffered, and only a stop flushes the last of them.
+    srv.terminate();
 
     let text = std::fs::read_to_string(&log).unwrap();
     let (mut access, mut stored, mut foreign) = (0, 0, Vec::new());
