@@ -26,18 +26,61 @@ pub struct RequestMetrics<'a> {
 
 impl RequestMetrics<'_> {
     pub fn record(self) {
-        // Static label values: no allocation per request on the hot path.
+        // Static label values, and each thread keeps the handles it has used: looking a series
+        // up in the recorder (building its key, hashing and comparing the labels) cost more
+        // than serving a small object.
         let method = static_method(self.method);
-        metrics::counter!(
-            "larder_http_requests_total",
-            "route" => self.route,
-            "method" => method,
-            "status" => static_status(self.status)
-        )
-        .increment(1);
-        metrics::histogram!("larder_http_request_duration_seconds", "route" => self.route, "method" => method)
-            .record(self.started.elapsed().as_secs_f64());
+        let status = static_status(self.status);
+        let (requests, duration) = HANDLES.with_borrow_mut(|handles| {
+            handles
+                .entry((self.route, method, status))
+                .or_insert_with(|| {
+                    let route = self.route;
+                    (
+                        metrics::counter!(
+                            "larder_http_requests_total",
+                            "route" => route,
+                            "method" => method,
+                            "status" => status
+                        ),
+                        metrics::histogram!(
+                            "larder_http_request_duration_seconds",
+                            "route" => route,
+                            "method" => method
+                        ),
+                    )
+                })
+                .clone()
+        });
+        requests.increment(1);
+        duration.record(self.started.elapsed().as_secs_f64());
     }
+}
+
+type SeriesKey = (&'static str, &'static str, &'static str);
+
+thread_local! {
+    static HANDLES: std::cell::RefCell<
+        std::collections::HashMap<SeriesKey, (metrics::Counter, metrics::Histogram)>,
+    > = std::cell::RefCell::default();
+    static BYTES_SERVED: std::cell::RefCell<Vec<(&'static str, metrics::Counter)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Counts body bytes served from `tier` (`larder_bytes_served_total`), with a handle cached per
+/// thread (a handful of tiers: a short list).
+pub fn bytes_served(tier: &'static str, n: u64) {
+    BYTES_SERVED.with_borrow_mut(|cached| {
+        let counter = match cached.iter().find(|(t, _)| *t == tier) {
+            Some((_, c)) => c,
+            None => {
+                let c = metrics::counter!("larder_bytes_served_total", "tier" => tier);
+                cached.push((tier, c));
+                &cached[cached.len() - 1].1
+            }
+        };
+        counter.increment(n);
+    });
 }
 
 fn static_method(m: &Method) -> &'static str {
