@@ -9,7 +9,7 @@
 
 use crate::auth::{Auth, Caller, Denied, Scope};
 use crate::config::Limits;
-use crate::io::Pump;
+use crate::io::{BodyCheck, Pump};
 use crate::metrics::{RequestMetrics, limit_rejected};
 use bytes::Bytes;
 use futures_util::{FutureExt, TryStreamExt};
@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use larder_proto::units::parse_duration;
 use larder_proto::{Key, Namespace, ReadConditions, ReadOutcome, WritePrecondition};
-use larder_tier::{ErrorKind, GetOptions, ObjectMeta, PutOptions, Tier, TierError};
+use larder_tier::{ErrorKind, GetOptions, GetResponse, ObjectMeta, PutOptions, Tier, TierError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::panic::AssertUnwindSafe;
@@ -49,6 +49,8 @@ pub struct State {
     pub test_fault_panic: Option<(Namespace, Key)>,
     /// Git snapshots; `None` when no `--git-allow` pattern is configured.
     pub git: Option<Arc<crate::git::GitService>>,
+    /// The Bazel remote cache's settings (`[bazel]`).
+    pub bazel: crate::config::BazelSettings,
 }
 
 /// What the access log line of a request reports beyond the status: filled in by the handler
@@ -108,6 +110,7 @@ impl Req {
 }
 
 const OBJECT_PREFIX: &str = "/api/v1/object/";
+const BAZEL_PREFIX: &str = "/bazel/";
 const GIT_PREFIX: &str = "/api/v1/git/";
 /// Names the namespace of a repository's snapshots in answers of the head route.
 const GIT_NAMESPACE_HEADER: HeaderName = HeaderName::from_static("larder-namespace");
@@ -303,6 +306,8 @@ enum Route<'a> {
     Turbo(crate::turbo::TurboRoute<'a>),
     /// Nx's self-hosted remote cache, `/nx/{ns}/v1/cache/{hash}` (`nx.rs`): namespace and hash.
     Nx(&'a str, &'a str),
+    /// `/bazel/{ns}/ac/{hash}`, `/bazel/{ns}/cas/{hash}`: what follows `/bazel/` (`bazel.rs`).
+    Bazel(&'a str),
     /// Health, metrics and listings: read-only, no parameters.
     Service(ServiceRoute),
     Unknown,
@@ -327,6 +332,9 @@ impl<'a> Route<'a> {
         if let Some(rest) = path.strip_prefix(OBJECT_PREFIX) {
             let (ns, key) = rest.split_once('/').unwrap_or((rest, ""));
             return Route::Object(ns, key);
+        }
+        if let Some(rest) = path.strip_prefix(BAZEL_PREFIX) {
+            return Route::Bazel(rest);
         }
         if let Some(rest) = path.strip_prefix(GIT_PREFIX) {
             if let Some(repo) = rest.strip_suffix(GIT_HEAD) {
@@ -360,6 +368,7 @@ impl<'a> Route<'a> {
             Route::GitBundlesList(_) => "git_bundles_list",
             Route::Turbo(turbo) => turbo.label(),
             Route::Nx(..) => "nx",
+            Route::Bazel(rest) => crate::bazel::label(rest),
             Route::Service(ServiceRoute::Liveness) => "liveness",
             Route::Service(ServiceRoute::Readiness) => "readiness",
             Route::Service(ServiceRoute::Metrics) => "metrics",
@@ -382,6 +391,7 @@ async fn route(
         Route::GitBundlesList(repo) => git_bundles_list(state, repo, req, log).await,
         Route::Turbo(turbo) => crate::turbo::handle(state, turbo, req, log).await,
         Route::Nx(ns, hash) => crate::nx::handle(state, (ns, hash), req, log).await,
+        Route::Bazel(rest) => crate::bazel::handle(state, rest, req, log).await,
         Route::Unknown => text(
             StatusCode::NOT_FOUND,
             format!("no route for {}", req.head.uri.path()),
@@ -515,15 +525,9 @@ async fn object(
         Method::GET | Method::HEAD => Scope::Read,
         _ => Scope::Write,
     };
-    match state.auth.authorize(req.headers(), scope, Some(&ns)) {
-        Ok(caller) => log.token = caller.name().to_string(),
-        Err(d) => return denied(d),
+    if let Err(refused) = admit(state, req, log, (&ns, &key), scope) {
+        return *refused;
     }
-    log.ns = Some(ns.clone());
-    log.key = Some(key.clone());
-    let span = tracing::Span::current();
-    span.record("ns", ns.as_str());
-    span.record("key", key.as_str());
     if let Some(fault) = &state.test_fault_panic
         && fault.0 == ns
         && fault.1 == key
@@ -540,6 +544,27 @@ async fn object(
             Err(e) => tier_error(e),
         },
     }
+}
+
+/// Access control of a request for one object, and what its log lines name: the caller must
+/// have `scope` on the namespace. `Err` is the answer instead (boxed: the cold path).
+pub(crate) fn admit(
+    state: &State,
+    req: &Req,
+    log: &mut RequestLog,
+    (ns, key): (&Namespace, &Key),
+    scope: Scope,
+) -> Result<(), Box<Response<Body>>> {
+    match state.auth.authorize(req.headers(), scope, Some(ns)) {
+        Ok(caller) => log.token = caller.name().to_string(),
+        Err(d) => return Err(Box::new(denied(d))),
+    }
+    log.ns = Some(ns.clone());
+    log.key = Some(key.clone());
+    let span = tracing::Span::current();
+    span.record("ns", ns.as_str());
+    span.record("key", key.as_str());
+    Ok(())
 }
 
 /// The steps every git route shares: the method, the feature, the route resolved to an
@@ -711,6 +736,18 @@ fn header_text(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     headers.get(name).map(|v| v.to_str().unwrap_or(""))
 }
 
+/// The conditional and range headers of a GET or HEAD.
+pub(crate) fn read_conditions(headers: &HeaderMap) -> ReadConditions {
+    ReadConditions::from_headers(
+        header_text(headers, header::IF_MATCH),
+        header_text(headers, header::IF_NONE_MATCH),
+        header_text(headers, header::IF_MODIFIED_SINCE),
+        header_text(headers, header::IF_UNMODIFIED_SINCE),
+        header_text(headers, header::IF_RANGE),
+        header_text(headers, header::RANGE),
+    )
+}
+
 pub(crate) async fn get(
     state: &State,
     ns: &Namespace,
@@ -719,22 +756,20 @@ pub(crate) async fn get(
     head: bool,
     log: &mut RequestLog,
 ) -> Response<Body> {
-    let conditions = ReadConditions::from_headers(
-        header_text(headers, header::IF_MATCH),
-        header_text(headers, header::IF_NONE_MATCH),
-        header_text(headers, header::IF_MODIFIED_SINCE),
-        header_text(headers, header::IF_UNMODIFIED_SINCE),
-        header_text(headers, header::IF_RANGE),
-        header_text(headers, header::RANGE),
-    );
-    let got = match state
+    let conditions = read_conditions(headers);
+    match state
         .tier
         .get(ns, key, GetOptions { conditions, head })
         .await
     {
-        Ok(got) => got,
-        Err(e) => return tier_error(e),
-    };
+        Ok(got) => respond(got, log),
+        Err(e) => tier_error(e),
+    }
+}
+
+/// Renders a decided read: status, `Content-Length`, `Content-Range`, validators, stored
+/// headers, and the body stream counted per serving tier.
+pub(crate) fn respond(got: GetResponse, log: &mut RequestLog) -> Response<Body> {
     log.tier = got.source;
     // Every log line of the request from here on says which tier answered and which revision,
     // except on a local disk hit: recording two span fields cost an eighth of a small GET's
@@ -887,20 +922,25 @@ fn put_options(
     })
 }
 
-/// What a route's PUT keeps besides the body, and whether it may replace a revision.
+/// What a route's PUT keeps besides the body, whether it may replace a revision, and how large
+/// it may be.
 pub(crate) struct PutRules {
     /// Which request headers are stored with the object and returned with it.
     pub(crate) storable: fn(&str) -> bool,
     /// Create-only whatever the request says: an existing key answers `412`.
     pub(crate) create_only: bool,
+    /// A limit below `--max-object-size`, and what the 413's reason calls it.
+    pub(crate) max_size: Option<(u64, &'static str)>,
 }
 
 /// The object route's PUT: the generic storable headers, preconditions as the client sends them.
-const OBJECT_PUT: PutRules = PutRules {
+pub(crate) const OBJECT_PUT: PutRules = PutRules {
     storable: is_storable_header,
     create_only: false,
+    max_size: None,
 };
 
+/// Stores the request body under `key` as `rules` say.
 pub(crate) async fn put(
     state: &State,
     ns: &Namespace,
@@ -908,18 +948,32 @@ pub(crate) async fn put(
     req: &mut Req,
     rules: &PutRules,
 ) -> Response<Body> {
+    put_checked(state, ns, key, req, rules, None).await
+}
+
+/// [`put`], and with a `check` (`io::checked`) the body is checked while it streams in: a
+/// refusal is the answer, and nothing is stored.
+pub(crate) async fn put_checked(
+    state: &State,
+    ns: &Namespace,
+    key: &Key,
+    req: &mut Req,
+    rules: &PutRules,
+    check: Option<Box<dyn BodyCheck>>,
+) -> Response<Body> {
     let headers = req.headers();
+    let (max_size, limit_name) = match rules.max_size {
+        Some((max, name)) if max < state.max_object_size => (max, name),
+        _ => (state.max_object_size, "object size"),
+    };
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        && len > state.max_object_size
+        && len > max_size
     {
         let response = text(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "body of {len} bytes exceeds the maximum object size of {} bytes",
-                state.max_object_size
-            ),
+            format!("body of {len} bytes exceeds the maximum {limit_name} of {max_size} bytes"),
         );
         limit_rejected("object_size");
         return response;
@@ -938,7 +992,7 @@ pub(crate) async fn put(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let opts = match put_options(headers, state.max_ttl, state.max_object_size, rules) {
+    let opts = match put_options(headers, state.max_ttl, max_size, rules) {
         Ok(opts) => opts,
         Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
     };
@@ -948,6 +1002,13 @@ pub(crate) async fn put(
     // client then reads the 4xx/5xx instead of a reset.
     let mut incoming = req.take_body();
     let (tx, upload) = crate::io::upload_channel();
+    let (upload, verdict) = match check {
+        Some(check) => {
+            let (upload, verdict) = crate::io::checked(upload, check);
+            (upload, Some(verdict))
+        }
+        None => (upload, None),
+    };
     let idle = state.limits.idle_timeout;
     let pump = crate::io::pump_body(&mut incoming, tx, idle);
     let (result, pumped) = tokio::join!(state.tier.put(ns, key, upload, opts), pump);
@@ -984,7 +1045,15 @@ pub(crate) async fn put(
             tracing::info!(size = put.size, created = put.created, "stored");
             r
         }
-        Err(e) => tier_error(e),
+        // The tier saw the check's refusal as a failed body and stored nothing; the client is
+        // told why.
+        Err(e) => match verdict.as_ref().and_then(|v| v.get()) {
+            Some(refusal) => {
+                tracing::info!(reason = %refusal.reason, "upload refused by its check");
+                text(refusal.status, refusal.reason.clone())
+            }
+            None => tier_error(e),
+        },
     }
 }
 
@@ -1145,6 +1214,13 @@ mod tests {
         );
         assert_eq!(Route::parse("/api/v1/git/h/x.git/other"), Route::Unknown);
         assert_eq!(
+            Route::parse("/bazel/ci/cas/00ff"),
+            Route::Bazel("ci/cas/00ff")
+        );
+        assert_eq!(Route::parse("/bazel/ci/ac/00ff").label(), "bazel_ac");
+        assert_eq!(Route::parse("/bazel/ci/cas/00ff").label(), "bazel_cas");
+        assert_eq!(Route::parse("/bazel").label(), "unknown");
+        assert_eq!(
             Route::parse("/metrics"),
             Route::Service(ServiceRoute::Metrics)
         );
@@ -1185,6 +1261,7 @@ mod tests {
         let rules = PutRules {
             storable: |name| name == "x-kept",
             create_only: true,
+            max_size: None,
         };
         let opts = put_options(
             &headers(&[

@@ -43,12 +43,38 @@ impl Scope {
     }
 }
 
+/// Namespace patterns as the configuration writes them (a token's `namespaces`, the Bazel
+/// route's `unchecked_namespaces`): `*` matches any run of characters.
+#[derive(Clone, Debug, Default)]
+pub struct NamespacePatterns(Vec<GlobMatcher>);
+
+impl NamespacePatterns {
+    /// Compiles `patterns`; `Err` names the pattern that is not one.
+    pub fn new<S: AsRef<str>>(patterns: &[S]) -> anyhow::Result<NamespacePatterns> {
+        patterns
+            .iter()
+            .map(|p| {
+                let p = p.as_ref();
+                Glob::new(p)
+                    .map(|g| g.compile_matcher())
+                    .map_err(|e| anyhow::anyhow!("namespace pattern {p:?}: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(NamespacePatterns)
+    }
+
+    /// Whether any pattern matches `ns` (none does when there are no patterns).
+    pub fn matches(&self, ns: &Namespace) -> bool {
+        self.0.iter().any(|m| m.is_match(ns.as_str()))
+    }
+}
+
 /// One configured token: its name (for logs), its scopes and the namespaces they cover.
 #[derive(Debug)]
 pub struct Grant {
     pub name: String,
     scopes: Vec<Scope>,
-    namespaces: Vec<GlobMatcher>,
+    namespaces: NamespacePatterns,
 }
 
 impl Grant {
@@ -66,14 +92,8 @@ impl Grant {
         } else {
             namespaces.iter().map(String::as_str).collect()
         };
-        let namespaces = patterns
-            .iter()
-            .map(|p| {
-                Glob::new(p)
-                    .map(|g| g.compile_matcher())
-                    .map_err(|e| anyhow::anyhow!("token {name:?}: namespace pattern {p:?}: {e}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let namespaces = NamespacePatterns::new(&patterns)
+            .map_err(|e| anyhow::anyhow!("token {name:?}: {e}"))?;
         Ok(Grant {
             name,
             scopes,
@@ -84,7 +104,7 @@ impl Grant {
     fn allows(&self, scope: Scope, ns: Option<&Namespace>) -> bool {
         self.scopes.contains(&scope)
             && match ns {
-                Some(ns) => self.namespaces.iter().any(|m| m.is_match(ns.as_str())),
+                Some(ns) => self.namespaces.matches(ns),
                 None => true,
             }
     }

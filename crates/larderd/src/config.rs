@@ -10,7 +10,7 @@
 //! serde parse them where they are read, and a bad value is refused with the flag's or the
 //! file key's name before anything starts.
 
-use crate::auth::{Auth, Grant};
+use crate::auth::{Auth, Grant, NamespacePatterns};
 use anyhow::{Context, bail};
 use clap::Parser;
 use larder_proto::units::{ByteSize, Interval};
@@ -34,6 +34,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An `ActionResult` lists digests and paths, not file contents: a few KiB for most actions.
+pub const DEFAULT_BAZEL_MAX_ACTION_RESULT_SIZE: u64 = 1 << 20;
 
 /// larderd: a tiered cache server for CI artifacts.
 ///
@@ -202,6 +204,23 @@ pub struct Cli {
     /// (TOML: git.public_url)
     #[arg(long, env = "LARDER_GIT_PUBLIC_URL", value_name = "URL")]
     pub git_public_url: Option<String>,
+
+    /// Namespaces whose Bazel action cache entries (/bazel/NS/ac/…) are stored as they come:
+    /// not parsed as ActionResult, no size cap, no check of the blobs they refer to; for
+    /// ccache's `layout=bazel`. A pattern as in tokens (`*` matches any run of characters).
+    /// Repeatable [default: none] (TOML: bazel.unchecked_namespaces)
+    #[arg(
+        long = "bazel-unchecked-namespace",
+        env = "LARDER_BAZEL_UNCHECKED_NAMESPACES",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub bazel_unchecked_namespaces: Vec<String>,
+
+    /// Largest Bazel action result accepted in a checked namespace; larger ones get 413
+    /// (TOML: bazel.max_action_result_size)
+    #[arg(long, env = "LARDER_BAZEL_MAX_ACTION_RESULT_SIZE", value_name = "SIZE")]
+    pub bazel_max_action_result_size: Option<ByteSize>,
 }
 
 /// The TOML file. Unknown keys are an error, so a typo never silently falls back to a default.
@@ -227,6 +246,41 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     pub tls: Option<TlsSection>,
     pub git: Option<GitSection>,
+    pub bazel: Option<BazelSection>,
+}
+
+/// `[bazel]`: the Bazel HTTP remote cache under `/bazel/{ns}`.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BazelSection {
+    #[serde(default)]
+    pub unchecked_namespaces: Vec<String>,
+    pub max_action_result_size: Option<ByteSize>,
+}
+
+/// The Bazel remote cache's settings.
+#[derive(Clone, Debug)]
+pub struct BazelSettings {
+    /// Namespaces whose action cache entries are stored unchecked.
+    pub unchecked_namespaces: NamespacePatterns,
+    /// Largest action result accepted where they are checked.
+    pub max_action_result_size: u64,
+}
+
+impl Default for BazelSettings {
+    fn default() -> BazelSettings {
+        BazelSettings {
+            unchecked_namespaces: NamespacePatterns::default(),
+            max_action_result_size: DEFAULT_BAZEL_MAX_ACTION_RESULT_SIZE,
+        }
+    }
+}
+
+impl BazelSettings {
+    /// Whether action results in `ns` are parsed and checked.
+    pub fn checks_action_results(&self, ns: &larder_proto::Namespace) -> bool {
+        !self.unchecked_namespaces.matches(ns)
+    }
 }
 
 /// `[git]`: snapshots of upstream git repositories.
@@ -396,6 +450,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// `None`: git snapshots are not enabled (no `--git-allow`).
     pub git: Option<GitSettings>,
+    pub bazel: BazelSettings,
 }
 
 impl Config {
@@ -419,6 +474,7 @@ impl Config {
             .or(file.disk.dir)
             .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
         let git = resolve_git(&cli, file.git.unwrap_or_default(), &data_dir)?;
+        let bazel = resolve_bazel(&cli, file.bazel.unwrap_or_default())?;
         let file_tls = file.tls.unwrap_or_default();
         let tls = match (
             cli.tls_cert.clone().or(file_tls.cert),
@@ -440,6 +496,7 @@ impl Config {
             listen,
             data_dir,
             git,
+            bazel,
             disk_limit: cli.disk_limit.or(file.disk.limit).map(|s| s.0),
             max_ttl: or_default(cli.max_ttl.or(file.max_ttl), DEFAULT_MAX_TTL),
             max_object_size: cli
@@ -480,7 +537,7 @@ fn or_default(given: Option<Interval>, default: Duration) -> Duration {
 /// The command line, with each flag's default appended to its help from the same constant
 /// that [`Config::resolve`] applies.
 pub fn command() -> clap::Command {
-    let defaults: [(&str, String); 18] = [
+    let defaults: [(&str, String); 19] = [
         ("listen", DEFAULT_LISTEN.to_string()),
         ("data_dir", DEFAULT_DATA_DIR.to_string()),
         ("max_ttl", Interval(DEFAULT_MAX_TTL).to_string()),
@@ -513,6 +570,10 @@ pub fn command() -> clap::Command {
         ),
         ("git_grace", Interval(DEFAULT_GIT_GRACE).to_string()),
         ("git_claim_ttl", Interval(DEFAULT_GIT_CLAIM_TTL).to_string()),
+        (
+            "bazel_max_action_result_size",
+            ByteSize(DEFAULT_BAZEL_MAX_ACTION_RESULT_SIZE).to_string(),
+        ),
         ("log_format", "text".to_string()),
     ];
     let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -626,6 +687,33 @@ fn resolve_git(
             .map(|u| public_url(&u))
             .transpose()?,
     }))
+}
+
+fn resolve_bazel(cli: &Cli, file: BazelSection) -> anyhow::Result<BazelSettings> {
+    // As for --git-allow: what the command line gives is the whole list.
+    let patterns: Vec<String> = if cli.bazel_unchecked_namespaces.is_empty() {
+        file.unchecked_namespaces
+    } else {
+        cli.bazel_unchecked_namespaces.clone()
+    };
+    let patterns: Vec<&str> = patterns
+        .iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let unchecked_namespaces = NamespacePatterns::new(&patterns)
+        .map_err(|e| anyhow::anyhow!("bazel unchecked namespaces: {e}"))?;
+    let max_action_result_size = cli
+        .bazel_max_action_result_size
+        .or(file.max_action_result_size)
+        .map_or(DEFAULT_BAZEL_MAX_ACTION_RESULT_SIZE, |s| s.0);
+    if max_action_result_size < 1024 {
+        bail!("bazel max action result size must be at least 1KiB");
+    }
+    Ok(BazelSettings {
+        unchecked_namespaces,
+        max_action_result_size,
+    })
 }
 
 /// Checks a `--git-public-url`: `http` or `https`, a host, nothing git could not take as part
@@ -945,6 +1033,63 @@ mod tests {
     }
 
     #[test]
+    fn bazel_settings_come_from_the_file_flags_and_defaults() {
+        let ns = |s: &str| larder_proto::Namespace::parse(s).unwrap();
+        let c = Config::resolve(Cli::default()).unwrap();
+        assert!(
+            c.bazel.checks_action_results(&ns("ccache")),
+            "checked by default"
+        );
+        assert_eq!(
+            c.bazel.max_action_result_size,
+            DEFAULT_BAZEL_MAX_ACTION_RESULT_SIZE
+        );
+        let toml =
+            "[bazel]\nunchecked_namespaces = [\"ccache*\"]\nmax_action_result_size = \"64KiB\"\n";
+        let c = with_file(toml, Cli::default()).unwrap();
+        assert!(!c.bazel.checks_action_results(&ns("ccache")));
+        assert!(!c.bazel.checks_action_results(&ns("ccache-linux")));
+        assert!(c.bazel.checks_action_results(&ns("bazel")));
+        assert_eq!(c.bazel.max_action_result_size, 64 << 10);
+        let flags = command()
+            .try_get_matches_from([
+                "larderd",
+                "--bazel-unchecked-namespace",
+                "cc-a,cc-b",
+                "--bazel-unchecked-namespace",
+                "tools-*",
+                "--bazel-max-action-result-size",
+                "2MiB",
+            ])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&flags).unwrap();
+        let c = with_file(toml, cli).unwrap();
+        assert!(
+            c.bazel.checks_action_results(&ns("ccache")),
+            "the flags replace the file's list"
+        );
+        for unchecked in ["cc-a", "cc-b", "tools-x"] {
+            assert!(
+                !c.bazel.checks_action_results(&ns(unchecked)),
+                "{unchecked}"
+            );
+        }
+        assert_eq!(c.bazel.max_action_result_size, 2 << 20);
+        for (toml, expect) in [
+            (
+                "[bazel]\nunchecked_namespaces = [\"a[\"]\n",
+                "namespace pattern \"a[\"",
+            ),
+            ("[bazel]\nmax_action_result_size = 10\n", "at least 1KiB"),
+            ("[bazel]\nunchecked = [\"x\"]\n", "unknown field"),
+        ] {
+            let e = with_file(toml, Cli::default()).unwrap_err();
+            let text = format!("{e:#}");
+            assert!(text.contains(expect), "{toml}: {text}");
+        }
+    }
+
+    #[test]
     fn help_shows_the_defaults_that_apply() {
         let help = command().render_long_help().to_string();
         let defaults = Config::resolve(Cli::default()).unwrap();
@@ -955,6 +1100,10 @@ mod tests {
             format!("[default: {}]", defaults.limits.max_uploads),
             "[default: 7d]".to_string(),
             "[default: 100GiB]".to_string(),
+            format!(
+                "[default: {}]",
+                ByteSize(defaults.bazel.max_action_result_size)
+            ),
         ] {
             assert!(help.contains(&shown), "{shown} missing from --help");
         }

@@ -2,6 +2,10 @@
 //! a peer may stall a response and remembers whether the peer sent anything since the last
 //! response, and the pump that feeds an upload's body to the tier.
 //!
+//! An upload can also be checked while it streams in ([`checked`]): a route that knows what the
+//! bytes must be (the Bazel CAS: their SHA-256) lets the tier see the end of the body only once
+//! the check accepts it, so a refused body ends in an error and nothing is committed, on any tier.
+//!
 //! A client that stops reading a download would otherwise hold its connection, its buffers and
 //! an open revision file forever: a write that cannot make progress for the idle timeout fails
 //! the connection instead. The read flag tells a client that sent part of a request head (and
@@ -200,5 +204,234 @@ pub async fn pump_body(body: &mut hyper::body::Incoming, tx: BodySender, idle: D
         if tx.send(item).await.is_err() || failed {
             return Pump::Stopped;
         }
+    }
+}
+
+/// Why a checked upload was refused: the status and the one-line reason its answer gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: http::StatusCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    /// `400 Bad Request` with `reason`.
+    pub fn bad_request(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status: http::StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A check of an upload's bytes as they stream in (see [`checked`]).
+pub trait BodyCheck: Send + 'static {
+    /// Sees each chunk, in order; `Err` refuses the body at once.
+    fn update(&mut self, chunk: &[u8]) -> Result<(), Refusal>;
+    /// Decides once the whole body was seen.
+    fn finish(&mut self) -> Result<(), Refusal>;
+}
+
+/// Where a checked upload leaves its refusal for the handler: the tier only sees an error item,
+/// the client is told why.
+pub type Verdict = Arc<std::sync::OnceLock<Refusal>>;
+
+/// Passes `upload` through `check` on its way to the tier. Each chunk is checked before the
+/// tier gets it, and the end of the body is passed on only once [`BodyCheck::finish`] accepts
+/// it: a refused body ends with an `InvalidData` error instead of its end, which makes every
+/// tier discard what it wrote (nothing is committed before a body's end). The refusal is left
+/// in the returned [`Verdict`].
+pub fn checked(
+    upload: futures_util::stream::BoxStream<'static, BodyChunk>,
+    check: Box<dyn BodyCheck>,
+) -> (futures_util::stream::BoxStream<'static, BodyChunk>, Verdict) {
+    use futures_util::StreamExt;
+    let verdict = Verdict::default();
+    let stream = Checked {
+        inner: upload,
+        check,
+        verdict: verdict.clone(),
+        ended: false,
+    };
+    (stream.boxed(), verdict)
+}
+
+struct Checked {
+    inner: futures_util::stream::BoxStream<'static, BodyChunk>,
+    check: Box<dyn BodyCheck>,
+    verdict: Verdict,
+    /// The stream has given its last item (its end, or an error).
+    ended: bool,
+}
+
+impl Checked {
+    fn refuse(&mut self, refusal: Refusal) -> Poll<Option<BodyChunk>> {
+        self.ended = true;
+        let error = io::Error::new(io::ErrorKind::InvalidData, refusal.reason.clone());
+        let _ = self.verdict.set(refusal);
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl futures_util::Stream for Checked {
+    type Item = BodyChunk;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BodyChunk>> {
+        use futures_util::StreamExt;
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(this.inner.poll_next_unpin(cx)) {
+            Some(Ok(chunk)) => match this.check.update(&chunk) {
+                Ok(()) => Poll::Ready(Some(Ok(chunk))),
+                Err(refusal) => this.refuse(refusal),
+            },
+            Some(Err(e)) => {
+                // The body itself failed: the tier discards it anyway, and the check has
+                // nothing to say about a body it did not see whole.
+                this.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => match this.check.finish() {
+                Ok(()) => {
+                    this.ended = true;
+                    Poll::Ready(None)
+                }
+                Err(refusal) => this.refuse(refusal),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    /// Accepts bodies of exactly `want` bytes; refuses at once beyond `refuse_after`.
+    struct Length {
+        seen: usize,
+        want: usize,
+        refuse_after: usize,
+    }
+
+    impl BodyCheck for Length {
+        fn update(&mut self, chunk: &[u8]) -> Result<(), Refusal> {
+            self.seen += chunk.len();
+            if self.seen > self.refuse_after {
+                return Err(Refusal {
+                    status: http::StatusCode::PAYLOAD_TOO_LARGE,
+                    reason: "too long".into(),
+                });
+            }
+            Ok(())
+        }
+        fn finish(&mut self) -> Result<(), Refusal> {
+            if self.seen == self.want {
+                Ok(())
+            } else {
+                Err(Refusal::bad_request(format!("{} bytes", self.seen)))
+            }
+        }
+    }
+
+    fn body(chunks: &[&'static [u8]]) -> futures_util::stream::BoxStream<'static, BodyChunk> {
+        let items: Vec<BodyChunk> = chunks
+            .iter()
+            .map(|c| Ok(bytes::Bytes::from_static(c)))
+            .collect();
+        futures_util::stream::iter(items).boxed()
+    }
+
+    /// What the tier sees: the chunks, then `Ok(())` for a clean end or the error's message.
+    async fn drain(
+        mut s: futures_util::stream::BoxStream<'static, BodyChunk>,
+    ) -> (Vec<u8>, Result<(), String>) {
+        let mut seen = Vec::new();
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(chunk) => seen.extend_from_slice(&chunk),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                    assert!(s.next().await.is_none(), "nothing after the error");
+                    return (seen, Err(e.to_string()));
+                }
+            }
+        }
+        (seen, Ok(()))
+    }
+
+    #[tokio::test]
+    async fn an_accepted_body_passes_unchanged_and_ends_cleanly() {
+        let check = Length {
+            seen: 0,
+            want: 6,
+            refuse_after: 100,
+        };
+        let (s, verdict) = checked(body(&[b"abc", b"def"]), Box::new(check));
+        assert_eq!(drain(s).await, (b"abcdef".to_vec(), Ok(())));
+        assert!(verdict.get().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_refused_at_its_end_ends_in_an_error_instead_of_its_end() {
+        let check = Length {
+            seen: 0,
+            want: 7,
+            refuse_after: 100,
+        };
+        let (s, verdict) = checked(body(&[b"abc", b"def"]), Box::new(check));
+        let (seen, end) = drain(s).await;
+        assert_eq!(
+            seen, b"abcdef",
+            "every chunk went through before the decision"
+        );
+        assert_eq!(
+            end,
+            Err("6 bytes".to_string()),
+            "the tier never sees a clean end"
+        );
+        assert_eq!(
+            verdict.get(),
+            Some(&Refusal::bad_request("6 bytes")),
+            "the handler learns why"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_refused_midway_never_reaches_the_tier() {
+        let check = Length {
+            seen: 0,
+            want: 9,
+            refuse_after: 4,
+        };
+        let (s, verdict) = checked(body(&[b"abc", b"def", b"ghi"]), Box::new(check));
+        let (seen, end) = drain(s).await;
+        assert_eq!(seen, b"abc");
+        assert_eq!(end, Err("too long".to_string()));
+        assert_eq!(
+            verdict.get().unwrap().status,
+            http::StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_body_is_passed_on_without_a_verdict() {
+        let check = Length {
+            seen: 0,
+            want: 3,
+            refuse_after: 100,
+        };
+        let items: Vec<BodyChunk> = vec![
+            Ok(bytes::Bytes::from_static(b"abc")),
+            Err(io::Error::new(io::ErrorKind::ConnectionReset, "gone")),
+        ];
+        let (mut s, verdict) = checked(futures_util::stream::iter(items).boxed(), Box::new(check));
+        assert!(s.next().await.unwrap().is_ok());
+        let e = s.next().await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        assert!(s.next().await.is_none());
+        assert!(verdict.get().is_none(), "not the check's refusal");
     }
 }

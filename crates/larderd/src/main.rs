@@ -7,6 +7,7 @@
 mod access_log;
 mod api;
 mod auth;
+mod bazel;
 mod config;
 mod git;
 mod io;
@@ -143,6 +144,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let state = Arc::new(api::State {
         git,
+        bazel: config.bazel.clone(),
         tier,
         max_ttl: config.max_ttl,
         max_object_size: config.max_object_size,

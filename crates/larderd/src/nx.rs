@@ -36,6 +36,7 @@ const METHODS: &str = "GET, HEAD, PUT";
 const ENTRY_PUT: PutRules = PutRules {
     storable: |_| false,
     create_only: true,
+    max_size: None,
 };
 
 /// `/nx/{ns}/v1/cache/{hash}` as `(ns, hash)`, still as they came in the path; `None` for any

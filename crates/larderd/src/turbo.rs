@@ -60,6 +60,7 @@ const QUERY_CONCURRENCY: usize = 16;
 const ARTIFACT_PUT: PutRules = PutRules {
     storable: is_artifact_header,
     create_only: false,
+    max_size: None,
 };
 
 fn is_artifact_header(name: &str) -> bool {
