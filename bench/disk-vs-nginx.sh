@@ -30,6 +30,7 @@
 # longer when it has to wait for a quiet one):
 #   bench/disk-vs-nginx.sh
 # Knobs (environment): DURATION=10s REPS=2 LARDER_PORT=18080 NGINX_PORT=18081 MANY_OBJECTS=100000
+#   ROWS="big1 big4 range small" (a subset runs only those throughput rows)
 #   QUIET_MAX=120 QUIET_BUSY=20
 # It installs nginx-light and wrk from Debian if missing, builds larderd in release mode, wipes and
 # uses target/bench-disk (needs ~2.5 GiB of disk), prints a Markdown table on stdout (progress on
@@ -353,7 +354,7 @@ check_larderd "the warm-up GETs"
 # ---------------------------------------------------------------------------------------------
 # 6. Throughput
 # ---------------------------------------------------------------------------------------------
-ROWS=(big1 big4 range small)
+read -r -a ROWS <<< "${ROWS:-big1 big4 range small}"
 declare -A ROW_NAME=(
     [big1]="1 GiB GET, 1 conn (wrk -t1 -c1)"
     [big4]="1 GiB GET, 4 conns (wrk -t2 -c4)"
