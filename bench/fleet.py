@@ -89,6 +89,11 @@ STALE_MARGIN = 1.0  # seconds of slack on the revalidation window for the stalen
 MIB = 1 << 20
 
 
+def bare(etag):
+    """An ETag without its quotes (headers and logs quote it, the CLI's JSON does not)."""
+    return etag.strip('"') if etag else etag
+
+
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -207,7 +212,9 @@ class Stats:
                 self.lat[op].append(seconds)
             if len(self.error_samples) < 200:
                 self.error_samples.append({"t": round(time.time() - T0, 3), "op": op, "what": what})
-        log(f"ERROR {op}: {what}")
+            n = sum(self.errors.values())
+        if n <= 20:
+            log(f"ERROR {op}: {what}")
 
     def note(self, name, n=1):
         with self.lock:
@@ -510,10 +517,10 @@ def save_snapshot(key, variant, r):
                                              "--json", "--level", "1"])
     if code != 0:
         return None, secs, f"larder save exited {code}: {err.strip()[-400:]}"
-    etag = json.loads(out)["etag"]
+    summary = json.loads(out)
     with REG.lock:
-        REG.snapshot_etags.setdefault(key, set()).add(etag)
-    return etag, secs, None
+        REG.snapshot_etags.setdefault(key, set()).add(bare(summary["etag"]))
+    return summary, secs, None
 
 
 def seed_all():
@@ -626,7 +633,7 @@ def check_small_body(key, r, status, hdrs, body, started, done):
         return f"GET {key} via replica {r}: seed {seed} never written to this key"
     if body != small_body(kidx, seed, rev):
         return f"GET {key} via replica {r}: body of seed {seed} rev {rev} is corrupt"
-    if info.get("etag") and hdrs.get("etag") != info["etag"]:
+    if info.get("etag") and bare(hdrs.get("etag")) != bare(info["etag"]):
         return (f"GET {key} via replica {r}: ETag {hdrs.get('etag')} but revision {rev} was "
                 f"stored as {info['etag']}")
     prior = HISTORY.check_and_add(r, key, started, done, rev)
@@ -684,7 +691,7 @@ def check_large_file(key, path, reported_etag):
     if bad:
         what = "MIXES revisions" if len(seeds) > 1 else "is corrupt"
         return (f"{key}: body {what}: blocks per seed {dict(seeds)}; {bad}", 0)
-    if info.get("etag") and reported_etag != info["etag"]:
+    if info.get("etag") and bare(reported_etag) != bare(info["etag"]):
         return (f"{key}: the CLI reports ETag {reported_etag}, the revision it wrote (seed {seed})"
                 f" was stored as {info['etag']}", 0)
     return None, got
@@ -943,7 +950,7 @@ class Client:
                         if got.get(p) != REG.snapshots[key][0].get(p)]
                 STATS.error("restore", f"{key}: restored tree is neither saved variant "
                                        f"({len(got)} files; e.g. {sorted(diff)[:3]})", secs)
-            elif summary.get("etag") not in REG.snapshot_etags.get(key, ()):
+            elif bare(summary.get("etag")) not in REG.snapshot_etags.get(key, ()):
                 STATS.error("restore", f"{key}: ETag {summary.get('etag')} was never saved", secs)
             else:
                 STATS.done("restore", secs, summary.get("size", 0))
@@ -960,12 +967,11 @@ class Client:
         try:
             key = self.rnd.choice(list(REG.snapshots))
             variant = self.rnd.choice("ab")
-            etag, secs, err = save_snapshot(key, variant, self.rnd.randrange(CONFIG["REPLICAS"]))
+            saved, secs, err = save_snapshot(key, variant, self.rnd.randrange(CONFIG["REPLICAS"]))
             if err:
                 STATS.error("save", f"{key}: {err}", secs)
             else:
-                size = 0
-                STATS.done("save", secs, size)
+                STATS.done("save", secs, saved.get("archive_size", 0))
         finally:
             self.gates["save"].leave()
         return True
@@ -1021,9 +1027,9 @@ def analyse_log(path, start, end):
             key = fields.get("key", "")
             status = fields.get("status")
             if status in (200, 206) and fields.get("ns") == NS:
-                served.add((key, fields.get("etag")))
+                served.add((key, bare(fields.get("etag"))))
                 if fields.get("tier") == "s3":
-                    cold[(key, fields.get("etag"))] += 1
+                    cold[(key, bare(fields.get("etag")))] += 1
         elif fields.get("message") == "fill ended" or (
                 fields.get("message") == "fill abandoned"):
             span = ev.get("span", {}) or {}
@@ -1033,8 +1039,9 @@ def analyse_log(path, start, end):
                     if s.get("name") == "fill":
                         key, etag = s.get("key"), s.get("etag")
             result = fields.get("result", "failed")
-            fills[(key, etag)] += 1
             fill_results[result] += 1
+            if result != "unneeded":  # "unneeded": the revision was on disk already, no copy
+                fills[(key, bare(etag))] += 1
         if level in ("WARN", "ERROR"):
             warnings[f"{level} {fields.get('message', '')[:80]}"] += 1
     return cold, served, fills, fill_results, warnings
@@ -1054,7 +1061,7 @@ def pct(values, p):
 
 def main():
     global T0
-    for d in ("dl", "restore", "tmp"):
+    for d in ("dl", "restore", "tmp", "trees"):
         shutil.rmtree(os.path.join(WORK, d), ignore_errors=True)
         os.makedirs(os.path.join(WORK, d))
     start_replicas()
@@ -1144,7 +1151,9 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
            cpu_before, cpu_after, gen_before, gen_after, busy_before, busy_after,
            load_before, load_after):
     n = CONFIG["REPLICAS"]
-    large = set(REG.large_keys)
+    def is_large(key):  # large artifacts and snapshots (MiBs); small/... are the small objects
+        return not (key or "").startswith("small/")
+
     client_ops = sum(STATS.count.values())
     # per replica, from metrics and logs
     per = []
@@ -1152,10 +1161,10 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
         d = {k: after[r].get(k, 0) - before[r].get(k, 0) for k in after[r]}
         cold, served, fills, fill_results, warnings = analyse_log(
             REPLICAS[r]["log"], log_start[r], log_end[r])
-        cold_large = {k for k in cold if k[0] in large}
+        cold_large = {k for k in cold if is_large(k[0])}
         cold_small = set(cold) - cold_large
-        fills_large = sum(v for k, v in fills.items() if k[0] in large)
-        fills_small = sum(v for k, v in fills.items() if k[0] not in large)
+        fills_large = sum(v for k, v in fills.items() if is_large(k[0]))
+        fills_small = sum(v for k, v in fills.items() if not is_large(k[0]))
         multi = {f"{k[0]} {k[1][:12]}": v for k, v in fills.items() if v > 1}
         s3_by_op = labels_of(d, "larder_s3_request_duration_seconds_count", "op")
         per.append({
@@ -1186,9 +1195,10 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
         })
     http_total = sum(p["http_requests"] for p in per)
     s3_larderd = sum(p["s3_requests_counted_by_larderd"] for p in per)
-    rgw_req = None
+    rgw_req = rgw_failed = None
     if rgw_before and rgw_after and "req" in rgw_after:
         rgw_req = rgw_after["req"] - rgw_before["req"]
+        rgw_failed = rgw_after.get("failed_req", 0) - rgw_before.get("failed_req", 0)
     gen_cpu = (gen_after.user + gen_after.system + gen_after.children_user
                + gen_after.children_system) - (gen_before.user + gen_before.system
                                                + gen_before.children_user
@@ -1262,33 +1272,39 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
     w(f"| **all** | {client_ops} | {client_ops / elapsed:.1f} | {tot_bytes / MIB / elapsed:.1f} "
       f"| | | | {sum(STATS.retried.values())} | **{sum(STATS.errors.values())}** |")
     w("")
-    w("| replica | HTTP requests | S3 requests (larderd's count) | S3 body reads | cold revisions large / small | fills large / small | fills per cold revision (goal 1) | revisions filled > once | peak RSS | CPU s |")
+    w("| replica | HTTP requests | S3 requests (larderd's count) | cold revisions: large / small | fills: large / small | **fills per cold revision** (goal 1): large / small | S3 body reads per cold revision | revisions filled more than once | peak RSS (VmHWM) | CPU s |")
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for p in per:
         cl, cs = p["cold_large"], p["cold_small"]
         fl, fs = p["fills_large"], p["fills_small"]
         ratio_l = f"{fl / cl:.2f}" if cl else "—"
         ratio_s = f"{fs / cs:.2f}" if cs else "—"
+        reads = f"{p['s3_body_reads'] / (cl + cs):.2f}" if cl + cs else "—"
         w(f"| {p['replica']} | {p['http_requests']:.0f} | "
-          f"{p['s3_requests_counted_by_larderd']:.0f} | {p['s3_body_reads']:.0f} | {cl} / {cs} | "
-          f"{fl} / {fs} | {ratio_l} large, {ratio_s} small | "
-          f"{len(p['revisions_filled_more_than_once'])} | "
+          f"{p['s3_requests_counted_by_larderd']:.0f} | {cl} / {cs} | {fl} / {fs} | "
+          f"{ratio_l} / {ratio_s} | {reads} | {len(p['revisions_filled_more_than_once'])} | "
           f"{(p['rss_peak_kib'] or 0) / 1024:.0f} MiB | {p['cpu_seconds']:.0f} |")
     w("")
     ratio = f"{rgw_req / client_ops:.2f}" if rgw_req is not None and client_ops else "n/a"
     ratio_http = f"{rgw_req / http_total:.3f}" if rgw_req is not None and http_total else "n/a"
     w(f"- **S3 requests per client request: {ratio}** (RGW's own count: {rgw_req} requests, "
-      f"multipart parts included, for {client_ops} client operations; {ratio_http} per HTTP "
+      f"multipart parts included, {rgw_failed} of them answered with an error status such as "
+      f"404 or 412, for {client_ops} client operations; {ratio_http} per HTTP "
       f"request the replicas answered, {http_total:.0f} of them). larderd's own count "
       f"(`larder_s3_request_duration_seconds_count`, which leaves out multipart parts and "
-      f"completions): {s3_larderd:.0f}.")
+      f"completions): {s3_larderd:.0f}, by kind "
+      f"{dict(sum((collections.Counter(p['s3_requests_by_op']) for p in per), collections.Counter()))}.")
     all_l = [p["fills_large"] / p["cold_large"] for p in per if p["cold_large"]]
     all_s = [p["fills_small"] / p["cold_small"] for p in per if p["cold_small"]]
     if all_l:
         w(f"- **Fills per cold object per replica** (goal 1): large {min(all_l):.2f}–"
           f"{max(all_l):.2f}, small {min(all_s, default=0):.2f}–{max(all_s, default=0):.2f} "
-          f"(a cold revision: one (key, ETag) a replica served from S3 at least once, from its "
-          f"access log; a fill: a `fill ended` line of that replica's log for that revision).")
+          f"(large: the large objects and snapshots; a cold revision: one (key, ETag) a replica "
+          f"served from S3 at least once, from its access log; a fill: a `fill ended` or `fill "
+          f"abandoned` line of that replica's log for that revision that copied or tried to "
+          f"copy it; fills that found the revision on disk already and copied nothing: "
+          f"{sum(p['fills_logged'].get('unneeded', 0) for p in per)}; fill results "
+          f"{dict(sum((collections.Counter(p['fills_logged']) for p in per), collections.Counter()))}).")
     w(f"- **Errors: {sum(STATS.errors.values())}** (goal 0); first samples in results.json. "
       f"\"object changed\" counts CLI restarts after a 412 and downloads given up after the "
       f"CLI's bounded restarts: clean, not errors.")
