@@ -192,7 +192,8 @@ class Stats:
         self.count = collections.Counter()  # op -> completed ops (incl. errors)
         self.bytes = collections.Counter()  # op -> body bytes moved
         self.errors = collections.Counter()  # op -> errors
-        self.retried = collections.Counter()  # op -> clean "object changed" outcomes, retried
+        self.restarts = collections.Counter()  # op -> CLI restarts after the object changed (412)
+        self.gaveup = collections.Counter()  # op -> CLI gave up after its bounded restarts
         self.notes = collections.Counter()  # free-form counters
         self.error_samples = []
         self.cli_rss = collections.defaultdict(int)  # op -> max KiB
@@ -859,9 +860,8 @@ class Client:
         if code != 0:
             if "changed during the download" in err:
                 # the CLI's bounded restarts ran out while the key kept changing: clean, retried
-                STATS.note("get_large: restarts exhausted (object kept changing), retried")
                 with STATS.lock:
-                    STATS.retried["get_large"] += 1
+                    STATS.gaveup["get_large"] += 1
             else:
                 STATS.error("get_large", f"larder get {key} exited {code}: {err.strip()[-600:]}",
                             secs)
@@ -882,7 +882,7 @@ class Client:
             return
         STATS.done("get_large", secs, size)
         with STATS.lock:
-            STATS.retried["get_large"] += summary.get("restarts", 0)
+            STATS.restarts["get_large"] += summary.get("restarts", 0)
             STATS.notes["get_large: CLI retries after transient failures"] += summary.get("retries", 0)
             STATS.notes["get_large: ranges hedged"] += summary.get("hedged", 0)
             for rep in summary.get("replicas", []):
@@ -933,9 +933,8 @@ class Client:
                 STATS.cli_rss["restore"] = max(STATS.cli_rss["restore"], rss)
             if code != 0:
                 if "changed during the download" in err:
-                    STATS.note("restore: restarts exhausted (snapshot kept changing), retried")
                     with STATS.lock:
-                        STATS.retried["restore"] += 1
+                        STATS.gaveup["restore"] += 1
                 else:
                     STATS.error("restore", f"larder restore {key} exited {code}: "
                                            f"{err.strip()[-600:]}", secs)
@@ -955,7 +954,7 @@ class Client:
             else:
                 STATS.done("restore", secs, summary.get("size", 0))
                 with STATS.lock:
-                    STATS.retried["restore"] += summary.get("restarts", 0)
+                    STATS.restarts["restore"] += summary.get("restarts", 0)
         finally:
             shutil.rmtree(self.restore_dir, ignore_errors=True)
             self.gates["restore"].leave()
@@ -1161,8 +1160,12 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
         d = {k: after[r].get(k, 0) - before[r].get(k, 0) for k in after[r]}
         cold, served, fills, fill_results, warnings = analyse_log(
             REPLICAS[r]["log"], log_start[r], log_end[r])
-        cold_large = {k for k in cold if is_large(k[0])}
-        cold_small = set(cold) - cold_large
+        # A cold revision: one this replica had to read from S3 — a request it served from S3
+        # (access line with tier s3), or a fill of it (a request following a fill's spool is
+        # logged with tier disk).
+        cold_set = set(cold) | set(fills)
+        cold_large = {k for k in cold_set if is_large(k[0])}
+        cold_small = cold_set - cold_large
         fills_large = sum(v for k, v in fills.items() if is_large(k[0]))
         fills_small = sum(v for k, v in fills.items() if not is_large(k[0]))
         multi = {f"{k[0]} {k[1][:12]}": v for k, v in fills.items() if v > 1}
@@ -1185,7 +1188,9 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
             "requests_served_from_s3_large": sum(cold[k] for k in cold_large),
             "requests_served_from_s3_small": sum(cold[k] for k in cold_small),
             "revisions_filled_more_than_once": multi,
-            "fills_without_cold_read": len(set(fills) - set(cold)),
+            "fills_without_a_request_logged_as_served_from_s3": len(set(fills) - set(cold)),
+            "served_from_s3_but_never_filled": sorted(f"{k} {e}" for k, e in set(cold) - set(fills))[:50],
+            "served_from_s3_but_never_filled_count": len(set(cold) - set(fills)),
             "panics": msum(d, "larder_request_panics_total"),
             "limit_rejections": msum(d, "larder_limit_rejections_total"),
             "warnings": dict(warnings),
@@ -1218,7 +1223,8 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
             "mib_per_second": STATS.bytes[op] / MIB / elapsed,
             "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000,
             "max_ms": (max(lat) * 1000) if lat else float("nan"),
-            "retried_changed": STATS.retried[op], "errors": STATS.errors[op],
+            "restarts_after_412": STATS.restarts[op], "gave_up_changing": STATS.gaveup[op],
+            "errors": STATS.errors[op],
         })
     commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse",
                              "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -1262,27 +1268,32 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
       f"{c['OVERWRITE_INTERVAL']:g} s (≤ {c['OVERWRITE_MAX_MIB']} MiB in all), one save per "
       f"{c['SAVE_INTERVAL']:g} s; an op drawn while its slots are taken becomes a get_small.")
     w("")
-    w("| operation | ops | ops/s | MiB/s | p50 ms | p99 ms | max ms | object changed: restarted / retried | errors |")
+    w("| operation | ops | ops/s | MiB/s | p50 ms | p99 ms | max ms | object changed: CLI restarts / gave up, retried | errors |")
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in op_rows:
         w(f"| {row['op']} | {row['count']} | {row['per_second']:.1f} | "
           f"{row['mib_per_second']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
-          f"{row['max_ms']:.1f} | {row['retried_changed']} | {row['errors']} |")
+          f"{row['max_ms']:.1f} | {row['restarts_after_412']} / {row['gave_up_changing']} | "
+          f"{row['errors']} |")
     tot_bytes = sum(STATS.bytes.values())
     w(f"| **all** | {client_ops} | {client_ops / elapsed:.1f} | {tot_bytes / MIB / elapsed:.1f} "
-      f"| | | | {sum(STATS.retried.values())} | **{sum(STATS.errors.values())}** |")
+      f"| | | | {sum(STATS.restarts.values())} / {sum(STATS.gaveup.values())} | "
+      f"**{sum(STATS.errors.values())}** |")
     w("")
-    w("| replica | HTTP requests | S3 requests (larderd's count) | cold revisions: large / small | fills: large / small | **fills per cold revision** (goal 1): large / small | S3 body reads per cold revision | revisions filled more than once | peak RSS (VmHWM) | CPU s |")
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    w("| replica | HTTP requests | S3 requests (larderd's count) | cold revisions: large / small | fills: large / small | **fills per cold revision** (goal 1): large / small | S3 body reads per cold revision | revisions filled more than once | answers other than 2xx | peak RSS (VmHWM) | CPU s |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for p in per:
         cl, cs = p["cold_large"], p["cold_small"]
         fl, fs = p["fills_large"], p["fills_small"]
         ratio_l = f"{fl / cl:.2f}" if cl else "—"
         ratio_s = f"{fs / cs:.2f}" if cs else "—"
         reads = f"{p['s3_body_reads'] / (cl + cs):.2f}" if cl + cs else "—"
+        other = ", ".join(f"{st}: {v:.0f}" for st, v in sorted(p["http_by_status"].items())
+                          if not st.startswith("2") and v) or "none"
         w(f"| {p['replica']} | {p['http_requests']:.0f} | "
           f"{p['s3_requests_counted_by_larderd']:.0f} | {cl} / {cs} | {fl} / {fs} | "
           f"{ratio_l} / {ratio_s} | {reads} | {len(p['revisions_filled_more_than_once'])} | "
+          f"{other} | "
           f"{(p['rss_peak_kib'] or 0) / 1024:.0f} MiB | {p['cpu_seconds']:.0f} |")
     w("")
     ratio = f"{rgw_req / client_ops:.2f}" if rgw_req is not None and client_ops else "n/a"
@@ -1300,18 +1311,24 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
         w(f"- **Fills per cold object per replica** (goal 1): large {min(all_l):.2f}–"
           f"{max(all_l):.2f}, small {min(all_s, default=0):.2f}–{max(all_s, default=0):.2f} "
           f"(large: the large objects and snapshots; a cold revision: one (key, ETag) a replica "
-          f"served from S3 at least once, from its access log; a fill: a `fill ended` or `fill "
-          f"abandoned` line of that replica's log for that revision that copied or tried to "
-          f"copy it; fills that found the revision on disk already and copied nothing: "
+          f"served from S3 (tier `s3` in its access log) or filled; a fill: a `fill ended` or "
+          f"`fill abandoned` line of that replica's log for that revision that copied or tried "
+          f"to copy it; revisions served from S3 and never filled: "
+          f"{sum(p['served_from_s3_but_never_filled_count'] for p in per)}; fills that found "
+          f"the revision on disk already and copied nothing: "
           f"{sum(p['fills_logged'].get('unneeded', 0) for p in per)}; fill results "
           f"{dict(sum((collections.Counter(p['fills_logged']) for p in per), collections.Counter()))}).")
     w(f"- **Errors: {sum(STATS.errors.values())}** (goal 0); first samples in results.json. "
-      f"\"object changed\" counts CLI restarts after a 412 and downloads given up after the "
-      f"CLI's bounded restarts: clean, not errors.")
+      f"\"object changed\" counts the CLI's restarts after a 412 (the download then "
+      f"completed with one revision) and downloads the CLI gave up after its bounded restarts "
+      f"(exit 1, nothing written; the client goes on with its next op): clean, not errors. "
+      f"Latency: from the request (or the CLI's start) to the last byte (or its exit); a "
+      f"large get includes its restarts, not the generator's check of the file.")
     w(f"- CPU seconds over the run: machine busy {busy:.0f} of {elapsed * os.cpu_count():.0f} "
       f"available; larderd replicas {larderd_cpu:.0f}, S3 server (mon, osd, rgw) {s3_cpu:.0f}, "
-      f"larder CLIs {cli_cpu:.0f}, Python generator {gen_cpu - cli_cpu:.0f} (of it "
-      f"{STATS.verify_seconds:.0f} s checking large bodies and restored trees, wall time).")
+      f"larder CLIs {cli_cpu:.0f}, Python generator {gen_cpu - cli_cpu:.0f}, everything else "
+      f"(kernel threads, other processes on the machine) "
+      f"{busy - larderd_cpu - s3_cpu - gen_cpu:.0f}.")
     w(f"- Peak RSS of one larder CLI: get {STATS.cli_rss.get('get_large', 0) / 1024:.0f} MiB, "
       f"restore {STATS.cli_rss.get('restore', 0) / 1024:.0f} MiB.")
     if STATS.notes:
