@@ -650,6 +650,10 @@ def check_small_body(key, r, status, hdrs, body, started, done):
     if rev < newest_due:
         return (f"GET {key} via replica {r}: revision {rev}, but revision {newest_due} was "
                 f"acknowledged more than {window:.1f} s before the GET started (stale)")
+    if newest_due > 0:
+        STATS.note("get_small: answers that had to show an overwrite (staleness checked)")
+    if prior > 0:
+        STATS.note("get_small: answers checked against a newer revision seen on the replica")
     return None
 
 
