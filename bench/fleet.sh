@@ -27,7 +27,10 @@
 # replica (goal 1), from each replica's access log (revisions served from S3) and its fill log
 # lines; peak RSS and CPU of each replica; CPU of the S3 server, the CLIs and the generator; the
 # machine's cores and load. The generator, the 5 replicas, the CLIs and the S3 server share the
-# machine's cores (2 on the reference machine); every figure is measured that way.
+# machine's cores (2 on the reference machine); every figure is measured that way. The replicas
+# run with access lines and fill lines on (LARDER_LOG, JSON), which the fills figure needs and
+# which costs them some CPU; their data directories start empty, each large object is written
+# through one replica (so it is warm there and cold on the other four).
 #
 # Run (as root the first time: scripts/s3-server.sh installs radosgw from Debian; needs
 # python3 >= 3.11, cargo, curl; ~5 minutes of setup + DURATION; ~5 GiB of disk at most with the
