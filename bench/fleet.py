@@ -244,6 +244,7 @@ class Conns:
 
     def __init__(self):
         self.c = {}
+        self.last_used = {}
 
     def request(self, r, method, path, body=None, headers=None):
         """Returns (status, headers dict lower-case, body bytes). One retry on a fresh connection
@@ -255,9 +256,11 @@ class Conns:
             if fresh:
                 conn = self.c[r] = http.client.HTTPConnection("127.0.0.1", port_of(r), timeout=300)
             try:
+                idle = time.time() - self.last_used.get(r, time.time())
                 conn.request(method, path, body=body, headers=headers or {})
                 resp = conn.getresponse()
                 data = resp.read()
+                self.last_used[r] = time.time()
                 hdrs = {k.lower(): v for k, v in resp.getheaders()}
                 if resp.will_close:
                     conn.close()
@@ -268,7 +271,9 @@ class Conns:
                 self.c.pop(r, None)
                 if fresh or attempt == 1:
                     raise
-                STATS.note("reconnects after a closed keep-alive connection")
+                # larderd closes keep-alive connections idle longer than --header-timeout (30 s)
+                STATS.note("reconnects after the server closed a keep-alive connection idle "
+                           + (">= 29 s" if idle >= 29 else "< 29 s"))
             except Exception:
                 conn.close()
                 self.c.pop(r, None)
@@ -490,26 +495,35 @@ def tree_manifest(root):
 
 
 def larder_cli(args, timeout=900):
-    """Runs the larder CLI; returns (exit code, stdout, stderr tail, max RSS KiB, seconds)."""
+    """Runs the larder CLI under GNU time; returns (exit code, stdout, stderr tail, max RSS KiB,
+    seconds). Not wait4's ru_maxrss of our own child: a child spawned by this big Python process
+    starts with its resident size, which Linux keeps in the high-water mark across exec."""
     errf = os.path.join(WORK, "tmp", f"stderr-{threading.get_ident()}")
+    rssf = errf + ".rss"
     t = time.time()
     with open(errf, "wb") as err:
-        p = subprocess.Popen([LARDER] + args, stdout=subprocess.PIPE, stderr=err,
-                             stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rssf, LARDER] + args,
+                             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
     timer = threading.Timer(timeout, p.kill)
     timer.start()
     try:
         out = p.stdout.read()
         p.stdout.close()
-        _pid, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
+        p.wait()
     finally:
         timer.cancel()
     secs = time.time() - t
     with open(errf, "rb") as f:
         err = f.read()[-2000:].decode(errors="replace")
     os.unlink(errf)
-    return p.returncode, out.decode(errors="replace"), err, ru.ru_maxrss, secs
+    rss = 0
+    try:
+        with open(rssf) as f:
+            rss = int(f.read().split()[-1])
+        os.unlink(rssf)
+    except (OSError, ValueError, IndexError):
+        pass
+    return p.returncode, out.decode(errors="replace"), err, rss, secs
 
 
 def save_snapshot(key, variant, r):

@@ -33,8 +33,9 @@
 # through one replica (so it is warm there and cold on the other four).
 #
 # Run (as root the first time: scripts/s3-server.sh installs radosgw from Debian; needs
-# python3 >= 3.11, cargo, curl; ~5 minutes of setup + DURATION; ~5 GiB of disk at most with the
-# defaults, under target/bench-fleet, removed at the end unless KEEP=1):
+# python3 >= 3.11, cargo, curl, GNU time (installed when missing); about 1 minute of setup
+# after the build, then DURATION; about 7 GiB of disk with the defaults, under
+# target/bench-fleet, removed at the end unless KEEP=1):
 #   bench/fleet.sh
 #   CLIENTS=20 DURATION=20 bench/fleet.sh          # a quick check
 # Knobs (environment): CLIENTS=200 DURATION=180 MAX_OPS=1000000 THINK_MS=50 (mean pause between
@@ -61,6 +62,9 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
   { echo "ulimit -n is $(ulimit -n): too low for $CLIENTS clients" >&2; exit 1; }
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   { echo "needs python3 >= 3.11" >&2; exit 1; }
+
+# GNU time measures each larder CLI's peak RSS
+[ -x /usr/bin/time ] || { apt-get update -qq && apt-get install -y -qq --no-install-recommends time >&2; }
 
 log "building release binaries"
 (cd "$REPO" && cargo build --release -q -p larderd -p larder-client)
