@@ -17,7 +17,6 @@ The ETag each revision got from its PUT is recorded, so the ETag a client report
 must be the one recorded for the seed the body carries.
 """
 
-import bisect
 import collections
 import hashlib
 import http.client
@@ -625,9 +624,10 @@ class ReadHistory:
             prior = max([floor] + [rv for d, rv in entries if d < started])
             entries.append((done, rev))
             if len(entries) > 32:
-                old = entries[:16]
-                e[0] = max([floor] + [rv for _d, rv in old])
-                e[1] = entries[16:]
+                # fold answers older than any request still running into the floor
+                cutoff = time.time() - 600
+                e[0] = max([floor] + [rv for d, rv in entries if d < cutoff])
+                e[1] = [(d, rv) for d, rv in entries if d >= cutoff]
             return prior
 
 
@@ -1077,7 +1077,6 @@ def pct(values, p):
 
 
 def main():
-    global T0
     for d in ("dl", "restore", "tmp", "trees"):
         shutil.rmtree(os.path.join(WORK, d), ignore_errors=True)
         os.makedirs(os.path.join(WORK, d))
