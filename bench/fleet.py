@@ -213,7 +213,7 @@ class Stats:
             if len(self.error_samples) < 200:
                 self.error_samples.append({"t": round(time.time() - T0, 3), "op": op, "what": what})
             n = sum(self.errors.values())
-        if n <= 20:
+        if n <= 20 and not STOPPING.is_set():
             log(f"ERROR {op}: {what}")
 
     def note(self, name, n=1):
@@ -222,6 +222,7 @@ class Stats:
 
 
 STATS = Stats()
+STOPPING = threading.Event()  # set when the run is stopped early: no more error lines
 T0 = time.time()
 
 
@@ -493,6 +494,17 @@ def tree_manifest(root):
     return manifest
 
 
+CLIS = set()  # process groups of the CLIs running now
+CLI_LOCK = threading.Lock()
+
+
+def kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def larder_cli(args, timeout=900):
     """Runs the larder CLI under GNU time; returns (exit code, stdout, stderr tail, max RSS KiB,
     seconds). Not wait4's ru_maxrss of our own child: a child spawned by this big Python process
@@ -501,9 +513,14 @@ def larder_cli(args, timeout=900):
     rssf = errf + ".rss"
     t = time.time()
     with open(errf, "wb") as err:
+        # its own process group, so that stopping the run stops the CLI under `time` too
         p = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", rssf, LARDER] + args,
-                             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
-    timer = threading.Timer(timeout, p.kill)
+                             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    with CLI_LOCK:
+        CLIS.add(p.pid)
+    timer = threading.Timer(timeout, kill_group, (p.pid,))
+    timer.daemon = True
     timer.start()
     try:
         out = p.stdout.read()
@@ -511,6 +528,8 @@ def larder_cli(args, timeout=900):
         p.wait()
     finally:
         timer.cancel()
+        with CLI_LOCK:
+            CLIS.discard(p.pid)
     secs = time.time() - t
     with open(errf, "rb") as f:
         err = f.read()[-2000:].decode(errors="replace")
@@ -1077,13 +1096,19 @@ def pct(values, p):
 
 
 def main():
+    # bench/fleet.sh stops the run with SIGTERM (on its own exit, Ctrl-C or a timeout)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for d in ("dl", "restore", "tmp", "trees"):
         shutil.rmtree(os.path.join(WORK, d), ignore_errors=True)
         os.makedirs(os.path.join(WORK, d))
-    start_replicas()
     try:
+        start_replicas()
         run()
     finally:
+        STOPPING.set()
+        with CLI_LOCK:
+            for pgid in CLIS:
+                kill_group(pgid)
         stop_replicas()
 
 

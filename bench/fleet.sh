@@ -70,8 +70,11 @@ log "building release binaries"
 (cd "$REPO" && cargo build --release -q -p larderd -p larder-client)
 export LARDERD_BIN=$REPO/target/release/larderd LARDER_BIN=$REPO/target/release/larder
 
+gen=
 cleanup() {
   status=$?
+  # the generator stops its CLIs and the replicas itself on SIGTERM; the pid file is the backstop
+  if [ -n "$gen" ]; then kill -TERM "$gen" 2>/dev/null || true; wait "$gen" 2>/dev/null || true; fi
   if [ -f "$WORK/replicas.pids" ]; then
     while read -r p; do kill "$p" 2>/dev/null || true; done < "$WORK/replicas.pids"
   fi
@@ -87,6 +90,8 @@ cleanup() {
   exit $status
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 mkdir -p "$WORK"
 rm -f "$WORK/replicas.pids" "$WORK/results.json"
 
@@ -97,4 +102,7 @@ eval "$(S3_STORE_SIZE=${S3_STORE_SIZE:-21474836480} "$REPO/scripts/s3-server.sh"
 set +a
 export S3_DIR=$WORK/s3
 
-python3 "$REPO/bench/fleet.py"
+# In the background and waited for, so that a signal reaches the trap at once.
+python3 "$REPO/bench/fleet.py" &
+gen=$!
+wait "$gen"
