@@ -84,6 +84,7 @@ NS = "fleet"
 BLOCK = 1 << 20
 LARGE_HEADER = struct.Struct("<4sIQQQ")  # magic, key index, seed, block index, size
 SMALL_HEADER = struct.Struct("<4sIQI")  # magic, key index, seed, revision
+SAVE_ID = "SAVE_ID"  # file in a snapshot tree naming the save it came from
 STALE_MARGIN = 1.0  # seconds of slack on the revalidation window for the staleness check
 MIB = 1 << 20
 
@@ -152,7 +153,7 @@ class Registry:
         self.large_sizes = {}
         self.next_seed = CONFIG["SEED"] * 1_000_000_000
         self.snapshots = {}  # key -> list of manifests (one per tree variant)
-        self.snapshot_etags = {}  # key -> set of ETags saved
+        self.snapshot_saves = {}  # key -> {save id: (variant, ETag)}
 
     def new_seed(self):
         with self.lock:
@@ -545,14 +546,20 @@ def larder_cli(args, timeout=900):
 
 
 def save_snapshot(key, variant, r):
+    """Saves one of the two trees of a snapshot key, with a SAVE_ID file that makes every save's
+    archive (and ETag) unique, so that fills can be counted per ETag. At most one save runs at a
+    time."""
     tree = os.path.join(WORK, "trees", f"{key.replace('/', '_')}.{variant}")
+    save_id = str(REG.new_seed())
+    with open(os.path.join(tree, SAVE_ID), "w") as f:
+        f.write(save_id)
     code, out, err, _rss, secs = larder_cli(["--url", url_of(r), "-q", "save", NS, key, tree,
                                              "--json", "--level", "1"])
     if code != 0:
         return None, secs, f"larder save exited {code}: {err.strip()[-400:]}"
     summary = json.loads(out)
     with REG.lock:
-        REG.snapshot_etags.setdefault(key, set()).add(bare(summary["etag"]))
+        REG.snapshot_saves.setdefault(key, {})[save_id] = (variant, bare(summary["etag"]))
     return summary, secs, None
 
 
@@ -981,13 +988,27 @@ class Client:
             got = tree_manifest(self.restore_dir)
             with STATS.lock:
                 STATS.verify_seconds += time.time() - tv
-            if got not in REG.snapshots[key]:
-                diff = [p for p in set(got) | set(REG.snapshots[key][0])
-                        if got.get(p) != REG.snapshots[key][0].get(p)]
-                STATS.error("restore", f"{key}: restored tree is neither saved variant "
-                                       f"({len(got)} files; e.g. {sorted(diff)[:3]})", secs)
-            elif bare(summary.get("etag")) not in REG.snapshot_etags.get(key, ()):
-                STATS.error("restore", f"{key}: ETag {summary.get('etag')} was never saved", secs)
+            save_id = None
+            try:
+                with open(os.path.join(self.restore_dir, SAVE_ID)) as f:
+                    save_id = f.read()
+            except OSError:
+                pass
+            got.pop(SAVE_ID, None)
+            with REG.lock:
+                variant, etag = REG.snapshot_saves.get(key, {}).get(save_id, (None, None))
+            want = REG.snapshots[key]["ab".index(variant)] if variant else None
+            if variant is None:
+                STATS.error("restore", f"{key}: restored tree names save {save_id!r}, never "
+                                       f"saved to this key", secs)
+            elif got != want:
+                diff = [p for p in set(got) | set(want) if got.get(p) != want.get(p)]
+                STATS.error("restore", f"{key}: restored tree differs from variant {variant} of "
+                                       f"save {save_id} ({len(got)} files; e.g. "
+                                       f"{sorted(diff)[:3]})", secs)
+            elif bare(summary.get("etag")) != etag:
+                STATS.error("restore", f"{key}: ETag {summary.get('etag')}, but save {save_id} "
+                                       f"was stored as {etag}", secs)
             else:
                 STATS.done("restore", secs, summary.get("size", 0))
                 with STATS.lock:
@@ -1345,7 +1366,8 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
       f"404 or 412, for {client_ops} client operations; {ratio_http} per HTTP "
       f"request the replicas answered, {http_total:.0f} of them). larderd's own count "
       f"(`larder_s3_request_duration_seconds_count`, which leaves out multipart parts and "
-      f"completions): {s3_larderd:.0f}, by kind "
+      f"completions): {s3_larderd:.0f} ({sum(p['s3_errors'] for p in per):.0f} of them "
+      f"failed, `larder_s3_errors_total`), by kind "
       f"{dict(sum((collections.Counter(p['s3_requests_by_op']) for p in per), collections.Counter()))}.")
     all_l = [p["fills_large"] / p["cold_large"] for p in per if p["cold_large"]]
     all_s = [p["fills_small"] / p["cold_small"] for p in per if p["cold_small"]]
