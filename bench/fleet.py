@@ -196,6 +196,7 @@ class Stats:
         self.gaveup = collections.Counter()  # op -> CLI gave up after its bounded restarts
         self.notes = collections.Counter()  # free-form counters
         self.error_samples = []
+        self.error_kinds = collections.Counter()
         self.cli_rss = collections.defaultdict(int)  # op -> max KiB
         self.verify_seconds = 0.0
 
@@ -209,6 +210,7 @@ class Stats:
         with self.lock:
             self.count[op] += 1
             self.errors[op] += 1
+            self.error_kinds[f"{op}: {error_kind(what)}"] += 1
             if seconds is not None:
                 self.lat[op].append(seconds)
             if len(self.error_samples) < 200:
@@ -220,6 +222,21 @@ class Stats:
     def note(self, name, n=1):
         with self.lock:
             self.notes[name] += n
+
+
+def error_kind(what):
+    """A short class of an error message, for the summary."""
+    m = re.search(r"status (\d+)", what)
+    if m:
+        reason = re.search(r"b'([^'\\]{0,80})", what)
+        return f"answered {m.group(1)}" + (f" ({reason.group(1)})" if reason else "")
+    for needle, kind in (("MIXES", "body mixes revisions"), ("(stale)", "stale read"),
+                         ("went backwards", "read went backwards"), ("corrupt", "corrupt body"),
+                         ("exited", "CLI failed"), ("ETag", "wrong ETag"),
+                         ("Error", "transport error")):
+        if needle in what:
+            return kind
+    return what[:60]
 
 
 STATS = Stats()
@@ -674,6 +691,9 @@ def check_small_body(key, r, status, hdrs, body, started, done):
         return f"GET {key} via replica {r}: seed {seed} never written to this key"
     if body != small_body(kidx, seed, rev):
         return f"GET {key} via replica {r}: body of seed {seed} rev {rev} is corrupt"
+    if info.get("etag") is None and rev > 0:
+        # its PUT was answered with an error, yet the revision is served: it had committed
+        STATS.note("get_small: served a revision whose PUT had been answered with an error")
     if info.get("etag") and bare(hdrs.get("etag")) != bare(info["etag"]):
         return (f"GET {key} via replica {r}: ETag {hdrs.get('etag')} but revision {rev} was "
                 f"stored as {info['etag']}")
@@ -1302,7 +1322,8 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
         "cpu_seconds": {"machine_busy": busy, "larderd_all": larderd_cpu, "s3_server": s3_cpu,
                         "generator_python": gen_cpu - cli_cpu, "larder_cli_children": cli_cpu},
         "cli_peak_rss_kib": dict(STATS.cli_rss), "verify_seconds": STATS.verify_seconds,
-        "notes": dict(STATS.notes), "error_samples": STATS.error_samples,
+        "notes": dict(STATS.notes), "error_kinds": dict(STATS.error_kinds),
+        "error_samples": STATS.error_samples,
         "large_objects": {k: REG.large_sizes[k] for k in REG.large_keys},
         "large_revisions_written": sum(1 for s in REG.seeds.values() if s["kind"] == "large"),
     }
@@ -1400,6 +1421,9 @@ def report(elapsed, before, after, rgw_before, rgw_after, log_start, log_end, hw
     bad = {p["replica"]: p["warnings"] for p in per if p["warnings"]}
     if bad:
         w(f"- Server warnings and errors logged during the run: {json.dumps(bad)}")
+    if STATS.error_kinds:
+        w("- Errors by kind: " + "; ".join(f"{k}: {v}" for k, v in STATS.error_kinds.most_common())
+          + ".")
     if STATS.error_samples:
         w("- First errors:")
         for e in STATS.error_samples[:8]:
