@@ -96,9 +96,11 @@ mkdir -p "$WORK"
 rm -f "$WORK/replicas.pids" "$WORK/results.json"
 
 log "starting the S3 server (Ceph RGW) on 127.0.0.1:$S3_PORT"
+# (assigned first: a failing start must stop the script, which `eval "$(…)"` would not)
+s3env=$(S3_STORE_SIZE=${S3_STORE_SIZE:-21474836480} "$REPO/scripts/s3-server.sh" \
+  --port "$S3_PORT" --data-dir "$WORK/s3" --bucket fleet)
 set -a
-eval "$(S3_STORE_SIZE=${S3_STORE_SIZE:-21474836480} "$REPO/scripts/s3-server.sh" \
-  --port "$S3_PORT" --data-dir "$WORK/s3" --bucket fleet)"
+eval "$s3env"
 set +a
 export S3_DIR=$WORK/s3
 
