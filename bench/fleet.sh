@@ -34,8 +34,8 @@
 #
 # Run (as root the first time: scripts/s3-server.sh installs radosgw from Debian; needs
 # python3 >= 3.11, cargo, curl, GNU time (installed when missing); about 1 minute of setup
-# after the build, then DURATION; about 7 GiB of disk with the defaults, under
-# target/bench-fleet, removed at the end unless KEEP=1):
+# after the build, then DURATION; 6.5 GiB of disk used with the defaults, 9 GiB free required
+# (checked), under target/bench-fleet, removed at the end unless KEEP=1):
 #   bench/fleet.sh
 #   CLIENTS=20 DURATION=20 bench/fleet.sh          # a quick check
 # Knobs (environment): CLIENTS=200 DURATION=180 MAX_OPS=1000000 THINK_MS=50 (mean pause between
@@ -89,6 +89,13 @@ cleanup() {
   fi
   exit $status
 }
+# Disk: every replica ends up with a copy of each large object, and RGW holds them plus every
+# overwrite and small PUT (bodies replaced during the run stay until the reaper's grace ends).
+need_mib=$(( (${REPLICAS:-5} + 1) * ${LARGE_COUNT:-8} * ${LARGE_MAX_MIB:-128} + ${OVERWRITE_MAX_MIB:-1024} + 2048 ))
+mkdir -p "$WORK"
+free_mib=$(df -Pm "$WORK" | awk 'NR==2 {print $4}')
+[ "$free_mib" -ge "$need_mib" ] ||
+  { echo "needs about $need_mib MiB free under $WORK, has $free_mib" >&2; exit 1; }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
