@@ -478,10 +478,14 @@ def seed_large(i, r, seed=None, size=None):
     key = REG.large_keys[i]
     size = size or REG.large_sizes[key]
     seed = seed or REG.new_seed()
+    # Registered before the PUT: a PUT answered with an error may still have committed (a 5xx
+    # says nothing either way), and readers may then get this revision.
+    REG.record(seed, kind="large", key=key, size=size, etag=None)
     status, etag, text = put_stream(r, key, large_blocks(i, seed, size), size)
     if status not in (200, 201) or not etag:
         raise RuntimeError(f"PUT {key} via replica {r}: {status} {text!r}")
-    REG.record(seed, kind="large", key=key, size=size, etag=etag)
+    with REG.lock:
+        REG.seeds[seed]["etag"] = etag
     return seed, etag
 
 
@@ -756,6 +760,8 @@ def check_large_file(key, path, reported_etag):
     if bad:
         what = "MIXES revisions" if len(seeds) > 1 else "is corrupt"
         return (f"{key}: body {what}: blocks per seed {dict(seeds)}; {bad}", 0)
+    if info.get("etag") is None:
+        STATS.note("get_large: got a revision whose PUT had been answered with an error")
     if info.get("etag") and bare(reported_etag) != bare(info["etag"]):
         return (f"{key}: the CLI reports ETag {reported_etag}, the revision it wrote (seed {seed})"
                 f" was stored as {info['etag']}", 0)
