@@ -574,6 +574,8 @@ def save_snapshot(key, variant, r):
     save_id = str(REG.new_seed())
     with open(os.path.join(tree, SAVE_ID), "w") as f:
         f.write(save_id)
+    with REG.lock:  # before the save: one that fails may still have committed
+        REG.snapshot_saves.setdefault(key, {})[save_id] = (variant, None)
     code, out, err, _rss, secs = larder_cli(["--url", url_of(r), "-q", "save", NS, key, tree,
                                              "--json", "--level", "1"])
     if code != 0:
@@ -1032,6 +1034,9 @@ class Client:
                 STATS.error("restore", f"{key}: restored tree differs from variant {variant} of "
                                        f"save {save_id} ({len(got)} files; e.g. "
                                        f"{sorted(diff)[:3]})", secs)
+            elif etag is None:
+                STATS.note("restore: got a save that had failed (it had committed)")
+                STATS.done("restore", secs, summary.get("size", 0))
             elif bare(summary.get("etag")) != etag:
                 STATS.error("restore", f"{key}: ETag {summary.get('etag')}, but save {save_id} "
                                        f"was stored as {etag}", secs)
