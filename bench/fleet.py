@@ -480,12 +480,17 @@ def seed_large(i, r, seed=None, size=None):
     seed = seed or REG.new_seed()
     # Registered before the PUT: a PUT answered with an error may still have committed (a 5xx
     # says nothing either way), and readers may then get this revision.
-    REG.record(seed, kind="large", key=key, size=size, etag=None)
-    status, etag, text = put_stream(r, key, large_blocks(i, seed, size), size)
+    REG.record(seed, kind="large", key=key, size=size, etag=None, put="pending")
+    try:
+        status, etag, text = put_stream(r, key, large_blocks(i, seed, size), size)
+    except Exception:
+        REG.seeds[seed]["put"] = "failed"
+        raise
     if status not in (200, 201) or not etag:
+        REG.seeds[seed]["put"] = "failed"
         raise RuntimeError(f"PUT {key} via replica {r}: {status} {text!r}")
     with REG.lock:
-        REG.seeds[seed]["etag"] = etag
+        REG.seeds[seed].update(etag=etag, put="ok")
     return seed, etag
 
 
@@ -697,9 +702,11 @@ def check_small_body(key, r, status, hdrs, body, started, done):
         return f"GET {key} via replica {r}: seed {seed} never written to this key"
     if body != small_body(kidx, seed, rev):
         return f"GET {key} via replica {r}: body of seed {seed} rev {rev} is corrupt"
-    if info.get("etag") is None and rev > 0:
+    if info.get("put") == "failed":
         # its PUT was answered with an error, yet the revision is served: it had committed
         STATS.note("get_small: served a revision whose PUT had been answered with an error")
+    elif info.get("put") == "pending":
+        STATS.note("get_small: served a revision whose PUT was still waiting for its answer")
     if info.get("etag") and bare(hdrs.get("etag")) != bare(info["etag"]):
         return (f"GET {key} via replica {r}: ETag {hdrs.get('etag')} but revision {rev} was "
                 f"stored as {info['etag']}")
@@ -762,8 +769,10 @@ def check_large_file(key, path, reported_etag):
     if bad:
         what = "MIXES revisions" if len(seeds) > 1 else "is corrupt"
         return (f"{key}: body {what}: blocks per seed {dict(seeds)}; {bad}", 0)
-    if info.get("etag") is None:
+    if info.get("put") == "failed":
         STATS.note("get_large: got a revision whose PUT had been answered with an error")
+    elif info.get("put") == "pending":
+        STATS.note("get_large: got a revision whose PUT was still waiting for its answer")
     if info.get("etag") and bare(reported_etag) != bare(info["etag"]):
         return (f"{key}: the CLI reports ETag {reported_etag}, the revision it wrote (seed {seed})"
                 f" was stored as {info['etag']}", 0)
@@ -878,7 +887,7 @@ class Client:
         seed = REG.new_seed()
         body = small_body(kidx, seed, rev)
         r = self.rnd.randrange(CONFIG["REPLICAS"])
-        REG.record(seed, kind="small", key=key, rev=rev, size=len(body), etag=None)
+        REG.record(seed, kind="small", key=key, rev=rev, size=len(body), etag=None, put="pending")
         t = time.time()
         try:
             status, hdrs, text = self.conns.request(r, "PUT", obj_path(key), body=body)
@@ -887,12 +896,14 @@ class Client:
                         time.time() - t)
             with REG.lock:  # it may or may not have been stored: readers may see it, unordered
                 REG.small_revs[key].append((rev, seed, None))
+                REG.seeds[seed]["put"] = "failed"
             return True
         done = time.time()
         expected = 201 if new else 200
         ok = status in (200, 201)
         with REG.lock:
-            REG.seeds[seed]["etag"] = hdrs.get("etag") if ok else None
+            REG.seeds[seed].update(etag=hdrs.get("etag") if ok else None,
+                                   put="ok" if ok else "failed")
             REG.small_revs[key].append((rev, seed, done if ok else None))
         if new and ok:
             REG.publish_small_key(key)  # readers pick it only once acknowledged
