@@ -108,6 +108,12 @@ impl TierError {
         self
     }
 
+    /// The same failure (kind, ETag, cause) told to the client in other words.
+    pub fn reworded(mut self, reword: impl FnOnce(&str) -> String) -> TierError {
+        self.message = reword(&self.message);
+        self
+    }
+
     /// `NotFound` with the standard message: the key has no current revision.
     pub fn not_found() -> TierError {
         TierError::new(ErrorKind::NotFound, "no such object")

@@ -403,7 +403,11 @@ pub struct S3Section {
     /// Size and number of parallel ranged GETs for large reads.
     pub read_part_size: Option<ByteSize>,
     pub read_concurrency: Option<usize>,
+    /// Limit for one S3 request (one part of a body).
     pub request_timeout: Option<Interval>,
+    /// Limit for a small S3 operation (a key's reference), retries included; past it the
+    /// request gets 503.
+    pub metadata_timeout: Option<Interval>,
 }
 
 /// The S3 tier's settings, when one is configured.
@@ -778,6 +782,7 @@ fn resolve_s3(cli: &Cli, file: S3Section) -> anyhow::Result<Option<S3Settings>> 
         tier.read_concurrency = n;
     }
     tier.request_timeout = or_default(file.request_timeout, tier.request_timeout);
+    tier.metadata_timeout = or_default(file.metadata_timeout, tier.metadata_timeout);
     Ok(Some(S3Settings {
         tier,
         revalidate_after: or_default(
@@ -861,7 +866,7 @@ mod tests {
 
     #[test]
     fn s3_settings_come_from_the_file_and_flags() {
-        let toml = "[s3]\nbucket = \"cache\"\nendpoint = \"http://127.0.0.1:9000\"\nprefix = \"larder\"\nrevalidate_after = \"10s\"\nread_part_size = \"16MiB\"\n";
+        let toml = "[s3]\nbucket = \"cache\"\nendpoint = \"http://127.0.0.1:9000\"\nprefix = \"larder\"\nrevalidate_after = \"10s\"\nread_part_size = \"16MiB\"\nmetadata_timeout = \"20s\"\nrequest_timeout = \"2m\"\n";
         let c = with_file(toml, Cli::default()).unwrap();
         let s3 = c.s3.unwrap();
         assert_eq!(s3.tier.bucket, "cache");
@@ -869,6 +874,8 @@ mod tests {
         assert!(s3.tier.allow_http);
         assert_eq!(s3.revalidate_after, Duration::from_secs(10));
         assert_eq!(s3.tier.read_part_size, 16 << 20);
+        assert_eq!(s3.tier.metadata_timeout, Duration::from_secs(20));
+        assert_eq!(s3.tier.request_timeout, Duration::from_secs(120));
         let c = with_file(
             toml,
             Cli {

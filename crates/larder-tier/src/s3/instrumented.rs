@@ -33,20 +33,54 @@ impl fmt::Display for InstrumentedStore {
     }
 }
 
-fn record<T>(op: &'static str, started: Instant, result: &Result<T>) {
+/// One S3 request being measured: recorded when its answer arrives, or, when the caller gives
+/// up first (larderd's own deadline on small operations), when it is dropped — as an error that
+/// took as long as it was given. Those timed-out requests are the failures an operator of a
+/// slow bucket most needs to see.
+struct Measured {
+    op: &'static str,
+    started: Instant,
+    ended: bool,
+}
+
+impl Measured {
+    fn start(op: &'static str) -> Measured {
+        Measured {
+            op,
+            started: Instant::now(),
+            ended: false,
+        }
+    }
+
+    fn ended<T>(mut self, result: &Result<T>) {
+        self.ended = true;
+        let answer = match result {
+            Ok(_) => true,
+            Err(e) => matches!(
+                e,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::Precondition { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::NotModified { .. }
+            ),
+        };
+        record(self.op, self.started, answer);
+    }
+}
+
+impl Drop for Measured {
+    fn drop(&mut self) {
+        if !self.ended {
+            record(self.op, self.started, false);
+        }
+    }
+}
+
+fn record(op: &'static str, started: Instant, answered: bool) {
     metrics::histogram!("larder_s3_request_duration_seconds", "op" => op)
         .record(started.elapsed().as_secs_f64());
-    if let Err(e) = result {
-        let answer = matches!(
-            e,
-            object_store::Error::NotFound { .. }
-                | object_store::Error::Precondition { .. }
-                | object_store::Error::AlreadyExists { .. }
-                | object_store::Error::NotModified { .. }
-        );
-        if !answer {
-            metrics::counter!("larder_s3_errors_total", "op" => op).increment(1);
-        }
+    if !answered {
+        metrics::counter!("larder_s3_errors_total", "op" => op).increment(1);
     }
 }
 
@@ -58,9 +92,9 @@ impl ObjectStore for InstrumentedStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        let started = Instant::now();
+        let measured = Measured::start("put");
         let r = self.inner.put_opts(location, payload, opts).await;
-        record("put", started, &r);
+        measured.ended(&r);
         r
     }
 
@@ -69,18 +103,18 @@ impl ObjectStore for InstrumentedStore {
         location: &Path,
         opts: PutMultipartOptions,
     ) -> Result<Box<dyn MultipartUpload>> {
-        let started = Instant::now();
+        let measured = Measured::start("multipart_start");
         let r = self.inner.put_multipart_opts(location, opts).await;
-        record("multipart_start", started, &r);
+        measured.ended(&r);
         r
     }
 
     /// Measures the time to the response head; body bytes stream afterwards.
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         let op = if options.head { "head" } else { "get" };
-        let started = Instant::now();
+        let measured = Measured::start(op);
         let r = self.inner.get_opts(location, options).await;
-        record(op, started, &r);
+        measured.ended(&r);
         r
     }
 
@@ -92,7 +126,8 @@ impl ObjectStore for InstrumentedStore {
         self.inner
             .delete_stream(locations)
             .map(move |r| {
-                record("delete", started, &r);
+                let answered = matches!(r, Ok(_) | Err(object_store::Error::NotFound { .. }));
+                record("delete", started, answered);
                 r
             })
             .boxed()
@@ -111,16 +146,16 @@ impl ObjectStore for InstrumentedStore {
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        let started = Instant::now();
+        let measured = Measured::start("list");
         let r = self.inner.list_with_delimiter(prefix).await;
-        record("list", started, &r);
+        measured.ended(&r);
         r
     }
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        let started = Instant::now();
+        let measured = Measured::start("copy");
         let r = self.inner.copy_opts(from, to, options).await;
-        record("copy", started, &r);
+        measured.ended(&r);
         r
     }
 }

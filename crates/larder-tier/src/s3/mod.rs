@@ -130,10 +130,14 @@ impl S3Tier {
     /// Builds the client without talking to S3 (a server may start while S3 is down; requests
     /// then fail with 503 until it is back). Prefer [`S3Tier::connect`].
     pub fn new(config: S3Config) -> Result<S3Tier, TierError> {
-        let store: Arc<dyn ObjectStore> = Arc::new(instrumented::InstrumentedStore::new(Arc::new(
-            config.build_store()?,
-        )));
-        Ok(S3Tier {
+        let store = Arc::new(config.build_store()?);
+        Ok(S3Tier::over(config, store))
+    }
+
+    /// The tier over any object store (unit tests give it one that misbehaves on cue).
+    fn over(config: S3Config, store: Arc<dyn ObjectStore>) -> S3Tier {
+        let store: Arc<dyn ObjectStore> = Arc::new(instrumented::InstrumentedStore::new(store));
+        S3Tier {
             inner: Arc::new(Inner {
                 layout: Layout::new(&config.prefix),
                 config,
@@ -144,7 +148,7 @@ impl S3Tier {
                 ref_changes: AtomicU64::new(0),
                 usage_cache: tokio::sync::Mutex::new(None),
             }),
-        })
+        }
     }
 
     /// Builds the client and checks that the bucket is reachable and honours conditional PUT;
@@ -258,6 +262,22 @@ impl S3Tier {
             .await;
         verdict
     }
+}
+
+/// A reference write that failed without an answer may still have landed (S3 took it and the
+/// answer was lost, or it lands later), and the look afterwards could not tell: the client must
+/// hear that the write is in doubt, not that it failed — a retry with `If-None-Match: *` would
+/// otherwise meet its own write as a 412.
+fn outcome_unknown(failure: TierError) -> TierError {
+    if failure.kind != ErrorKind::Unavailable {
+        return failure;
+    }
+    failure.reworded(|why| {
+        format!(
+            "the write may or may not have been stored: S3 did not confirm it and could not be \
+             asked afterwards; read the key to find out ({why})"
+        )
+    })
 }
 
 fn unquote(etag: &str) -> &str {
@@ -520,7 +540,7 @@ impl Inner {
                         return Ok(created);
                     }
                     // The body stays: if the PUT is still in flight it may yet be referenced.
-                    return Err(failure);
+                    return Err(outcome_unknown(failure));
                 }
             }
         }
@@ -790,5 +810,145 @@ mod tests {
             !format!("{c:?}").contains("hunter2"),
             "secrets are not logged"
         );
+    }
+
+    /// An object store that takes a reference write and then stops answering anything about
+    /// references: S3 overloaded right after it committed, so the write landed but nobody
+    /// hears so.
+    #[derive(Debug)]
+    struct GoesQuietAfterAWrite {
+        inner: object_store::memory::InMemory,
+        armed: AtomicBool,
+        quiet: AtomicBool,
+    }
+
+    impl GoesQuietAfterAWrite {
+        fn is_ref(path: &Path) -> bool {
+            path.as_ref().starts_with(&format!("{REFS}/"))
+        }
+    }
+
+    impl std::fmt::Display for GoesQuietAfterAWrite {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("GoesQuietAfterAWrite")
+        }
+    }
+
+    #[async_trait]
+    impl ObjectStore for GoesQuietAfterAWrite {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let r = self.inner.put_opts(location, payload, opts).await;
+            if Self::is_ref(location) && self.armed.load(Ordering::SeqCst) {
+                self.quiet.store(true, Ordering::SeqCst);
+            }
+            if Self::is_ref(location) && self.quiet.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            r
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            if Self::is_ref(location) && self.quiet.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures_util::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    fn body(bytes: &'static [u8]) -> crate::UploadStream {
+        futures_util::stream::iter([Ok(bytes::Bytes::from_static(bytes))]).boxed()
+    }
+
+    /// The fleet benchmark found both: a PUT answered "S3 is unreachable" that had in fact been
+    /// stored, and the timed-out S3 requests behind it missing from every metric.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_s3_took_but_never_confirmed_is_reported_as_in_doubt_and_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = recorder.handle();
+        let _recording = metrics::set_default_local_recorder(&recorder);
+        let store = Arc::new(GoesQuietAfterAWrite {
+            inner: object_store::memory::InMemory::new(),
+            armed: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
+        });
+        let mut config = S3Config::new("bucket");
+        config.metadata_timeout = Duration::from_millis(300);
+        let tier = S3Tier::over(config, store.clone());
+        // As `connect` does: learns the ETag form this store wants in If-Match.
+        tier.check_conditional_put().await.unwrap();
+        let (ns, key) = (Namespace::parse("ci").unwrap(), Key::parse("k").unwrap());
+        tier.put(&ns, &key, body(b"first"), PutOptions::default())
+            .await
+            .unwrap();
+
+        store.armed.store(true, Ordering::SeqCst);
+        let err = tier
+            .put(&ns, &key, body(b"second"), PutOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
+        assert!(
+            err.message.contains("may or may not have been stored"),
+            "the answer must not claim the write failed: {}",
+            err.message
+        );
+
+        // It had landed: once S3 answers again, the key holds the second body.
+        store.armed.store(false, Ordering::SeqCst);
+        store.quiet.store(false, Ordering::SeqCst);
+        let got = tier.get(&ns, &key, GetOptions::default()).await.unwrap();
+        let bytes = crate::body_to_bytes(got.body.unwrap()).await.unwrap();
+        assert_eq!(bytes, b"second");
+
+        let text = metrics.render();
+        for op in ["put", "get"] {
+            let line = format!("larder_s3_errors_total{{op=\"{op}\"}} 1");
+            assert!(
+                text.lines().any(|l| l == line),
+                "the timed-out reference {op} is counted as an S3 error:\n{text}"
+            );
+        }
     }
 }
