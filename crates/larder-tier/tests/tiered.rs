@@ -637,6 +637,63 @@ async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
     wait_for_fill(&local, &k, &new_etag).await;
 }
 
+/// A read whose fill loses to a newer revision before S3 sent a byte (the key was overwritten
+/// through another replica meanwhile) is served the newer revision through a fill of it, so
+/// this replica holds the newer revision afterwards instead of having read it past its disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_fill_was_superseded_fills_the_newer_revision() {
+    let remote_disk = disk().await;
+    let remote = Arc::new(Networked {
+        gate: Some(tokio::sync::watch::channel(false).0),
+        ..Networked::over(remote_disk.clone())
+    });
+    let local = disk().await;
+    let t = tiered(local.clone(), remote.clone(), Duration::from_secs(60));
+    let k = key("overwritten-while-filling");
+    remote_disk
+        .put(
+            &ns(),
+            &k,
+            upload(pattern(256 << 10, 1)),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    let reader = {
+        let (t, k) = (t.clone(), k.clone());
+        tokio::spawn(async move { read(t.as_ref(), &k, ReadConditions::default()).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while remote.body_requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the fill never asked the remote");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let new = pattern(256 << 10, 2);
+    let new_etag = remote_disk
+        .put(&ns(), &k, upload(new.clone()), PutOptions::default())
+        .await
+        .unwrap()
+        .etag;
+    remote.gate.as_ref().unwrap().send_replace(true);
+
+    let (_, etag, body) = reader.await.unwrap().unwrap();
+    assert_eq!(etag, new_etag, "the read serves the revision now current");
+    assert!(body == new);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while local_etag(&local, &k).await.as_ref() != Some(&new_etag) {
+        assert!(
+            Instant::now() < deadline,
+            "the newer revision was read from the remote without a fill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        remote.body_reads.load(Ordering::SeqCst),
+        1,
+        "one body read from the remote: the fill the reader followed"
+    );
+}
+
 /// Monotonic reads per replica: while another replica overwrites a key with ever newer
 /// revisions, concurrent unpinned reads through one replica (checks, fills and reads of S3
 /// overlapping in random order) never return a revision older than one a read that ended

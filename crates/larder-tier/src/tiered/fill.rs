@@ -35,6 +35,9 @@ enum Phase<S> {
     Spooling(S),
     /// Committed, discarded or failed: readers look at the local tier, then the remote.
     Ended,
+    /// Ended without copying anything because the revision stopped being current before its
+    /// body could be read: readers ask the remote again which revision to serve.
+    Superseded,
 }
 
 /// What a fill needs from the tiered cache.
@@ -86,6 +89,11 @@ impl<L: CacheTier> Fill<L> {
             _ => None,
         }
     }
+
+    /// Whether the fill ended because its revision was no longer current when it started.
+    pub fn superseded(&self) -> bool {
+        matches!(*self.phase.borrow(), Phase::Superseded)
+    }
 }
 
 /// The task that owns a fill. Dropping it (the fill ended, or its task panicked) ends the fill
@@ -99,7 +107,13 @@ struct Owner<L: CacheTier> {
 
 impl<L: CacheTier> Drop for Owner<L> {
     fn drop(&mut self) {
-        self.phase.send_replace(Phase::Ended);
+        self.phase.send_if_modified(|phase| {
+            if matches!(phase, Phase::Superseded) {
+                return false;
+            }
+            *phase = Phase::Ended;
+            true
+        });
         self.ctx.keys.fill_ended(&self.id, &self.fill);
     }
 }
@@ -132,6 +146,11 @@ impl<L: CacheTier> Owner<L> {
         }
     }
 
+    fn superseded_before_reading(&self) -> Ended {
+        self.phase.send_replace(Phase::Superseded);
+        Ended::Superseded
+    }
+
     async fn copy(&self, meta: &ObjectMeta) -> Ended {
         let (ns, key) = &self.id;
         let ctx = &self.ctx;
@@ -157,8 +176,8 @@ impl<L: CacheTier> Owner<L> {
         };
         let body = match ctx.remote.get(ns, key, pinned).await {
             Ok(r) if r.outcome == ReadOutcome::Full => r.body,
-            Ok(_) => return Ended::Superseded,
-            Err(e) if e.kind == ErrorKind::NotFound => return Ended::Superseded,
+            Ok(_) => return self.superseded_before_reading(),
+            Err(e) if e.kind == ErrorKind::NotFound => return self.superseded_before_reading(),
             Err(e) => return Ended::Failed(e),
         };
         let Some(body) = body else {

@@ -165,6 +165,24 @@ impl<L: CacheTier> Inner<L> {
         opts: GetOptions,
     ) -> Result<GetResponse, TierError> {
         miss(self.local.name());
+        // A newer revision can land between deciding and filling; the fill of the older one
+        // then ends unused, and the newer one deserves a fill of its own rather than a direct
+        // read (which would leave this replica cold for it).
+        for _ in 0..MAX_SUPERSEDED_FILLS {
+            match self.serve_through_fill(id, &opts).await? {
+                Through::Served(r) => return Ok(r),
+                Through::Superseded => continue,
+                Through::NoFill => break,
+            }
+        }
+        self.observe(id, opts).await
+    }
+
+    async fn serve_through_fill(
+        &self,
+        id: &KeyId,
+        opts: &GetOptions,
+    ) -> Result<Through, TierError> {
         let head = GetOptions {
             conditions: opts.conditions.clone(),
             head: true,
@@ -175,48 +193,66 @@ impl<L: CacheTier> Inner<L> {
             .body_range(decided.meta.size)
             .filter(|_| !opts.head)
         else {
-            return Ok(decided);
+            return Ok(Through::Served(decided));
         };
         let fits = self
             .local
             .capacity()
             .is_none_or(|limit| decided.meta.size < limit);
-        if fits {
-            let etag = decided.meta.etag.clone();
-            let fill = Fill::of(&self.fills, id, &decided.meta);
-            if let Some(spool) = fill.spool().await {
-                match self.local.read_spool(&spool, start, len).await {
-                    Ok(body) => {
-                        let body = fill::follow_or_fall_back(
-                            body,
-                            self.remote.clone(),
-                            id.clone(),
-                            etag,
-                            start,
-                            len,
-                        );
-                        return Ok(GetResponse {
-                            outcome: decided.outcome,
-                            meta: decided.meta,
-                            body: Some(body),
-                            // The bytes come from the S3 body being copied in.
-                            source: self.remote.name(),
-                        });
-                    }
-                    Err(e) if e.kind == ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(ns = %id.0, key = %id.1, error = %e.chain(), "cannot follow the fill")
-                    }
+        if !fits {
+            return Ok(Through::NoFill);
+        }
+        let etag = decided.meta.etag.clone();
+        let fill = Fill::of(&self.fills, id, &decided.meta);
+        if let Some(spool) = fill.spool().await {
+            match self.local.read_spool(&spool, start, len).await {
+                Ok(body) => {
+                    let body = fill::follow_or_fall_back(
+                        body,
+                        self.remote.clone(),
+                        id.clone(),
+                        etag,
+                        start,
+                        len,
+                    );
+                    return Ok(Through::Served(GetResponse {
+                        outcome: decided.outcome,
+                        meta: decided.meta,
+                        body: Some(body),
+                        // The bytes come from the S3 body being copied in.
+                        source: self.remote.name(),
+                    }));
+                }
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(ns = %id.0, key = %id.1, error = %e.chain(), "cannot follow the fill")
                 }
             }
-            // The fill finished first (the revision is local now), or could not run.
-            if let Some(r) = self.local_if(id, &opts, etag.as_str()).await {
-                return Ok(r);
-            }
         }
-        self.observe(id, opts).await
+        // The fill finished first (the revision is local now), or could not run.
+        if let Some(r) = self.local_if(id, opts, etag.as_str()).await {
+            return Ok(Through::Served(r));
+        }
+        if fill.superseded() || !self.keys.names(id, &etag) {
+            Ok(Through::Superseded)
+        } else {
+            Ok(Through::NoFill)
+        }
     }
 }
+
+/// How [`Inner::serve_through_fill`] went.
+enum Through {
+    Served(GetResponse),
+    /// The revision decided on stopped being current before its fill could serve it.
+    Superseded,
+    /// The fill could not run (or the object does not fit): read the remote directly.
+    NoFill,
+}
+
+/// Fills in a row that may end superseded before one read gives up on the local tier (a key
+/// overwritten faster than it can be copied is read directly).
+const MAX_SUPERSEDED_FILLS: usize = 3;
 
 /// An upload stream fed from a channel.
 fn channel_stream(rx: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> UploadStream {
