@@ -78,7 +78,11 @@ impl ETag {
 
     /// The header value, with quotes.
     pub fn header_value(&self) -> String {
-        format!("\"{}\"", self.0)
+        let mut quoted = String::with_capacity(self.0.len() + 2);
+        quoted.push('"');
+        quoted.push_str(&self.0);
+        quoted.push('"');
+        quoted
     }
 
     /// The digest of `data` (for tests and small bodies).

@@ -109,7 +109,7 @@ impl Req {
     }
 }
 
-const OBJECT_PREFIX: &str = "/api/v1/object/";
+pub(crate) const OBJECT_PREFIX: &str = "/api/v1/object/";
 const BAZEL_PREFIX: &str = "/bazel/";
 const GIT_PREFIX: &str = "/api/v1/git/";
 /// Names the namespace of a repository's snapshots in answers of the head route.
@@ -203,6 +203,193 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     response
 }
 
+/// A GET or HEAD of `/api/v1/object/{ns}/{key}` as the HTTP/1.1 fast path (`fast_path.rs`)
+/// parsed it: the only request fields it lets through.
+pub(crate) struct ObjectRead<'a> {
+    pub ns: &'a str,
+    pub key: &'a str,
+    pub head: bool,
+    pub request_id: HeaderValue,
+    pub authorization: Option<HeaderValue>,
+    pub if_match: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+}
+
+/// Bodies up to this size, read from the local disk, are answered by the fast path itself.
+pub(crate) const SMALL_READ: u64 = 64 * 1024;
+
+/// What [`read_object`] decided.
+pub(crate) enum ReadAnswer {
+    /// A 200 (or its HEAD) or a 304 whose body, if any, is small and was read whole: the fast
+    /// path writes it with the fields of [`body_fields`] / [`not_modified_fields`].
+    Small {
+        status: StatusCode,
+        meta: ObjectMeta,
+        body: Bytes,
+        request_id: HeaderValue,
+    },
+    /// Any other answer, with `X-Request-Id`, and the tier that serves its body.
+    Response(Response<Body>, &'static str),
+    /// The body failed while it was read; the request was counted as the general path counts
+    /// it (the status was decided), and the connection cannot say more.
+    Broken,
+}
+
+/// Answers a read on the fast path, counted in the metrics and the access log like any other
+/// request; `None` when it must take the general path instead (a malformed name, a refused
+/// token, the test fault hook): nothing has happened yet then.
+pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<ReadAnswer> {
+    let started = Instant::now();
+    let (ns, key) = parse_names(read.ns, read.key).ok()?;
+    let token = if state.auth.enabled() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, read.authorization?);
+        let caller = state
+            .auth
+            .authorize(&headers, Scope::Read, Some(&ns))
+            .ok()?;
+        caller.name().to_string()
+    } else {
+        String::new()
+    };
+    if state
+        .test_fault_panic
+        .as_ref()
+        .is_some_and(|fault| fault.0 == ns && fault.1 == key)
+    {
+        return None;
+    }
+    let id = read.request_id.to_str().unwrap_or("");
+    let method = if read.head { Method::HEAD } else { Method::GET };
+    let mut log = RequestLog {
+        ns: None,
+        key: None,
+        tier: "",
+        token,
+    };
+    let conditions =
+        ReadConditions::from_headers(read.if_match, read.if_none_match, None, None, None, None);
+    let opts = GetOptions {
+        conditions,
+        head: read.head,
+    };
+    // No request span around the read: creating one (its fields formatted by the subscriber)
+    // cost as much as serving a small object from disk. What the tiers log on their own names
+    // the key; the line that reports a failed request is written inside the request's span.
+    let answered = AssertUnwindSafe(state.tier.get(&ns, &key, opts))
+        .catch_unwind()
+        .await;
+    let (answer, status, etag) = match answered {
+        Ok(Ok(got)) => match small(got).await {
+            Ok((status, meta, body)) => {
+                log.tier = "disk";
+                let etag = meta.etag.header_value();
+                let answer = match body {
+                    Some(body) => ReadAnswer::Small {
+                        status,
+                        meta,
+                        body,
+                        request_id: read.request_id.clone(),
+                    },
+                    None => ReadAnswer::Broken,
+                };
+                (answer, status, etag)
+            }
+            Err(got) => general(respond(got, &mut log), &log, read.request_id.clone()),
+        },
+        Ok(Err(e)) => {
+            let span = tracing::info_span!(
+                "request",
+                request_id = id,
+                %method,
+                ns = ns.as_str(),
+                key = key.as_str()
+            );
+            general(
+                span.in_scope(|| tier_error(e)),
+                &log,
+                read.request_id.clone(),
+            )
+        }
+        Err(panic) => general(panicked(id, &*panic), &log, read.request_id.clone()),
+    };
+    RequestMetrics {
+        route: "object",
+        method: &method,
+        status,
+        started,
+    }
+    .record();
+    crate::access_log::record(&crate::access_log::AccessLine {
+        request_id: id,
+        method: method.as_str(),
+        route: "object",
+        ns: ns.as_str(),
+        key: key.as_str(),
+        status: status.as_u16(),
+        tier: log.tier,
+        etag: &etag,
+        token: &log.token,
+        micros: started.elapsed().as_micros() as u64,
+    });
+    Some(answer)
+}
+
+/// A general answer of the fast path, with what its access line needs.
+fn general(
+    mut response: Response<Body>,
+    log: &RequestLog,
+    request_id: HeaderValue,
+) -> (ReadAnswer, StatusCode, String) {
+    let status = response.status();
+    let etag = response
+        .headers()
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static("x-request-id"), request_id);
+    (ReadAnswer::Response(response, log.tier), status, etag)
+}
+
+/// A 200 or 304 from the local disk whose body is small, read whole (`None`: the body failed),
+/// or the response back for the general path.
+#[allow(clippy::result_large_err)]
+async fn small(got: GetResponse) -> Result<(StatusCode, ObjectMeta, Option<Bytes>), GetResponse> {
+    let status = match got.outcome {
+        ReadOutcome::Full if got.meta.size <= SMALL_READ => StatusCode::OK,
+        ReadOutcome::NotModified => StatusCode::NOT_MODIFIED,
+        _ => return Err(got),
+    };
+    if got.source != "disk" {
+        return Err(got);
+    }
+    let Some(mut stream) = got.body else {
+        return Ok((status, got.meta, Some(Bytes::new())));
+    };
+    let mut whole = bytes::BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let Ok(chunk) = chunk else {
+            return Ok((status, got.meta, None));
+        };
+        crate::metrics::bytes_served("disk", chunk.len() as u64);
+        match first.take() {
+            None if whole.is_empty() => first = Some(chunk),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    whole.extend_from_slice(&earlier);
+                }
+                whole.extend_from_slice(&chunk);
+            }
+        }
+    }
+    let body = first.unwrap_or_else(|| whole.freeze());
+    Ok((status, got.meta, Some(body)))
+}
+
 /// The answer to a request whose handling panicked, logged and counted. `request_id` lets an
 /// operator find the panic message the runtime printed for it.
 pub fn panicked(request_id: &str, panic: &(dyn std::any::Any + Send)) -> Response<Body> {
@@ -224,8 +411,13 @@ pub fn panicked(request_id: &str, panic: &(dyn std::any::Any + Send)) -> Respons
 /// The client's `X-Request-Id` when it is short and printable (so logs of a CI job and of the
 /// cache can be joined), else a new one, unique within this process.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
+    valid_request_id(headers.get("x-request-id"))
+}
+
+/// The request id a request is known by: the client's when usable, else a new one.
+pub(crate) fn valid_request_id(given: Option<&HeaderValue>) -> HeaderValue {
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    if let Some(v) = headers.get("x-request-id")
+    if let Some(v) = given
         && !v.is_empty()
         && v.len() <= 64
         && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
@@ -800,48 +992,16 @@ pub(crate) fn respond(got: GetResponse, log: &mut RequestLog) -> Response<Body> 
             let h = r.headers_mut();
             // Room for every header a GET answers with, so the map is not grown three times.
             h.reserve(12);
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-            h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-            if let ReadOutcome::Partial(range) = got.outcome {
-                h.insert(
-                    header::CONTENT_RANGE,
-                    value(&range.content_range(meta.size)),
-                );
-            }
-            let mut has_type = false;
-            let mut has_cache_control = false;
-            for (name, v) in &meta.headers {
-                if let (Ok(name), Ok(v)) = (
-                    HeaderName::try_from(name.as_str()),
-                    HeaderValue::try_from(v.as_str()),
-                ) {
-                    has_type |= name == header::CONTENT_TYPE;
-                    has_cache_control |= name == header::CACHE_CONTROL;
-                    h.append(name, v);
-                }
-            }
-            // A key can be overwritten at any time: an HTTP cache between client and larderd
-            // must revalidate (cheap: a conditional request) rather than guess a lifetime.
-            if !has_cache_control {
-                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            }
-            if !has_type {
-                h.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-            }
+            let range = match got.outcome {
+                ReadOutcome::Partial(range) => Some(range),
+                _ => None,
+            };
+            body_fields(meta, len, range, &mut |name, v| insert_field(h, name, v));
             (status, r)
         }
         ReadOutcome::NotModified => {
             let mut r = Response::new(empty_body());
-            // A 304 carries the Cache-Control the 200 would have (RFC 9110 15.4.5).
-            let cc = meta
-                .headers
-                .iter()
-                .find(|(n, _)| n == "cache-control")
-                .map_or(HeaderValue::from_static("no-cache"), |(_, cc)| value(cc));
-            r.headers_mut().insert(header::CACHE_CONTROL, cc);
+            not_modified_fields(meta, &mut |name, v| insert_field(r.headers_mut(), name, v));
             (StatusCode::NOT_MODIFIED, r)
         }
         ReadOutcome::PreconditionFailed => (
@@ -865,16 +1025,106 @@ pub(crate) fn respond(got: GetResponse, log: &mut RequestLog) -> Response<Body> 
         ReadOutcome::NotFound => return tier_error(TierError::not_found()),
     };
     *response.status_mut() = status;
-    add_validators(response.headers_mut(), meta);
+    if !matches!(
+        status,
+        StatusCode::OK | StatusCode::PARTIAL_CONTENT | StatusCode::NOT_MODIFIED
+    ) {
+        validator_fields(meta, &mut |name, v| {
+            insert_field(response.headers_mut(), name, v)
+        });
+    }
     response
 }
 
-fn add_validators(h: &mut HeaderMap, meta: &ObjectMeta) {
-    h.insert(header::ETAG, value(&meta.etag.header_value()));
-    h.insert(
-        header::LAST_MODIFIED,
-        value(&httpdate::fmt_http_date(meta.last_modified)),
-    );
+/// The value of one header field of a read's answer, in the form it is known in: `respond`
+/// turns it into a `HeaderValue`, the fast path writes it onto the wire as it is.
+pub(crate) enum FieldValue<'a> {
+    Text(&'a str),
+    Number(u64),
+    ETag(&'a larder_proto::ETag),
+    Date(std::time::SystemTime),
+    Owned(String),
+}
+
+impl FieldValue<'_> {
+    fn header_value(&self) -> HeaderValue {
+        match self {
+            FieldValue::Text(t) => value(t),
+            FieldValue::Number(n) => HeaderValue::from(*n),
+            FieldValue::ETag(etag) => value(&etag.header_value()),
+            FieldValue::Date(at) => value(&httpdate::fmt_http_date(*at)),
+            FieldValue::Owned(text) => value(text),
+        }
+    }
+}
+
+fn insert_field(h: &mut HeaderMap, name: &str, v: FieldValue<'_>) {
+    // Every name given here is a valid one (see `body_fields`).
+    if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+        h.append(name, v.header_value());
+    }
+}
+
+/// The header fields of a read's 200 or 206 (and of their HEAD), in order: length, range,
+/// stored headers, the defaults for what was not stored, validators. One plan for both writers
+/// of answers, so that the fast path and hyper cannot drift apart.
+pub(crate) fn body_fields<'a>(
+    meta: &'a ObjectMeta,
+    len: u64,
+    range: Option<larder_proto::ByteRange>,
+    field: &mut impl FnMut(&'a str, FieldValue<'a>),
+) {
+    field("content-length", FieldValue::Number(len));
+    field("accept-ranges", FieldValue::Text("bytes"));
+    if let Some(range) = range {
+        field(
+            "content-range",
+            FieldValue::Owned(range.content_range(meta.size)),
+        );
+    }
+    let mut has_type = false;
+    let mut has_cache_control = false;
+    for (name, v) in &meta.headers {
+        if HeaderName::from_bytes(name.as_bytes()).is_ok() && valid_field_value(v) {
+            has_type |= name == "content-type";
+            has_cache_control |= name == "cache-control";
+            field(name, FieldValue::Text(v));
+        }
+    }
+    // A key can be overwritten at any time: an HTTP cache between client and larderd must
+    // revalidate (cheap: a conditional request) rather than guess a lifetime.
+    if !has_cache_control {
+        field("cache-control", FieldValue::Text("no-cache"));
+    }
+    if !has_type {
+        field("content-type", FieldValue::Text("application/octet-stream"));
+    }
+    validator_fields(meta, field);
+}
+
+/// The header fields of a 304: the Cache-Control the 200 would have (RFC 9110 15.4.5) and the
+/// validators.
+pub(crate) fn not_modified_fields<'a>(
+    meta: &'a ObjectMeta,
+    field: &mut impl FnMut(&'a str, FieldValue<'a>),
+) {
+    let cache_control = meta
+        .headers
+        .iter()
+        .find(|(n, v)| n == "cache-control" && valid_field_value(v))
+        .map_or("no-cache", |(_, cc)| cc.as_str());
+    field("cache-control", FieldValue::Text(cache_control));
+    validator_fields(meta, field);
+}
+
+fn validator_fields<'a>(meta: &'a ObjectMeta, field: &mut impl FnMut(&'a str, FieldValue<'a>)) {
+    field("etag", FieldValue::ETag(&meta.etag));
+    field("last-modified", FieldValue::Date(meta.last_modified));
+}
+
+/// What `HeaderValue` accepts: visible ASCII, spaces, tabs and obs-text; no control bytes.
+fn valid_field_value(v: &str) -> bool {
+    v.bytes().all(|b| (b >= 32 && b != 127) || b == b'\t')
 }
 
 /// What a PUT's headers ask for, decided before any byte of the body is read: the TTL

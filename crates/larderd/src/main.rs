@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod bazel;
 mod config;
+mod fast_path;
 mod git;
 mod io;
 mod memory;

@@ -31,26 +31,28 @@ impl RequestMetrics<'_> {
         // than serving a small object.
         let method = static_method(self.method);
         let status = static_status(self.status);
+        let series = (self.route, method, status);
         let (requests, duration) = HANDLES.with_borrow_mut(|handles| {
-            handles
-                .entry((self.route, method, status))
-                .or_insert_with(|| {
-                    let route = self.route;
-                    (
-                        metrics::counter!(
-                            "larder_http_requests_total",
-                            "route" => route,
-                            "method" => method,
-                            "status" => status
-                        ),
-                        metrics::histogram!(
-                            "larder_http_request_duration_seconds",
-                            "route" => route,
-                            "method" => method
-                        ),
-                    )
-                })
-                .clone()
+            // A thread sees a few dozen series: a scan of short static strings beats hashing.
+            if let Some((_, found)) = handles.iter().find(|(key, _)| *key == series) {
+                return found.clone();
+            }
+            let route = self.route;
+            let made = (
+                metrics::counter!(
+                    "larder_http_requests_total",
+                    "route" => route,
+                    "method" => method,
+                    "status" => status
+                ),
+                metrics::histogram!(
+                    "larder_http_request_duration_seconds",
+                    "route" => route,
+                    "method" => method
+                ),
+            );
+            handles.push((series, made.clone()));
+            made
         });
         requests.increment(1);
         duration.record(self.started.elapsed().as_secs_f64());
@@ -61,8 +63,8 @@ type SeriesKey = (&'static str, &'static str, &'static str);
 
 thread_local! {
     static HANDLES: std::cell::RefCell<
-        std::collections::HashMap<SeriesKey, (metrics::Counter, metrics::Histogram)>,
-    > = std::cell::RefCell::default();
+        Vec<(SeriesKey, (metrics::Counter, metrics::Histogram))>,
+    > = const { std::cell::RefCell::new(Vec::new()) };
     static BYTES_SERVED: std::cell::RefCell<Vec<(&'static str, metrics::Counter)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }

@@ -106,6 +106,11 @@ pub async fn serve(
         // they are closed at once, so a flood cannot buy memory by opening sockets.
         refusals: Arc::new(Semaphore::new((limits.max_connections / 16).clamp(8, 256))),
         grace: opts.grace,
+        fast_limits: crate::fast_path::Limits {
+            header_timeout: limits.header_timeout,
+            max_head: limits.max_header_bytes,
+            max_fields: limits.max_headers,
+        },
     });
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -186,6 +191,7 @@ struct Server {
     /// Connections being told 503 because of the limit.
     refusals: Arc<Semaphore>,
     grace: Duration,
+    fast_limits: crate::fast_path::Limits,
 }
 
 impl Server {
@@ -231,8 +237,9 @@ impl Server {
             };
             let server = self.clone();
             let watcher = graceful.watcher();
+            let stop = stop.clone();
             tokio::spawn(async move {
-                server.connection(stream, peer, watcher).await;
+                server.connection(stream, peer, watcher, stop).await;
                 drop(permit);
             });
         }
@@ -248,11 +255,19 @@ impl Server {
         stream: TcpStream,
         peer: SocketAddr,
         watcher: hyper_util::server::graceful::Watcher,
+        mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let state = self.state.clone();
+        // The answer the fast path decided for the request it hands over with the connection.
+        let decided: Arc<std::sync::Mutex<Option<Response<api::Body>>>> = Arc::default();
+        let first_answer = decided.clone();
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let state = state.clone();
+            let decided = first_answer.lock().unwrap().take();
             async move {
+                if let Some(answer) = decided {
+                    return Ok::<_, Infallible>(answer);
+                }
                 let http1 = req.version() < http::Version::HTTP_2;
                 // `api::handle` answers a panic of its handler itself and keeps the connection;
                 // this catches one outside it (logging, metrics), where the request body is
@@ -282,6 +297,17 @@ impl Server {
             let raw = stream.as_fd().try_clone_to_owned().ok();
             let io = GuardedIo::new(stream, self.idle);
             let partial_head = io.read_since_write_flag();
+            let io = if crate::fast_path::enabled() {
+                match crate::fast_path::serve(&self.state, io, &self.fast_limits, &mut stop).await {
+                    crate::fast_path::Outcome::Closed => return,
+                    crate::fast_path::Outcome::HandOver { io, unread, answer } => {
+                        *decided.lock().unwrap() = answer;
+                        crate::fast_path::Rewind::new(io, unread)
+                    }
+                }
+            } else {
+                crate::fast_path::Rewind::new(io, bytes::Bytes::new())
+            };
             let result = watcher
                 .watch(self.h1.serve_connection(TokioIo::new(io), service))
                 .await;
@@ -357,16 +383,20 @@ impl Server {
 /// Writes a 408 on a connection whose request head did not arrive in time. Best effort: the
 /// answer is small enough for the socket buffer, and a client that vanished loses nothing.
 fn send_request_timeout(mut socket: std::net::TcpStream, after: Duration) {
+    let _ = socket.write_all(request_timeout_answer(after).as_bytes());
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+}
+
+/// The 408 for a request head that did not arrive within `after`, closing the connection.
+pub(crate) fn request_timeout_answer(after: Duration) -> String {
     let reason = format!(
         "the request head did not arrive within {}s\n",
         after.as_secs()
     );
-    let response = format!(
+    format!(
         "HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\r\n{reason}",
         reason.len()
-    );
-    let _ = socket.write_all(response.as_bytes());
-    let _ = socket.shutdown(std::net::Shutdown::Write);
+    )
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when the

@@ -716,3 +716,151 @@ async fn every_request_of_a_concurrent_load_with_logging_on_is_answered() {
         &foreign[0][..foreign[0].len().min(600)]
     );
 }
+
+/// The header fields of an answer that must not differ between two servings of one request:
+/// all but the date.
+fn comparable(r: &Response) -> (u16, Vec<(String, String)>, usize, String) {
+    let mut headers: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n != "date")
+        .cloned()
+        .collect();
+    headers.sort();
+    let digest = blake3::hash(&r.body).to_hex().to_string();
+    (r.status, headers, r.body.len(), digest)
+}
+
+/// Object reads without hyper (`fast_path.rs`) answer exactly as hyper does: the same request
+/// sent plainly (the fast path takes it) and with one extra header (which sends it to hyper)
+/// gets the same status, header fields and body, for every kind of answer a read can get; and
+/// a connection moves from the fast path to hyper in the middle — for a large body, for a
+/// request the fast path does not take, for pipelined requests — with every request answered
+/// once, in order.
+#[tokio::test]
+async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = Larderd::start(&["--config", &tokens_config(dir.path())]);
+    let writer = format!("Bearer {WRITER}");
+    let reader = format!("Bearer {READER}");
+    let small_path = "/api/v1/object/ci/small";
+    let large_path = "/api/v1/object/ci/large";
+    let large = larder_testkit::pattern(1 << 20, 7);
+    let mut c = Client::new(&srv.addr);
+    for (path, body) in [(small_path, vec![b's'; 4096]), (large_path, large.clone())] {
+        let put = Request::new("PUT", path)
+            .header("authorization", &writer)
+            .header("content-type", "application/x-tar")
+            .body(&body);
+        assert_eq!(c.send(&put).await.unwrap().status, 201);
+    }
+    let etag = c
+        .send(&Request::new("HEAD", small_path).header("authorization", &reader))
+        .await
+        .unwrap()
+        .header("etag")
+        .unwrap()
+        .to_string();
+    let wrong = "\"0000000000000000000000000000000000000000000000000000000000000000\"";
+    let cases: Vec<(&str, Request)> = vec![
+        ("GET 200", Request::new("GET", small_path)),
+        ("HEAD 200", Request::new("HEAD", small_path)),
+        (
+            "GET 304",
+            Request::new("GET", small_path).header("if-none-match", &etag),
+        ),
+        (
+            "GET 200 pinned",
+            Request::new("GET", small_path).header("if-match", &etag),
+        ),
+        (
+            "GET 412",
+            Request::new("GET", small_path).header("if-match", wrong),
+        ),
+        ("GET 404", Request::new("GET", "/api/v1/object/ci/missing")),
+        (
+            "HEAD 404",
+            Request::new("HEAD", "/api/v1/object/ci/missing"),
+        ),
+        ("GET 400", Request::new("GET", "/api/v1/object/ci/a/../b")),
+        ("GET 1 MiB", Request::new("GET", large_path)),
+    ];
+    let mut fast = Client::new(&srv.addr);
+    let mut general = Client::new(&srv.addr);
+    for (name, request) in cases {
+        for token in [Some(&reader), None] {
+            let mut plain = Request::new(request.method, &request.path).header(
+                "x-request-id",
+                &format!("{}-{}", name.replace(' ', "-"), token.is_some()),
+            );
+            for (n, v) in &request.headers {
+                plain = plain.header(n, v);
+            }
+            if let Some(token) = token {
+                plain = plain.header("authorization", token);
+            }
+            let mut via_hyper = Request::new(plain.method, &plain.path);
+            via_hyper.headers = plain.headers.clone();
+            let via_hyper = via_hyper.header("x-larder-test", "not on the fast path's list");
+            let a = fast.send(&plain).await.unwrap();
+            let b = general.send(&via_hyper).await.unwrap();
+            assert_eq!(comparable(&a), comparable(&b), "{name}, token {token:?}");
+            assert!(a.header("date").is_some(), "{name}: a Date field");
+        }
+    }
+    assert_eq!(fast.connects, 1, "one connection served every request");
+
+    // Pipelined: small, large, small, then one the fast path does not take, in one write.
+    let mut conn = TcpStream::connect(&srv.addr).await.unwrap();
+    let mut pipelined = Vec::new();
+    for request in [
+        Request::new("GET", small_path),
+        Request::new("GET", large_path),
+        Request::new("GET", small_path).header("if-none-match", &etag),
+        Request::new("GET", small_path).header("range", "bytes=0-9"),
+        Request::new("GET", large_path),
+    ] {
+        pipelined.extend(request.header("authorization", &reader).head());
+    }
+    conn.write_all(&pipelined).await.unwrap();
+    let mut conn = BufReader::new(conn);
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let r = tokio::time::timeout(Duration::from_secs(20), read_response(&mut conn, false))
+            .await
+            .expect("every pipelined request is answered")
+            .unwrap();
+        answers.push((r.status, r.body.len()));
+    }
+    assert_eq!(
+        answers,
+        [
+            (200, 4096),
+            (200, 1 << 20),
+            (304, 0),
+            (206, 10),
+            (200, 1 << 20)
+        ]
+    );
+
+    // A large answer is handed to hyper with its request: executed once, counted once.
+    let count = |metrics: &str| {
+        larder_testkit::metric(
+            metrics,
+            "larder_http_requests_total{route=\"object\",method=\"GET\",status=\"200\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    async fn metrics(c: &mut Client) -> String {
+        let r = c.send(&Request::new("GET", "/metrics")).await.unwrap();
+        String::from_utf8(r.body).unwrap()
+    }
+    let before = count(&metrics(&mut c).await);
+    let mut once = Client::new(&srv.addr);
+    let r = once
+        .send(&Request::new("GET", large_path).header("authorization", &reader))
+        .await
+        .unwrap();
+    assert!(r.body == large, "the exact bytes");
+    assert_eq!(count(&metrics(&mut c).await) - before, 1.0, "counted once");
+}

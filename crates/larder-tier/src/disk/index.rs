@@ -92,10 +92,17 @@ impl Index {
 
     /// Marks a read of the revision in `file` (a reader of an older revision that was replaced
     /// meanwhile does not refresh the new one, even when both have the same ETag).
+    ///
+    /// An entry read again while it is still among the most recently read eighth keeps its place:
+    /// eviction takes from the other end, and moving it would cost a reorder of the LRU set per
+    /// read of a hot key (as much as serving a small object). With fewer than eight entries
+    /// the order is exact.
     pub fn touch(&mut self, id: &EntryId, file: FileId) {
         let tick = self.tick + 1;
+        let recent = (self.entries.len() / 8) as u64;
         if let Some(e) = self.entries.get_mut(id)
             && e.file == file
+            && self.tick - e.last_access >= recent
         {
             self.tick = tick;
             self.lru.remove(&(e.last_access, id.clone()));

@@ -345,6 +345,7 @@ impl Inner {
         Ok(Some(OpenRevision {
             file: Arc::new(file),
             file_id: FileId::of(&md),
+            etag: fixed.etag(),
             fixed,
             meta,
             prefix,
@@ -376,7 +377,7 @@ impl Inner {
             return Err(TierError::not_found());
         }
         let meta = ObjectMeta {
-            etag: rev.fixed.etag(),
+            etag: rev.etag.clone(),
             size: rev.fixed.body_len,
             last_modified: rev.fixed.last_modified(),
             expires: rev.fixed.expires(),
@@ -679,6 +680,8 @@ struct OpenRevision {
     /// Which revision this is, beyond its ETag (see `FileId`).
     file_id: FileId,
     fixed: Fixed,
+    /// The revision's ETag, spelled out once rather than on every read of a hot key.
+    etag: ETag,
     meta: MetaJson,
     /// Body bytes that came with the header read.
     prefix: Bytes,

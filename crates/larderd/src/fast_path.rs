@@ -1,0 +1,619 @@
+//! The HTTP/1.1 fast path: plain-HTTP connections start here, and the requests CI fleets send by
+//! the thousand — a GET or HEAD of one object with nothing but validators and a token — are
+//! parsed, answered and written without hyper. Serving a small object from disk costs a few
+//! microseconds; hyper's connection machinery (dispatch, header maps in and out, its encoder)
+//! cost more than the lookup and the write together.
+//!
+//! Only the transport is replaced. What a request means is decided by the same code as on the
+//! general path ([`api::read_object`] → the tier → [`api::respond`]), so status, headers, access
+//! line and metrics are those of any other request. Anything else — another route or method, a
+//! header outside the short list below, a body, a malformed or oversized head, HTTP/1.0 — hands
+//! the connection to hyper for good, with the bytes read so far, before anything happened. An
+//! answer whose body is not small and ready (a large object, a read following a fill from S3)
+//! is handed over too, together with its request: hyper parses the same request again and the
+//! connection's service answers it with the response already decided, so a request is never
+//! executed twice.
+//!
+//! `LARDER_FAST_PATH=0` turns it off (every connection goes to hyper), for comparisons.
+
+use crate::api::{self, Body, FieldValue, ObjectRead, ReadAnswer, State};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use std::cell::RefCell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Header fields a request head may have on the fast path; more is hyper's business.
+const MAX_FIELDS: usize = 16;
+
+/// Bodies up to this size are written with their head in one go; larger ones go to hyper.
+const SMALL_BODY: u64 = api::SMALL_READ;
+
+/// Room for request heads; grows only for a pipelined burst.
+const READ_BUFFER: usize = 8 * 1024;
+
+/// Whether the fast path is on (`LARDER_FAST_PATH=0` turns it off), read once.
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LARDER_FAST_PATH").map_or(true, |v| v != "0"))
+}
+
+/// How the fast path left a connection.
+pub(crate) enum Outcome<T> {
+    /// Finished: closed by the client, timed out, failed, or the server is stopping.
+    Closed,
+    /// hyper serves the rest: `unread` are the bytes received and not yet answered, and
+    /// `answer` the response to the first request in them when it was already decided.
+    HandOver {
+        io: T,
+        unread: Bytes,
+        answer: Option<Response<Body>>,
+    },
+}
+
+pub(crate) struct Limits {
+    /// Time allowed for a whole request head, and for a keep-alive connection to send one.
+    pub header_timeout: Duration,
+    /// Longest request head (request line and fields) the fast path reads.
+    pub max_head: usize,
+    pub max_fields: usize,
+}
+
+/// Serves requests on `io` until the connection closes or a request needs hyper.
+pub(crate) async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
+    state: &State,
+    mut io: T,
+    limits: &Limits,
+    stop: &mut watch::Receiver<bool>,
+) -> Outcome<T> {
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    let mut out = Vec::with_capacity(READ_BUFFER);
+    loop {
+        let deadline = Instant::now() + limits.header_timeout;
+        let request = loop {
+            if !buf.is_empty() {
+                match parse(&buf, limits) {
+                    Parsed::Request(request) => break request,
+                    Parsed::Partial => {}
+                    Parsed::NotOurs => {
+                        return Outcome::HandOver {
+                            io,
+                            unread: buf.freeze(),
+                            answer: None,
+                        };
+                    }
+                }
+            }
+            let idle = buf.is_empty();
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_BUFFER);
+            }
+            let read = tokio::select! {
+                biased;
+                // Between requests a stopping server closes the connection; a request already
+                // arriving is read to its end and answered.
+                _ = stop.wait_for(|stop| *stop), if idle => return Outcome::Closed,
+                read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return Outcome::Closed,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    if !idle {
+                        crate::metrics::limit_rejected("header_timeout");
+                        let answer = crate::server::request_timeout_answer(limits.header_timeout);
+                        let _ = io.write_all(answer.as_bytes()).await;
+                        let _ = io.shutdown().await;
+                    }
+                    return Outcome::Closed;
+                }
+            }
+        };
+        let head_len = request.head_len;
+        let head = request.head;
+        let close = match request.answer(state).await {
+            // Nothing happened yet: hyper answers it from scratch.
+            None => {
+                return Outcome::HandOver {
+                    io,
+                    unread: buf.freeze(),
+                    answer: None,
+                };
+            }
+            Some(ReadAnswer::Small {
+                status,
+                meta,
+                body,
+                request_id,
+            }) => {
+                encode_read(&mut out, status, &meta, &body, &request_id, head);
+                false
+            }
+            Some(ReadAnswer::Broken) => return Outcome::Closed,
+            Some(ReadAnswer::Response(response, served_by)) => {
+                match collect_small(response, served_by).await {
+                    Collected::Small(parts, body) => encode(&mut out, &parts, &body, head),
+                    Collected::Large(response) => {
+                        return Outcome::HandOver {
+                            io,
+                            unread: buf.freeze(),
+                            answer: Some(response),
+                        };
+                    }
+                    Collected::Failed => return Outcome::Closed,
+                }
+            }
+        };
+        if io.write_all(&out).await.is_err() || close {
+            return Outcome::Closed;
+        }
+        if out.capacity() > 4 * SMALL_BODY as usize {
+            out = Vec::with_capacity(READ_BUFFER);
+        }
+        buf.advance(head_len);
+    }
+}
+
+enum Parsed<'a> {
+    Request(Request<'a>),
+    Partial,
+    NotOurs,
+}
+
+/// A request the fast path takes: a GET or HEAD of an object, HTTP/1.1, no body.
+struct Request<'a> {
+    head_len: usize,
+    head: bool,
+    ns: &'a str,
+    key: &'a str,
+    request_id: Option<&'a [u8]>,
+    authorization: Option<&'a [u8]>,
+    if_match: Option<&'a str>,
+    if_none_match: Option<&'a str>,
+}
+
+impl Request<'_> {
+    async fn answer(&self, state: &State) -> Option<ReadAnswer> {
+        let request_id = api::valid_request_id(
+            self.request_id
+                .and_then(|v| HeaderValue::from_bytes(v).ok())
+                .as_ref(),
+        );
+        let authorization = match self.authorization {
+            Some(v) => Some(HeaderValue::from_bytes(v).ok()?),
+            None => None,
+        };
+        api::read_object(
+            state,
+            ObjectRead {
+                ns: self.ns,
+                key: self.key,
+                head: self.head,
+                request_id,
+                authorization,
+                if_match: self.if_match,
+                if_none_match: self.if_none_match,
+            },
+        )
+        .await
+    }
+}
+
+fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut fields);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Parsed::Partial,
+        _ => return Parsed::NotOurs,
+    };
+    if head_len > limits.max_head || req.headers.len() > limits.max_fields || req.version != Some(1)
+    {
+        return Parsed::NotOurs;
+    }
+    let head = match req.method {
+        Some("GET") => false,
+        Some("HEAD") => true,
+        _ => return Parsed::NotOurs,
+    };
+    // Only paths hyper's URI parser takes as they are, so that a request handed over with its
+    // answer is the same request when hyper reads it.
+    let Some(rest) = req
+        .path
+        .filter(|p| p.bytes().all(plain_path_byte))
+        .and_then(|p| p.strip_prefix(api::OBJECT_PREFIX))
+    else {
+        return Parsed::NotOurs;
+    };
+    let (ns, key) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut request = Request {
+        head_len,
+        head,
+        ns,
+        key,
+        request_id: None,
+        authorization: None,
+        if_match: None,
+        if_none_match: None,
+    };
+    for field in req.headers.iter() {
+        let name = field.name;
+        let fine = if name.eq_ignore_ascii_case("host")
+            || name.eq_ignore_ascii_case("user-agent")
+            || name.eq_ignore_ascii_case("accept")
+            || name.eq_ignore_ascii_case("accept-encoding")
+        {
+            true
+        } else if name.eq_ignore_ascii_case("connection") {
+            field.value.eq_ignore_ascii_case(b"keep-alive")
+        } else if name.eq_ignore_ascii_case("x-request-id") {
+            request.request_id.replace(field.value).is_none()
+        } else if name.eq_ignore_ascii_case("authorization") {
+            request.authorization.replace(field.value).is_none()
+        } else if name.eq_ignore_ascii_case("if-match") {
+            request.if_match.replace(header_text(field.value)).is_none()
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            request
+                .if_none_match
+                .replace(header_text(field.value))
+                .is_none()
+        } else {
+            false
+        };
+        if !fine {
+            return Parsed::NotOurs;
+        }
+    }
+    Parsed::Request(request)
+}
+
+/// RFC 3986 path characters: unreserved, sub-delims, `:`, `@`, `/` and percent-escapes.
+fn plain_path_byte(b: u8) -> bool {
+    const PLAIN: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            table[b] = c.is_ascii_alphanumeric();
+            b += 1;
+        }
+        let extra = b"-._~!$&'()*+,;=:@/%";
+        let mut i = 0;
+        while i < extra.len() {
+            table[extra[i] as usize] = true;
+            i += 1;
+        }
+        table
+    };
+    PLAIN[b as usize]
+}
+
+/// A field value as the general path reads it (`HeaderValue::to_str`): visible ASCII, else `""`
+/// (an `If-Match` then matches nothing) — never "absent".
+fn header_text(value: &[u8]) -> &str {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        std::str::from_utf8(value).unwrap_or("")
+    } else {
+        ""
+    }
+}
+
+enum Collected {
+    Small(http::response::Parts, Bytes),
+    Large(Response<Body>),
+    /// The body failed before it was complete; the connection cannot be used any more.
+    Failed,
+}
+
+/// The whole body when it is small and at hand: a buffer (reasons, HEAD, 304) or an object
+/// read from the local disk, whose first read holds it whole.
+async fn collect_small(response: Response<Body>, served_by: &str) -> Collected {
+    let from_disk = served_by == "disk";
+    let declared = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let exact = response.body().size_hint().exact();
+    let small = match (exact, declared) {
+        (Some(n), _) => n <= SMALL_BODY,
+        (None, Some(n)) => from_disk && n <= SMALL_BODY,
+        (None, None) => false,
+    };
+    if !small {
+        return Collected::Large(response);
+    }
+    let (parts, body) = response.into_parts();
+    match body.collect().await {
+        Ok(collected) => Collected::Small(parts, collected.to_bytes()),
+        Err(_) => Collected::Failed,
+    }
+}
+
+/// Writes status line, fields and body into `out`; true when the connection closes after it.
+fn encode(out: &mut Vec<u8>, parts: &http::response::Parts, body: &Bytes, head: bool) -> bool {
+    out.clear();
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // As hyper does: the length of a body that has none declared, and the date.
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if !bodiless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        out.extend_from_slice(b"content-length: ");
+        push_number(out, body.len() as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        http_date(|date| out.extend_from_slice(date));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head && !bodiless {
+        out.extend_from_slice(body);
+    }
+    parts
+        .headers
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
+/// The current `Date` value, formatted once a second per thread.
+/// A read's 200 (or HEAD) or 304, its fields from the plan `api::respond` follows too.
+fn encode_read(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    meta: &larder_tier::ObjectMeta,
+    body: &Bytes,
+    request_id: &HeaderValue,
+    head: bool,
+) {
+    out.clear();
+    out.extend_from_slice(if status == StatusCode::OK {
+        b"HTTP/1.1 200 OK\r\n"
+    } else {
+        b"HTTP/1.1 304 Not Modified\r\n"
+    });
+    let mut field = |name: &str, value: FieldValue<'_>| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        match value {
+            FieldValue::Text(text) => out.extend_from_slice(text.as_bytes()),
+            FieldValue::Number(n) => push_number(out, n),
+            FieldValue::ETag(etag) => {
+                out.push(b'"');
+                out.extend_from_slice(etag.as_str().as_bytes());
+                out.push(b'"');
+            }
+            FieldValue::Date(at) => http_date_of(at, |date| out.extend_from_slice(date)),
+            FieldValue::Owned(text) => out.extend_from_slice(text.as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+    };
+    if status == StatusCode::OK {
+        api::body_fields(meta, meta.size, None, &mut field);
+    } else {
+        api::not_modified_fields(meta, &mut field);
+    }
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(request_id.as_bytes());
+    out.extend_from_slice(b"\r\ndate: ");
+    http_date(|date| out.extend_from_slice(date));
+    out.extend_from_slice(b"\r\n\r\n");
+    if !head && status == StatusCode::OK {
+        out.extend_from_slice(body);
+    }
+}
+
+fn push_number(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `Last-Modified` values: formatting a date cost as much as the lookup of the object, and a
+/// fleet reads the same few revisions over and over; a few per thread, by second.
+fn http_date_of(at: SystemTime, with: impl FnOnce(&[u8])) {
+    const SLOTS: usize = 16;
+    thread_local! {
+        static CACHED: RefCell<[(u64, String); SLOTS]> =
+            RefCell::new(std::array::from_fn(|_| (u64::MAX, String::new())));
+    }
+    let second = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|slots| {
+        let (cached_at, text) = &mut slots[(second % SLOTS as u64) as usize];
+        if *cached_at != second {
+            *cached_at = second;
+            *text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(second));
+        }
+        with(text.as_bytes());
+    });
+}
+
+fn http_date(with: impl FnOnce(&[u8])) {
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with_borrow_mut(|(at, text)| {
+        if *at != second {
+            *at = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        with(text.as_bytes());
+    });
+}
+
+/// The connection as hyper gets it: first the bytes the fast path read and did not answer.
+pub(crate) struct Rewind<T> {
+    unread: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub(crate) fn new(inner: T, unread: Bytes) -> Rewind<T> {
+        Rewind { unread, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs(1),
+            max_head: 8192,
+            max_fields: 100,
+        }
+    }
+
+    fn ours(head: &str) -> bool {
+        matches!(parse(head.as_bytes(), &limits()), Parsed::Request(_))
+    }
+
+    #[test]
+    fn takes_plain_object_reads_and_leaves_everything_else_to_hyper() {
+        assert!(ours(
+            "GET /api/v1/object/ci/a/b.tar HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        assert!(ours(
+            "HEAD /api/v1/object/ci/k HTTP/1.1\r\nIf-None-Match: \"e\"\r\nAuthorization: Bearer t\r\nX-Request-Id: r1\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        for other in [
+            "PUT /api/v1/object/ci/k HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            "GET /api/v1/object/ci/k HTTP/1.0\r\n\r\n",
+            "GET /api/v1/object/ci/k?x=1 HTTP/1.1\r\n\r\n",
+            "GET /api/v1/object/ci/k{x} HTTP/1.1\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\n\r\n",
+            "GET /api/v1/object/ci/k HTTP/1.1\r\nRange: bytes=0-1\r\n\r\n",
+            "GET /api/v1/object/ci/k HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /api/v1/object/ci/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /api/v1/object/ci/k HTTP/1.1\r\nIf-Match: \"a\"\r\nIf-Match: \"b\"\r\n\r\n",
+            "BREW /api/v1/object/ci/k HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(!ours(other), "{other:?} goes to hyper");
+        }
+        assert!(matches!(
+            parse(b"GET /api/v1/object/ci/k HTTP/1.1\r\nHost:", &limits()),
+            Parsed::Partial
+        ));
+        let long = format!(
+            "GET /api/v1/object/ci/{} HTTP/1.1\r\n\r\n",
+            "k".repeat(9000)
+        );
+        assert!(
+            !ours(&long),
+            "a head over the limit goes to hyper, which answers 431"
+        );
+    }
+
+    #[test]
+    fn cached_dates_and_numbers_read_as_formatted_ones() {
+        for secs in [0u64, 1, 16, 17, 1_764_000_000, 1_764_000_016, 1_764_000_000] {
+            let at = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(999);
+            let mut got = Vec::new();
+            http_date_of(at, |d| got.extend_from_slice(d));
+            assert_eq!(String::from_utf8(got).unwrap(), httpdate::fmt_http_date(at));
+        }
+        for n in [0u64, 9, 10, 4096, u64::MAX] {
+            let mut got = Vec::new();
+            push_number(&mut got, n);
+            assert_eq!(String::from_utf8(got).unwrap(), n.to_string());
+        }
+    }
+
+    #[test]
+    fn a_value_that_is_not_visible_ascii_reads_as_empty_not_absent() {
+        assert_eq!(header_text(b"\"abc\""), "\"abc\"");
+        assert_eq!(header_text(b"\"ab\xffc\""), "");
+    }
+
+    #[tokio::test]
+    async fn rewind_replays_the_unread_bytes_before_the_socket() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" world").await.unwrap();
+        drop(client);
+        let mut rewound = Rewind::new(server, Bytes::from_static(b"hello"));
+        let mut all = String::new();
+        rewound.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+}
