@@ -32,6 +32,7 @@
 # Knobs (environment): DURATION=10s REPS=2 LARDER_PORT=18080 NGINX_PORT=18081 MANY_OBJECTS=100000
 #   ROWS="big1 big4 range small" (a subset runs only those throughput rows)
 #   QUIET_MAX=120 QUIET_BUSY=20
+#   FAST_PATH=0 (larderd answers every request through hyper, for comparing its HTTP/1.1 fast path)
 # It installs nginx-light and wrk from Debian if missing, builds larderd in release mode, wipes and
 # uses target/bench-disk (needs ~2.5 GiB of disk), prints a Markdown table on stdout (progress on
 # stderr) and also writes it with the raw per-run numbers to target/bench-disk/results.md. Every
@@ -56,7 +57,8 @@ RSS_CLIENTS=16
 BIG_PATH=/api/v1/object/bench/big
 SMALL_PREFIX=/api/v1/object/bench/small-
 
-# Only LARDER_LOG (set below) may reach larderd: a stray LARDER_CONFIG or LARDER_DISK_LIMIT in
+FAST_PATH=${FAST_PATH:-1}
+# Only LARDER_LOG and LARDER_FAST_PATH (set below) may reach larderd: a stray LARDER_CONFIG or LARDER_DISK_LIMIT in
 # the caller's environment would change what is measured.
 while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^LARDER_' || true)
 
@@ -153,7 +155,7 @@ start_larderd() { # data-dir
     LARDER_RUN=$((LARDER_RUN + 1))
     out=$WORK/larderd.$LARDER_RUN.out
     port_busy "$LPORT" && die "port 127.0.0.1:$LPORT is already in use"
-    LARDER_LOG=warn "$BIN" --listen "127.0.0.1:$LPORT" --data-dir "$data" --shutdown-grace 5s \
+    LARDER_FAST_PATH=$FAST_PATH LARDER_LOG=warn "$BIN" --listen "127.0.0.1:$LPORT" --data-dir "$data" --shutdown-grace 5s \
         >"$out" 2>"$WORK/larderd.$LARDER_RUN.err" &
     LARDER_PID=$!
     SERVERS[larderd]=$LARDER_PID

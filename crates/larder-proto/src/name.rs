@@ -86,6 +86,11 @@ impl Key {
         // percent-encoding's decoder passes a malformed escape through as a literal `%`; a key
         // cannot contain `%` anyway, but the client deserves the more precise reason.
         let b = raw.as_bytes();
+        if !b.contains(&b'%') {
+            // Nothing to decode (the usual case): validated as it is.
+            validate_key(b)?;
+            return Ok(Key(raw.to_string()));
+        }
         for (i, &c) in b.iter().enumerate() {
             if c == b'%'
                 && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)

@@ -98,18 +98,20 @@ fn format_text(buf: &mut String, l: &AccessLine) {
 /// `"s"` with Rust's string escapes (as tracing writes `{:?}` fields); the escape machinery only
 /// for the strings that need it.
 fn push_quoted(buf: &mut String, s: &str) {
-    if !s.bytes().all(|b| (b' '..=b'~').contains(&b)) {
-        let _ = write!(buf, "{s:?}");
-        return;
-    }
+    let start = buf.len();
     buf.push('"');
-    // Printable ASCII needs escapes only for the quote and the backslash (ETags have quotes).
+    // Printable ASCII needs escapes only for the quote and the backslash (ETags have quotes);
+    // anything else is left to the escape machinery.
     let mut plain = 0;
     for (at, b) in s.bytes().enumerate() {
         if b == b'"' || b == b'\\' {
             buf.push_str(&s[plain..at]);
             buf.push('\\');
             plain = at;
+        } else if !(b' '..=b'~').contains(&b) {
+            buf.truncate(start);
+            let _ = write!(buf, "{s:?}");
+            return;
         }
     }
     buf.push_str(&s[plain..]);

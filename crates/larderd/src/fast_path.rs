@@ -76,6 +76,9 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
 ) -> Outcome<T> {
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut out = Vec::with_capacity(READ_BUFFER);
+    // Registered once for the connection, not once per request.
+    let stopping = stop.wait_for(|stop| *stop);
+    tokio::pin!(stopping);
     loop {
         let deadline = Instant::now() + limits.header_timeout;
         let request = loop {
@@ -100,7 +103,7 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
                 biased;
                 // Between requests a stopping server closes the connection; a request already
                 // arriving is read to its end and answered.
-                _ = stop.wait_for(|stop| *stop), if idle => return Outcome::Closed,
+                _ = &mut stopping, if idle => return Outcome::Closed,
                 read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
             };
             match read {

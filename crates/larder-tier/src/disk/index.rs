@@ -46,12 +46,29 @@ pub struct Entry {
     pub file: FileId,
     pub expires_ms: u64,
     pub last_access: u64,
+    /// Where the entry sits in the LRU set: its last access when it was last placed there,
+    /// which later reads (see [`Index::touch`]) may have overtaken.
+    lru_position: u64,
+}
+
+impl Entry {
+    pub fn new(file_len: u64, body_len: u64, file: FileId, expires_ms: u64) -> Entry {
+        Entry {
+            file_len,
+            body_len,
+            file,
+            expires_ms,
+            last_access: 0,
+            lru_position: 0,
+        }
+    }
 }
 
 #[derive(Default)]
 pub struct Index {
     entries: HashMap<EntryId, Entry>,
-    /// (last_access tick, id): the front is the least recently used entry.
+    /// (lru_position, id), one element per entry; ordered by last access once the stale
+    /// positions at the front are moved (see [`Index::coldest`]).
     lru: BTreeSet<(u64, EntryId)>,
     tick: u64,
     pub total_bytes: u64,
@@ -77,15 +94,16 @@ impl Index {
     pub fn insert(&mut self, id: EntryId, mut entry: Entry) -> Option<Entry> {
         let old = self.remove(&id);
         entry.last_access = self.next_tick();
+        entry.lru_position = entry.last_access;
         self.total_bytes += entry.file_len;
-        self.lru.insert((entry.last_access, id.clone()));
+        self.lru.insert((entry.lru_position, id.clone()));
         self.entries.insert(id, entry);
         old
     }
 
     pub fn remove(&mut self, id: &EntryId) -> Option<Entry> {
         let old = self.entries.remove(id)?;
-        self.lru.remove(&(old.last_access, id.clone()));
+        self.lru.remove(&(old.lru_position, id.clone()));
         self.total_bytes -= old.file_len;
         Some(old)
     }
@@ -93,31 +111,39 @@ impl Index {
     /// Marks a read of the revision in `file` (a reader of an older revision that was replaced
     /// meanwhile does not refresh the new one, even when both have the same ETag).
     ///
-    /// An entry read again while it is still among the most recently read eighth keeps its place:
-    /// eviction takes from the other end, and moving it would cost a reorder of the LRU set per
-    /// read of a hot key (as much as serving a small object). With fewer than eight entries
-    /// the order is exact.
+    /// Only the entry's last access changes: moving it in the LRU set on every read cost as
+    /// much as serving a small object. [`Index::coldest`] moves the entries it finds out of
+    /// place, so each read costs at most one move, and only when eviction gets to the entry.
     pub fn touch(&mut self, id: &EntryId, file: FileId) {
-        let tick = self.tick + 1;
-        let recent = (self.entries.len() / 8) as u64;
         if let Some(e) = self.entries.get_mut(id)
             && e.file == file
-            && self.tick - e.last_access >= recent
         {
-            self.tick = tick;
-            self.lru.remove(&(e.last_access, id.clone()));
-            e.last_access = tick;
-            self.lru.insert((tick, id.clone()));
+            self.tick += 1;
+            e.last_access = self.tick;
         }
     }
 
     /// The least recently used entry, skipping `keep`.
-    pub fn coldest(&self, keep: Option<&EntryId>) -> Option<EntryId> {
-        self.lru
-            .iter()
-            .map(|(_, id)| id)
-            .find(|id| Some(*id) != keep)
-            .cloned()
+    pub fn coldest(&mut self, keep: Option<&EntryId>) -> Option<EntryId> {
+        loop {
+            let mut out_of_place = None;
+            for (position, id) in &self.lru {
+                let e = &self.entries[id];
+                if e.last_access != *position {
+                    out_of_place = Some((*position, id.clone(), e.last_access));
+                    break;
+                }
+                if Some(id) != keep {
+                    return Some(id.clone());
+                }
+            }
+            let (position, id, last_access) = out_of_place?;
+            self.lru.remove(&(position, id.clone()));
+            self.lru.insert((last_access, id.clone()));
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.lru_position = last_access;
+            }
+        }
     }
 
     /// The revisions expired at `now`, each with its file: a candidate for removal once the
@@ -159,13 +185,7 @@ mod tests {
     }
 
     fn entry(len: u64) -> Entry {
-        Entry {
-            file_len: len,
-            body_len: len,
-            file: file(len),
-            expires_ms: u64::MAX,
-            last_access: 0,
-        }
+        Entry::new(len, len, file(len), u64::MAX)
     }
 
     #[test]
@@ -182,6 +202,24 @@ mod tests {
         idx.remove(&id(2));
         assert_eq!(idx.total_bytes, 40);
         assert_eq!(idx.coldest(None), Some(id(3)));
+    }
+
+    #[test]
+    fn eviction_order_is_exact_lru_however_often_entries_were_read() {
+        let mut idx = Index::default();
+        for n in 1..=5 {
+            idx.insert(id(n), entry(u64::from(n)));
+        }
+        // Reads in this order, some entries several times: the last read decides.
+        for n in [3, 1, 3, 5, 2, 1, 3] {
+            idx.touch(&id(n), file(u64::from(n)));
+        }
+        let mut order = Vec::new();
+        while let Some(victim) = idx.coldest(None) {
+            order.push(victim.1[0]);
+            idx.remove(&victim);
+        }
+        assert_eq!(order, [4, 5, 2, 1, 3]);
     }
 
     #[test]

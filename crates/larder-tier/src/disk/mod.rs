@@ -611,13 +611,7 @@ impl Inner {
             fs::rename(&temp.path, &path).map_err(|e| TierError::io("publish revision", &e))?;
             self.uncache(&id);
             temp.armed = false;
-            let entry = Entry {
-                file_len: fixed.file_len(),
-                body_len: fixed.body_len,
-                file,
-                expires_ms: fixed.expires_ms,
-                last_access: 0,
-            };
+            let entry = Entry::new(fixed.file_len(), fixed.body_len, file, fixed.expires_ms);
             index.insert(id.clone(), entry);
             current.is_none()
         };

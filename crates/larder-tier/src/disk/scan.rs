@@ -148,13 +148,8 @@ pub(super) fn scan_dirs(dirs: &[(Arc<str>, PathBuf)], now_ms: u64) -> ScanResult
                 if md.len() != fixed.file_len() || fixed.expires_ms <= now_ms {
                     return None;
                 }
-                let entry = Entry {
-                    file_len: fixed.file_len(),
-                    body_len: fixed.body_len,
-                    file: examined,
-                    expires_ms: fixed.expires_ms,
-                    last_access: 0,
-                };
+                let entry =
+                    Entry::new(fixed.file_len(), fixed.body_len, examined, fixed.expires_ms);
                 Some(((ns.clone(), hash), entry))
             });
             match valid {
