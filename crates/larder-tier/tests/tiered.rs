@@ -591,11 +591,18 @@ async fn concurrent_writes_leave_the_local_copy_the_remote_kept() {
     assert_eq!(stale, 0, "rounds that left a superseded local copy");
 }
 
-/// Regression (issue 10, item 7): the fill's bookkeeping belonged to the request that started
-/// it; when that request was dropped while waiting for S3, the entry stayed, and once the key
-/// changed every later miss read S3 directly and the key was never cached on that replica again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
+/// An unpinned read of `name` through a replica whose remote holds body reads (the fill's
+/// request to "S3" is in flight, unanswered), with everything around it.
+struct HeldRead {
+    remote_disk: Arc<DiskTier>,
+    remote: Arc<Networked>,
+    local: Arc<DiskTier>,
+    t: Arc<TieredTier>,
+    k: Key,
+    reader: tokio::task::JoinHandle<Result<(ReadOutcome, ETag, Vec<u8>), ErrorKind>>,
+}
+
+async fn a_read_held_at_its_fill(name: &str) -> HeldRead {
     let remote_disk = disk().await;
     let remote = Arc::new(Networked {
         gate: Some(tokio::sync::watch::channel(false).0),
@@ -603,13 +610,16 @@ async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
     });
     let local = disk().await;
     let t = tiered(local.clone(), remote.clone(), Duration::from_secs(60));
-    let k = key("abandoned");
-    let old = pattern(256 << 10, 1);
+    let k = key(name);
     remote_disk
-        .put(&ns(), &k, upload(old), PutOptions::default())
+        .put(
+            &ns(),
+            &k,
+            upload(pattern(256 << 10, 1)),
+            PutOptions::default(),
+        )
         .await
         .unwrap();
-
     let reader = {
         let (t, k) = (t.clone(), k.clone());
         tokio::spawn(async move { read(t.as_ref(), &k, ReadConditions::default()).await })
@@ -619,6 +629,29 @@ async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
         assert!(Instant::now() < deadline, "the fill never asked the remote");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    HeldRead {
+        remote_disk,
+        remote,
+        local,
+        t,
+        k,
+        reader,
+    }
+}
+
+/// Regression (issue 10, item 7): the fill's bookkeeping belonged to the request that started
+/// it; when that request was dropped while waiting for S3, the entry stayed, and once the key
+/// changed every later miss read S3 directly and the key was never cached on that replica again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
+    let HeldRead {
+        remote_disk,
+        remote,
+        local,
+        t,
+        k,
+        reader,
+    } = a_read_held_at_its_fill("abandoned").await;
     reader.abort(); // the client went away while S3 had not answered yet
     let _ = reader.await;
 
@@ -642,32 +675,14 @@ async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
 /// this replica holds the newer revision afterwards instead of having read it past its disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_whose_fill_was_superseded_fills_the_newer_revision() {
-    let remote_disk = disk().await;
-    let remote = Arc::new(Networked {
-        gate: Some(tokio::sync::watch::channel(false).0),
-        ..Networked::over(remote_disk.clone())
-    });
-    let local = disk().await;
-    let t = tiered(local.clone(), remote.clone(), Duration::from_secs(60));
-    let k = key("overwritten-while-filling");
-    remote_disk
-        .put(
-            &ns(),
-            &k,
-            upload(pattern(256 << 10, 1)),
-            PutOptions::default(),
-        )
-        .await
-        .unwrap();
-    let reader = {
-        let (t, k) = (t.clone(), k.clone());
-        tokio::spawn(async move { read(t.as_ref(), &k, ReadConditions::default()).await })
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while remote.body_requests.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the fill never asked the remote");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let HeldRead {
+        remote_disk,
+        remote,
+        local,
+        k,
+        reader,
+        ..
+    } = a_read_held_at_its_fill("overwritten-while-filling").await;
     let new = pattern(256 << 10, 2);
     let new_etag = remote_disk
         .put(&ns(), &k, upload(new.clone()), PutOptions::default())

@@ -118,8 +118,13 @@ fn push_quoted(buf: &mut String, s: &str) {
     buf.push('"');
 }
 
-fn push_number(buf: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
+fn push_number(buf: &mut String, n: u64) {
+    buf.push_str(decimal(n, &mut [0; 20]));
+}
+
+/// `n` in decimal, written into `digits` (shared with the fast path's writer: `format!` costs
+/// more than the rest of a small response's head).
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &str {
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -130,7 +135,7 @@ fn push_number(buf: &mut String, mut n: u64) {
         }
     }
     // Only ASCII digits were written.
-    buf.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+    std::str::from_utf8(&digits[at..]).unwrap_or("0")
 }
 
 /// RFC 3339 with microseconds, UTC (`2026-11-29T11:24:33.123456Z`); the part up to the second

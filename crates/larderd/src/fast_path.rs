@@ -430,18 +430,8 @@ fn encode_read(
     }
 }
 
-fn push_number(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn push_number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(crate::access_log::decimal(n, &mut [0; 20]).as_bytes());
 }
 
 /// `Last-Modified` values: formatting a date cost as much as the lookup of the object, and a
