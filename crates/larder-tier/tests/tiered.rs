@@ -68,11 +68,10 @@ fn key(s: &str) -> Key {
     Key::parse(s).unwrap()
 }
 
-async fn read(
-    t: &dyn Tier,
-    k: &Key,
-    conditions: ReadConditions,
-) -> Result<(ReadOutcome, ETag, Vec<u8>), ErrorKind> {
+/// What a read got: its outcome, the revision and the bytes, or the kind of failure.
+type ReadResult = Result<(ReadOutcome, ETag, Vec<u8>), ErrorKind>;
+
+async fn read(t: &dyn Tier, k: &Key, conditions: ReadConditions) -> ReadResult {
     let r = t
         .get(
             &ns(),
@@ -599,7 +598,7 @@ struct HeldRead {
     local: Arc<DiskTier>,
     t: Arc<TieredTier>,
     k: Key,
-    reader: tokio::task::JoinHandle<Result<(ReadOutcome, ETag, Vec<u8>), ErrorKind>>,
+    reader: tokio::task::JoinHandle<ReadResult>,
 }
 
 async fn a_read_held_at_its_fill(name: &str) -> HeldRead {
