@@ -601,6 +601,22 @@ struct HeldRead {
     reader: tokio::task::JoinHandle<ReadResult>,
 }
 
+impl HeldRead {
+    /// Writes a newer revision straight to the remote (another replica's write), then lets the
+    /// remote answer the held body read.
+    async fn overwrite_then_answer(&mut self) -> (Vec<u8>, ETag) {
+        let new = pattern(256 << 10, 2);
+        let etag = self
+            .remote_disk
+            .put(&ns(), &self.k, upload(new.clone()), PutOptions::default())
+            .await
+            .unwrap()
+            .etag;
+        self.remote.gate.as_ref().unwrap().send_replace(true);
+        (new, etag)
+    }
+}
+
 async fn a_read_held_at_its_fill(name: &str) -> HeldRead {
     let remote_disk = disk().await;
     let remote = Arc::new(Networked {
@@ -643,24 +659,19 @@ async fn a_read_held_at_its_fill(name: &str) -> HeldRead {
 /// changed every later miss read S3 directly and the key was never cached on that replica again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
+    let mut held = a_read_held_at_its_fill("abandoned").await;
     let HeldRead {
-        remote_disk,
-        remote,
         local,
         t,
         k,
         reader,
-    } = a_read_held_at_its_fill("abandoned").await;
+        ..
+    } = &mut held;
+    let (local, t, k) = (local.clone(), t.clone(), k.clone());
     reader.abort(); // the client went away while S3 had not answered yet
     let _ = reader.await;
 
-    let new = pattern(256 << 10, 2);
-    let new_etag = remote_disk
-        .put(&ns(), &k, upload(new.clone()), PutOptions::default())
-        .await
-        .unwrap()
-        .etag;
-    remote.gate.as_ref().unwrap().send_replace(true);
+    let (new, new_etag) = held.overwrite_then_answer().await;
     let (_, etag, body) = read(t.as_ref(), &k, ReadConditions::default())
         .await
         .unwrap();
@@ -674,21 +685,15 @@ async fn a_request_that_goes_away_never_blocks_later_fills_of_its_key() {
 /// this replica holds the newer revision afterwards instead of having read it past its disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_whose_fill_was_superseded_fills_the_newer_revision() {
+    let mut held = a_read_held_at_its_fill("overwritten-while-filling").await;
+    let (new, new_etag) = held.overwrite_then_answer().await;
     let HeldRead {
-        remote_disk,
         remote,
         local,
         k,
         reader,
         ..
-    } = a_read_held_at_its_fill("overwritten-while-filling").await;
-    let new = pattern(256 << 10, 2);
-    let new_etag = remote_disk
-        .put(&ns(), &k, upload(new.clone()), PutOptions::default())
-        .await
-        .unwrap()
-        .etag;
-    remote.gate.as_ref().unwrap().send_replace(true);
+    } = held;
 
     let (_, etag, body) = reader.await.unwrap().unwrap();
     assert_eq!(etag, new_etag, "the read serves the revision now current");

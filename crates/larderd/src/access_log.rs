@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What one access line says.
+#[derive(Default)]
 pub struct AccessLine<'a> {
     pub request_id: &'a str,
     pub method: &'a str,

@@ -7,6 +7,7 @@
 //! fails later makes hyper abort the connection (the declared `Content-Length` is never met),
 //! so a failure can never look like a clean short body.
 
+use crate::access_log::AccessLine;
 use crate::auth::{Auth, Caller, Denied, Scope};
 use crate::config::Limits;
 use crate::io::{BodyCheck, Pump};
@@ -174,29 +175,27 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
         }
     };
     finish_body(&mut req, &mut response).instrument(span).await;
-    RequestMetrics {
-        route,
-        method: &method,
-        status: response.status(),
+    let status = response.status();
+    let etag = response
+        .headers()
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    account(
         started,
-    }
-    .record();
-    crate::access_log::record(&crate::access_log::AccessLine {
-        request_id: id,
-        method: method.as_str(),
-        route,
-        ns: log.ns.as_ref().map_or("", |n| n.as_str()),
-        key: log.key.as_ref().map_or("", |k| k.as_str()),
-        status: response.status().as_u16(),
-        tier: log.tier,
-        etag: response
-            .headers()
-            .get(header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
-        token: &log.token,
-        micros: started.elapsed().as_micros() as u64,
-    });
+        &method,
+        status,
+        AccessLine {
+            request_id: id,
+            route,
+            ns: log.ns.as_ref().map_or("", |n| n.as_str()),
+            key: log.key.as_ref().map_or("", |k| k.as_str()),
+            tier: log.tier,
+            etag,
+            token: &log.token,
+            ..AccessLine::default()
+        },
+    );
     response
         .headers_mut()
         .insert(HeaderName::from_static("x-request-id"), request_id);
@@ -313,25 +312,21 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
         }
         Err(panic) => general(panicked(id, &*panic), &log, read.request_id.clone()),
     };
-    RequestMetrics {
-        route: "object",
-        method: &method,
-        status,
+    account(
         started,
-    }
-    .record();
-    crate::access_log::record(&crate::access_log::AccessLine {
-        request_id: id,
-        method: method.as_str(),
-        route: "object",
-        ns: ns.as_str(),
-        key: key.as_str(),
-        status: status.as_u16(),
-        tier: log.tier,
-        etag: &etag,
-        token: &log.token,
-        micros: started.elapsed().as_micros() as u64,
-    });
+        &method,
+        status,
+        AccessLine {
+            request_id: id,
+            route: "object",
+            ns: ns.as_str(),
+            key: key.as_str(),
+            tier: log.tier,
+            etag: &etag,
+            token: &log.token,
+            ..AccessLine::default()
+        },
+    );
     Some(answer)
 }
 
@@ -392,6 +387,24 @@ async fn small(got: GetResponse) -> Result<(StatusCode, ObjectMeta, Option<Bytes
         return Ok((status, got.meta, None));
     }
     Ok((status, got.meta, Some(body)))
+}
+
+/// Counts a finished request in the metrics and writes its access line (method, status and
+/// time taken filled in here): one place for the general path and the fast path.
+fn account(started: Instant, method: &Method, status: StatusCode, line: AccessLine<'_>) {
+    RequestMetrics {
+        route: line.route,
+        method,
+        status,
+        started,
+    }
+    .record();
+    crate::access_log::record(&AccessLine {
+        method: method.as_str(),
+        status: status.as_u16(),
+        micros: started.elapsed().as_micros() as u64,
+        ..line
+    });
 }
 
 /// The answer to a request whose handling panicked, logged and counted. `request_id` lets an
