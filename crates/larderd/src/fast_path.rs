@@ -5,8 +5,8 @@
 //! cost more than the lookup and the write together.
 //!
 //! Only the transport is replaced. What a request means is decided by the same code as on the
-//! general path ([`api::read_object`] → the tier → [`api::respond`]), so status, headers, access
-//! line and metrics are those of any other request. Anything else — another route or method, a
+//! general path ([`api::read_object`] → the tier → the field plan [`api::respond`] follows too),
+//! so status, headers, access line and metrics are those of any other request. Anything else — another route or method, a
 //! header outside the short list below, a body, a malformed or oversized head, HTTP/1.0 — hands
 //! the connection to hyper for good, with the bytes read so far, before anything happened. An
 //! answer whose body is not small and ready (a large object, a read following a fill from S3)
