@@ -6,8 +6,11 @@
 
 /// A strong larder ETag: the lowercase hex BLAKE3 digest of the body (64 hex digits).
 /// `Display` renders the quoted header form `"<hex>"`; `as_str` is the bare opaque tag.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ETag(String);
+///
+/// Held in its quoted form and shared: an ETag is cloned into every read's metadata and written
+/// into every response and access line, and a string of its own cost an allocation each time.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ETag(std::sync::Arc<str>);
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -37,18 +40,18 @@ impl ETag {
 
     /// The bare 32-byte digest, for compact binary headers.
     pub fn from_bytes(bytes: [u8; 32]) -> ETag {
-        let mut s = String::with_capacity(64);
-        for b in bytes {
-            s.push(HEX[usize::from(b >> 4)] as char);
-            s.push(HEX[usize::from(b & 0x0f)] as char);
+        let mut quoted = [b'"'; 66];
+        for (pair, b) in quoted[1..65].chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 0x0f)];
         }
-        ETag(s)
+        ETag::from_quoted(&quoted)
     }
 
     /// The raw 32-byte digest; the inverse of [`ETag::from_bytes`].
     pub fn to_bytes(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
-        for (o, pair) in out.iter_mut().zip(self.0.as_bytes().chunks_exact(2)) {
+        for (o, pair) in out.iter_mut().zip(self.as_str().as_bytes().chunks_exact(2)) {
             *o = (hex_value(pair[0]) << 4) | hex_value(pair[1]);
         }
         out
@@ -65,24 +68,32 @@ impl ETag {
         // Uppercase hex is refused rather than normalised: entity tags compare octet by octet,
         // so accepting it here would produce a tag that never matches what we send out.
         if bare.len() == 64 && bare.bytes().all(is_lower_hex) {
-            Some(ETag(bare.to_owned()))
+            let mut quoted = [b'"'; 66];
+            quoted[1..65].copy_from_slice(bare.as_bytes());
+            Some(ETag::from_quoted(&quoted))
         } else {
             None
         }
     }
 
+    /// `quoted` holds only quotes and lowercase hex digits.
+    fn from_quoted(quoted: &[u8; 66]) -> ETag {
+        ETag(std::str::from_utf8(quoted).unwrap_or_default().into())
+    }
+
     /// The opaque tag without quotes.
     pub fn as_str(&self) -> &str {
+        &self.quoted()[1..65]
+    }
+
+    /// The header form, with quotes.
+    pub fn quoted(&self) -> &str {
         &self.0
     }
 
-    /// The header value, with quotes.
+    /// The header value, with quotes, owned.
     pub fn header_value(&self) -> String {
-        let mut quoted = String::with_capacity(self.0.len() + 2);
-        quoted.push('"');
-        quoted.push_str(&self.0);
-        quoted.push('"');
-        quoted
+        self.quoted().to_string()
     }
 
     /// The digest of `data` (for tests and small bodies).
@@ -93,7 +104,13 @@ impl ETag {
 
 impl std::fmt::Display for ETag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "\"{}\"", self.0)
+        f.write_str(self.quoted())
+    }
+}
+
+impl std::fmt::Debug for ETag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ETag").field(&self.as_str()).finish()
     }
 }
 

@@ -492,7 +492,7 @@ pub async fn stored_headers_roundtrip(t: TierRef) {
         )
         .await
         .unwrap();
-    assert_eq!(r.meta.headers, headers);
+    assert_eq!(*r.meta.headers, headers);
 }
 
 /// A body over `max_size` fails with `TooLarge` and leaves the previous revision in place.

@@ -9,6 +9,7 @@ use larder_proto::{
 };
 use serde::Serialize;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The bytes of one revision (or a range of it). A stream that ends early always ends with an
@@ -31,8 +32,9 @@ pub struct ObjectMeta {
     /// When the revision expires (write time plus its TTL); from then on the key reads as not
     /// found.
     pub expires: SystemTime,
-    /// Stored response headers (already filtered by the allow-list), lower-case names.
-    pub headers: Vec<(String, String)>,
+    /// Stored response headers (already filtered by the allow-list), lower-case names. Shared:
+    /// every read of a hot revision hands them out.
+    pub headers: Arc<[(String, String)]>,
 }
 
 impl ObjectMeta {

@@ -101,22 +101,46 @@ fn format_text(buf: &mut String, l: &AccessLine) {
 fn push_quoted(buf: &mut String, s: &str) {
     let start = buf.len();
     buf.push('"');
-    // Printable ASCII needs escapes only for the quote and the backslash (ETags have quotes);
-    // anything else is left to the escape machinery.
-    let mut plain = 0;
-    for (at, b) in s.bytes().enumerate() {
+    let bytes = s.as_bytes();
+    // Copied in runs: `plain..at` needs no escape.
+    let (mut plain, mut at) = (0, 0);
+    while at < bytes.len() {
+        // Eight bytes at a time while none needs a look: a byte-by-byte scan of the six strings
+        // of an access line cost more than the rest of the line.
+        if let Some(word) = bytes.get(at..at + 8)
+            && needs_a_look(u64::from_le_bytes(word.try_into().unwrap_or_default())) == 0
+        {
+            at += 8;
+            continue;
+        }
+        let b = bytes[at];
         if b == b'"' || b == b'\\' {
             buf.push_str(&s[plain..at]);
             buf.push('\\');
             plain = at;
         } else if !(b' '..=b'~').contains(&b) {
+            // Printable ASCII needs escapes only for the quote and the backslash; anything
+            // else is left to the escape machinery.
             buf.truncate(start);
             let _ = write!(buf, "{s:?}");
             return;
         }
+        at += 1;
     }
     buf.push_str(&s[plain..]);
     buf.push('"');
+}
+
+const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+
+/// Non-zero when a byte of `w` is outside `' '..='~'`, a quote or a backslash.
+fn needs_a_look(w: u64) -> u64 {
+    // Per byte, the high bit of `x - n` where `x` had it clear: set for some byte exactly when
+    // one is below `n` (n ≤ 0x80).
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGHS;
+    let equal = |x: u64, b: u8| below(x ^ (ONES * u64::from(b)), 1);
+    below(w, b' ') | (w & HIGHS) | equal(w, 0x7f) | equal(w, b'"') | equal(w, b'\\')
 }
 
 fn push_number(buf: &mut String, n: u64) {
@@ -257,10 +281,25 @@ mod tests {
             "new\nline",
             "é",
             "\u{7f}",
+            "\"0123456789abcdef\"",
+            "exactly8",
+            "seven\"\\",
+            "tab\there",
+            "\u{1f}\u{20}",
         ] {
             let mut buf = String::new();
             push_quoted(&mut buf, s);
             assert_eq!(buf, format!("{s:?}"));
+        }
+        // Every byte value at every position of a word, against the formatting machinery.
+        for b in 0u8..=0x7f {
+            for at in 0..17 {
+                let mut s = "x".repeat(17);
+                s.replace_range(at..=at, std::str::from_utf8(&[b]).unwrap());
+                let mut buf = String::new();
+                push_quoted(&mut buf, &s);
+                assert_eq!(buf, format!("{s:?}"), "byte {b:#x} at {at}");
+            }
         }
         for n in [0, 7, 10, 99_999, u64::MAX] {
             let mut buf = String::new();

@@ -282,7 +282,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
         Ok(Ok(got)) => match small(got).await {
             Ok((status, meta, body)) => {
                 log.tier = "disk";
-                let etag = meta.etag.header_value();
+                let etag = Some(meta.etag.clone());
                 let answer = match body {
                     Some(body) => ReadAnswer::Small {
                         status,
@@ -322,7 +322,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
             ns: ns.as_str(),
             key: key.as_str(),
             tier: log.tier,
-            etag: &etag,
+            etag: etag.as_ref().map_or("", larder_proto::ETag::quoted),
             token: &log.token,
             ..AccessLine::default()
         },
@@ -335,14 +335,13 @@ fn general(
     mut response: Response<Body>,
     log: &RequestLog,
     request_id: HeaderValue,
-) -> (ReadAnswer, StatusCode, String) {
+) -> (ReadAnswer, StatusCode, Option<larder_proto::ETag>) {
     let status = response.status();
     let etag = response
         .headers()
         .get(header::ETAG)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+        .and_then(larder_proto::ETag::parse);
     response
         .headers_mut()
         .insert(HeaderName::from_static("x-request-id"), request_id);
@@ -1068,7 +1067,7 @@ impl FieldValue<'_> {
         match self {
             FieldValue::Text(t) => value(t),
             FieldValue::Number(n) => HeaderValue::from(*n),
-            FieldValue::ETag(etag) => value(&etag.header_value()),
+            FieldValue::ETag(etag) => value(etag.quoted()),
             FieldValue::Date(at) => value(&httpdate::fmt_http_date(*at)),
             FieldValue::Owned(text) => value(text),
         }
@@ -1101,7 +1100,7 @@ pub(crate) fn body_fields<'a>(
     }
     let mut has_type = false;
     let mut has_cache_control = false;
-    for (name, v) in &meta.headers {
+    for (name, v) in meta.headers.iter() {
         if HeaderName::from_bytes(name.as_bytes()).is_ok() && valid_field_value(v) {
             has_type |= name == "content-type";
             has_cache_control |= name == "cache-control";

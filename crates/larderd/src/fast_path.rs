@@ -405,11 +405,7 @@ fn encode_read(
         match value {
             FieldValue::Text(text) => out.extend_from_slice(text.as_bytes()),
             FieldValue::Number(n) => push_number(out, n),
-            FieldValue::ETag(etag) => {
-                out.push(b'"');
-                out.extend_from_slice(etag.as_str().as_bytes());
-                out.push(b'"');
-            }
+            FieldValue::ETag(etag) => out.extend_from_slice(etag.quoted().as_bytes()),
             FieldValue::Date(at) => http_date_of(at, |date| out.extend_from_slice(date)),
             FieldValue::Owned(text) => out.extend_from_slice(text.as_bytes()),
         }

@@ -10,13 +10,37 @@
 //! with another TTL or other headers keeps the ETag, and a decision about the old revision
 //! (cache it, refresh it, expire it) must not fall on the new one.
 
-use std::collections::{BTreeSet, HashMap};
+use hashbrown::HashMap;
+use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `(namespace, BLAKE3 of the key)`: the key's file is named by its hash.
 pub type EntryId = (Arc<str>, [u8; 32]);
+
+/// An [`EntryId`] borrowed from the request, for lookups: building the owned id allocated an
+/// `Arc<str>` on every read. Hashes exactly as the tuple does, field by field.
+#[derive(Clone, Copy, Hash)]
+pub struct EntryRef<'a>(pub &'a str, pub &'a [u8; 32]);
+
+impl EntryRef<'_> {
+    pub fn to_owned(self) -> EntryId {
+        (Arc::from(self.0), *self.1)
+    }
+}
+
+impl<'a> From<&'a EntryId> for EntryRef<'a> {
+    fn from(id: &'a EntryId) -> EntryRef<'a> {
+        EntryRef(&id.0, &id.1)
+    }
+}
+
+impl hashbrown::Equivalent<EntryId> for EntryRef<'_> {
+    fn equivalent(&self, id: &EntryId) -> bool {
+        *self.0 == *id.0 && self.1 == &id.1
+    }
+}
 
 /// The file that holds one revision: its device and inode. `rename` keeps it, and a number is
 /// only reused once its file is both unlinked and closed, so two files that exist at the same
@@ -77,7 +101,10 @@ pub struct Index {
 }
 
 impl Index {
-    pub fn get(&self, id: &EntryId) -> Option<&Entry> {
+    pub fn get<Q>(&self, id: &Q) -> Option<&Entry>
+    where
+        Q: std::hash::Hash + hashbrown::Equivalent<EntryId> + ?Sized,
+    {
         self.entries.get(id)
     }
 
@@ -114,8 +141,8 @@ impl Index {
     /// Only the entry's last access changes: moving it in the LRU set on every read cost as
     /// much as serving a small object. [`Index::coldest`] moves the entries it finds out of
     /// place, so each read costs at most one move, and only when eviction gets to the entry.
-    pub fn touch(&mut self, id: &EntryId, file: FileId) {
-        if let Some(e) = self.entries.get_mut(id)
+    pub fn touch(&mut self, id: EntryRef<'_>, file: FileId) {
+        if let Some(e) = self.entries.get_mut(&id)
             && e.file == file
         {
             self.tick += 1;
@@ -196,7 +223,7 @@ mod tests {
         idx.insert(id(3), entry(30));
         assert_eq!(idx.total_bytes, 60);
         assert_eq!(idx.coldest(None), Some(id(1)));
-        idx.touch(&id(1), file(10));
+        idx.touch((&id(1)).into(), file(10));
         assert_eq!(idx.coldest(None), Some(id(2)));
         assert_eq!(idx.coldest(Some(&id(2))), Some(id(3)));
         idx.remove(&id(2));
@@ -212,7 +239,7 @@ mod tests {
         }
         // Reads in this order, some entries several times: the last read decides.
         for n in [3, 1, 3, 5, 2, 1, 3] {
-            idx.touch(&id(n), file(u64::from(n)));
+            idx.touch((&id(n)).into(), file(u64::from(n)));
         }
         let mut order = Vec::new();
         while let Some(victim) = idx.coldest(None) {
@@ -228,7 +255,7 @@ mod tests {
         idx.insert(id(1), entry(10));
         idx.insert(id(2), entry(10));
         // Another file than the entry's: a replaced revision, whatever its ETag.
-        idx.touch(&id(1), file(9));
+        idx.touch((&id(1)).into(), file(9));
         assert_eq!(idx.coldest(None), Some(id(1)));
     }
 

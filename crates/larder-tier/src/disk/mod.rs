@@ -45,7 +45,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use format::{Fixed, MetaJson};
 use futures_util::{FutureExt, StreamExt};
-use index::{Entry, EntryId, FileId, Index};
+use index::{Entry, EntryId, EntryRef, FileId, Index};
 use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, decide_write};
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
@@ -102,7 +102,7 @@ struct Inner {
     buffers: Arc<BufferPool>,
     /// Recently read revisions, open: a hot key is served without open/read/fstat/close, and a
     /// small object straight from the bytes of its first read.
-    open_cache: Mutex<HashMap<EntryId, Arc<OpenRevision>>>,
+    open_cache: Mutex<hashbrown::HashMap<EntryId, Arc<OpenRevision>>>,
     /// Becomes true once the start-up scan has filled the index.
     loaded: watch::Sender<bool>,
     /// Object directories whose entry in their parent this process has made durable.
@@ -257,7 +257,7 @@ impl Inner {
         // Enough idle buffers for a few dozen downloads' read-ahead; beyond that, buffers are freed.
         let buffers = BufferPool::new(config.read_chunk, 8);
         Ok(Inner {
-            open_cache: Mutex::new(HashMap::new()),
+            open_cache: Mutex::new(hashbrown::HashMap::new()),
             buffers,
             config,
             tmp,
@@ -347,7 +347,7 @@ impl Inner {
             file_id: FileId::of(&md),
             etag: fixed.etag(),
             fixed,
-            meta,
+            headers: meta.headers.into(),
             prefix,
         }))
     }
@@ -359,8 +359,8 @@ impl Inner {
         opts: &GetOptions,
     ) -> Result<GetResponse, TierError> {
         let hash = key_hash(key);
-        let id: EntryId = (Arc::from(ns.as_str()), hash);
-        let rev = match self.cached(&id) {
+        let id = EntryRef(ns.as_str(), &hash);
+        let rev = match self.cached(id) {
             Some(rev) => rev,
             None => {
                 let path = self.path_of(ns.as_str(), &hash);
@@ -368,12 +368,12 @@ impl Inner {
                     return Err(TierError::not_found());
                 };
                 let rev = Arc::new(rev);
-                self.cache_if_current(&id, &rev);
+                self.cache_if_current(id, &rev);
                 rev
             }
         };
         if rev.fixed.expires_ms <= now_ms() {
-            self.remove_expired(&id, rev.file_id);
+            self.remove_expired(&id.to_owned(), rev.file_id);
             return Err(TierError::not_found());
         }
         let meta = ObjectMeta {
@@ -381,12 +381,12 @@ impl Inner {
             size: rev.fixed.body_len,
             last_modified: rev.fixed.last_modified(),
             expires: rev.fixed.expires(),
-            headers: rev.meta.headers.clone(),
+            headers: rev.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
         let body = match outcome.body_range(meta.size) {
             Some(ByteRange { start, len }) if !opts.head => {
-                self.index.lock().unwrap().touch(&id, rev.file_id);
+                self.index.lock().unwrap().touch(id, rev.file_id);
                 Some(self.body_stream(
                     rev.file.clone(),
                     rev.fixed.header_len as u64,
@@ -459,8 +459,8 @@ impl Inner {
         reads.buffered(self.config.read_ahead.max(1)).boxed()
     }
 
-    fn cached(&self, id: &EntryId) -> Option<Arc<OpenRevision>> {
-        self.open_cache.lock().unwrap().get(id).cloned()
+    fn cached(&self, id: EntryRef<'_>) -> Option<Arc<OpenRevision>> {
+        self.open_cache.lock().unwrap().get(&id).cloned()
     }
 
     /// Keeps an opened revision for the next reads of its key, but only while the index still
@@ -469,9 +469,9 @@ impl Inner {
     /// replaced revision can never be cached after its replacement. Current means the same
     /// file, not the same ETag: identical bytes rewritten with a new TTL keep the ETag, and
     /// caching the old file would serve its TTL and headers, and expire the key with it.
-    fn cache_if_current(&self, id: &EntryId, rev: &Arc<OpenRevision>) {
+    fn cache_if_current(&self, id: EntryRef<'_>, rev: &Arc<OpenRevision>) {
         let index = self.index.lock().unwrap();
-        if index.get(id).is_none_or(|e| e.file != rev.file_id) {
+        if index.get(&id).is_none_or(|e| e.file != rev.file_id) {
             return;
         }
         let mut cache = self.open_cache.lock().unwrap();
@@ -480,7 +480,7 @@ impl Inner {
         {
             cache.remove(&victim);
         }
-        cache.insert(id.clone(), rev.clone());
+        cache.insert(id.to_owned(), rev.clone());
         drop(index);
     }
 
@@ -676,7 +676,7 @@ struct OpenRevision {
     fixed: Fixed,
     /// The revision's ETag, spelled out once rather than on every read of a hot key.
     etag: ETag,
-    meta: MetaJson,
+    headers: Arc<[(String, String)]>,
     /// Body bytes that came with the header read.
     prefix: Bytes,
 }

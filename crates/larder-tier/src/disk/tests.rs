@@ -382,7 +382,7 @@ async fn a_same_etag_rewrite_is_not_removed_by_the_expiry_of_the_revision_it_rep
         .unwrap();
     assert_eq!(put.etag, ETag::of(&data), "the rewrite has the same ETag");
     // …and only then does the reader offer what it opened to the cache.
-    t.inner.cache_if_current(&id, &old);
+    t.inner.cache_if_current((&id).into(), &old);
     assert!(read_all(&t, &n, &k).await.is_some());
     tokio::time::sleep(Duration::from_millis(400)).await; // the short TTL passes
 

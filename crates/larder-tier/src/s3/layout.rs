@@ -191,7 +191,7 @@ impl RefDoc {
             size: self.size,
             last_modified: UNIX_EPOCH + Duration::from_secs(self.last_modified_ms / 1000),
             expires: UNIX_EPOCH + Duration::from_millis(self.expires_ms),
-            headers: self.headers.clone(),
+            headers: self.headers.clone().into(),
         }
     }
 }

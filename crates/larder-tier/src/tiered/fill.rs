@@ -191,7 +191,7 @@ impl<L: CacheTier> Owner<L> {
         let opts = PutOptions {
             ttl,
             precondition: WritePrecondition::default(),
-            headers: meta.headers.clone(),
+            headers: meta.headers.to_vec(),
             max_size: None,
             expect_etag: Some(meta.etag.clone()),
             last_modified: Some(meta.last_modified),
