@@ -69,6 +69,21 @@ pub struct GetResponse {
     pub body: Option<BodyStream>,
     /// The tier the answer came from (`"disk"`, `"s3"`): for logs and per-tier byte counts.
     pub source: &'static str,
+    /// The same bytes as `body`, as a region of an open file, when the tier keeps them in one
+    /// (the disk tier): a server may hand them to the kernel (`sendfile`) instead of reading
+    /// them. Whoever uses it drops `body` unread.
+    pub file: Option<FileRegion>,
+}
+
+/// Bytes of an open, never-modified revision file.
+#[derive(Clone, Debug)]
+pub struct FileRegion {
+    /// The revision's file, kept open (an unlinked revision stays readable through it).
+    pub file: Arc<std::fs::File>,
+    /// Where the bytes start in the file (past the revision's header).
+    pub offset: u64,
+    /// How many bytes.
+    pub len: u64,
 }
 
 impl std::fmt::Debug for GetResponse {
@@ -78,6 +93,7 @@ impl std::fmt::Debug for GetResponse {
             .field("meta", &self.meta)
             .field("body", &self.body.is_some())
             .field("source", &self.source)
+            .field("file", &self.file.is_some())
             .finish()
     }
 }

@@ -21,8 +21,10 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use larder_proto::units::parse_duration;
-use larder_proto::{Key, Namespace, ReadConditions, ReadOutcome, WritePrecondition};
-use larder_tier::{ErrorKind, GetOptions, GetResponse, ObjectMeta, PutOptions, Tier, TierError};
+use larder_proto::{ByteRange, Key, Namespace, ReadConditions, ReadOutcome, WritePrecondition};
+use larder_tier::{
+    ErrorKind, FileRegion, GetOptions, GetResponse, ObjectMeta, PutOptions, Tier, TierError,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::panic::AssertUnwindSafe;
@@ -212,19 +214,31 @@ pub(crate) struct ObjectRead<'a> {
     pub authorization: Option<HeaderValue>,
     pub if_match: Option<&'a str>,
     pub if_none_match: Option<&'a str>,
+    pub range: Option<&'a str>,
 }
 
-/// Bodies up to this size, read from the local disk, are answered by the fast path itself.
+/// Bodies up to this size, read from the local disk, are answered by the fast path itself;
+/// larger ones are sent from the revision's file by the kernel.
 pub(crate) const SMALL_READ: u64 = 64 * 1024;
 
 /// What [`read_object`] decided.
 pub(crate) enum ReadAnswer {
-    /// A 200 (or its HEAD) or a 304 whose body, if any, is small and was read whole: the fast
-    /// path writes it with the fields of [`body_fields`] / [`not_modified_fields`].
+    /// A 200 or 206 (or their HEAD) or a 304 whose body, if any, is small and was read whole:
+    /// the fast path writes it with the fields of [`body_fields`] / [`not_modified_fields`].
     Small {
         status: StatusCode,
         meta: ObjectMeta,
+        range: Option<ByteRange>,
         body: Bytes,
+        request_id: HeaderValue,
+    },
+    /// A 200 or 206 from the local disk whose body is not small: the fields of [`body_fields`],
+    /// then the bytes of `region`, which the fast path hands to `sendfile`.
+    File {
+        status: StatusCode,
+        meta: ObjectMeta,
+        range: Option<ByteRange>,
+        region: FileRegion,
         request_id: HeaderValue,
     },
     /// Any other answer, with `X-Request-Id`, and the tier that serves its body.
@@ -266,8 +280,14 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
         tier: "",
         token,
     };
-    let conditions =
-        ReadConditions::from_headers(read.if_match, read.if_none_match, None, None, None, None);
+    let conditions = ReadConditions::from_headers(
+        read.if_match,
+        read.if_none_match,
+        None,
+        None,
+        None,
+        read.range,
+    );
     let opts = GetOptions {
         conditions,
         head: read.head,
@@ -280,17 +300,30 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
         .await;
     let (answer, status, etag) = match answered {
         Ok(Ok(got)) => match small(got).await {
-            Ok((status, meta, body)) => {
+            Ok(Local::Read(status, range, meta, body)) => {
                 log.tier = "disk";
                 let etag = Some(meta.etag.clone());
                 let answer = match body {
                     Some(body) => ReadAnswer::Small {
                         status,
                         meta,
+                        range,
                         body,
                         request_id: read.request_id.clone(),
                     },
                     None => ReadAnswer::Broken,
+                };
+                (answer, status, etag)
+            }
+            Ok(Local::File(status, range, meta, region)) => {
+                log.tier = "disk";
+                let etag = Some(meta.etag.clone());
+                let answer = ReadAnswer::File {
+                    status,
+                    meta,
+                    range,
+                    region,
+                    request_id: read.request_id.clone(),
                 };
                 (answer, status, etag)
             }
@@ -348,26 +381,45 @@ fn general(
     (ReadAnswer::Response(response, log.tier), status, etag)
 }
 
-/// A 200 or 304 from the local disk whose body is small, read whole (`None`: the body failed),
-/// or the response back for the general path.
+/// A read the fast path writes itself: from the local disk, a 200, 206 or 304.
+enum Local {
+    /// Its body, small, read whole (`None`: the body failed).
+    Read(StatusCode, Option<ByteRange>, ObjectMeta, Option<Bytes>),
+    /// Its body, large, as a region of the revision's file.
+    File(StatusCode, Option<ByteRange>, ObjectMeta, FileRegion),
+}
+
+/// What the fast path writes of a decided read, or the response back for the general path.
 #[allow(clippy::result_large_err)]
-async fn small(got: GetResponse) -> Result<(StatusCode, ObjectMeta, Option<Bytes>), GetResponse> {
-    let status = match got.outcome {
-        ReadOutcome::Full if got.meta.size <= SMALL_READ => StatusCode::OK,
-        ReadOutcome::NotModified => StatusCode::NOT_MODIFIED,
+async fn small(got: GetResponse) -> Result<Local, GetResponse> {
+    let (status, range) = match got.outcome {
+        ReadOutcome::Full => (StatusCode::OK, None),
+        ReadOutcome::Partial(range) => (StatusCode::PARTIAL_CONTENT, Some(range)),
+        ReadOutcome::NotModified => (StatusCode::NOT_MODIFIED, None),
         _ => return Err(got),
     };
     if got.source != "disk" {
         return Err(got);
     }
     let Some(mut stream) = got.body else {
-        return Ok((status, got.meta, Some(Bytes::new())));
+        return Ok(Local::Read(status, range, got.meta, Some(Bytes::new())));
     };
+    let len = range.map_or(got.meta.size, |r| r.len);
+    if len > SMALL_READ {
+        // The stream was never polled: dropping it reads nothing.
+        return match got.file {
+            Some(region) => Ok(Local::File(status, range, got.meta, region)),
+            None => Err(GetResponse {
+                body: Some(stream),
+                ..got
+            }),
+        };
+    }
     let mut whole = bytes::BytesMut::new();
     let mut first: Option<Bytes> = None;
     while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
         let Ok(chunk) = chunk else {
-            return Ok((status, got.meta, None));
+            return Ok(Local::Read(status, range, got.meta, None));
         };
         crate::metrics::bytes_served("disk", chunk.len() as u64);
         match first.take() {
@@ -382,10 +434,10 @@ async fn small(got: GetResponse) -> Result<(StatusCode, ObjectMeta, Option<Bytes
     }
     let body = first.unwrap_or_else(|| whole.freeze());
     // A body shorter than the Content-Length about to be sent would leave the client waiting.
-    if body.len() as u64 != got.meta.size {
-        return Ok((status, got.meta, None));
+    if body.len() as u64 != len {
+        return Ok(Local::Read(status, range, got.meta, None));
     }
-    Ok((status, got.meta, Some(body)))
+    Ok(Local::Read(status, range, got.meta, Some(body)))
 }
 
 /// Counts a finished request in the metrics and writes its access line (method, status and

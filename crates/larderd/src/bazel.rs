@@ -490,6 +490,7 @@ async fn action_result(
             meta: got.meta,
             body,
             source: got.source,
+            file: None,
         },
         log,
     )

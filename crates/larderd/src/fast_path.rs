@@ -17,6 +17,8 @@
 //! `LARDER_FAST_PATH=0` turns it off (every connection goes to hyper), for comparisons.
 
 use crate::api::{self, Body, FieldValue, ObjectRead, ReadAnswer, State};
+use crate::io::SendFile;
+use larder_tier::FileRegion;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
@@ -68,7 +70,7 @@ pub(crate) struct Limits {
 }
 
 /// Serves requests on `io` until the connection closes or a request needs hyper.
-pub(crate) async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
     state: &State,
     mut io: T,
     limits: &Limits,
@@ -122,7 +124,7 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
         };
         let head_len = request.head_len;
         let head = request.head;
-        let close = match request.answer(state).await {
+        let (close, file_body) = match request.answer(state).await {
             // Nothing happened yet: hyper answers it from scratch.
             None => {
                 return Outcome::HandOver {
@@ -134,16 +136,28 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
             Some(ReadAnswer::Small {
                 status,
                 meta,
+                range,
                 body,
                 request_id,
             }) => {
-                encode_read(&mut out, status, &meta, &body, &request_id, head);
-                false
+                encode_read(&mut out, status, &meta, range, &body, &request_id, head);
+                (false, None)
+            }
+            Some(ReadAnswer::File {
+                status,
+                meta,
+                range,
+                region,
+                request_id,
+            }) => {
+                // The head only; the body follows from the file.
+                encode_read(&mut out, status, &meta, range, &Bytes::new(), &request_id, true);
+                (false, Some(region))
             }
             Some(ReadAnswer::Broken) => return Outcome::Closed,
             Some(ReadAnswer::Response(response, served_by)) => {
                 match collect_small(response, served_by).await {
-                    Collected::Small(parts, body) => encode(&mut out, &parts, &body, head),
+                    Collected::Small(parts, body) => (encode(&mut out, &parts, &body, head), None),
                     Collected::Large(response) => {
                         return Outcome::HandOver {
                             io,
@@ -156,6 +170,12 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         if io.write_all(&out).await.is_err() || close {
+            return Outcome::Closed;
+        }
+        if let Some(region) = file_body
+            && send_region(&mut io, &region).await.is_err()
+        {
+            // Part of the body may have gone out: the connection cannot say anything more.
             return Outcome::Closed;
         }
         if out.capacity() > 4 * SMALL_BODY as usize {
@@ -181,6 +201,7 @@ struct Request<'a> {
     authorization: Option<&'a [u8]>,
     if_match: Option<&'a str>,
     if_none_match: Option<&'a str>,
+    range: Option<&'a str>,
 }
 
 impl Request<'_> {
@@ -204,6 +225,7 @@ impl Request<'_> {
                 authorization,
                 if_match: self.if_match,
                 if_none_match: self.if_none_match,
+                range: self.range,
             },
         )
         .await
@@ -246,6 +268,7 @@ fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
         authorization: None,
         if_match: None,
         if_none_match: None,
+        range: None,
     };
     for field in req.headers.iter() {
         let name = field.name;
@@ -268,6 +291,8 @@ fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
                 .if_none_match
                 .replace(header_text(field.value))
                 .is_none()
+        } else if name.eq_ignore_ascii_case("range") {
+            request.range.replace(header_text(field.value)).is_none()
         } else {
             false
         };
@@ -389,15 +414,16 @@ fn encode_read(
     out: &mut Vec<u8>,
     status: StatusCode,
     meta: &larder_tier::ObjectMeta,
+    range: Option<larder_proto::ByteRange>,
     body: &Bytes,
     request_id: &HeaderValue,
     head: bool,
 ) {
     out.clear();
-    out.extend_from_slice(if status == StatusCode::OK {
-        b"HTTP/1.1 200 OK\r\n"
-    } else {
-        b"HTTP/1.1 304 Not Modified\r\n"
+    out.extend_from_slice(match status {
+        StatusCode::OK => b"HTTP/1.1 200 OK\r\n",
+        StatusCode::PARTIAL_CONTENT => b"HTTP/1.1 206 Partial Content\r\n",
+        _ => b"HTTP/1.1 304 Not Modified\r\n",
     });
     let mut field = |name: &str, value: FieldValue<'_>| {
         out.extend_from_slice(name.as_bytes());
@@ -411,8 +437,9 @@ fn encode_read(
         }
         out.extend_from_slice(b"\r\n");
     };
-    if status == StatusCode::OK {
-        api::body_fields(meta, meta.size, None, &mut field);
+    if status != StatusCode::NOT_MODIFIED {
+        let len = range.map_or(meta.size, |r| r.len);
+        api::body_fields(meta, len, range, &mut field);
     } else {
         api::not_modified_fields(meta, &mut field);
     }
@@ -421,9 +448,33 @@ fn encode_read(
     out.extend_from_slice(b"\r\ndate: ");
     http_date(|date| out.extend_from_slice(date));
     out.extend_from_slice(b"\r\n\r\n");
-    if !head && status == StatusCode::OK {
+    if !head && status != StatusCode::NOT_MODIFIED {
         out.extend_from_slice(body);
     }
+}
+
+/// Most bytes handed to the kernel in one `sendfile`: a connection sending a large object yields
+/// between calls, so the thread's other connections are not held up behind it.
+const SEND_FILE_CHUNK: u64 = 4 << 20;
+
+/// Sends the bytes of `region` (its head already written).
+async fn send_region<T: SendFile>(io: &mut T, region: &FileRegion) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < region.len {
+        let offset = region.offset + sent;
+        let want = (region.len - sent).min(SEND_FILE_CHUNK) as usize;
+        let n = std::future::poll_fn(|cx| io.poll_send_file(cx, &region.file, offset, want)).await?;
+        if n == 0 {
+            // Revision files are never shortened: this one is damaged.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "revision file shorter than its header says",
+            ));
+        }
+        crate::metrics::bytes_served("disk", n as u64);
+        sent += n as u64;
+    }
+    Ok(())
 }
 
 fn push_number(out: &mut Vec<u8>, n: u64) {
@@ -546,13 +597,17 @@ mod tests {
         assert!(ours(
             "HEAD /api/v1/object/ci/k HTTP/1.1\r\nIf-None-Match: \"e\"\r\nAuthorization: Bearer t\r\nX-Request-Id: r1\r\nConnection: keep-alive\r\n\r\n"
         ));
+        assert!(ours(
+            "GET /api/v1/object/ci/k HTTP/1.1\r\nRange: bytes=0-1\r\nIf-Match: \"e\"\r\n\r\n"
+        ));
         for other in [
             "PUT /api/v1/object/ci/k HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
             "GET /api/v1/object/ci/k HTTP/1.0\r\n\r\n",
             "GET /api/v1/object/ci/k?x=1 HTTP/1.1\r\n\r\n",
             "GET /api/v1/object/ci/k{x} HTTP/1.1\r\n\r\n",
             "GET /metrics HTTP/1.1\r\n\r\n",
-            "GET /api/v1/object/ci/k HTTP/1.1\r\nRange: bytes=0-1\r\n\r\n",
+            "GET /api/v1/object/ci/k HTTP/1.1\r\nRange: bytes=0-1\r\nRange: bytes=2-3\r\n\r\n",
+            "GET /api/v1/object/ci/k HTTP/1.1\r\nRange: bytes=0-1\r\nIf-Range: \"e\"\r\n\r\n",
             "GET /api/v1/object/ci/k HTTP/1.1\r\nConnection: close\r\n\r\n",
             "GET /api/v1/object/ci/k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET /api/v1/object/ci/k HTTP/1.1\r\nIf-Match: \"a\"\r\nIf-Match: \"b\"\r\n\r\n",

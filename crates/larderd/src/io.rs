@@ -11,6 +11,9 @@
 //! the connection instead. The read flag tells a client that sent part of a request head (and
 //! deserves a 408 when it times out) from an idle keep-alive connection (closed silently, so a
 //! client reusing it at that moment does not read an answer to a request it never sent).
+//!
+//! A plain TCP connection can also send bytes straight from a file ([`SendFile`]): the kernel
+//! copies them from the page cache to the socket, without a pass through user space.
 
 use std::io;
 use std::pin::Pin;
@@ -140,6 +143,75 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.inner).poll_shutdown(cx);
         this.stalled(cx, poll)
+    }
+}
+
+/// A transport that can send the bytes of a file itself (`sendfile(2)`).
+pub trait SendFile {
+    /// Sends up to `len` bytes of `file` from `offset`: fewer when the socket's buffer fills,
+    /// `Ok(0)` when the file ends first. A peer that reads nothing for the idle timeout fails
+    /// it, as it fails a write.
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>>;
+}
+
+impl SendFile for GuardedIo<tokio::net::TcpStream> {
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        use std::os::fd::AsRawFd;
+        let socket = self.inner.as_raw_fd();
+        let poll = loop {
+            // Readiness is polled first (it also counts against the task's budget, so a long
+            // send lets the other connections of the thread run); `try_io` clears it when the
+            // socket's buffer is full.
+            match self.inner.poll_write_ready(cx) {
+                Poll::Pending => break Poll::Pending,
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let sent = self
+                .inner
+                .try_io(tokio::io::Interest::WRITABLE, || {
+                    send_file(socket, file, offset, len)
+                });
+            match sent {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                done => break Poll::Ready(done),
+            }
+        };
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.read_since_write.0.store(false, Ordering::Relaxed);
+        }
+        self.stalled(cx, poll)
+    }
+}
+
+fn send_file(
+    socket: std::os::fd::RawFd,
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
+    // SAFETY: both descriptors stay open for the call (the caller borrows both owners), and
+    // `offset` is a valid, exclusively borrowed off_t that sendfile updates.
+    let sent = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut offset, len) };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
     }
 }
 

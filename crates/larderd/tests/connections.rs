@@ -754,13 +754,16 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
             .body(&body);
         assert_eq!(c.send(&put).await.unwrap().status, 201);
     }
-    let etag = c
-        .send(&Request::new("HEAD", small_path).header("authorization", &reader))
-        .await
-        .unwrap()
-        .header("etag")
-        .unwrap()
-        .to_string();
+    let mut etag_of = async |path: &str| {
+        c.send(&Request::new("HEAD", path).header("authorization", &reader))
+            .await
+            .unwrap()
+            .header("etag")
+            .unwrap()
+            .to_string()
+    };
+    let etag = etag_of(small_path).await;
+    let large_etag = etag_of(large_path).await;
     let wrong = "\"0000000000000000000000000000000000000000000000000000000000000000\"";
     let cases: Vec<(&str, Request)> = vec![
         ("GET 200", Request::new("GET", small_path)),
@@ -784,6 +787,33 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
         ),
         ("GET 400", Request::new("GET", "/api/v1/object/ci/a/../b")),
         ("GET 1 MiB", Request::new("GET", large_path)),
+        ("HEAD 1 MiB", Request::new("HEAD", large_path)),
+        (
+            "GET 206 small",
+            Request::new("GET", small_path)
+                .header("range", "bytes=10-19")
+                .header("if-match", &etag),
+        ),
+        (
+            "GET 206 large",
+            Request::new("GET", large_path)
+                .header("range", "bytes=100000-299999")
+                .header("if-match", &large_etag),
+        ),
+        (
+            "GET 206 suffix",
+            Request::new("GET", large_path).header("range", "bytes=-70000"),
+        ),
+        (
+            "GET 412 range",
+            Request::new("GET", large_path)
+                .header("range", "bytes=0-99")
+                .header("if-match", wrong),
+        ),
+        (
+            "GET 416",
+            Request::new("GET", large_path).header("range", "bytes=5000000-"),
+        ),
     ];
     let mut fast = Client::new(&srv.addr);
     let mut general = Client::new(&srv.addr);
@@ -818,6 +848,7 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
         Request::new("GET", large_path),
         Request::new("GET", small_path).header("if-none-match", &etag),
         Request::new("GET", small_path).header("range", "bytes=0-9"),
+        Request::new("GET", large_path).header("range", "bytes=1-200000"),
         Request::new("GET", large_path),
     ] {
         pipelined.extend(request.header("authorization", &reader).head());
@@ -825,7 +856,7 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
     conn.write_all(&pipelined).await.unwrap();
     let mut conn = BufReader::new(conn);
     let mut answers = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..6 {
         let r = tokio::time::timeout(Duration::from_secs(20), read_response(&mut conn, false))
             .await
             .expect("every pipelined request is answered")
@@ -839,11 +870,12 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
             (200, 1 << 20),
             (304, 0),
             (206, 10),
+            (206, 200000),
             (200, 1 << 20)
         ]
     );
 
-    // A large answer is handed to hyper with its request: executed once, counted once.
+    // A large answer from disk is sent from its file: counted once, every byte counted.
     let count = |metrics: &str| {
         larder_testkit::metric(
             metrics,
@@ -851,16 +883,21 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
         )
         .unwrap_or(0.0)
     };
+    let served = |metrics: &str| {
+        larder_testkit::metric(metrics, "larder_bytes_served_total{tier=\"disk\"}").unwrap_or(0.0)
+    };
     async fn metrics(c: &mut Client) -> String {
         let r = c.send(&Request::new("GET", "/metrics")).await.unwrap();
         String::from_utf8(r.body).unwrap()
     }
-    let before = count(&metrics(&mut c).await);
+    let before = metrics(&mut c).await;
     let mut once = Client::new(&srv.addr);
     let r = once
         .send(&Request::new("GET", large_path).header("authorization", &reader))
         .await
         .unwrap();
     assert!(r.body == large, "the exact bytes");
-    assert_eq!(count(&metrics(&mut c).await) - before, 1.0, "counted once");
+    let after = metrics(&mut c).await;
+    assert_eq!(count(&after) - count(&before), 1.0, "counted once");
+    assert_eq!(served(&after) - served(&before), (1 << 20) as f64, "bytes served");
 }

@@ -38,7 +38,7 @@ pub use spool::{Spool, StagedRevision};
 
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    BodyStream, CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions,
+    BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions,
     PutResult, Tier, TierStats, UploadStream,
 };
 use async_trait::async_trait;
@@ -384,24 +384,32 @@ impl Inner {
             headers: rev.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
-        let body = match outcome.body_range(meta.size) {
+        let (body, file) = match outcome.body_range(meta.size) {
             Some(ByteRange { start, len }) if !opts.head => {
                 self.index.lock().unwrap().touch(id, rev.file_id);
-                Some(self.body_stream(
+                let body_offset = rev.fixed.header_len as u64;
+                let region = FileRegion {
+                    file: rev.file.clone(),
+                    offset: body_offset + start,
+                    len,
+                };
+                let body = self.body_stream(
                     rev.file.clone(),
-                    rev.fixed.header_len as u64,
+                    body_offset,
                     rev.prefix.clone(),
                     start,
                     len,
-                ))
+                );
+                (Some(body), Some(region))
             }
-            _ => None,
+            _ => (None, None),
         };
         Ok(GetResponse {
             outcome,
             meta,
             body,
             source: "disk",
+            file,
         })
     }
 

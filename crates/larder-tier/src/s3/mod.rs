@@ -586,6 +586,7 @@ impl Tier for S3Tier {
                     meta,
                     body: None,
                     source: "s3",
+                    file: None,
                 });
             };
             if len == 0 {
@@ -594,6 +595,7 @@ impl Tier for S3Tier {
                     meta,
                     body: Some(futures_util::stream::empty().boxed()),
                     source: "s3",
+                    file: None,
                 });
             }
             let reader = BodyReader {
@@ -613,6 +615,7 @@ impl Tier for S3Tier {
                         meta,
                         body: Some(body),
                         source: "s3",
+                        file: None,
                     });
                 }
                 // The reference moved on and the reaper took the old body between our two

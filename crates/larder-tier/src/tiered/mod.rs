@@ -221,6 +221,7 @@ impl<L: CacheTier> Inner<L> {
                         body: Some(body),
                         // The bytes come from the S3 body being copied in.
                         source: self.remote.name(),
+                        file: None,
                     }));
                 }
                 Err(e) if e.kind == ErrorKind::NotFound => {}
