@@ -18,12 +18,12 @@
 
 use crate::api::{self, Body, FieldValue, ObjectRead, ReadAnswer, State};
 use crate::io::SendFile;
-use larder_tier::FileRegion;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use larder_tier::FileRegion;
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
@@ -151,7 +151,15 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 request_id,
             }) => {
                 // The head only; the body follows from the file.
-                encode_read(&mut out, status, &meta, range, &Bytes::new(), &request_id, true);
+                encode_read(
+                    &mut out,
+                    status,
+                    &meta,
+                    range,
+                    &Bytes::new(),
+                    &request_id,
+                    true,
+                );
                 (false, Some(region))
             }
             Some(ReadAnswer::Broken) => return Outcome::Closed,
@@ -169,13 +177,13 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 }
             }
         };
-        if io.write_all(&out).await.is_err() || close {
-            return Outcome::Closed;
-        }
-        if let Some(region) = file_body
-            && send_region(&mut io, &region).await.is_err()
-        {
-            // Part of the body may have gone out: the connection cannot say anything more.
+        let written = match file_body {
+            Some(region) => send_region(&mut io, &out, &region).await,
+            None => io.write_all(&out).await,
+        };
+        // After a failure part of the answer may have gone out: the connection cannot say
+        // anything more.
+        if written.is_err() || close {
             return Outcome::Closed;
         }
         if out.capacity() > 4 * SMALL_BODY as usize {
@@ -457,13 +465,21 @@ fn encode_read(
 /// between calls, so the thread's other connections are not held up behind it.
 const SEND_FILE_CHUNK: u64 = 4 << 20;
 
-/// Sends the bytes of `region` (its head already written).
-async fn send_region<T: SendFile>(io: &mut T, region: &FileRegion) -> io::Result<()> {
+/// Sends `head`, then the bytes of `region`.
+async fn send_region<T: SendFile>(io: &mut T, head: &[u8], region: &FileRegion) -> io::Result<()> {
+    let mut written = 0;
+    while written < head.len() {
+        match std::future::poll_fn(|cx| io.poll_write_more(cx, &head[written..])).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => written += n,
+        }
+    }
     let mut sent = 0;
     while sent < region.len {
         let offset = region.offset + sent;
         let want = (region.len - sent).min(SEND_FILE_CHUNK) as usize;
-        let n = std::future::poll_fn(|cx| io.poll_send_file(cx, &region.file, offset, want)).await?;
+        let n =
+            std::future::poll_fn(|cx| io.poll_send_file(cx, &region.file, offset, want)).await?;
         if n == 0 {
             // Revision files are never shortened: this one is damaged.
             return Err(io::Error::new(

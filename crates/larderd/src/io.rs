@@ -148,6 +148,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
 
 /// A transport that can send the bytes of a file itself (`sendfile(2)`).
 pub trait SendFile {
+    /// Writes the start of `head` as a write does, but tells the kernel more follows at once
+    /// (`MSG_MORE`): a response's head then leaves in the same packets as the first bytes of
+    /// its body, instead of as a small packet of its own the client wakes up for.
+    fn poll_write_more(&mut self, cx: &mut Context<'_>, head: &[u8]) -> Poll<io::Result<usize>>;
+
     /// Sends up to `len` bytes of `file` from `offset`: fewer when the socket's buffer fills,
     /// `Ok(0)` when the file ends first. A peer that reads nothing for the idle timeout fails
     /// it, as it fails a write.
@@ -161,6 +166,28 @@ pub trait SendFile {
 }
 
 impl SendFile for GuardedIo<tokio::net::TcpStream> {
+    fn poll_write_more(&mut self, cx: &mut Context<'_>, head: &[u8]) -> Poll<io::Result<usize>> {
+        use std::os::fd::AsRawFd;
+        let socket = self.inner.as_raw_fd();
+        self.poll_socket_write(cx, || {
+            // SAFETY: the socket stays open for the call, and `head` is a valid, borrowed
+            // buffer of `head.len()` bytes.
+            let sent = unsafe {
+                libc::send(
+                    socket,
+                    head.as_ptr().cast(),
+                    head.len(),
+                    libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                )
+            };
+            if sent < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(sent as usize)
+            }
+        })
+    }
+
     fn poll_send_file(
         &mut self,
         cx: &mut Context<'_>,
@@ -170,6 +197,17 @@ impl SendFile for GuardedIo<tokio::net::TcpStream> {
     ) -> Poll<io::Result<usize>> {
         use std::os::fd::AsRawFd;
         let socket = self.inner.as_raw_fd();
+        self.poll_socket_write(cx, || send_file(socket, file, offset, len))
+    }
+}
+
+impl GuardedIo<tokio::net::TcpStream> {
+    /// Runs the non-blocking write `write` once the socket is writable, as `poll_write` does.
+    fn poll_socket_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl Fn() -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         let poll = loop {
             // Readiness is polled first (it also counts against the task's budget, so a long
             // send lets the other connections of the thread run); `try_io` clears it when the
@@ -179,12 +217,7 @@ impl SendFile for GuardedIo<tokio::net::TcpStream> {
                 Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
-            let sent = self
-                .inner
-                .try_io(tokio::io::Interest::WRITABLE, || {
-                    send_file(socket, file, offset, len)
-                });
-            match sent {
+            match self.inner.try_io(tokio::io::Interest::WRITABLE, &write) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 done => break Poll::Ready(done),
             }

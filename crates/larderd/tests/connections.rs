@@ -899,5 +899,9 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
     assert!(r.body == large, "the exact bytes");
     let after = metrics(&mut c).await;
     assert_eq!(count(&after) - count(&before), 1.0, "counted once");
-    assert_eq!(served(&after) - served(&before), (1 << 20) as f64, "bytes served");
+    assert_eq!(
+        served(&after) - served(&before),
+        (1 << 20) as f64,
+        "bytes served"
+    );
 }

@@ -38,8 +38,8 @@ pub use spool::{Spool, StagedRevision};
 
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions,
-    PutResult, Tier, TierStats, UploadStream,
+    BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
+    PutOptions, PutResult, Tier, TierStats, UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# bench/one-object-latency.sh — latency under many connections on one object: larderd's disk tier
+# against nginx serving the same bytes (sendfile, open_file_cache), the side by side of issue 13,
+# item 3.
+#
+# `wrk -t2 -cCONNECTIONS -dDURATION --latency` GETs one object of SIZE bytes, over loopback, from
+# larderd and from nginx in turn, REPS times each (alternating, so both see the same machine);
+# access logs off on both (nginx has none here; larderd's goes to /dev/null through its own
+# writer, as in production). Prints one line per run and the medians, and the ratios larderd /
+# nginx of throughput and of p50 and p99. Generator and servers share the machine's cores: the
+# figures are only comparable within one run.
+#
+#   bench/one-object-latency.sh
+# Knobs: SIZE=1048576 CONNECTIONS=500 DURATION=10s REPS=3 LARDER_PORT=18380 NGINX_PORT=18381
+# Needs nginx-light and wrk (installed from Debian when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-1048576}
+CONNECTIONS=${CONNECTIONS:-500}
+DURATION=${DURATION:-10s}
+REPS=${REPS:-3}
+LPORT=${LARDER_PORT:-18380}
+NPORT=${NGINX_PORT:-18381}
+command -v wrk >/dev/null && command -v nginx >/dev/null \
+    || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
+cargo build --release -q -p larderd
+work=$(mktemp -d)
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"' EXIT
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+target/release/larderd --listen "127.0.0.1:$LPORT" --data-dir "$work/data" \
+    --max-connections $((CONNECTIONS * 2)) >"$work/larderd.out" 2>/dev/null &
+pids+=($!)
+mkdir -p "$work/www/obj" "$work/nginx/tmp"
+head -c "$SIZE" /dev/urandom >"$work/www/obj/one"
+cat >"$work/nginx/nginx.conf" <<EOF
+daemon off;
+$([[ $(id -u) -eq 0 ]] && echo "user root;")
+worker_processes auto;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    default_type application/octet-stream;
+    client_body_temp_path $work/nginx/tmp;
+    keepalive_requests 1000000;
+    open_file_cache max=1000 inactive=120s;
+    sendfile on; tcp_nopush on;
+    server { listen 127.0.0.1:$NPORT; root $work/www; location / { } }
+}
+EOF
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+pids+=($!)
+for _ in $(seq 100); do
+    grep -q listening "$work/larderd.out" 2>/dev/null && break
+    sleep 0.1
+done
+curl -sf -X PUT --data-binary @"$work/www/obj/one" "http://127.0.0.1:$LPORT/api/v1/object/bench/one" >/dev/null
+larder_url="http://127.0.0.1:$LPORT/api/v1/object/bench/one"
+nginx_url="http://127.0.0.1:$NPORT/obj/one"
+# Both answer, with the same bytes.
+cmp <(curl -sf "$larder_url") <(curl -sf "$nginx_url")
+
+# wrk's latency figures in ms, and bytes/s: "p50 p99 bytes_per_s".
+run() {
+    wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$1" | awk '
+        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+        function bytes(v) { n = v + 0; if (v ~ /GB/) return n * 2^30; if (v ~ /MB/) return n * 2^20; if (v ~ /KB/) return n * 2^10; return n }
+        $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+        $1 == "Transfer/sec:" { rate = bytes($2) }
+        END { printf "%.1f %.1f %.0f\n", p50, p99, rate }'
+}
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+for rep in $(seq "$REPS"); do
+    for server in larderd nginx; do
+        url=$larder_url
+        [[ $server == nginx ]] && url=$nginx_url
+        read -r p50 p99 rate < <(run "$url")
+        awk -v s="$server" -v r="$rep" -v a="$p50" -v b="$p99" -v c="$rate" \
+            'BEGIN { printf "%s rep %d: p50 %s ms, p99 %s ms, %.2f GB/s\n", s, r, a, b, c / 1e9 }' >&2
+        echo "$server $p50 $p99 $rate" >>"$work/runs"
+    done
+done
+col() { awk -v s="$1" -v c="$2" '$1 == s { print $c }' "$work/runs" | median; }
+lp50=$(col larderd 2) lp99=$(col larderd 3) lrate=$(col larderd 4)
+np50=$(col nginx 2) np99=$(col nginx 3) nrate=$(col nginx 4)
+echo "| one object of $SIZE bytes, $CONNECTIONS connections, medians of $REPS | larderd | nginx | larderd / nginx |"
+echo "| --- | ---: | ---: | ---: |"
+awk -v lr="$lrate" -v nr="$nrate" -v l50="$lp50" -v n50="$np50" -v l99="$lp99" -v n99="$np99" 'BEGIN {
+    printf "| GB/s | %.2f | %.2f | %.2f× |\n", lr / 1e9, nr / 1e9, lr / nr
+    printf "| p50 ms | %s | %s | %.2f |\n", l50, n50, l50 / n50
+    printf "| p99 ms | %s | %s | %.2f |\n", l99, n99, l99 / n99
+}'
