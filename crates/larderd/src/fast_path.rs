@@ -1,16 +1,17 @@
 //! The HTTP/1.1 fast path: plain-HTTP connections start here, and the requests CI fleets send by
-//! the thousand — a GET or HEAD of one object with nothing but validators and a token — are
-//! parsed, answered and written without hyper. Serving a small object from disk costs a few
-//! microseconds; hyper's connection machinery (dispatch, header maps in and out, its encoder)
-//! cost more than the lookup and the write together.
+//! the thousand — a GET or HEAD of one object, or of a range of it, with nothing but validators
+//! and a token — are parsed, answered and written without hyper. Serving a small object from
+//! disk costs a few microseconds; hyper's connection machinery (dispatch, header maps in and out,
+//! its encoder) cost more than the lookup and the write together. A large body from disk is
+//! handed to the kernel (`sendfile`) instead of being copied through user space.
 //!
 //! Only the transport is replaced. What a request means is decided by the same code as on the
 //! general path ([`api::read_object`] → the tier → the field plan [`api::respond`] follows too),
 //! so status, headers, access line and metrics are those of any other request. Anything else — another route or method, a
 //! header outside the short list below, a body, a malformed or oversized head, HTTP/1.0 — hands
 //! the connection to hyper for good, with the bytes read so far, before anything happened. An
-//! answer whose body is not small and ready (a large object, a read following a fill from S3)
-//! is handed over too, together with its request: hyper parses the same request again and the
+//! answer whose body is neither from disk nor small and ready (a read through S3) is handed
+//! over too, together with its request: hyper parses the same request again and the
 //! connection's service answers it with the response already decided, so a request is never
 //! executed twice.
 //!
@@ -36,7 +37,8 @@ use tokio::time::Instant;
 /// Header fields a request head may have on the fast path; more is hyper's business.
 const MAX_FIELDS: usize = 16;
 
-/// Bodies up to this size are written with their head in one go; larger ones go to hyper.
+/// Bodies up to this size are written with their head in one go; larger ones from disk are sent
+/// from their file, others go to hyper.
 const SMALL_BODY: u64 = api::SMALL_READ;
 
 /// Room for request heads; grows only for a pipelined burst.

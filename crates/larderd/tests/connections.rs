@@ -905,3 +905,48 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
         "bytes served"
     );
 }
+
+/// A read the fast path decides but cannot send itself — a large body coming from S3 — is handed
+/// to hyper together with its answer: executed once, counted once, the exact bytes, and the
+/// connection serves the next request.
+#[tokio::test]
+async fn a_remote_read_handed_to_hyper_with_its_answer_runs_once() {
+    if !s3::available("a_remote_read_handed_to_hyper_with_its_answer_runs_once") {
+        return;
+    }
+    let over_s3 = s3::replica_args(&s3::unique_prefix("handover-test"));
+    let args: Vec<&str> = over_s3.iter().map(String::as_str).collect();
+    let writer = Launch::new(&args).start();
+    let reader = Launch::new(&args).start();
+    let path = "/api/v1/object/ci/remote";
+    let body = larder_testkit::pattern(1 << 20, 11);
+    let mut w = Client::new(&writer.addr);
+    let put = w
+        .send(&Request::new("PUT", path).body(&body))
+        .await
+        .unwrap();
+    assert_eq!(put.status, 201);
+    let mut metrics_client = Client::new(&reader.addr);
+    let gets = async |c: &mut Client| {
+        let r = c.send(&Request::new("GET", "/metrics")).await.unwrap();
+        larder_testkit::metric(
+            &String::from_utf8(r.body).unwrap(),
+            "larder_http_requests_total{route=\"object\",method=\"GET\",status=\"200\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = gets(&mut metrics_client).await;
+    // The reader's disk has never seen the key: the bytes come from S3.
+    let mut c = Client::new(&reader.addr);
+    let r = c.send(&Request::new("GET", path)).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body == body, "the exact bytes");
+    assert_eq!(
+        gets(&mut metrics_client).await - before,
+        1.0,
+        "counted once"
+    );
+    let again = c.send(&Request::new("HEAD", path)).await.unwrap();
+    assert_eq!(again.status, 200);
+    assert_eq!(c.connects, 1, "the same connection served the next request");
+}
