@@ -165,6 +165,17 @@ fn hex(bytes: &[u8; 32]) -> String {
     ETag::from_bytes(*bytes).as_str().to_string()
 }
 
+/// A revision file that cannot be read as one: an operator should hear of it (a failing disk,
+/// something else writing under the data directory), once per file.
+fn report_damaged(path: &Path, why: &dyn std::fmt::Display) {
+    metrics::counter!("larder_disk_damaged_revisions_total").increment(1);
+    tracing::error!(
+        path = %path.display(),
+        reason = %why,
+        "damaged revision file: the key reads as absent"
+    );
+}
+
 fn key_hash(key: &Key) -> [u8; 32] {
     *blake3::hash(key.as_str().as_bytes()).as_bytes()
 }
@@ -269,12 +280,8 @@ impl Inner {
         })
     }
 
-    /// Scans the object tree into the index while the tier already serves: reads and writes do
-    /// not depend on the index (reads open the key's file, a commit checks its precondition
-    /// against the file it replaces), only size accounting and eviction do. So a cold start with
-    /// many objects costs no unavailability. Commits made during the scan win over what the scan
-    /// found: the scan removes and indexes only files that its paths still name.
     /// The current revision's validators, from its file: the truth even while the index loads.
+    /// A damaged file is no revision: the commit about to be decided replaces it.
     fn current_validators(
         &self,
         path: &Path,
@@ -288,8 +295,13 @@ impl Inner {
         let mut buf = [0u8; format::FIXED_LEN];
         let n = read_full_at(&file, &mut buf, 0)
             .map_err(|e| TierError::io("read current revision", &e))?;
-        let fixed =
-            Fixed::decode(&buf[..n]).map_err(|e| TierError::internal("current revision", e))?;
+        let fixed = match Fixed::decode(&buf[..n]) {
+            Ok(fixed) => fixed,
+            Err(e) => {
+                report_damaged(path, &e);
+                return Ok(None);
+            }
+        };
         if fixed.expires_ms <= now_ms {
             return Ok(None); // an expired revision is not current, even before the sweeper runs
         }
@@ -306,7 +318,14 @@ impl Inner {
     }
 
     /// Reads the current revision's header and a first slice of its body from one descriptor.
-    fn open_revision(&self, path: &Path) -> Result<Option<OpenRevision>, TierError> {
+    /// A damaged file (its header unreadable, its length not the one the header gives) is
+    /// removed and the key reads as absent — a tier above fills it again — instead of failing
+    /// every read of the key until a restart's scan.
+    fn open_revision(
+        &self,
+        id: EntryRef<'_>,
+        path: &Path,
+    ) -> Result<Option<OpenRevision>, TierError> {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -318,10 +337,8 @@ impl Inner {
         let fixed = match Fixed::decode(&buf) {
             Ok(f) => f,
             Err(e) => {
-                return Err(TierError::internal(
-                    &format!("revision {}", path.display()),
-                    e,
-                ));
+                self.remove_damaged(id, path, &file, &e);
+                return Ok(None);
             }
         };
         if (fixed.header_len as usize) > buf.len() {
@@ -330,16 +347,19 @@ impl Inner {
                 .map_err(|e| TierError::io("read revision", &e))?;
             buf.extend_from_slice(&more[..m]);
         }
-        let (fixed, meta) = format::decode_header(&buf)
-            .map_err(|e| TierError::internal(&format!("revision {}", path.display()), e))?;
+        let (fixed, meta) = match format::decode_header(&buf) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                self.remove_damaged(id, path, &file, &e);
+                return Ok(None);
+            }
+        };
         let md = file
             .metadata()
             .map_err(|e| TierError::io("stat revision", &e))?;
         if md.len() != fixed.file_len() {
-            return Err(TierError::internal(
-                &format!("revision {}", path.display()),
-                "file length does not match its header",
-            ));
+            self.remove_damaged(id, path, &file, &"file length does not match its header");
+            return Ok(None);
         }
         let prefix = Bytes::from(buf).slice(fixed.header_len as usize..);
         Ok(Some(OpenRevision {
@@ -364,7 +384,7 @@ impl Inner {
             Some(rev) => rev,
             None => {
                 let path = self.path_of(ns.as_str(), &hash);
-                let Some(rev) = self.open_revision(&path)? else {
+                let Some(rev) = self.open_revision(id, &path)? else {
                     return Err(TierError::not_found());
                 };
                 let rev = Arc::new(rev);
@@ -516,6 +536,29 @@ impl Inner {
         index.expirations += 1;
         metrics::counter!("larder_disk_expirations_total").increment(1);
         true
+    }
+
+    /// Removes the damaged revision file `file`, opened at `path`, if the path still names it
+    /// (a commit may have replaced it meanwhile), with its index entry.
+    fn remove_damaged(
+        &self,
+        id: EntryRef<'_>,
+        path: &Path,
+        file: &File,
+        why: &dyn std::fmt::Display,
+    ) {
+        report_damaged(path, why);
+        let Ok(md) = file.metadata() else {
+            return;
+        };
+        let damaged = FileId::of(&md);
+        let mut index = self.index.lock().unwrap();
+        self.unlink_if_same(&index, path, damaged);
+        if index.get(&id).is_some_and(|e| e.file == damaged) {
+            let id = id.to_owned();
+            self.uncache(&id);
+            index.remove(&id);
+        }
     }
 
     fn sweep_expired(&self) -> usize {

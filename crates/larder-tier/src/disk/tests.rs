@@ -374,7 +374,7 @@ async fn a_same_etag_rewrite_is_not_removed_by_the_expiry_of_the_revision_it_rep
     };
     t.put(&n, &k, upload(data.clone()), short).await.unwrap();
     // A reader opens the short-lived revision…
-    let old = Arc::new(t.inner.open_revision(&path).unwrap().unwrap());
+    let old = Arc::new(t.inner.open_revision((&id).into(), &path).unwrap().unwrap());
     // …the same bytes are rewritten with a long TTL…
     let put = t
         .put(&n, &k, upload(data.clone()), PutOptions::default())
@@ -570,4 +570,60 @@ async fn spool_followers_get_chunks_live_and_late_joiners_from_the_file() {
     write.await.unwrap().unwrap();
     assert!(first_got == data, "the live follower's bytes differ");
     assert!(late_got == data[500..], "the late joiner's bytes differ");
+}
+
+/// A revision file damaged after it was committed (its header overwritten, or the file cut short)
+/// reads as absent instead of failing every read and write of its key until a restart: it is
+/// removed with its index entry (the size accounting follows), and the key takes new writes,
+/// also create-only ones.
+#[tokio::test]
+async fn a_damaged_revision_file_reads_as_absent_and_takes_new_writes() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    t.index_loaded().await;
+    let damage = |path: &Path, how: &str| {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        match how {
+            "header" => std::os::unix::fs::FileExt::write_all_at(&file, b"garbage!", 0).unwrap(),
+            _ => file.set_len(file.metadata().unwrap().len() - 100).unwrap(),
+        }
+    };
+    for how in ["header", "length"] {
+        let (n, k) = (ns("ci"), key(how));
+        let (id, path) = id_and_path(&t, &n, &k);
+        t.put(&n, &k, upload(pattern(5000, 1)), PutOptions::default())
+            .await
+            .unwrap();
+        damage(&path, how);
+        let err = t.get(&n, &k, GetOptions::default()).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::NotFound, "{how}: {err}");
+        assert!(!path.exists(), "{how}: the damaged file is removed");
+        assert!(
+            t.inner.index.lock().unwrap().get(&id).is_none(),
+            "{how}: with its index entry"
+        );
+        assert_eq!(t.used_bytes(), 0, "{how}: and its bytes");
+        t.put(&n, &k, upload(pattern(300, 2)), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(read_all(&t, &n, &k).await, Some(pattern(300, 2)), "{how}");
+        t.delete(&n, &k).await.unwrap();
+    }
+    // Written over without being read first: the damaged file is no revision, so even a
+    // create-only write replaces it.
+    let (n, k) = (ns("ci"), key("overwritten"));
+    let (_, path) = id_and_path(&t, &n, &k);
+    t.put(&n, &k, upload(pattern(5000, 3)), PutOptions::default())
+        .await
+        .unwrap();
+    damage(&path, "header");
+    let create_only = PutOptions {
+        precondition: larder_proto::WritePrecondition::create_only(),
+        ..Default::default()
+    };
+    t.put(&n, &k, upload(pattern(700, 4)), create_only)
+        .await
+        .unwrap();
+    assert_eq!(read_all(&t, &n, &k).await, Some(pattern(700, 4)));
+    assert_eq!(t.used_bytes(), std::fs::metadata(&path).unwrap().len());
 }
