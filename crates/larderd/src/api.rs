@@ -239,6 +239,7 @@ pub(crate) enum ReadAnswer {
         meta: ObjectMeta,
         range: Option<ByteRange>,
         region: FileRegion,
+        body: larder_tier::BodyStream,
         request_id: HeaderValue,
     },
     /// Any other answer, with `X-Request-Id`, and the tier that serves its body.
@@ -315,7 +316,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
                 };
                 (answer, status, etag)
             }
-            Ok(Local::File(status, range, meta, region)) => {
+            Ok(Local::File(status, range, meta, region, body)) => {
                 log.tier = "disk";
                 let etag = Some(meta.etag.clone());
                 let answer = ReadAnswer::File {
@@ -323,6 +324,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
                     meta,
                     range,
                     region,
+                    body,
                     request_id: read.request_id.clone(),
                 };
                 (answer, status, etag)
@@ -386,7 +388,13 @@ enum Local {
     /// Its body, small, read whole (`None`: the body failed).
     Read(StatusCode, Option<ByteRange>, ObjectMeta, Option<Bytes>),
     /// Its body, large, as a region of the revision's file.
-    File(StatusCode, Option<ByteRange>, ObjectMeta, FileRegion),
+    File(
+        StatusCode,
+        Option<ByteRange>,
+        ObjectMeta,
+        FileRegion,
+        larder_tier::BodyStream,
+    ),
 }
 
 /// What the fast path writes of a decided read, or the response back for the general path.
@@ -408,7 +416,7 @@ async fn small(got: GetResponse) -> Result<Local, GetResponse> {
     if len > SMALL_READ {
         // The stream was never polled: dropping it reads nothing.
         return match got.file {
-            Some(region) => Ok(Local::File(status, range, got.meta, region)),
+            Some(region) => Ok(Local::File(status, range, got.meta, region, stream)),
             None => Err(GetResponse {
                 body: Some(stream),
                 ..got

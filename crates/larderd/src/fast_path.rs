@@ -126,7 +126,7 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
         };
         let head_len = request.head_len;
         let head = request.head;
-        let (close, file_body) = match request.answer(state).await {
+        let (close, large_body) = match request.answer(state).await {
             // Nothing happened yet: hyper answers it from scratch.
             None => {
                 return Outcome::HandOver {
@@ -150,9 +150,11 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 meta,
                 range,
                 region,
+                body,
                 request_id,
             }) => {
-                // The head only; the body follows from the file.
+                // The head only: the body follows from the file, or is copied from the tier's
+                // stream when sendfile is off.
                 encode_read(
                     &mut out,
                     status,
@@ -162,7 +164,12 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                     &request_id,
                     true,
                 );
-                (false, Some(region))
+                let large = if sendfile_enabled() {
+                    LargeBody::File(region)
+                } else {
+                    LargeBody::Stream(body)
+                };
+                (false, Some(large))
             }
             Some(ReadAnswer::Broken) => return Outcome::Closed,
             Some(ReadAnswer::Response(response, served_by)) => {
@@ -179,8 +186,9 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 }
             }
         };
-        let written = match file_body {
-            Some(region) => send_region(&mut io, &out, &region).await,
+        let written = match large_body {
+            Some(LargeBody::File(region)) => send_region(&mut io, &out, &region).await,
+            Some(LargeBody::Stream(body)) => copy_body(&mut io, &out, body).await,
             None => io.write_all(&out).await,
         };
         // After a failure part of the answer may have gone out: the connection cannot say
@@ -464,8 +472,62 @@ fn encode_read(
 }
 
 /// Most bytes handed to the kernel in one `sendfile`: a connection sending a large object yields
-/// between calls, so the thread's other connections are not held up behind it.
-const SEND_FILE_CHUNK: u64 = 4 << 20;
+/// between calls, so the thread's other connections are not held up behind it. Measured on
+/// loopback: one 1 GiB download ran at 2.3 GB/s with 128–256 KiB per call, 1.7–1.8 GB/s with
+/// 1–4 MiB (the client drained the socket in bursts).
+const SEND_FILE_CHUNK: u64 = 256 << 10;
+
+/// A body the fast path sends after the head, not in the same buffer.
+enum LargeBody {
+    File(FileRegion),
+    Stream(larder_tier::BodyStream),
+}
+
+/// Whether large bodies from disk go out with `sendfile` (`LARDER_SENDFILE=0` copies them
+/// through user space instead), read once.
+fn sendfile_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LARDER_SENDFILE").map_or(true, |v| v != "0"))
+}
+
+/// Sends `head`, then the chunks of `body`, the first with the head in one write.
+async fn copy_body<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    head: &[u8],
+    mut body: larder_tier::BodyStream,
+) -> io::Result<()> {
+    use futures_util::StreamExt;
+    let mut head = Some(head);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| io::Error::other(e.chain()))?;
+        crate::metrics::bytes_served("disk", chunk.len() as u64);
+        match head.take() {
+            Some(head) => {
+                write_all_vectored(io, &mut [io::IoSlice::new(head), io::IoSlice::new(&chunk)])
+                    .await?
+            }
+            None => io.write_all(&chunk).await?,
+        }
+    }
+    match head {
+        // The tier promised bytes and sent none.
+        Some(_) => Err(io::ErrorKind::UnexpectedEof.into()),
+        None => Ok(()),
+    }
+}
+
+async fn write_all_vectored<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    mut slices: &mut [io::IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        match io.write_vectored(slices).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => io::IoSlice::advance_slices(&mut slices, n),
+        }
+    }
+    Ok(())
+}
 
 /// Sends `head`, then the bytes of `region`.
 async fn send_region<T: SendFile>(io: &mut T, head: &[u8], region: &FileRegion) -> io::Result<()> {

@@ -734,13 +734,27 @@ fn comparable(r: &Response) -> (u16, Vec<(String, String)>, usize, String) {
 /// Object reads without hyper (`fast_path.rs`) answer exactly as hyper does: the same request
 /// sent plainly (the fast path takes it) and with one extra header (which sends it to hyper)
 /// gets the same status, header fields and body, for every kind of answer a read can get; and
-/// a connection moves from the fast path to hyper in the middle — for a large body, for a
-/// request the fast path does not take, for pipelined requests — with every request answered
-/// once, in order.
+/// a connection moves from the fast path to hyper in the middle — for a request the fast path
+/// does not take, for pipelined requests — with every request answered once, in order. Large
+/// bodies go out with `sendfile`, or copied when `LARDER_SENDFILE=0`: the same either way.
 #[tokio::test]
 async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
+    fast_path_answers_as_hyper_does(true).await;
+}
+
+#[tokio::test]
+async fn object_reads_on_the_fast_path_without_sendfile_answer_exactly_as_hyper_does() {
+    fast_path_answers_as_hyper_does(false).await;
+}
+
+async fn fast_path_answers_as_hyper_does(sendfile: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let srv = Larderd::start(&["--config", &tokens_config(dir.path())]);
+    let cfg = tokens_config(dir.path());
+    let mut launch = Launch::new(&["--config", &cfg]);
+    if !sendfile {
+        launch = launch.env("LARDER_SENDFILE", "0");
+    }
+    let srv = launch.start();
     let writer = format!("Bearer {WRITER}");
     let reader = format!("Bearer {READER}");
     let small_path = "/api/v1/object/ci/small";
@@ -875,7 +889,7 @@ async fn object_reads_on_the_fast_path_answer_exactly_as_hyper_does() {
         ]
     );
 
-    // A large answer from disk is sent from its file: counted once, every byte counted.
+    // A large answer from disk: counted once, every byte counted.
     let count = |metrics: &str| {
         larder_testkit::metric(
             metrics,
