@@ -26,5 +26,6 @@ pub use s3::{ConditionalPut, ReapReport, S3Config, S3Tier};
 pub use tier::{
     BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
     PutOptions, PutResult, SpoolWrite, Tier, TierStats, UploadStream, body_to_bytes,
+    upload_channel,
 };
 pub use tiered::TieredTier;

@@ -20,6 +20,28 @@ pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, TierError>> + Send
 /// malformed: the tier stores nothing.
 pub type UploadStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
+/// An upload stream fed through the returned sender (a few chunks buffered), and its demand:
+/// resolved when the tier first polls the stream, failed when the tier drops it unpolled — a
+/// write refused before its body (S3 checks a failing precondition first). Whoever feeds the
+/// stream waits for the demand before reading the bytes from their source, so a refused body is
+/// never read (nor, behind `Expect: 100-continue`, sent by the client).
+pub fn upload_channel() -> (
+    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    UploadStream,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (demand_tx, demand) = tokio::sync::oneshot::channel();
+    let stream =
+        futures_util::stream::unfold((rx, Some(demand_tx)), |(mut rx, demand)| async move {
+            if let Some(demand) = demand {
+                let _ = demand.send(());
+            }
+            rx.recv().await.map(|item| (item, (rx, None)))
+        });
+    (tx, Box::pin(stream), demand)
+}
+
 /// The metadata of one revision. It travels with the bytes as a unit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {

@@ -110,6 +110,12 @@ impl Req {
     pub(crate) fn return_body(&mut self, body: Incoming) {
         self.body = BodyState::Returned(body);
     }
+
+    /// Gives back a body the handler took but never read from: as if untouched, so a body
+    /// behind `Expect: 100-continue` stays uninvited.
+    pub(crate) fn return_unread_body(&mut self, body: Incoming) {
+        self.body = BodyState::Unread(body);
+    }
 }
 
 pub(crate) const OBJECT_PREFIX: &str = "/api/v1/object/";
@@ -1327,7 +1333,7 @@ pub(crate) async fn put_checked(
     // owns the connection's body and can give the remainder back to `handle` to drain: the
     // client then reads the 4xx/5xx instead of a reset.
     let mut incoming = req.take_body();
-    let (tx, upload) = crate::io::upload_channel();
+    let (tx, upload, demand) = crate::io::upload_channel();
     let (upload, verdict) = match check {
         Some(check) => {
             let (upload, verdict) = crate::io::checked(upload, check);
@@ -1336,11 +1342,12 @@ pub(crate) async fn put_checked(
         None => (upload, None),
     };
     let idle = state.limits.idle_timeout;
-    let pump = crate::io::pump_body(&mut incoming, tx, idle);
+    let pump = crate::io::pump_body(&mut incoming, tx, demand, idle);
     let (result, pumped) = tokio::join!(state.tier.put(ns, key, upload, opts), pump);
     match pumped {
         Pump::Complete => req.body_done(),
         Pump::Stopped => req.return_body(incoming),
+        Pump::NotAsked => req.return_unread_body(incoming),
         // A client that stalled is not waited for again: the body stays taken, and the
         // answer announces the close.
         Pump::Idle => {

@@ -260,6 +260,8 @@ pub enum Pump {
     Complete,
     /// The tier stopped reading, or the body failed.
     Stopped,
+    /// The tier refused the upload before it asked for a byte: the body was not touched.
+    NotAsked,
     /// The client stopped sending for longer than the idle timeout.
     Idle,
 }
@@ -270,23 +272,31 @@ pub enum Pump {
 /// refuses it half-way (disk full, too large, a precondition checked first) the handler still
 /// owns the connection's body and can give the remainder back to be drained: the client then
 /// reads the 4xx/5xx instead of a reset.
-pub fn upload_channel() -> (
-    BodySender,
-    futures_util::stream::BoxStream<'static, BodyChunk>,
-) {
-    use futures_util::StreamExt;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })
-    .boxed();
-    (tx, stream)
+///
+/// The returned [`Demand`] resolves when the tier first asks for bytes, or fails when it lets go
+/// of the stream without asking (a precondition refused before the body, by S3): reading the
+/// body only then means a client that sent `Expect: 100-continue` is not invited to upload
+/// what will be refused.
+pub fn upload_channel() -> (BodySender, larder_tier::UploadStream, Demand) {
+    larder_tier::upload_channel()
 }
 
-/// Feeds `body` into `tx` until it ends, fails, the receiver stops, or nothing arrives for
-/// `idle` (then the receiver gets a `TimedOut` error, so the tier discards what it wrote).
-pub async fn pump_body(body: &mut hyper::body::Incoming, tx: BodySender, idle: Duration) -> Pump {
+/// Whether the tier asked for an upload's bytes (see [`upload_channel`]).
+pub type Demand = tokio::sync::oneshot::Receiver<()>;
+
+/// Once the tier asks for bytes (`demand`), feeds `body` into `tx` until it ends, fails, the
+/// receiver stops, or nothing arrives for `idle` (then the receiver gets a `TimedOut` error, so
+/// the tier discards what it wrote). A tier that never asks leaves the body unread.
+pub async fn pump_body(
+    body: &mut hyper::body::Incoming,
+    tx: BodySender,
+    demand: Demand,
+    idle: Duration,
+) -> Pump {
     use http_body_util::BodyExt;
+    if demand.await.is_err() {
+        return Pump::NotAsked;
+    }
     loop {
         let item = match tokio::time::timeout(idle, body.frame()).await {
             Ok(None) => return Pump::Complete,

@@ -322,7 +322,6 @@ impl<L: CacheTier> Tier for TieredTier<L> {
     ) -> Result<PutResult, TierError> {
         let inner = &self.inner;
         let id = (ns.clone(), key.clone());
-        let (remote_tx, remote_rx) = mpsc::channel(4);
         let (local_tx, local_rx) = mpsc::channel(4);
         // Both tiers stamp the revision with one date (the disk tier would otherwise take the
         // time the upload started, S3 the time of its commit).
@@ -335,7 +334,14 @@ impl<L: CacheTier> Tier for TieredTier<L> {
             ..opts.clone()
         };
         let started = Instant::now();
+        let (remote_tx, remote_body, remote_demand) = crate::upload_channel();
         let pump = async move {
+            // Not a byte is read before the remote tier asks for one: S3 refuses a write whose
+            // precondition already fails before its body, and then the client's body stays
+            // unread (and, behind `Expect: 100-continue`, unsent).
+            if remote_demand.await.is_err() {
+                return Instant::now();
+            }
             let mut local_tx = Some(local_tx);
             while let Some(item) = body.next().await {
                 let (for_remote, for_local) = match item {
@@ -356,7 +362,7 @@ impl<L: CacheTier> Tier for TieredTier<L> {
             // new revision became current.
             Instant::now()
         };
-        let remote = inner.remote.put(ns, key, channel_stream(remote_rx), opts);
+        let remote = inner.remote.put(ns, key, remote_body, opts);
         let local = inner
             .local
             .stage(ns, key, channel_stream(local_rx), local_opts);
