@@ -488,9 +488,8 @@ async fn every_request_on_a_keep_alive_connection_is_answered_after_early_answer
         "1",
     ])
     .start();
-    // 401 and 413 are decided from the head; the disk tier checks a create-only write when it
-    // commits, after the body.
-    keep_alive_rounds(&srv, 25, 2).await;
+    // 401, 413 and the create-only 412 are decided before the body is needed.
+    keep_alive_rounds(&srv, 25, 3).await;
 }
 
 /// The same over S3, where a conditional PUT is refused before its body is read — and, sent with

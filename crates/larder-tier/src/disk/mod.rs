@@ -317,6 +317,26 @@ impl Inner {
         self.objects.join(ns).join(&h[..2]).join(h)
     }
 
+    /// Refuses a conditional write that already fails, before a byte of its body is read (CI
+    /// clients save caches with `If-None-Match: *` over and over, and a refused body is then
+    /// never sent). Only a shortcut: the commit's check under the index lock decides.
+    fn precheck(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        precondition: &larder_proto::WritePrecondition,
+    ) -> Result<(), TierError> {
+        if precondition.if_match.is_none() && precondition.if_none_match.is_none() {
+            return Ok(());
+        }
+        let path = self.path_of(ns.as_str(), &key_hash(key));
+        let current = self.current_validators(&path, now_ms())?;
+        if decide_write(precondition, current.as_ref()) == WriteOutcome::PreconditionFailed {
+            return Err(TierError::precondition_failed(current.map(|v| v.etag)));
+        }
+        Ok(())
+    }
+
     /// Reads the current revision's header and a first slice of its body from one descriptor.
     /// A damaged file (its header unreadable, its length not the one the header gives) is
     /// removed and the key reads as absent — a tier above fills it again — instead of failing
@@ -758,6 +778,7 @@ impl Tier for DiskTier {
         body: UploadStream,
         opts: PutOptions,
     ) -> Result<PutResult, TierError> {
+        self.inner.precheck(ns, key, &opts.precondition)?;
         let staged = self.stage(ns, key, body, opts).await?;
         self.commit_staged(staged, Box::new(|| true)).await
     }
