@@ -474,7 +474,7 @@ fn encode_read(
 /// Most bytes handed to the kernel in one `sendfile`: a connection sending a large object yields
 /// between calls, so the thread's other connections are not held up behind it. Measured on
 /// loopback: one 1 GiB download ran at 2.3 GB/s with 128–256 KiB per call, 1.7–1.8 GB/s with
-/// 1–4 MiB (the client drained the socket in bursts).
+/// 1–4 MiB (BENCHMARKS.md, performance round 4).
 const SEND_FILE_CHUNK: u64 = 256 << 10;
 
 /// A body the fast path sends after the head, not in the same buffer.
