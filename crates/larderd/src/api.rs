@@ -239,7 +239,8 @@ pub(crate) enum ReadAnswer {
         request_id: HeaderValue,
     },
     /// A 200 or 206 from the local disk whose body is not small: the fields of [`body_fields`],
-    /// then the bytes of `region`, which the fast path hands to `sendfile`.
+    /// then the bytes of `region`, which the fast path hands to `sendfile` (or, with
+    /// `LARDER_SENDFILE=0`, copies from `body`).
     File {
         status: StatusCode,
         meta: ObjectMeta,
@@ -306,7 +307,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
         .catch_unwind()
         .await;
     let (answer, status, etag) = match answered {
-        Ok(Ok(got)) => match small(got).await {
+        Ok(Ok(got)) => match local_answer(got).await {
             Ok(Local::Read(status, range, meta, body)) => {
                 log.tier = "disk";
                 let etag = Some(meta.etag.clone());
@@ -405,7 +406,7 @@ enum Local {
 
 /// What the fast path writes of a decided read, or the response back for the general path.
 #[allow(clippy::result_large_err)]
-async fn small(got: GetResponse) -> Result<Local, GetResponse> {
+async fn local_answer(got: GetResponse) -> Result<Local, GetResponse> {
     let (status, range) = match got.outcome {
         ReadOutcome::Full => (StatusCode::OK, None),
         ReadOutcome::Partial(range) => (StatusCode::PARTIAL_CONTENT, Some(range)),
@@ -420,7 +421,7 @@ async fn small(got: GetResponse) -> Result<Local, GetResponse> {
     };
     let len = range.map_or(got.meta.size, |r| r.len);
     if len > SMALL_READ {
-        // The stream was never polled: dropping it reads nothing.
+        // Sent from the file; the stream, not polled yet, reads nothing unless sendfile is off.
         return match got.file {
             Some(region) => Ok(Local::File(status, range, got.meta, region, stream)),
             None => Err(GetResponse {
