@@ -29,12 +29,17 @@ use std::time::Instant;
 /// slow stderr (a pipe into journald). Lines are written in batches as they come; the returned
 /// guard flushes what is left when the process ends, so it must be dropped, not skipped by
 /// `process::exit`.
+/// Messages (a log line, or a batch of access lines) waiting for the log writer thread before
+/// whoever logs next waits for it: at most 32 MiB of access-line batches.
+const LOG_CHANNEL_MESSAGES: usize = 1024;
+
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LARDER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // A full buffer (a stuck stderr) makes requests wait instead of losing lines.
         .lossy(false)
+        .buffered_lines_limit(LOG_CHANNEL_MESSAGES)
         .finish(std::io::BufWriter::with_capacity(
             64 << 10,
             std::io::stderr(),

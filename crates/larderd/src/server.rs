@@ -127,7 +127,15 @@ pub async fn serve(
                     .thread_name(format!("larderd-worker-{n}-blocking"))
                     .build()
                     .expect("worker runtime");
-                runtime.block_on(server.accept_loop(listener, stopped));
+                runtime.block_on(async {
+                    // Polled in this `block_on`, so on this thread, whose lines it batches;
+                    // dropped (handing over the last batch) when the accept loop ends.
+                    let batches = crate::access_log::flush_this_threads_batches();
+                    tokio::select! {
+                        () = server.accept_loop(listener, stopped) => {}
+                        () = batches => {}
+                    }
+                });
                 // Dropping the runtime ends what is left on it (fills of a stopping server).
                 drop(runtime);
                 let _ = done.send(());

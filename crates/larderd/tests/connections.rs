@@ -722,6 +722,62 @@ async fn every_request_of_a_concurrent_load_with_logging_on_is_answered() {
     );
 }
 
+/// Access lines are handed to the log writer in batches per worker thread; a batch must still
+/// reach the log soon after its requests while the server keeps running (not only at a stop),
+/// in order, and again after the server sat idle.
+#[tokio::test]
+async fn access_lines_reach_the_log_soon_while_the_server_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("larderd.log");
+    let srv = Launch::new(&[])
+        .env("LARDER_LOG", "warn,larderd::access=info")
+        .stderr_to(&log)
+        .start();
+    let access_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("larderd::access"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let wait_for = |n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = access_lines();
+            if lines.len() >= n || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut c = Client::new(&srv.addr);
+    let path = "/api/v1/object/soon/k";
+    for (method, status) in [("GET", 404), ("PUT", 201), ("GET", 200)] {
+        let mut req = Request::new(method, path);
+        if method == "PUT" {
+            req = req.body(b"soon");
+        }
+        assert_eq!(c.send(&req).await.unwrap().status, status);
+    }
+    let lines = wait_for(3);
+    let statuses: Vec<_> = lines
+        .iter()
+        .map(|l| l.split(" status=").nth(1).unwrap_or("?")[..3].to_string())
+        .collect();
+    assert_eq!(statuses, ["404", "201", "200"], "{lines:#?}");
+    // Idle long past the batch delay, then one more request: its line comes out on its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        c.send(&Request::new("HEAD", path)).await.unwrap().status,
+        200
+    );
+    let lines = wait_for(4);
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    assert!(lines[3].contains("method=HEAD"), "{}", lines[3]);
+    drop(srv);
+}
+
 /// The header fields of an answer that must not differ between two servings of one request:
 /// all but the date.
 fn comparable(r: &Response) -> (u16, Vec<(String, String)>, usize, String) {

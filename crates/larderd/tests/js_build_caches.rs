@@ -758,14 +758,24 @@ fn nx_build(
     run_tool(cmd, dir)
 }
 
-/// The access lines (`fields` of larderd's JSON log) of the nx route.
-fn nx_requests(log: &Path) -> Vec<Value> {
-    read(log)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|v| v["fields"].clone())
-        .filter(|f| f["route"] == "nx")
-        .collect()
+/// The access lines (`fields` of larderd's JSON log) of the nx route, once at least `expected`
+/// are written. larderd hands access lines to its log in batches (within 50 ms of a request),
+/// so this waits for them, then a little longer so that a line beyond `expected` would show.
+fn nx_requests(log: &Path, expected: usize) -> Vec<Value> {
+    let lines = || -> Vec<Value> {
+        read(log)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| v["fields"].clone())
+            .filter(|f| f["route"] == "nx")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lines().len() < expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    lines()
 }
 
 #[tokio::test]
@@ -789,7 +799,7 @@ async fn nx_gets_a_remote_cache_hit_from_larder_in_a_clean_workspace() {
         "{out}"
     );
     // One miss, then one upload, which larderd stored under the task hash.
-    let requests = nx_requests(&log);
+    let requests = nx_requests(&log, 2);
     let methods: Vec<_> = requests
         .iter()
         .map(|f| (f["method"].clone(), f["status"].clone()))
@@ -819,7 +829,7 @@ async fn nx_gets_a_remote_cache_hit_from_larder_in_a_clean_workspace() {
     assert!(out.contains("nx run hello:build  [remote cache]"), "{out}");
     assert!(out.contains("Nx read the output from the cache"), "{out}");
     assert_eq!(read(&first.join(output)), read(&second.join(output)));
-    let requests = nx_requests(&log);
+    let requests = nx_requests(&log, 4);
     // The test's own GET, then the hit; a hit uploads nothing.
     assert_eq!(requests.len(), 4, "{requests:?}");
     assert_eq!(
@@ -846,7 +856,7 @@ async fn nx_with_a_read_only_token_builds_its_upload_gets_403_and_a_refused_toke
     let (ok, out) = nx_build(&bin, work.path(), &first, &server, Some(READER));
     assert!(ok, "{out}");
     assert!(out.contains("compiled hello"), "{out}");
-    let requests = nx_requests(&log);
+    let requests = nx_requests(&log, 2);
     let statuses: Vec<_> = requests
         .iter()
         .map(|f| (f["method"].clone(), f["status"].clone()))
