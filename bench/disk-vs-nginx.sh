@@ -33,6 +33,7 @@
 #   ROWS="big1 big4 range small" (a subset runs only those throughput rows)
 #   QUIET_MAX=120 QUIET_BUSY=20
 #   FAST_PATH=0 (larderd answers every request through hyper, for comparing its HTTP/1.1 fast path)
+#   SENDFILE=0 (larderd copies large bodies through user space instead of sendfile)
 # It installs nginx-light and wrk from Debian if missing, builds larderd in release mode, wipes and
 # uses target/bench-disk (needs ~2.5 GiB of disk), prints a Markdown table on stdout (progress on
 # stderr) and also writes it with the raw per-run numbers to target/bench-disk/results.md. Every
@@ -58,8 +59,9 @@ BIG_PATH=/api/v1/object/bench/big
 SMALL_PREFIX=/api/v1/object/bench/small-
 
 FAST_PATH=${FAST_PATH:-1}
-# Only LARDER_LOG and LARDER_FAST_PATH (set below) may reach larderd: a stray LARDER_CONFIG or LARDER_DISK_LIMIT in
-# the caller's environment would change what is measured.
+SENDFILE=${SENDFILE:-1}
+# Only LARDER_LOG, LARDER_FAST_PATH and LARDER_SENDFILE (set below) may reach larderd: a stray
+# LARDER_CONFIG or LARDER_DISK_LIMIT in the caller's environment would change what is measured.
 while IFS= read -r v; do unset "$v"; done < <(compgen -e | grep '^LARDER_' || true)
 
 log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -155,7 +157,9 @@ start_larderd() { # data-dir
     LARDER_RUN=$((LARDER_RUN + 1))
     out=$WORK/larderd.$LARDER_RUN.out
     port_busy "$LPORT" && die "port 127.0.0.1:$LPORT is already in use"
-    LARDER_FAST_PATH=$FAST_PATH LARDER_LOG=warn "$BIN" --listen "127.0.0.1:$LPORT" --data-dir "$data" --shutdown-grace 5s \
+    # The default log level: one access line per request, as a deployment has it (nginx runs with
+    # its access log off, the stricter anchor).
+    LARDER_FAST_PATH=$FAST_PATH LARDER_SENDFILE=$SENDFILE LARDER_LOG=info "$BIN" --listen "127.0.0.1:$LPORT" --data-dir "$data" --shutdown-grace 5s \
         >"$out" 2>"$WORK/larderd.$LARDER_RUN.err" &
     LARDER_PID=$!
     SERVERS[larderd]=$LARDER_PID
@@ -189,6 +193,9 @@ stop_larderd() {
     unset 'SERVERS[larderd]'
     [[ $STOP_RC == 0 ]] || detail "WARNING: larderd exited with status $STOP_RC after SIGTERM; stderr:
 $(larder_err_tail)"
+    # A few million access lines per run: keep the tail, not gigabytes of them.
+    local err=$WORK/larderd.$LARDER_RUN.err
+    tail -n 200 "$err" >"$err.tail" 2>/dev/null && mv "$err.tail" "$err"
 }
 
 write_nginx_conf() { # dir port mode(sendfile|nosendfile)
