@@ -5,12 +5,16 @@
 #
 # `wrk -t2 -cCONNECTIONS -dDURATION --latency` GETs one object of SIZE bytes, over loopback, from
 # larderd and from nginx in turn, REPS times each (alternating, so both see the same machine);
-# access logs off on both (nginx has none here; larderd's goes to /dev/null through its own
-# writer, as in production). Prints one line per run and the medians, and the ratios larderd /
-# nginx of throughput and of p50 and p99. Generator and servers share the machine's cores: the
-# figures are only comparable within one run.
+# nginx without an access log, larderd with its own (one line per request, written to
+# /dev/null by its log thread). Prints one line per run and the medians, and the ratios larderd /
+# nginx of throughput, of p50 and p99, and of the server's CPU time per request (user + system,
+# all threads: /proc/<pid>/stat before and after each run). Generator and servers share the
+# machine's cores: the figures are only comparable within one run, and with small objects the
+# throughput depends on where the scheduler puts wrk's threads (BENCHMARKS.md, round 5), so CPU
+# per request is the steadier figure there.
 #
 #   bench/one-object-latency.sh
+#   SIZE=4096 CONNECTIONS=64 REPS=5 bench/one-object-latency.sh   # the small-object row
 # Knobs: SIZE=1048576 CONNECTIONS=500 DURATION=10s REPS=3 LARDER_PORT=18380 NGINX_PORT=18381
 # Needs nginx-light and wrk (installed from Debian when missing).
 set -euo pipefail
@@ -53,6 +57,7 @@ http {
 EOF
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
 pids+=($!)
+larderd_pid=${pids[0]} nginx_pid=${pids[1]}
 for _ in $(seq 100); do
     grep -q listening "$work/larderd.out" 2>/dev/null && break
     sleep 0.1
@@ -63,34 +68,52 @@ nginx_url="http://127.0.0.1:$NPORT/obj/one"
 # Both answer, with the same bytes.
 cmp <(curl -sf "$larder_url") <(curl -sf "$nginx_url")
 
-# wrk's latency figures in ms, and bytes/s: "p50 p99 bytes_per_s".
-run() {
-    wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$1" | awk '
+# CPU ticks (user + system) of a process and its children (nginx's workers), all threads.
+ticks() {
+    local total=0 p
+    for p in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
+    done
+    echo "$total"
+}
+# wrk's latency figures in ms, bytes/s, requests/s and the server's CPU µs per request:
+# "p50 p99 bytes_per_s requests_per_s cpu_us".
+run() { # url server-pid
+    local before after
+    before=$(ticks "$2")
+    wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$1" >"$work/wrk.out"
+    after=$(ticks "$2")
+    awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
         function bytes(v) { n = v + 0; if (v ~ /GB/) return n * 2^30; if (v ~ /MB/) return n * 2^20; if (v ~ /KB/) return n * 2^10; return n }
         $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
         $1 == "Transfer/sec:" { rate = bytes($2) }
-        END { printf "%.1f %.1f %.0f\n", p50, p99, rate }'
+        $1 == "Requests/sec:" { rps = $2 }
+        $2 == "requests" && $3 == "in" { requests = $1 }
+        END { printf "%.1f %.1f %.0f %.0f %.2f\n", p50, p99, rate, rps, ticks / hz * 1e6 / requests }' "$work/wrk.out"
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 for rep in $(seq "$REPS"); do
     for server in larderd nginx; do
-        url=$larder_url
-        [[ $server == nginx ]] && url=$nginx_url
-        read -r p50 p99 rate < <(run "$url")
-        awk -v s="$server" -v r="$rep" -v a="$p50" -v b="$p99" -v c="$rate" \
-            'BEGIN { printf "%s rep %d: p50 %s ms, p99 %s ms, %.2f GB/s\n", s, r, a, b, c / 1e9 }' >&2
-        echo "$server $p50 $p99 $rate" >>"$work/runs"
+        url=$larder_url pid=$larderd_pid
+        [[ $server == nginx ]] && url=$nginx_url pid=$nginx_pid
+        read -r p50 p99 rate rps cpu < <(run "$url" "$pid")
+        awk -v s="$server" -v r="$rep" -v a="$p50" -v b="$p99" -v c="$rate" -v u="$cpu" \
+            'BEGIN { printf "%s rep %d: p50 %s ms, p99 %s ms, %.2f GB/s, %s µs CPU per request\n", s, r, a, b, c / 1e9, u }' >&2
+        echo "$server $p50 $p99 $rate $rps $cpu" >>"$work/runs"
     done
 done
 col() { awk -v s="$1" -v c="$2" '$1 == s { print $c }' "$work/runs" | median; }
-lp50=$(col larderd 2) lp99=$(col larderd 3) lrate=$(col larderd 4)
-np50=$(col nginx 2) np99=$(col nginx 3) nrate=$(col nginx 4)
+lp50=$(col larderd 2) lp99=$(col larderd 3) lrate=$(col larderd 4) lrps=$(col larderd 5) lcpu=$(col larderd 6)
+np50=$(col nginx 2) np99=$(col nginx 3) nrate=$(col nginx 4) nrps=$(col nginx 5) ncpu=$(col nginx 6)
 echo "| one object of $SIZE bytes, $CONNECTIONS connections, medians of $REPS | larderd | nginx | larderd / nginx |"
 echo "| --- | ---: | ---: | ---: |"
-awk -v lr="$lrate" -v nr="$nrate" -v l50="$lp50" -v n50="$np50" -v l99="$lp99" -v n99="$np99" 'BEGIN {
+awk -v lr="$lrate" -v nr="$nrate" -v l50="$lp50" -v n50="$np50" -v l99="$lp99" -v n99="$np99" \
+    -v lq="$lrps" -v nq="$nrps" -v lc="$lcpu" -v nc="$ncpu" 'BEGIN {
     printf "| GB/s | %.2f | %.2f | %.2f× |\n", lr / 1e9, nr / 1e9, lr / nr
+    printf "| requests/s | %.0f | %.0f | %.2f× |\n", lq, nq, lq / nq
+    printf "| server CPU µs per request | %.2f | %.2f | %.2f |\n", lc, nc, lc / nc
     printf "| p50 ms | %s | %s | %.2f |\n", l50, n50, l50 / n50
     printf "| p99 ms | %s | %s | %.2f |\n", l99, n99, l99 / n99
 }'
