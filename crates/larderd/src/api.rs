@@ -986,6 +986,17 @@ async fn git_bundles_list(
     };
     // The list depends on the base URI as well as on the chain: the ETag is of the bytes sent.
     let etag = larder_proto::ETag::of(list.as_bytes());
+    // A client that polls the list with the ETag it has gets a 304 until a new bundle is listed.
+    if header_text(req.headers(), header::IF_NONE_MATCH)
+        .is_some_and(|tags| larder_proto::TagList::parse(tags).matches_weak(&etag))
+    {
+        let mut r = Response::new(empty_body());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        let h = r.headers_mut();
+        h.insert(header::ETAG, value(&etag.header_value()));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return r;
+    }
     let len = list.len();
     let body = if req.method() == Method::HEAD {
         empty_body()

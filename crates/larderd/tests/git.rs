@@ -93,6 +93,23 @@ async fn wait_for_list(
             );
             let listed = parse_list(&body);
             if accept(&listed) {
+                // Asked again with that ETag among others: 304 with the same ETag, unless a
+                // new bundle was listed in between (then the new list, with another ETag).
+                let again = http
+                    .get(url)
+                    .header("if-none-match", format!("\"0000\", W/{etag}"))
+                    .send()
+                    .await
+                    .unwrap();
+                let again_etag = again.headers()["etag"].to_str().unwrap().to_string();
+                match again.status() {
+                    StatusCode::NOT_MODIFIED => {
+                        assert_eq!(again_etag, etag);
+                        assert!(again.bytes().await.unwrap().is_empty());
+                    }
+                    StatusCode::OK => assert_ne!(again_etag, etag, "an unchanged list is 304"),
+                    other => panic!("asked again with its ETag: {other}"),
+                }
                 return listed;
             }
             last = listed;
