@@ -12,8 +12,8 @@
 //! `access_log … buffer= flush=`): one line per hand-over cost a tenth of a small GET's CPU at
 //! 130k requests/s (an allocation, a channel send, and a wake-up of the writer thread, which
 //! spun in `sched_yield` between lines). A batch goes out when it holds [`BATCH_BYTES`] or
-//! [`BATCH_DELAY`] after its first line, and when the thread stops serving, so a line is never
-//! held longer than that and a graceful stop loses none. Lines from other threads go out one
+//! [`BATCH_DELAY`] after its first line, and when the thread stops serving, so a line waits
+//! about that long at most (plus the thread's scheduling) and a graceful stop loses none. Lines from other threads go out one
 //! by one as before. Within a thread lines stay in order; lines of different threads (and the
 //! thread's other log lines) may interleave up to [`BATCH_DELAY`] out of time order.
 

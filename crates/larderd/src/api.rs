@@ -1345,7 +1345,7 @@ pub(crate) async fn put_checked(
     // owns the connection's body and can give the remainder back to `handle` to drain: the
     // client then reads the 4xx/5xx instead of a reset.
     let mut incoming = req.take_body();
-    let (tx, upload, demand) = crate::io::upload_channel();
+    let (tx, upload, demand) = larder_tier::upload_channel();
     let (upload, verdict) = match check {
         Some(check) => {
             let (upload, verdict) = crate::io::checked(upload, check);

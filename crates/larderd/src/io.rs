@@ -266,27 +266,18 @@ pub enum Pump {
     Idle,
 }
 
-/// An upload's body as a stream for the tier, fed through the returned sender.
-///
-/// The body is pumped through a channel rather than handed to the tier, so that when the tier
-/// refuses it half-way (disk full, too large, a precondition checked first) the handler still
-/// owns the connection's body and can give the remainder back to be drained: the client then
-/// reads the 4xx/5xx instead of a reset.
-///
-/// The returned [`Demand`] resolves when the tier first asks for bytes, or fails when it lets go
-/// of the stream without asking (a precondition refused before the body, by S3): reading the
-/// body only then means a client that sent `Expect: 100-continue` is not invited to upload
-/// what will be refused.
-pub fn upload_channel() -> (BodySender, larder_tier::UploadStream, Demand) {
-    larder_tier::upload_channel()
-}
-
-/// Whether the tier asked for an upload's bytes (see [`upload_channel`]).
+/// Whether the tier asked for an upload's bytes (see [`larder_tier::upload_channel`]).
 pub type Demand = tokio::sync::oneshot::Receiver<()>;
 
 /// Once the tier asks for bytes (`demand`), feeds `body` into `tx` until it ends, fails, the
 /// receiver stops, or nothing arrives for `idle` (then the receiver gets a `TimedOut` error, so
-/// the tier discards what it wrote). A tier that never asks leaves the body unread.
+/// the tier discards what it wrote). A tier that never asks leaves the body unread, so a client
+/// that sent `Expect: 100-continue` is not invited to upload what will be refused.
+///
+/// The body is pumped through a channel ([`larder_tier::upload_channel`]) rather than handed to
+/// the tier, so that when the tier refuses it half-way (disk full, too large, a precondition
+/// checked first) the handler still owns the connection's body and can give the remainder back
+/// to be drained: the client then reads the 4xx/5xx instead of a reset.
 pub async fn pump_body(
     body: &mut hyper::body::Incoming,
     tx: BodySender,

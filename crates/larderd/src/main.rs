@@ -24,15 +24,15 @@ use larder_tier::{DiskConfig, DiskTier, S3Tier, Tier, TieredTier};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Messages (a log line, or a batch of access lines) waiting for the log writer thread before
+/// whoever logs next waits for it: at most 32 MiB of access-line batches.
+const LOG_CHANNEL_MESSAGES: usize = 1024;
+
 /// Logs, the access log (one line per request) included, go to stderr through a buffer that a
 /// thread of their own writes out: formatting a line is all a request pays, never a write to a
 /// slow stderr (a pipe into journald). Lines are written in batches as they come; the returned
 /// guard flushes what is left when the process ends, so it must be dropped, not skipped by
 /// `process::exit`.
-/// Messages (a log line, or a batch of access lines) waiting for the log writer thread before
-/// whoever logs next waits for it: at most 32 MiB of access-line batches.
-const LOG_CHANNEL_MESSAGES: usize = 1024;
-
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LARDER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
