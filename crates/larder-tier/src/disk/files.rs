@@ -1,8 +1,8 @@
 //! File-level helpers of the disk tier: temp files that remove themselves, positioned reads,
 //! writing a revision file, and the directory fsyncs that make renames and unlinks durable.
 
+use super::block_writer::BlockWriter;
 use super::*;
-use std::io::BufWriter;
 use tokio::sync::mpsc;
 
 /// A temp file that removes itself unless it was renamed into place.
@@ -70,11 +70,10 @@ pub(super) fn write_temp(
     mut rx: mpsc::Receiver<Upload>,
     progress: Option<watch::Sender<u64>>,
 ) -> Result<(TempFile, Fixed), TierError> {
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    // Flushed at once, so that what BufWriter holds later is body only (see `progress`).
-    out.write_all(&header)
-        .and_then(|_| out.flush())
-        .map_err(|e| TierError::io("write temp file", &e))?;
+    let mut out = BlockWriter::new(file, &temp.path);
+    let failed = |e: io::Error| TierError::io("write temp file", &e);
+    out.write_all(&header).map_err(failed)?;
+    let header_len = header.len() as u64;
     let mut hasher = blake3::Hasher::new();
     let mut body_len = 0u64;
     let mut finished = false;
@@ -83,11 +82,11 @@ pub(super) fn write_temp(
             Upload::Chunk(chunk) => {
                 hasher.update(&chunk);
                 body_len += chunk.len() as u64;
-                out.write_all(&chunk)
-                    .map_err(|e| TierError::io("write temp file", &e))?;
+                out.write_all(&chunk).map_err(failed)?;
                 if let Some(p) = &progress {
-                    // What BufWriter still holds is not in the file yet.
-                    p.send_replace(body_len - out.buffer().len() as u64);
+                    let in_file = out.in_file().saturating_sub(header_len);
+                    // Only a change wakes the readers that follow the file.
+                    p.send_if_modified(|seen| std::mem::replace(seen, in_file) != in_file);
                 }
             }
             Upload::Finish => {
@@ -99,9 +98,7 @@ pub(super) fn write_temp(
     if !finished {
         return Err(TierError::new(ErrorKind::BodyAborted, "upload aborted"));
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| TierError::io("write temp file", e.error()))?;
+    let file = out.finish().map_err(failed)?;
     if let Some(p) = &progress {
         p.send_replace(body_len);
     }
@@ -109,7 +106,7 @@ pub(super) fn write_temp(
     file.write_all_at(&body_len.to_le_bytes(), format::BODY_LEN_OFFSET)
         .and_then(|_| file.write_all_at(&etag, format::ETAG_OFFSET))
         .and_then(|_| file.sync_all())
-        .map_err(|e| TierError::io("write temp file", &e))?;
+        .map_err(failed)?;
     let mut fixed = Fixed::decode(&header).map_err(|e| TierError::internal("encode header", e))?;
     fixed.body_len = body_len;
     fixed.etag = etag;

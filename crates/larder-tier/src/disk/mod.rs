@@ -21,9 +21,11 @@
 //!
 //! Files: this one holds the tier itself (reads, commits, deletes, eviction, expiry); `format`
 //! the revision file's header; `index` the in-memory index; `files` temp files, positioned reads
-//! and durable directory changes; `scan` the start-up scan; `spool` the `CacheTier` capability
-//! (spooling a copy from another tier while readers follow it); `pool` the read buffers.
+//! and durable directory changes; `block_writer` writing a temp file mostly past the page cache;
+//! `scan` the start-up scan; `spool` the `CacheTier` capability (spooling a copy from another
+//! tier while readers follow it); `pool` the read buffers.
 
+mod block_writer;
 mod files;
 mod format;
 mod index;
@@ -50,7 +52,7 @@ use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, d
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
