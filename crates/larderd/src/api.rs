@@ -813,7 +813,10 @@ async fn object(
         Method::GET | Method::HEAD => {
             get(state, &ns, &key, req.headers(), method == Method::HEAD, log).await
         }
-        Method::PUT | Method::POST => put(state, &ns, &key, req, &OBJECT_PUT).await,
+        Method::PUT | Method::POST => match crate::bazel::object_route_check(&key) {
+            Some(check) => put_checked(state, &ns, &key, req, &OBJECT_PUT, Some(check)).await,
+            None => put(state, &ns, &key, req, &OBJECT_PUT).await,
+        },
         _ => match state.tier.delete(&ns, &key).await {
             Ok(_) => empty(StatusCode::NO_CONTENT),
             Err(e) => tier_error(e),

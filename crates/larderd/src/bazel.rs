@@ -102,6 +102,15 @@ fn parse_path(rest: &str) -> Result<(Namespace, Store, &str), (StatusCode, Strin
     Ok((ns, store, hash))
 }
 
+/// The check a write of `key` through the object route must pass when the key names a CAS
+/// blob (`cas/{sha256}`): its SHA-256. Nothing on the read side could catch a blob stored under
+/// another digest, so no route may store one. (An action result stored that way is caught on
+/// the read side: `/bazel/` serves only one that decodes and whose blobs exist.)
+pub(crate) fn object_route_check(key: &Key) -> Option<Box<dyn BodyCheck>> {
+    let hash = key.as_str().strip_prefix("cas/")?;
+    is_sha256_hex(hash).then(|| Box::new(Sha256Check::new(hash)) as Box<dyn BodyCheck>)
+}
+
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
