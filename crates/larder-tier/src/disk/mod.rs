@@ -104,7 +104,7 @@ struct Inner {
     buffers: Arc<BufferPool>,
     /// Recently read revisions, open: a hot key is served without open/read/fstat/close, and a
     /// small object straight from the bytes of its first read.
-    open_cache: Mutex<hashbrown::HashMap<EntryId, Arc<OpenRevision>>>,
+    open_cache: Mutex<OpenCache<Arc<OpenRevision>>>,
     /// Becomes true once the start-up scan has filled the index.
     loaded: watch::Sender<bool>,
     /// Object directories whose entry in their parent this process has made durable.
@@ -270,7 +270,7 @@ impl Inner {
         // Enough idle buffers for a few dozen downloads' read-ahead; beyond that, buffers are freed.
         let buffers = BufferPool::new(config.read_chunk, 8);
         Ok(Inner {
-            open_cache: Mutex::new(hashbrown::HashMap::new()),
+            open_cache: Mutex::new(OpenCache::new(OPEN_CACHE_ENTRIES)),
             buffers,
             config,
             tmp,
@@ -510,7 +510,7 @@ impl Inner {
     }
 
     fn cached(&self, id: EntryRef<'_>) -> Option<Arc<OpenRevision>> {
-        self.open_cache.lock().unwrap().get(&id).cloned()
+        self.open_cache.lock().unwrap().get(id)
     }
 
     /// Keeps an opened revision for the next reads of its key, but only while the index still
@@ -524,13 +524,10 @@ impl Inner {
         if index.get(&id).is_none_or(|e| e.file != rev.file_id) {
             return;
         }
-        let mut cache = self.open_cache.lock().unwrap();
-        if cache.len() >= OPEN_CACHE_ENTRIES
-            && let Some(victim) = cache.keys().next().cloned()
-        {
-            cache.remove(&victim);
-        }
-        cache.insert(id.to_owned(), rev.clone());
+        self.open_cache
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), rev.clone());
         drop(index);
     }
 
@@ -739,6 +736,52 @@ impl Inner {
             self.unsynced.synced(dir, seq);
         }
         Ok(existed)
+    }
+}
+
+/// Revisions kept open for the keys read most recently: when full, the least recently read one
+/// makes room, so the hot keys stay open however many cold ones pass through.
+struct OpenCache<V> {
+    capacity: usize,
+    /// Each entry with the `clock` of its last use.
+    entries: hashbrown::HashMap<EntryId, (V, u64)>,
+    clock: u64,
+}
+
+impl<V: Clone> OpenCache<V> {
+    fn new(capacity: usize) -> Self {
+        OpenCache {
+            capacity,
+            entries: hashbrown::HashMap::with_capacity(capacity),
+            clock: 0,
+        }
+    }
+
+    fn get(&mut self, id: EntryRef<'_>) -> Option<V> {
+        self.clock += 1;
+        let (value, used) = self.entries.get_mut(&id)?;
+        *used = self.clock;
+        Some(value.clone())
+    }
+
+    fn insert(&mut self, id: EntryId, value: V) {
+        // Only on a miss, which also costs an open: a scan of a few hundred stamps is noise.
+        if self.entries.len() >= self.capacity
+            && !self.entries.contains_key(&id)
+            && let Some(victim) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(victim, _)| victim.clone())
+        {
+            self.entries.remove(&victim);
+        }
+        self.clock += 1;
+        self.entries.insert(id, (value, self.clock));
+    }
+
+    fn remove(&mut self, id: &EntryId) {
+        self.entries.remove(id);
     }
 }
 

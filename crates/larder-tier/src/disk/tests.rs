@@ -627,3 +627,36 @@ async fn a_damaged_revision_file_reads_as_absent_and_takes_new_writes() {
     assert_eq!(read_all(&t, &n, &k).await, Some(pattern(700, 4)));
     assert_eq!(t.used_bytes(), std::fs::metadata(&path).unwrap().len());
 }
+
+#[test]
+fn the_open_cache_keeps_the_keys_read_most_recently() {
+    let id = |i: u16| -> EntryId {
+        let mut hash = [0u8; 32];
+        hash[..2].copy_from_slice(&i.to_le_bytes());
+        (Arc::from("ns"), hash)
+    };
+    let get = |cache: &mut OpenCache<u16>, i: u16| cache.get(EntryRef("ns", &id(i).1));
+    let mut cache = OpenCache::new(16);
+    // Eight hot keys are read between the opens of 500 keys read once each.
+    for cold in 100..600 {
+        for hot in 0..8 {
+            if get(&mut cache, hot).is_none() {
+                assert!(
+                    cold == 100,
+                    "hot key {hot} was evicted before cold key {cold}"
+                );
+                cache.insert(id(hot), hot);
+            }
+        }
+        cache.insert(id(cold), cold);
+        assert!(cache.entries.len() <= 16);
+    }
+    assert_eq!(get(&mut cache, 599), Some(599), "the newest key is there");
+    assert_eq!(get(&mut cache, 100), None, "the oldest cold key made room");
+    // Replacing a cached key's revision makes no room.
+    let before = cache.entries.len();
+    cache.insert(id(599), 1);
+    assert_eq!(cache.entries.len(), before);
+    assert_eq!(get(&mut cache, 599), Some(1));
+    assert_eq!(get(&mut cache, 598), Some(598));
+}
