@@ -20,13 +20,13 @@
 
 use crate::progress::Progress;
 use crate::{Client, Error, ObjectName, PutOptions, PutResult};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use globset::{GlobSet, GlobSetBuilder};
+use larder_git::pieces::{PIECE, PieceWriter};
 use larder_proto::units::format_size;
 use std::io::{self, Write};
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 
 /// How to save a snapshot.
@@ -92,9 +92,7 @@ struct Entry {
     size: u64,
 }
 
-/// Archive bytes per message to the uploader: large enough to amortise the channel, small
-/// enough that the bounded queue holds only a few MiB.
-const PIECE: usize = 1 << 20;
+/// Pieces of the archive queued for the uploader: a few MiB.
 const QUEUE: usize = 8;
 
 impl Client {
@@ -134,9 +132,8 @@ impl Client {
 
         progress.bytes_phase("saving", Some(input_bytes));
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
-        let sent = Arc::new(AtomicU64::new(0));
         let archiver = {
-            let (dir, archive_tx, sent) = (dir.to_path_buf(), tx.clone(), Arc::clone(&sent));
+            let (dir, archive_tx) = (dir.to_path_buf(), tx.clone());
             let (level, threads, progress) = (opts.level, opts.threads, progress.clone());
             let entries = scanned.entries;
             let counts = (
@@ -145,11 +142,10 @@ impl Client {
                 entries.iter().filter(|e| e.kind == Kind::Symlink).count() as u64,
             );
             let handle = tokio::task::spawn_blocking(move || {
-                let out = ChannelWriter {
-                    tx: archive_tx.clone(),
-                    buf: BytesMut::with_capacity(PIECE),
-                    sent,
-                };
+                let out = PieceWriter::new(
+                    archive_tx.clone(),
+                    "the upload stopped before the archive was complete",
+                );
                 let result = archive(&dir, &entries, out, level, threads, &progress);
                 if let Err((_, e)) = &result {
                     // Ends the upload with an error, so the server stores nothing.
@@ -359,7 +355,7 @@ fn visit(
 fn archive(
     dir: &Path,
     entries: &[Entry],
-    out: ChannelWriter,
+    out: PieceWriter,
     level: i32,
     threads: u32,
     progress: &Progress,
@@ -373,7 +369,7 @@ fn archive(
     } else {
         threads
     };
-    let sent = Arc::clone(&out.sent);
+    let sent = out.sent();
     let mut encoder = zstd::stream::write::Encoder::new(out, level).map_err(at(dir))?;
     // zstd's worker pool compresses while this thread reads files and writes tar.
     encoder.multithread(threads).map_err(at(dir))?;
@@ -396,44 +392,4 @@ fn archive(
     let mut out = encoder.finish().map_err(at(dir))?;
     out.flush().map_err(at(dir))?;
     Ok(())
-}
-
-/// A `Write` that hands the archive to the async uploader in pieces, blocking (and so slowing
-/// the archiver) while the queue is full.
-struct ChannelWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: BytesMut,
-    sent: Arc<AtomicU64>,
-}
-
-impl ChannelWriter {
-    fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let piece = self.buf.split().freeze();
-        self.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
-        self.tx.blocking_send(Ok(piece)).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the upload stopped before the archive was complete",
-            )
-        })?;
-        self.buf.reserve(PIECE);
-        Ok(())
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= PIECE {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
-    }
 }

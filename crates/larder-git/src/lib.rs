@@ -21,6 +21,7 @@ pub mod bundles;
 pub mod command;
 pub mod head;
 pub mod mirror;
+pub mod pieces;
 pub mod snapshot;
 pub mod upstream;
 

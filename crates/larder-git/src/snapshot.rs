@@ -38,7 +38,8 @@
 use crate::CommitId;
 use crate::command::{GitCommand, GitError};
 use crate::mirror::{Mirror, MirrorError};
-use bytes::{Bytes, BytesMut};
+use crate::pieces::PieceWriter;
+use bytes::Bytes;
 use futures_util::Stream;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -290,10 +291,10 @@ impl Checkout {
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(QUEUE);
         let opts = opts.clone();
         let finished = tokio::task::spawn_blocking(move || {
-            let out = ChannelWriter {
-                tx: tx.clone(),
-                buf: BytesMut::with_capacity(PIECE),
-            };
+            let out = PieceWriter::new(
+                tx.clone(),
+                "the archive's reader stopped before the archive was complete",
+            );
             let result = self.write_archive(out, &opts);
             if let Err(e) = &result {
                 let _ = tx.blocking_send(Err(io::Error::other(e.to_string())));
@@ -396,9 +397,7 @@ pub struct ArchiveStats {
     pub archive_bytes: u64,
 }
 
-/// Archive bytes per message: large enough to amortise the channel, small enough that the
-/// bounded queue holds only a few MiB.
-const PIECE: usize = 1 << 20;
+/// Pieces of the archive queued for its reader: a few MiB.
 const QUEUE: usize = 8;
 
 /// Writes `dir`'s tree as tar + zstd into `out`, entries sorted by name, root first (`.`).
@@ -496,43 +495,5 @@ impl<W: Write> Write for CountingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
-    }
-}
-
-/// A `Write` that hands the archive to an async consumer in pieces, blocking (and so slowing
-/// the archiver) while the queue is full.
-struct ChannelWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: BytesMut,
-}
-
-impl ChannelWriter {
-    fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let piece = self.buf.split().freeze();
-        self.tx.blocking_send(Ok(piece)).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the archive's reader stopped before the archive was complete",
-            )
-        })?;
-        self.buf.reserve(PIECE);
-        Ok(())
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= PIECE {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
     }
 }
