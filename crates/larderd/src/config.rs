@@ -424,6 +424,8 @@ pub struct S3Settings {
 pub struct DiskSection {
     pub dir: Option<PathBuf>,
     pub limit: Option<ByteSize>,
+    /// Write big bodies with O_DIRECT (default true).
+    pub direct_writes: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -441,6 +443,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub disk_limit: Option<u64>,
+    /// Big bodies written past the page cache (`[disk] direct_writes`).
+    pub disk_direct_writes: bool,
     pub max_ttl: Duration,
     pub max_object_size: u64,
     pub log_format: LogFormat,
@@ -502,6 +506,7 @@ impl Config {
             git,
             bazel,
             disk_limit: cli.disk_limit.or(file.disk.limit).map(|s| s.0),
+            disk_direct_writes: file.disk.direct_writes.unwrap_or(true),
             max_ttl: or_default(cli.max_ttl.or(file.max_ttl), DEFAULT_MAX_TTL),
             max_object_size: cli
                 .max_object_size
@@ -815,16 +820,18 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.max_ttl, DEFAULT_MAX_TTL);
         assert_eq!(c.disk_limit, None);
+        assert!(c.disk_direct_writes);
     }
 
     #[test]
     fn file_values_apply_and_flags_win() {
-        let toml = "listen = \"127.0.0.1:9999\"\nmax_ttl = \"2d\"\nmax_object_size = 1000\n[disk]\ndir = \"/var/cache/larder\"\nlimit = \"50GiB\"\n";
+        let toml = "listen = \"127.0.0.1:9999\"\nmax_ttl = \"2d\"\nmax_object_size = 1000\n[disk]\ndir = \"/var/cache/larder\"\nlimit = \"50GiB\"\ndirect_writes = false\n";
         let c = with_file(toml, Cli::default()).unwrap();
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.max_ttl, Duration::from_secs(2 * 86400));
         assert_eq!(c.max_object_size, 1000);
         assert_eq!(c.disk_limit, Some(50 << 30));
+        assert!(!c.disk_direct_writes);
         assert_eq!(c.data_dir, PathBuf::from("/var/cache/larder"));
         let c = with_file(
             toml,

@@ -36,13 +36,18 @@ pub(super) struct BlockWriter {
 }
 
 impl BlockWriter {
-    /// Writes `file` (new and empty, at `path`) from its start.
-    pub(super) fn new(file: File, path: &Path) -> BlockWriter {
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok();
+    /// Writes `file` (new and empty, at `path`) from its start; with `O_DIRECT` if `direct`
+    /// and the filesystem allows it.
+    pub(super) fn new(file: File, path: &Path, direct: bool) -> BlockWriter {
+        let direct = direct
+            .then(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .ok()
+            })
+            .flatten();
         let storage = vec![0u8; BUFFER + BLOCK];
         let start = storage.as_ptr().align_offset(BLOCK);
         BlockWriter {
@@ -120,7 +125,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
         let file = File::create_new(&path).unwrap();
-        let mut writer = BlockWriter::new(file, &path);
+        let mut writer = BlockWriter::new(file, &path, true);
         let mut expected = Vec::new();
         for &len in pieces {
             let piece = pattern(len);
@@ -175,7 +180,7 @@ mod tests {
     fn a_refused_direct_write_goes_through_the_page_cache_without_losing_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t");
-        let mut writer = BlockWriter::new(File::create_new(&path).unwrap(), &path);
+        let mut writer = BlockWriter::new(File::create_new(&path).unwrap(), &path, true);
         if writer.direct.is_none() {
             println!(
                 "note: {:?} refuses O_DIRECT; the fallback ran from the start",
@@ -189,6 +194,21 @@ mod tests {
         writer.write_all(&body).unwrap();
         assert!(writer.direct.is_none(), "no longer tries O_DIRECT");
         assert_eq!(writer.in_file(), 2 * BUFFER as u64);
+        writer.finish().unwrap();
+        assert!(
+            std::fs::read(&path).unwrap() == body,
+            "file differs from what was written"
+        );
+    }
+
+    #[test]
+    fn with_direct_writes_off_everything_goes_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let mut writer = BlockWriter::new(File::create_new(&path).unwrap(), &path, false);
+        assert!(writer.direct.is_none());
+        let body = pattern(BUFFER + 3);
+        writer.write_all(&body).unwrap();
         writer.finish().unwrap();
         assert!(
             std::fs::read(&path).unwrap() == body,

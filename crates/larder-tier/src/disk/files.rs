@@ -69,8 +69,9 @@ pub(super) fn write_temp(
     header: Vec<u8>,
     mut rx: mpsc::Receiver<Upload>,
     progress: Option<watch::Sender<u64>>,
+    direct: bool,
 ) -> Result<(TempFile, Fixed), TierError> {
-    let mut out = BlockWriter::new(file, &temp.path);
+    let mut out = BlockWriter::new(file, &temp.path, direct);
     let failed = |e: io::Error| TierError::io("write temp file", &e);
     out.write_all(&header).map_err(failed)?;
     let header_len = header.len() as u64;

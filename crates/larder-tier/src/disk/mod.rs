@@ -80,11 +80,15 @@ pub struct DiskConfig {
     pub read_ahead: usize,
     /// How often expired revisions are swept (they are also refused at read time).
     pub sweep_interval: Duration,
+    /// Write bodies of 1 MiB and more with `O_DIRECT` (see `block_writer`). Off, everything
+    /// goes through the page cache: for a device whose direct writes are slow one at a time
+    /// (high-latency network block storage), where the kernel's writeback keeps more in flight.
+    pub direct_writes: bool,
 }
 
 impl DiskConfig {
     /// Defaults for `dir`: no size limit, 1 MiB reads, one chunk of read-ahead, a sweep every
-    /// minute.
+    /// minute, direct writes.
     pub fn new(dir: impl Into<PathBuf>) -> DiskConfig {
         DiskConfig {
             dir: dir.into(),
@@ -92,6 +96,7 @@ impl DiskConfig {
             read_chunk: 1 << 20,
             read_ahead: 1,
             sweep_interval: Duration::from_secs(60),
+            direct_writes: true,
         }
     }
 }

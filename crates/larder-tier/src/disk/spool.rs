@@ -90,8 +90,10 @@ impl Inner {
         let Prepared { temp, file, header } = prepared;
         let (progress, live) = followers.map(|f| (f.progress, f.live)).unzip();
         let (tx, rx) = mpsc::channel(8);
-        let writer =
-            tokio::task::spawn_blocking(move || write_temp(temp, file, header, rx, progress));
+        let direct = self.config.direct_writes;
+        let writer = tokio::task::spawn_blocking(move || {
+            write_temp(temp, file, header, rx, progress, direct)
+        });
         let max = opts
             .max_size
             .unwrap_or(u64::MAX)
