@@ -81,11 +81,11 @@ impl BlockWriter {
 
     fn flush_full(&mut self) -> io::Result<()> {
         let block = &self.storage[self.start..self.start + BUFFER];
-        let direct = match &self.direct {
+        let written = match &self.direct {
             Some(direct) => direct.write_all_at(block, self.flushed),
             None => self.file.write_all_at(block, self.flushed),
         };
-        match direct {
+        match written {
             // A filesystem may accept the open and refuse the write: from then on, the page
             // cache (nothing of this block reached the file).
             Err(e) if self.direct.is_some() && e.raw_os_error() == Some(libc::EINVAL) => {
