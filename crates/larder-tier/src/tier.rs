@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use larder_proto::{
-    ETag, Key, Namespace, ReadConditions, ReadOutcome, Validators, WritePrecondition,
+    ByteRange, ETag, Key, Namespace, ReadConditions, ReadOutcome, Validators, WritePrecondition,
 };
 use serde::Serialize;
 use std::pin::Pin;
@@ -211,6 +211,26 @@ pub trait Tier: Send + Sync + 'static {
         key: &Key,
         opts: GetOptions,
     ) -> Result<GetResponse, TierError>;
+
+    /// Opens the bytes of revision `etag` (all of them, or `range`) for a caller that decided
+    /// its read against that revision moments ago and now wants only its bytes: a fill copying
+    /// the revision, a read continuing from this tier after its fill failed. Unlike a pinned
+    /// [`Tier::get`], a tier may serve them without checking that the revision is still the
+    /// key's current one (the S3 tier then skips a reference read); a `PreconditionFailed`
+    /// outcome or `NotFound` means they are gone. By default, the pinned get.
+    async fn get_revision(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        etag: &ETag,
+        range: Option<ByteRange>,
+    ) -> Result<GetResponse, TierError> {
+        let opts = GetOptions {
+            conditions: ReadConditions::pinned(etag, range),
+            head: false,
+        };
+        self.get(ns, key, opts).await
+    }
 
     /// Streams `body` into a new revision and commits it only when complete and only if the
     /// precondition holds at commit time.

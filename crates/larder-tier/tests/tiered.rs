@@ -408,6 +408,7 @@ struct Networked {
     inner: Arc<dyn Tier>,
     body_reads: AtomicUsize,
     body_requests: AtomicUsize,
+    head_requests: AtomicUsize,
     late_acks: bool,
     jitter: bool,
     gate: Option<tokio::sync::watch::Sender<bool>>,
@@ -419,6 +420,7 @@ impl Networked {
             inner,
             body_reads: AtomicUsize::new(0),
             body_requests: AtomicUsize::new(0),
+            head_requests: AtomicUsize::new(0),
             late_acks: false,
             jitter: false,
             gate: None,
@@ -437,7 +439,9 @@ impl Tier for Networked {
         key: &Key,
         opts: GetOptions,
     ) -> Result<GetResponse, TierError> {
-        if !opts.head {
+        if opts.head {
+            self.head_requests.fetch_add(1, Ordering::SeqCst);
+        } else {
             self.body_requests.fetch_add(1, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
                 let _ = gate.subscribe().wait_for(|open| *open).await;
@@ -474,6 +478,59 @@ impl Tier for Networked {
     async fn stats(&self) -> Result<Vec<TierStats>, TierError> {
         self.inner.stats().await
     }
+}
+
+/// Each request to the remote before a miss's first byte is a round trip: an unpinned miss asks
+/// which revision is current (the revalidation every unpinned read makes) and is decided against
+/// that answer, then its fill asks for the body; a HEAD that misses asks once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_miss_asks_the_remote_once_before_its_body() {
+    let remote = disk().await;
+    let counting = Arc::new(Networked::over(remote.clone()));
+    let t = tiered(disk().await, counting.clone(), Duration::from_secs(5));
+    let data = pattern(3 << 20, 5);
+    for k in ["whole", "range", "head"] {
+        remote
+            .put(&ns(), &key(k), upload(data.clone()), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let asked = |what: &str| {
+        let heads = counting.head_requests.swap(0, Ordering::SeqCst);
+        let bodies = counting.body_requests.swap(0, Ordering::SeqCst);
+        assert_eq!((heads, bodies), (1, usize::from(what != "head")), "{what}");
+    };
+
+    let (outcome, _, body) = read(t.as_ref(), &key("whole"), ReadConditions::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome, ReadOutcome::Full);
+    assert!(body == data);
+    asked("whole");
+
+    let range = ByteRange {
+        start: 1 << 20,
+        len: 5,
+    };
+    let conditions = ReadConditions {
+        range: Some(larder_proto::RangeSpec::FromTo(range.start, range.last())),
+        ..Default::default()
+    };
+    let (outcome, _, body) = read(t.as_ref(), &key("range"), conditions).await.unwrap();
+    assert_eq!(outcome, ReadOutcome::Partial(range));
+    assert!(body == data[1 << 20..(1 << 20) + 5]);
+    asked("range");
+
+    let head = GetOptions {
+        head: true,
+        ..Default::default()
+    };
+    let r = t.get(&ns(), &key("head"), head).await.unwrap();
+    assert_eq!(
+        (r.outcome, r.meta.size),
+        (ReadOutcome::Full, data.len() as u64)
+    );
+    asked("head");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

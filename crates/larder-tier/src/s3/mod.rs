@@ -19,6 +19,7 @@ mod instrumented;
 mod layout;
 mod read;
 mod reap;
+mod recent;
 mod upload;
 
 pub use config::{MIN_PART_SIZE, S3Config};
@@ -31,7 +32,9 @@ use crate::tier::{
 use async_trait::async_trait;
 use error::{s3_error, timed_out};
 use futures_util::{StreamExt, TryStreamExt};
-use larder_proto::{ByteRange, Key, Namespace, WriteOutcome, decide_read, decide_write};
+use larder_proto::{
+    ByteRange, ETag, Key, Namespace, ReadConditions, WriteOutcome, decide_read, decide_write,
+};
 use layout::{BODIES, Layout, PROBE, REFS, RETIRED, RefDoc};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
@@ -93,6 +96,8 @@ struct Inner {
     ref_changes: AtomicU64,
     /// The last usage scan; the lock also makes concurrent callers share one scan.
     usage_cache: tokio::sync::Mutex<Option<UsageScan>>,
+    /// References read moments ago, for [`Tier::get_revision`].
+    recent: recent::RecentRefs,
 }
 
 /// Namespace → (objects, bytes) of the live references.
@@ -147,6 +152,7 @@ impl S3Tier {
                 expirations: AtomicU64::new(0),
                 ref_changes: AtomicU64::new(0),
                 usage_cache: tokio::sync::Mutex::new(None),
+                recent: recent::RecentRefs::default(),
             }),
         }
     }
@@ -328,6 +334,53 @@ impl Inner {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(s3_error("reference read", e)),
         }
+    }
+
+    /// Decides `opts` against the revision `doc` describes and, for a body outcome, opens the
+    /// first part of its body.
+    async fn serve(&self, doc: &RefDoc, opts: &GetOptions) -> Result<GetResponse, OpenError> {
+        if doc.expired_at(SystemTime::now()) {
+            return Err(OpenError::Failed(TierError::not_found()));
+        }
+        let meta = doc.meta();
+        let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
+        let Some(ByteRange { start, len }) = outcome.body_range(meta.size).filter(|_| !opts.head)
+        else {
+            return Ok(GetResponse {
+                outcome,
+                meta,
+                body: None,
+                source: "s3",
+                file: None,
+            });
+        };
+        if len == 0 {
+            return Ok(GetResponse {
+                outcome,
+                meta,
+                body: Some(futures_util::stream::empty().boxed()),
+                source: "s3",
+                file: None,
+            });
+        }
+        let reader = BodyReader {
+            store: self.store.clone(),
+            path: self.layout.path(&doc.body).map_err(OpenError::Failed)?,
+            if_match: doc.body_etag.clone(),
+            part_size: self.config.read_part_size,
+            concurrency: self.config.read_concurrency,
+        };
+        let body = reader.open(start, len).await?;
+        // Counted so operators (and the fill benchmark) can see how often bodies come from the
+        // bucket rather than from a disk tier.
+        metrics::counter!("larder_s3_body_reads_total").increment(1);
+        Ok(GetResponse {
+            outcome,
+            meta,
+            body: Some(body),
+            source: "s3",
+            file: None,
+        })
     }
 
     async fn delete_object(&self, path: &Path, what: &str) -> Result<(), TierError> {
@@ -573,51 +626,9 @@ impl Tier for S3Tier {
             let Some(c) = current.take() else {
                 return Err(TierError::not_found());
             };
-            if c.doc.expired_at(SystemTime::now()) {
-                return Err(TierError::not_found());
-            }
-            let meta = c.doc.meta();
-            let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
-            let Some(ByteRange { start, len }) =
-                outcome.body_range(meta.size).filter(|_| !opts.head)
-            else {
-                return Ok(GetResponse {
-                    outcome,
-                    meta,
-                    body: None,
-                    source: "s3",
-                    file: None,
-                });
-            };
-            if len == 0 {
-                return Ok(GetResponse {
-                    outcome,
-                    meta,
-                    body: Some(futures_util::stream::empty().boxed()),
-                    source: "s3",
-                    file: None,
-                });
-            }
-            let reader = BodyReader {
-                store: inner.store.clone(),
-                path: inner.layout.path(&c.doc.body)?,
-                if_match: c.doc.body_etag.clone(),
-                part_size: inner.config.read_part_size,
-                concurrency: inner.config.read_concurrency,
-            };
-            match reader.open(start, len).await {
-                Ok(body) => {
-                    // Counted so operators (and the fill benchmark) can see how often bodies
-                    // come from the bucket rather than from a disk tier.
-                    metrics::counter!("larder_s3_body_reads_total").increment(1);
-                    return Ok(GetResponse {
-                        outcome,
-                        meta,
-                        body: Some(body),
-                        source: "s3",
-                        file: None,
-                    });
-                }
+            inner.recent.remember(&ref_path, &c.doc);
+            match inner.serve(&c.doc, &opts).await {
+                Ok(r) => return Ok(r),
                 // The reference moved on and the reaper took the old body between our two
                 // reads: decide again against the revision that is current now.
                 Err(OpenError::Missing(_)) if attempt == 0 => {
@@ -627,6 +638,32 @@ impl Tier for S3Tier {
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    async fn get_revision(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        etag: &ETag,
+        range: Option<ByteRange>,
+    ) -> Result<GetResponse, TierError> {
+        let inner = &self.inner;
+        let ref_path = inner
+            .layout
+            .path(&Layout::ref_name(ns.as_str(), key.as_str()))?;
+        let opts = GetOptions {
+            conditions: ReadConditions::pinned(etag, range),
+            head: false,
+        };
+        if let Some(doc) = inner.recent.revision(&ref_path, etag) {
+            match inner.serve(&doc, &opts).await {
+                Ok(r) => return Ok(r),
+                // Reaped since: the reference says whether another body holds the revision.
+                Err(OpenError::Missing(_)) => {}
+                Err(OpenError::Failed(e)) => return Err(e),
+            }
+        }
+        self.get(ns, key, opts).await
     }
 
     async fn put(
@@ -815,30 +852,31 @@ mod tests {
         );
     }
 
-    /// An object store that takes a reference write and then stops answering anything about
-    /// references: S3 overloaded right after it committed, so the write landed but nobody
-    /// hears so.
-    #[derive(Debug)]
-    struct GoesQuietAfterAWrite {
+    /// An in-memory object store that counts reference reads and, once armed, takes a
+    /// reference write and then stops answering anything about references: S3 overloaded right
+    /// after it committed, so the write landed but nobody hears so.
+    #[derive(Debug, Default)]
+    struct ScriptedStore {
         inner: object_store::memory::InMemory,
         armed: AtomicBool,
         quiet: AtomicBool,
+        ref_reads: AtomicU64,
     }
 
-    impl GoesQuietAfterAWrite {
+    impl ScriptedStore {
         fn is_ref(path: &Path) -> bool {
             path.as_ref().starts_with(&format!("{REFS}/"))
         }
     }
 
-    impl std::fmt::Display for GoesQuietAfterAWrite {
+    impl std::fmt::Display for ScriptedStore {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("GoesQuietAfterAWrite")
+            f.write_str("ScriptedStore")
         }
     }
 
     #[async_trait]
-    impl ObjectStore for GoesQuietAfterAWrite {
+    impl ObjectStore for ScriptedStore {
         async fn put_opts(
             &self,
             location: &Path,
@@ -866,8 +904,11 @@ mod tests {
             location: &Path,
             options: object_store::GetOptions,
         ) -> object_store::Result<object_store::GetResult> {
-            if Self::is_ref(location) && self.quiet.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
+            if Self::is_ref(location) {
+                self.ref_reads.fetch_add(1, Ordering::SeqCst);
+                if self.quiet.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
             }
             self.inner.get_opts(location, options).await
         }
@@ -911,11 +952,7 @@ mod tests {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let metrics = recorder.handle();
         let _recording = metrics::set_default_local_recorder(&recorder);
-        let store = Arc::new(GoesQuietAfterAWrite {
-            inner: object_store::memory::InMemory::new(),
-            armed: AtomicBool::new(false),
-            quiet: AtomicBool::new(false),
-        });
+        let store = Arc::new(ScriptedStore::default());
         let mut config = S3Config::new("bucket");
         config.metadata_timeout = Duration::from_millis(300);
         let tier = S3Tier::over(config, store.clone());
@@ -953,5 +990,66 @@ mod tests {
                 "the timed-out reference {op} is counted as an S3 error:\n{text}"
             );
         }
+    }
+
+    /// A miss decides on a revision (one reference read), then its fill asks for exactly that
+    /// revision's bytes: they come without a second reference read, and they stay that
+    /// revision's bytes after the key has moved on.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_revision_read_moments_ago_opens_without_reading_its_reference_again() {
+        let store = Arc::new(ScriptedStore::default());
+        let tier = S3Tier::over(S3Config::new("bucket"), store.clone());
+        tier.check_conditional_put().await.unwrap();
+        let (ns, key) = (Namespace::parse("ci").unwrap(), Key::parse("k").unwrap());
+        tier.put(&ns, &key, body(b"first"), PutOptions::default())
+            .await
+            .unwrap();
+        let head = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        let first = tier.get(&ns, &key, head).await.unwrap().meta.etag;
+        let reads = store.ref_reads.load(Ordering::SeqCst);
+        let got = tier.get_revision(&ns, &key, &first, None).await.unwrap();
+        assert_eq!(got.outcome, larder_proto::ReadOutcome::Full);
+        assert_eq!(
+            crate::body_to_bytes(got.body.unwrap()).await.unwrap(),
+            b"first"
+        );
+        assert_eq!(
+            store.ref_reads.load(Ordering::SeqCst),
+            reads,
+            "the reference was read again"
+        );
+
+        // Replaced since (the old body awaits the reaper): still the first revision's bytes.
+        let second = tier
+            .put(&ns, &key, body(b"second"), PutOptions::default())
+            .await
+            .unwrap()
+            .etag;
+        let range = ByteRange { start: 1, len: 3 };
+        let got = tier
+            .get_revision(&ns, &key, &first, Some(range))
+            .await
+            .unwrap();
+        assert_eq!(got.outcome, larder_proto::ReadOutcome::Partial(range));
+        assert_eq!(
+            crate::body_to_bytes(got.body.unwrap()).await.unwrap(),
+            b"irs"
+        );
+
+        // A revision not read lately is asked of the reference, as a pinned get is.
+        let reads = store.ref_reads.load(Ordering::SeqCst);
+        let got = tier.get_revision(&ns, &key, &second, None).await.unwrap();
+        assert_eq!(
+            crate::body_to_bytes(got.body.unwrap()).await.unwrap(),
+            b"second"
+        );
+        assert_eq!(store.ref_reads.load(Ordering::SeqCst), reads + 1);
+        let unknown = ETag::parse(&"ab".repeat(32)).unwrap();
+        let got = tier.get_revision(&ns, &key, &unknown, None).await.unwrap();
+        assert_eq!(got.outcome, larder_proto::ReadOutcome::PreconditionFailed);
+        assert!(got.body.is_none());
     }
 }

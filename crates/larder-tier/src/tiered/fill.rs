@@ -16,7 +16,7 @@ use super::knowledge::{KeyId, Keys};
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{BodyStream, CacheTier, GetOptions, ObjectMeta, PutOptions, Tier};
 use futures_util::StreamExt;
-use larder_proto::{ByteRange, ETag, ReadConditions, ReadOutcome, WritePrecondition};
+use larder_proto::{ByteRange, ETag, ReadOutcome, WritePrecondition};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::watch;
@@ -170,11 +170,11 @@ impl<L: CacheTier> Owner<L> {
         {
             return Ended::Unneeded;
         }
-        let pinned = GetOptions {
-            conditions: ReadConditions::pinned(&meta.etag, None),
-            head: false,
-        };
-        let body = match ctx.remote.get(ns, key, pinned).await {
+        // The reader that started this fill decided on this revision moments ago, so its bytes
+        // are all the fill needs (whether the copy may commit is decided by the key's record at
+        // commit time, as for a revision superseded while it is copied); asking for exactly
+        // them spares S3 a second reference read before the first byte.
+        let body = match ctx.remote.get_revision(ns, key, &meta.etag, None).await {
             Ok(r) if r.outcome == ReadOutcome::Full => r.body,
             Ok(_) => return self.superseded_before_reading(),
             Err(e) if e.kind == ErrorKind::NotFound => return self.superseded_before_reading(),
@@ -292,11 +292,7 @@ async fn open_pinned_range(
     etag: &ETag,
     range: ByteRange,
 ) -> Result<BodyStream, TierError> {
-    let opts = GetOptions {
-        conditions: ReadConditions::pinned(etag, Some(range)),
-        head: false,
-    };
-    let r = remote.get(ns, key, opts).await?;
+    let r = remote.get_revision(ns, key, etag, Some(range)).await?;
     let exact = match r.outcome {
         ReadOutcome::Partial(got) => got == range,
         ReadOutcome::Full => range.start == 0 && range.len == r.meta.size,

@@ -26,15 +26,15 @@ mod knowledge;
 use crate::disk::DiskTier;
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    CacheTier, GetOptions, GetResponse, NamespaceUsage, PutOptions, PutResult, Tier, TierStats,
-    UploadStream,
+    CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
+    TierStats, UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
 use fill::{Fill, FillContext};
 use futures_util::StreamExt;
 use knowledge::{Freshness, KeyId, Keys, Observation};
-use larder_proto::{ByteRange, Key, Namespace, WritePrecondition};
+use larder_proto::{ByteRange, Key, Namespace, WritePrecondition, decide_read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
@@ -159,17 +159,22 @@ impl<L: CacheTier> Inner<L> {
     /// fill of that revision into the local tier (started here if none runs), so concurrent
     /// misses of one key cost a single remote body read per replica. Objects the local tier
     /// cannot hold, and fills that cannot start, are read from the remote directly.
+    ///
+    /// `current` is the key's current revision if the caller has just read it from the remote
+    /// (an unpinned read revalidates first): the read is then decided against it rather than
+    /// by asking the remote again, which on a cold miss is a round trip before the first byte.
     async fn serve_from_remote(
         &self,
         id: &KeyId,
         opts: GetOptions,
+        mut current: Option<ObjectMeta>,
     ) -> Result<GetResponse, TierError> {
         miss(self.local.name());
         // A newer revision can land between deciding and filling; the fill of the older one
         // then ends unused, and the newer one deserves a fill of its own rather than a direct
         // read (which would leave this replica cold for it).
         for _ in 0..MAX_SUPERSEDED_FILLS {
-            match self.serve_through_fill(id, &opts).await? {
+            match self.serve_through_fill(id, &opts, current.take()).await? {
                 Through::Served(r) => return Ok(r),
                 Through::Superseded => continue,
                 Through::NoFill => break,
@@ -182,12 +187,24 @@ impl<L: CacheTier> Inner<L> {
         &self,
         id: &KeyId,
         opts: &GetOptions,
+        current: Option<ObjectMeta>,
     ) -> Result<Through, TierError> {
-        let head = GetOptions {
-            conditions: opts.conditions.clone(),
-            head: true,
+        let decided = match current {
+            Some(meta) => GetResponse {
+                outcome: decide_read(&opts.conditions, Some(&meta.validators())),
+                meta,
+                body: None,
+                source: self.remote.name(),
+                file: None,
+            },
+            None => {
+                let head = GetOptions {
+                    conditions: opts.conditions.clone(),
+                    head: true,
+                };
+                self.observe(id, head).await?
+            }
         };
-        let decided = self.observe(id, head).await?;
         let Some(ByteRange { start, len }) = decided
             .outcome
             .body_range(decided.meta.size)
@@ -297,7 +314,7 @@ impl<L: CacheTier> Tier for TieredTier<L> {
                 hit(local_name);
                 return Ok(r);
             }
-            return inner.serve_from_remote(&id, opts).await;
+            return inner.serve_from_remote(&id, opts, None).await;
         }
         if let Freshness::Current(fresh) = &freshness
             && let Some(r) = inner.local_if(&id, &opts, fresh.as_str()).await
@@ -305,12 +322,12 @@ impl<L: CacheTier> Tier for TieredTier<L> {
             hit(local_name);
             return Ok(r);
         }
-        let current = inner.revalidate(&id).await?.meta.etag;
-        if let Some(r) = inner.local_if(&id, &opts, current.as_str()).await {
+        let current = inner.revalidate(&id).await?.meta;
+        if let Some(r) = inner.local_if(&id, &opts, current.etag.as_str()).await {
             hit(local_name);
             return Ok(r);
         }
-        inner.serve_from_remote(&id, opts).await
+        inner.serve_from_remote(&id, opts, Some(current)).await
     }
 
     async fn put(
