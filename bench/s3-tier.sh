@@ -4,13 +4,15 @@
 # Everything over loopback, on a throw-away Ceph RGW started by scripts/s3-server.sh:
 #   (a) 1 GiB GET through larderd from the S3 tier (the local copy is invalidated before every
 #       GET, so each one is a miss streamed through a fill) vs the same bytes GET directly from
-#       RGW with the same client (curl, SigV4) -> ratio of throughputs, target >= 0.95x.
+#       RGW with the same client (curl, SigV4) -> ratio of throughputs, target >= 0.95x, and of
+#       times to first byte. Twice: with all processes sharing the cores, and with RGW alone
+#       on core 0 and larderd and curl on core 1 (the S3 server as if on a machine of its own).
 #   (b) 16 clients asking at once for the same cold 1 GiB object on one replica -> how many
 #       S3 body reads larderd made (larder_s3_body_reads_total from /metrics), target 1.
 #   (c) 64 MiB pinned (If-Match) range GETs, 4 connections, served from disk after the fill,
 #       vs the same on a disk-only larderd (the foundation's disk benchmark) -> ratio, target ~1.
 #
-# Run as root from anywhere (installs radosgw and wrk when missing; ~5 minutes):
+# Run as root from anywhere (installs radosgw and wrk when missing; ~6 minutes):
 #   bench/s3-tier.sh
 # Knobs: REPS=3 S3_PORT=9400 LARDER_PORT=18180 SIZE_MIB=1024. Prints a Markdown table.
 set -euo pipefail
@@ -64,18 +66,53 @@ size=$(curl -sfI "${sigv4[@]}" -H "x-amz-content-sha256: $EMPTY_SHA256" "$DIRECT
 [ "$size" = $((SIZE_MIB << 20)) ] || { echo "direct object has $size bytes" >&2; exit 1; }
 
 body_reads() { curl -sf "http://127.0.0.1:$LPORT/metrics" | awk '/^larder_s3_body_reads_total/ {print $2}' | tail -1; }
-seconds() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null || { echo "failed: $*" >&2; exit 1; }; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
 command -v bc >/dev/null || { apt-get install -y -qq --no-install-recommends bc >&2; }
 
+# (a) in two CPU layouts. "shared": everything on both cores, as the rest of this file. "split":
+# RGW (with its OSD and monitor) alone on core 0, larderd and curl on core 1, for both the miss
+# and the direct read: the S3 server then gets the same CPU in both, as it would on a machine of
+# its own, and larderd's own cost per byte is what it takes from the client's core.
+ceph_pids() { pgrep -f "$WORK/s3/ceph.conf" || true; }
+larderd_pid() { echo "${pids[0]}"; }
+all_cores="0-$(($(nproc) - 1))"
+layout() { # shared|split
+  local p
+  if [ "$1" = split ]; then
+    for p in $(ceph_pids); do taskset -a -p -c 0 "$p" >/dev/null; done
+    taskset -a -p -c 1 "$(larderd_pid)" >/dev/null
+    client=(taskset -c 1)
+  else
+    for p in $(ceph_pids) "$(larderd_pid)"; do taskset -a -p -c "$all_cores" "$p" >/dev/null; done
+    client=()
+  fi
+}
+# Prints "seconds time-to-first-byte" of one GET.
+# A second between reads lets the miss's fill commit (an fsync) before the next one starts.
+timed_get() {
+  "${client[@]}" curl -sf -o /dev/null -w '%{time_total} %{time_starttransfer}\n' "$@" || echo "failed: curl $*" >&2
+  sleep 1
+}
+median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+declare -A wall ttfb
 log "(a) GET through larderd (miss each time) vs GET directly from RGW"
-best_l=999; best_d=999
-for r in $(seq "$REPS"); do
-  curl -sf -X POST "$URL/invalidate" >/dev/null
-  t=$(seconds curl -sf -o /dev/null "$URL"); log "rep $r larderd-from-s3 ${t}s"
-  (( $(echo "$t < $best_l" | bc -l) )) && best_l=$t
-  t=$(seconds curl -sf -o /dev/null "${sigv4[@]}" -H "x-amz-content-sha256: $EMPTY_SHA256" "$DIRECT"); log "rep $r rgw-direct ${t}s"
-  (( $(echo "$t < $best_d" | bc -l) )) && best_d=$t
+for lay in shared split; do
+  layout "$lay"
+  : > "$WORK/a-$lay"
+  for r in $(seq "$REPS"); do
+    curl -sf -X POST "$URL/invalidate" >/dev/null
+    read -r t f < <(timed_get "$URL"); [[ $f ]] || exit 1; log "$lay rep $r larderd-from-s3 ${t}s, first byte ${f}s"
+    echo "miss $t $f" >> "$WORK/a-$lay"
+    read -r t f < <(timed_get "${sigv4[@]}" -H "x-amz-content-sha256: $EMPTY_SHA256" "$DIRECT")
+    [[ $f ]] || exit 1
+    log "$lay rep $r rgw-direct ${t}s, first byte ${f}s"
+    echo "direct $t $f" >> "$WORK/a-$lay"
+  done
+  for who in miss direct; do
+    wall[$lay.$who]=$(awk -v w=$who '$1 == w {print $2}' "$WORK/a-$lay" | median)
+    ttfb[$lay.$who]=$(awk -v w=$who '$1 == w {print $3}' "$WORK/a-$lay" | median)
+  done
 done
+layout shared
 sleep 2 # let the last fill commit
 
 log "(b) 16 concurrent cold GETs on one replica"
@@ -109,11 +146,18 @@ for r in $(seq "$REPS"); do
 done
 
 gib=$(echo "$SIZE_MIB / 1024" | bc -l)
-rl=$(echo "$gib / $best_l" | bc -l); rd=$(echo "$gib / $best_d" | bc -l)
-echo "Run: $(date -u); $(nproc) cores; kernel $(uname -r); best of $REPS"
+echo "Run: $(date -u); $(nproc) cores; kernel $(uname -r); (a): medians of $REPS, (c): best of $REPS"
 echo
 echo "| row | larderd | reference | ratio | target |"
 echo "| --- | ---: | ---: | ---: | --- |"
-printf '| %s MiB GET, miss through the S3 tier vs direct from RGW (curl) | %.2f GiB/s | %.2f GiB/s | %.2f× | ≥ 0.95× |\n' "$SIZE_MIB" "$rl" "$rd" "$(echo "$rl / $rd" | bc -l)"
+for lay in shared split; do
+  rl=$(echo "$gib / ${wall[$lay.miss]}" | bc -l); rd=$(echo "$gib / ${wall[$lay.direct]}" | bc -l)
+  what="cores shared by all"; [ $lay = split ] && what="RGW alone on core 0, larderd + curl on core 1"
+  printf '| %s MiB GET, miss through the S3 tier vs direct from RGW (curl; %s) | %.2f GiB/s | %.2f GiB/s | %.2f× | ≥ 0.95× |\n' \
+    "$SIZE_MIB" "$what" "$rl" "$rd" "$(echo "$rl / $rd" | bc -l)"
+  printf '| time to first byte of that miss vs direct (%s) | %.0f ms | %.0f ms | %.2f× | — |\n' \
+    "$what" "$(echo "${ttfb[$lay.miss]} * 1000" | bc -l)" "$(echo "${ttfb[$lay.direct]} * 1000" | bc -l)" \
+    "$(echo "${ttfb[$lay.miss]} / ${ttfb[$lay.direct]}" | bc -l)"
+done
 printf '| 16 concurrent cold GETs of %s MiB: S3 body reads by the replica | %s | — | — | 1 |\n' "$SIZE_MIB" "$reads"
 printf '| 64 MiB pinned ranges, 4 conns, from disk after the fill vs disk-only larderd | %.2f GiB/s | %.2f GiB/s | %.2f× | ≈ 1× |\n' "$best_t" "$best_o" "$(echo "$best_t / $best_o" | bc -l)"
