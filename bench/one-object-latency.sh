@@ -13,9 +13,13 @@
 # throughput depends on where the scheduler puts wrk's threads (BENCHMARKS.md, round 5), so CPU
 # per request is the steadier figure there.
 #
+# SPLIT=1 gives the servers core 0 and wrk core 1 (both servers then start one worker), as if
+# the generator ran on a machine of its own: the servers no longer compete with it for CPU, nor
+# gain or lose by where the scheduler puts its threads.
+#
 #   bench/one-object-latency.sh
 #   SIZE=4096 CONNECTIONS=64 REPS=5 bench/one-object-latency.sh   # the small-object row
-# Knobs: SIZE=1048576 CONNECTIONS=500 DURATION=10s REPS=3 LARDER_PORT=18380 NGINX_PORT=18381
+# Knobs: SIZE=1048576 CONNECTIONS=500 DURATION=10s REPS=3 LARDER_PORT=18380 NGINX_PORT=18381 SPLIT=0
 # Needs nginx-light and wrk (installed from Debian when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +29,8 @@ DURATION=${DURATION:-10s}
 REPS=${REPS:-3}
 LPORT=${LARDER_PORT:-18380}
 NPORT=${NGINX_PORT:-18381}
+server_cpu=() generator_cpu=()
+[[ ${SPLIT:-0} == 1 ]] && server_cpu=(taskset -c 0) generator_cpu=(taskset -c 1)
 command -v wrk >/dev/null && command -v nginx >/dev/null \
     || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
 cargo build --release -q -p larderd
@@ -33,7 +39,7 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"' EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-target/release/larderd --listen "127.0.0.1:$LPORT" --data-dir "$work/data" \
+"${server_cpu[@]}" target/release/larderd --listen "127.0.0.1:$LPORT" --data-dir "$work/data" \
     --max-connections $((CONNECTIONS * 2)) >"$work/larderd.out" 2>/dev/null &
 pids+=($!)
 mkdir -p "$work/www/obj" "$work/nginx/tmp"
@@ -55,7 +61,7 @@ http {
     server { listen 127.0.0.1:$NPORT; root $work/www; location / { } }
 }
 EOF
-nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+"${server_cpu[@]}" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
 pids+=($!)
 larderd_pid=${pids[0]} nginx_pid=${pids[1]}
 for _ in $(seq 100); do
@@ -81,7 +87,7 @@ ticks() {
 run() { # url server-pid
     local before after
     before=$(ticks "$2")
-    wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$1" >"$work/wrk.out"
+    "${generator_cpu[@]}" wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$1" >"$work/wrk.out"
     after=$(ticks "$2")
     awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
@@ -107,7 +113,9 @@ done
 col() { awk -v s="$1" -v c="$2" '$1 == s { print $c }' "$work/runs" | median; }
 lp50=$(col larderd 2) lp99=$(col larderd 3) lrate=$(col larderd 4) lrps=$(col larderd 5) lcpu=$(col larderd 6)
 np50=$(col nginx 2) np99=$(col nginx 3) nrate=$(col nginx 4) nrps=$(col nginx 5) ncpu=$(col nginx 6)
-echo "| one object of $SIZE bytes, $CONNECTIONS connections, medians of $REPS | larderd | nginx | larderd / nginx |"
+cores="generator and servers share the cores"
+[[ ${SPLIT:-0} == 1 ]] && cores="servers on core 0, wrk on core 1"
+echo "| one object of $SIZE bytes, $CONNECTIONS connections, medians of $REPS ($cores) | larderd | nginx | larderd / nginx |"
 echo "| --- | ---: | ---: | ---: |"
 awk -v lr="$lrate" -v nr="$nrate" -v l50="$lp50" -v n50="$np50" -v l99="$lp99" -v n99="$np99" \
     -v lq="$lrps" -v nq="$nrps" -v lc="$lcpu" -v nc="$ncpu" 'BEGIN {
