@@ -79,6 +79,16 @@ pub struct GetOptions {
     pub head: bool,
 }
 
+impl GetOptions {
+    /// A GET of revision `etag`'s bytes (all of them, or `range`), and only of that revision.
+    pub fn pinned(etag: &ETag, range: Option<ByteRange>) -> GetOptions {
+        GetOptions {
+            conditions: ReadConditions::pinned(etag, range),
+            head: false,
+        }
+    }
+}
+
 /// A decided read. `outcome` is never `NotFound` (that is `Err(ErrorKind::NotFound)`); `body`
 /// is present exactly when the outcome is `Full` or `Partial` and the request is not a HEAD.
 pub struct GetResponse {
@@ -225,11 +235,7 @@ pub trait Tier: Send + Sync + 'static {
         etag: &ETag,
         range: Option<ByteRange>,
     ) -> Result<GetResponse, TierError> {
-        let opts = GetOptions {
-            conditions: ReadConditions::pinned(etag, range),
-            head: false,
-        };
-        self.get(ns, key, opts).await
+        self.get(ns, key, GetOptions::pinned(etag, range)).await
     }
 
     /// Streams `body` into a new revision and commits it only when complete and only if the

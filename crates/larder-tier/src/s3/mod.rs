@@ -32,9 +32,7 @@ use crate::tier::{
 use async_trait::async_trait;
 use error::{s3_error, timed_out};
 use futures_util::{StreamExt, TryStreamExt};
-use larder_proto::{
-    ByteRange, ETag, Key, Namespace, ReadConditions, WriteOutcome, decide_read, decide_write,
-};
+use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, decide_write};
 use layout::{BODIES, Layout, PROBE, REFS, RETIRED, RefDoc};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, UpdateVersion};
@@ -651,10 +649,7 @@ impl Tier for S3Tier {
         let ref_path = inner
             .layout
             .path(&Layout::ref_name(ns.as_str(), key.as_str()))?;
-        let opts = GetOptions {
-            conditions: ReadConditions::pinned(etag, range),
-            head: false,
-        };
+        let opts = GetOptions::pinned(etag, range);
         if let Some(doc) = inner.recent.revision(&ref_path, etag) {
             match inner.serve(&doc, &opts).await {
                 Ok(r) => return Ok(r),
