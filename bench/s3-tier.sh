@@ -14,7 +14,8 @@
 #
 # Run as root from anywhere (installs radosgw and wrk when missing; ~6 minutes):
 #   bench/s3-tier.sh
-# Knobs: REPS=3 S3_PORT=9400 LARDER_PORT=18180 SIZE_MIB=1024. Prints a Markdown table.
+# Knobs: REPS=3 S3_PORT=9400 LARDER_PORT=18180 SIZE_MIB=1024 KEEP=0 (1 keeps target/bench-s3).
+# Prints a Markdown table.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$REPO/target/bench-s3
@@ -33,6 +34,8 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$WORK/s3/run/s3.pid" ] && "$REPO/scripts/s3-server.sh" stop "$WORK/s3" >/dev/null 2>&1 || true
+  # About 5 GB (the object twice, RGW's OSD, two data dirs): kept only when asked for.
+  [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 mkdir -p "$WORK"
