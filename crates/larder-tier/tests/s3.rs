@@ -491,3 +491,45 @@ async fn a_body_object_changed_behind_our_back_is_never_served() {
         assert_eq!(err.kind, ErrorKind::Upstream, "{name}: {err:?}");
     }
 }
+
+/// A revision whose reference this replica read moments ago is opened by `get_revision` without
+/// reading the reference again (a cold miss's fill then costs one reference read, not two):
+/// with the reference object removed behind its back, the revision's bytes still come, while a
+/// pinned get, which must read the reference, finds no key. A revision it never read is asked
+/// of the reference like a pinned get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_revision_opens_a_revision_read_moments_ago_without_its_reference() {
+    let Some(config) = config() else { return };
+    let tier = connect(config.clone()).await;
+    let store = bucket(&config);
+    let (n, k) = (ns("recent"), key("k"));
+    let data = pattern(3 << 20, 11);
+    let etag = put(&tier, &n, &k, data.clone()).await;
+    let head = GetOptions {
+        head: true,
+        ..Default::default()
+    };
+    assert_eq!(tier.get(&n, &k, head).await.unwrap().meta.etag, etag);
+
+    store.delete(&at(&config, "refs/recent/k")).await.unwrap();
+    let range = ByteRange {
+        start: (1 << 20) - 5,
+        len: 1 << 20,
+    };
+    let r = tier.get_revision(&n, &k, &etag, Some(range)).await.unwrap();
+    assert_eq!(r.outcome, ReadOutcome::Partial(range));
+    let body = body_to_bytes(r.body.unwrap()).await.unwrap();
+    assert!(body == data[range.start as usize..(range.start + range.len) as usize]);
+    let pinned = GetOptions::pinned(&etag, Some(range));
+    let err = tier.get(&n, &k, pinned).await.unwrap_err();
+    assert_eq!(
+        err.kind,
+        ErrorKind::NotFound,
+        "the pinned get read the reference"
+    );
+
+    // Never read here: the reference decides, and there is none.
+    let other = ETag::of(b"another revision");
+    let err = tier.get_revision(&n, &k, &other, None).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound);
+}

@@ -485,7 +485,18 @@ impl Tier for Networked {
 /// that answer, then its fill asks for the body; a HEAD that misses asks once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_miss_asks_the_remote_once_before_its_body() {
-    let remote = disk().await;
+    cold_misses_ask_once(disk().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_miss_asks_s3_once_before_its_body() {
+    let Some(config) = s3_config("a_cold_miss_asks_s3_once_before_its_body") else {
+        return;
+    };
+    cold_misses_ask_once(Arc::new(S3Tier::connect(config).await.unwrap())).await;
+}
+
+async fn cold_misses_ask_once(remote: Arc<dyn Tier>) {
     let counting = Arc::new(Networked::over(remote.clone()));
     let t = tiered(disk().await, counting.clone(), Duration::from_secs(5));
     let data = pattern(3 << 20, 5);
