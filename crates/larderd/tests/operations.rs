@@ -248,6 +248,66 @@ async fn memory_of_a_burst_of_connections_is_given_back() {
     );
 }
 
+/// Every request records its duration into a histogram, and the Prometheus exporter keeps each
+/// sample until its upkeep folds them into buckets, or until a scrape renders them. larderd
+/// never ran that upkeep, so a server nobody scraped grew by about 8 bytes per request for good
+/// (measured: 1.8 MB/s at 100k requests/s). Here nothing scrapes `/metrics` while 400,000
+/// requests are served on one keep-alive connection: the resident size must not grow with them.
+#[tokio::test]
+async fn memory_stays_flat_under_requests_when_nobody_scrapes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BATCH: usize = 2_000;
+    const WARM_UP: usize = 50_000;
+    const MEASURED: usize = 400_000;
+    let srv = Launch::new(&["--workers", "1"]).start();
+    let r = Client::new()
+        .put(srv.object_url("ops", "flat"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    // A fixed request id makes every answer to this HEAD the same length (the date is of fixed
+    // width), so a pipelined batch of them is read as one exact count of bytes.
+    let head =
+        "HEAD /api/v1/object/ops/flat HTTP/1.1\r\nhost: larder\r\nx-request-id: flat\r\n\r\n";
+    let mut conn = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        conn.read_exact(&mut byte).await.unwrap();
+        answer.push(byte[0]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    let batch = head.repeat(BATCH);
+    let mut answers = vec![0u8; answer.len() * BATCH];
+    let mut serve = async |requests: usize| {
+        for _ in 0..requests / BATCH {
+            conn.write_all(batch.as_bytes()).await.unwrap();
+            conn.read_exact(&mut answers).await.unwrap();
+            assert!(
+                answers.starts_with(b"HTTP/1.1 200 OK\r\n") && answers.ends_with(b"\r\n\r\n"),
+                "every answer is the 200 of the first"
+            );
+        }
+    };
+    let settle = std::time::Duration::from_millis(1500);
+    serve(WARM_UP).await;
+    tokio::time::sleep(settle).await;
+    let before = resident_kib(srv.pid());
+    serve(MEASURED).await;
+    tokio::time::sleep(settle).await;
+    let after = resident_kib(srv.pid());
+    // Measured: 0.9 MB more with the upkeep (freed samples the allocator keeps), 4.8 MB more
+    // without it for 300,000 requests.
+    assert!(
+        after < before + 3 * 1024,
+        "resident size grew from {before} to {after} KiB over {MEASURED} requests"
+    );
+}
+
 /// The sample unit must be one systemd accepts, and its command line one larderd accepts.
 #[test]
 fn the_sample_systemd_unit_verifies_and_starts_larderd() {
