@@ -5,13 +5,17 @@
 #
 # `wrk -t2 -cCONNECTIONS -dDURATION --latency` GETs one object of SIZE bytes, over loopback, from
 # larderd and from nginx in turn, REPS times each (alternating, so both see the same machine);
-# nginx without an access log, larderd with its own (one line per request, written to
-# /dev/null by its log thread). Prints one line per run and the medians, and the ratios larderd /
+# larderd with its access log (one line per request, written to /dev/null by its log thread),
+# nginx without one unless NGINX_LOG=1. Prints one line per run and the medians, and the ratios larderd /
 # nginx of throughput, of p50 and p99, and of the server's CPU time per request (user + system,
 # all threads: /proc/<pid>/stat before and after each run). Generator and servers share the
 # machine's cores: the figures are only comparable within one run, and with small objects the
 # throughput depends on where the scheduler puts wrk's threads (BENCHMARKS.md, round 5), so CPU
 # per request is the steadier figure there.
+#
+# NGINX_LOG=1 gives nginx an access log too (the combined format, buffered 64 KiB, flushed every
+# second, to /dev/null like larderd's): the like-for-like anchor; by default nginx logs nothing,
+# the stricter one.
 #
 # SPLIT=1 gives the servers core 0 and wrk core 1 (both servers then start one worker), as if
 # the generator ran on a machine of its own: the servers no longer compete with it for CPU, nor
@@ -20,6 +24,7 @@
 #   bench/one-object-latency.sh
 #   SIZE=4096 CONNECTIONS=64 REPS=5 bench/one-object-latency.sh   # the small-object row
 # Knobs: SIZE=1048576 CONNECTIONS=500 DURATION=10s REPS=3 LARDER_PORT=18380 NGINX_PORT=18381 SPLIT=0
+#        NGINX_LOG=0
 # Needs nginx-light and wrk (installed from Debian when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +36,8 @@ LPORT=${LARDER_PORT:-18380}
 NPORT=${NGINX_PORT:-18381}
 server_cpu=() generator_cpu=()
 [[ ${SPLIT:-0} == 1 ]] && server_cpu=(taskset -c 0) generator_cpu=(taskset -c 1)
+nginx_access_log="access_log off;"
+[[ ${NGINX_LOG:-0} == 1 ]] && nginx_access_log="access_log /dev/null combined buffer=64k flush=1s;"
 command -v wrk >/dev/null && command -v nginx >/dev/null \
     || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
 cargo build --release -q -p larderd
@@ -52,7 +59,7 @@ pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-    access_log off;
+    $nginx_access_log
     default_type application/octet-stream;
     client_body_temp_path $work/nginx/tmp;
     keepalive_requests 1000000;
@@ -115,6 +122,7 @@ lp50=$(col larderd 2) lp99=$(col larderd 3) lrate=$(col larderd 4) lrps=$(col la
 np50=$(col nginx 2) np99=$(col nginx 3) nrate=$(col nginx 4) nrps=$(col nginx 5) ncpu=$(col nginx 6)
 cores="generator and servers share the cores"
 [[ ${SPLIT:-0} == 1 ]] && cores="servers on core 0, wrk on core 1"
+[[ ${NGINX_LOG:-0} == 1 ]] && cores="$cores; nginx with a buffered access log"
 echo "| one object of $SIZE bytes, $CONNECTIONS connections, medians of $REPS ($cores) | larderd | nginx | larderd / nginx |"
 echo "| --- | ---: | ---: | ---: |"
 awk -v lr="$lrate" -v nr="$nrate" -v l50="$lp50" -v n50="$np50" -v l99="$lp99" -v n99="$np99" \
