@@ -13,7 +13,7 @@ const DURATION_BUCKETS: &[f64] = &[
 
 /// How often the samples recorded into histograms are folded into their buckets. The exporter
 /// keeps every sample until then, or until a scrape renders them: without this, a server nobody
-/// scraped grew by about 8 bytes per request for good (1.6 MB/s at 100k requests/s, measured).
+/// scraped grew by about 16 bytes per request for good (1.8 MB/s at 105k requests/s, measured).
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub fn install() -> anyhow::Result<PrometheusHandle> {
