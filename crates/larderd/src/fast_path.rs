@@ -83,8 +83,14 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
     // Registered once for the connection, not once per request.
     let stopping = stop.wait_for(|stop| *stop);
     tokio::pin!(stopping);
+    // One timer for the connection's life. Each request moves `deadline` (a clock read); the
+    // timer is only re-armed when it fires before the deadline it should be at. Arming and
+    // clearing a timer per request cost more than parsing the request head.
+    let mut deadline = Instant::now() + limits.header_timeout;
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
     loop {
-        let deadline = Instant::now() + limits.header_timeout;
+        deadline = Instant::now() + limits.header_timeout;
         let request = loop {
             if !buf.is_empty() {
                 match parse(&buf, limits) {
@@ -103,17 +109,21 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(READ_BUFFER);
             }
+            // The read comes first: a request that has arrived is read without looking at the
+            // other two, which is most of the time under load.
             let read = tokio::select! {
                 biased;
+                read = io.read_buf(&mut buf) => Some(read),
                 // Between requests a stopping server closes the connection; a request already
                 // arriving is read to its end and answered.
                 _ = &mut stopping, if idle => return Outcome::Closed,
-                read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf)) => read,
+                () = &mut timer => None,
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Outcome::Closed,
-                Ok(Ok(_)) => {}
-                Err(_) => {
+                Some(Ok(0)) | Some(Err(_)) => return Outcome::Closed,
+                Some(Ok(_)) => {}
+                None if Instant::now() < deadline => timer.as_mut().reset(deadline),
+                None => {
                     if !idle {
                         crate::metrics::limit_rejected("header_timeout");
                         let answer = crate::server::request_timeout_answer(limits.header_timeout);
@@ -126,7 +136,7 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
         };
         let head_len = request.head_len;
         let head = request.head;
-        let (close, large_body) = match request.answer(state).await {
+        let (close, after_head) = match request.answer(state).await {
             // Nothing happened yet: hyper answers it from scratch.
             None => {
                 return Outcome::HandOver {
@@ -142,8 +152,9 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 body,
                 request_id,
             }) => {
-                encode_read(&mut out, status, &meta, range, &body, &request_id, head);
-                (false, None)
+                encode_read(&mut out, status, &meta, range, &request_id);
+                let bodiless = head || status == StatusCode::NOT_MODIFIED || body.is_empty();
+                (false, (!bodiless).then_some(AfterHead::Bytes(body)))
             }
             Some(ReadAnswer::File {
                 status,
@@ -155,19 +166,11 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
             }) => {
                 // The head only: the body follows from the file, or is copied from the tier's
                 // stream when sendfile is off.
-                encode_read(
-                    &mut out,
-                    status,
-                    &meta,
-                    range,
-                    &Bytes::new(),
-                    &request_id,
-                    true,
-                );
+                encode_read(&mut out, status, &meta, range, &request_id);
                 let large = if sendfile_enabled() {
-                    LargeBody::File(region)
+                    AfterHead::File(region)
                 } else {
-                    LargeBody::Stream(body)
+                    AfterHead::Stream(body)
                 };
                 (false, Some(large))
             }
@@ -186,9 +189,18 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 }
             }
         };
-        let written = match large_body {
-            Some(LargeBody::File(region)) => send_region(&mut io, &out, &region).await,
-            Some(LargeBody::Stream(body)) => copy_body(&mut io, &out, body).await,
+        let written = match after_head {
+            // One write from two buffers: copying the body behind the head cost more than
+            // the kernel's gathering it.
+            Some(AfterHead::Bytes(body)) => {
+                write_all_vectored(
+                    &mut io,
+                    &mut [io::IoSlice::new(&out), io::IoSlice::new(&body)],
+                )
+                .await
+            }
+            Some(AfterHead::File(region)) => send_region(&mut io, &out, &region).await,
+            Some(AfterHead::Stream(body)) => copy_body(&mut io, &out, body).await,
             None => io.write_all(&out).await,
         };
         // After a failure part of the answer may have gone out: the connection cannot say
@@ -426,16 +438,14 @@ fn encode(out: &mut Vec<u8>, parts: &http::response::Parts, body: &Bytes, head: 
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
 }
 
-/// The current `Date` value, formatted once a second per thread.
-/// A read's 200 (or HEAD) or 304, its fields from the plan `api::respond` follows too.
+/// The head of a read's 200, 206 or 304, its fields from the plan `api::respond` follows too;
+/// the body, if any, goes out from its own buffer.
 fn encode_read(
     out: &mut Vec<u8>,
     status: StatusCode,
     meta: &larder_tier::ObjectMeta,
     range: Option<larder_proto::ByteRange>,
-    body: &Bytes,
     request_id: &HeaderValue,
-    head: bool,
 ) {
     out.clear();
     out.extend_from_slice(match status {
@@ -466,9 +476,6 @@ fn encode_read(
     out.extend_from_slice(b"\r\ndate: ");
     http_date(|date| out.extend_from_slice(date));
     out.extend_from_slice(b"\r\n\r\n");
-    if !head && status != StatusCode::NOT_MODIFIED {
-        out.extend_from_slice(body);
-    }
 }
 
 /// Most bytes handed to the kernel in one `sendfile`: a connection sending a large object yields
@@ -477,8 +484,11 @@ fn encode_read(
 /// 1–4 MiB (BENCHMARKS.md, performance round 4).
 const SEND_FILE_CHUNK: u64 = 256 << 10;
 
-/// A body the fast path sends after the head, not in the same buffer.
-enum LargeBody {
+/// A body the fast path sends after the head, not from the same buffer.
+enum AfterHead {
+    /// Small and whole in memory: written with the head in one call.
+    Bytes(Bytes),
+    /// Large, from disk.
     File(FileRegion),
     Stream(larder_tier::BodyStream),
 }
@@ -580,6 +590,7 @@ fn http_date_of(at: SystemTime, with: impl FnOnce(&[u8])) {
     });
 }
 
+/// The current `Date` value, formatted once a second per thread.
 fn http_date(with: impl FnOnce(&[u8])) {
     thread_local! {
         static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
