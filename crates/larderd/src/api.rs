@@ -458,17 +458,18 @@ async fn local_answer(got: GetResponse) -> Result<Local, GetResponse> {
 /// Counts a finished request in the metrics and writes its access line (method, status and
 /// time taken filled in here): one place for the general path and the fast path.
 fn account(started: Instant, method: &Method, status: StatusCode, line: AccessLine<'_>) {
+    let took = started.elapsed();
     RequestMetrics {
         route: line.route,
         method,
         status,
-        started,
+        took,
     }
     .record();
     crate::access_log::record(&AccessLine {
         method: method.as_str(),
         status: status.as_u16(),
-        micros: started.elapsed().as_micros() as u64,
+        micros: took.as_micros() as u64,
         ..line
     });
 }
