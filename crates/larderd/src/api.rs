@@ -708,7 +708,7 @@ async fn service(
             Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")),
         },
         ServiceRoute::Metrics => {
-            let mut r = Response::new(full(state.metrics.render()));
+            let mut r = Response::new(full(crate::metrics::render(&state.metrics)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -2,6 +2,11 @@
 
 use http::{Method, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Latency buckets (seconds) from a page-cache hit to a multi-GiB transfer: histograms rather
@@ -42,57 +47,211 @@ pub struct RequestMetrics<'a> {
 }
 
 impl RequestMetrics<'_> {
+    /// Counts the request in `larder_http_requests_total` and its duration in
+    /// `larder_http_request_duration_seconds`.
+    ///
+    /// These two series are kept here rather than in the exporter's registry: every request
+    /// updates them, and through the registry they cost 5 % of a small GET's CPU (measured
+    /// under `wrk -t2 -c64`: 7.07 µs per request with them, 6.74 without any request metrics;
+    /// kept here, 6.79 against 6.91). Its handles are shared by all threads,
+    /// so their atomics move between cores on every request, and each histogram sample is
+    /// queued under an epoch guard until the upkeep folds it. Here each thread owns its cells:
+    /// a bucket is found by comparison and two relaxed additions on the thread's own cache
+    /// lines record the request. A scrape adds the threads' cells up ([`render`]).
     pub fn record(self) {
-        // Static label values, and each thread keeps the handles it has used: looking a series
-        // up in the recorder (building its key, hashing and comparing the labels) cost more
-        // than serving a small object.
-        let series = (
+        let key = (
             self.route,
             static_method(self.method),
             static_status(self.status),
         );
-        HANDLES.with_borrow_mut(|handles| {
+        let nanos = u64::try_from(self.took.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = bucket_of(nanos);
+        let recorded = THREAD_SERIES.try_with(|mine| {
+            let mut mine = mine.borrow_mut();
             // A thread sees a few dozen series: a scan of short static strings beats hashing.
-            // The handles are used where they lie: a clone and a drop were four atomic
-            // operations a request.
-            let at = match handles.iter().position(|(key, _)| *key == series) {
+            let at = match mine.cells.iter().position(|c| c.key == key) {
                 Some(at) => at,
                 None => {
-                    handles.push((series, series_handles(series)));
-                    handles.len() - 1
+                    let cells = Arc::new(SeriesCells::new(key, false));
+                    lock(&SERIES).push(cells.clone());
+                    mine.cells.push(cells);
+                    mine.cells.len() - 1
                 }
             };
-            let (requests, duration) = &handles[at].1;
-            requests.increment(1);
-            duration.record(self.took.as_secs_f64());
+            mine.cells[at].add(1, bucket, nanos);
         });
+        if recorded.is_err() {
+            // The thread is exiting and its cells are gone: count it with the departed ones.
+            departed_cells(&mut lock(&SERIES), key).add(1, bucket, nanos);
+        }
     }
 }
 
-fn series_handles((route, method, status): SeriesKey) -> (metrics::Counter, metrics::Histogram) {
-    (
-        metrics::counter!(
-            "larder_http_requests_total",
-            "route" => route,
-            "method" => method,
-            "status" => status
-        ),
-        metrics::histogram!(
-            "larder_http_request_duration_seconds",
-            "route" => route,
-            "method" => method
-        ),
-    )
+/// Request duration buckets' upper bounds in nanoseconds, [`DURATION_BUCKETS`] exactly.
+const BUCKET_NANOS: [u64; DURATION_BUCKETS.len()] = {
+    let mut out = [0; DURATION_BUCKETS.len()];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = (DURATION_BUCKETS[i] * 1e9 + 0.5) as u64;
+        i += 1;
+    }
+    out
+};
+
+/// The bucket a duration falls in: the first whose bound it does not exceed (Prometheus's
+/// `le`), or the one past the last bound.
+fn bucket_of(nanos: u64) -> usize {
+    BUCKET_NANOS
+        .iter()
+        .position(|&bound| nanos <= bound)
+        .unwrap_or(BUCKET_NANOS.len())
 }
 
+/// (route, method, status).
 type SeriesKey = (&'static str, &'static str, &'static str);
 
+/// One series' counts, as one thread recorded them, or as threads that have ended left them.
+struct SeriesCells {
+    key: SeriesKey,
+    /// Requests per duration bucket, not cumulative; the last one is past the largest bound.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    nanos: AtomicU64,
+    /// Whether these cells keep the counts of threads that have ended.
+    departed: bool,
+}
+
+impl SeriesCells {
+    fn new(key: SeriesKey, departed: bool) -> Self {
+        SeriesCells {
+            key,
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            nanos: AtomicU64::new(0),
+            departed,
+        }
+    }
+
+    fn add(&self, requests: u64, bucket: usize, nanos: u64) {
+        self.buckets[bucket].fetch_add(requests, Ordering::Relaxed);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// Every live thread's cells, and the departed threads' ones. Scrapes read them under the
+/// lock; a thread takes it only to add a series, and when it ends.
+static SERIES: Mutex<Vec<Arc<SeriesCells>>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The cells that keep `key`'s counts from threads that have ended.
+fn departed_cells(series: &mut Vec<Arc<SeriesCells>>, key: SeriesKey) -> &SeriesCells {
+    let at = match series.iter().position(|c| c.departed && c.key == key) {
+        Some(at) => at,
+        None => {
+            series.push(Arc::new(SeriesCells::new(key, true)));
+            series.len() - 1
+        }
+    };
+    &series[at]
+}
+
+/// A thread's own cells. When the thread ends its counts move to the departed cells, so a
+/// server whose blocking threads come and go keeps a bounded list and loses no count.
+#[derive(Default)]
+struct ThreadSeries {
+    cells: Vec<Arc<SeriesCells>>,
+}
+
+impl Drop for ThreadSeries {
+    fn drop(&mut self) {
+        // Under the lock: a scrape sees these counts either here or there, never twice.
+        let mut series = lock(&SERIES);
+        for mine in self.cells.drain(..) {
+            let departed = departed_cells(&mut series, mine.key);
+            for (bucket, count) in mine.buckets.iter().enumerate() {
+                departed.add(count.load(Ordering::Relaxed), bucket, 0);
+            }
+            departed
+                .nanos
+                .fetch_add(mine.nanos.load(Ordering::Relaxed), Ordering::Relaxed);
+            series.retain(|c| !Arc::ptr_eq(c, &mine));
+        }
+    }
+}
+
 thread_local! {
-    static HANDLES: std::cell::RefCell<
-        Vec<(SeriesKey, (metrics::Counter, metrics::Histogram))>,
-    > = const { std::cell::RefCell::new(Vec::new()) };
-    static BYTES_SERVED: std::cell::RefCell<Vec<(&'static str, metrics::Counter)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static THREAD_SERIES: RefCell<ThreadSeries> = RefCell::default();
+    static BYTES_SERVED: RefCell<Vec<(&'static str, metrics::Counter)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// The exposition: the exporter's series, then the request series kept here.
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut out = handle.render();
+    render_requests(&mut out);
+    out
+}
+
+/// `larder_http_requests_total` by route, method and status, and
+/// `larder_http_request_duration_seconds` by route and method, in the exporter's format.
+fn render_requests(out: &mut String) {
+    #[derive(Default)]
+    struct Totals {
+        buckets: [u64; DURATION_BUCKETS.len() + 1],
+        nanos: u64,
+    }
+    let mut requests: BTreeMap<SeriesKey, u64> = BTreeMap::new();
+    let mut durations: BTreeMap<(&str, &str), Totals> = BTreeMap::new();
+    for cells in lock(&SERIES).iter() {
+        let (route, method, _) = cells.key;
+        let totals = durations.entry((route, method)).or_default();
+        let mut count = 0;
+        for (bucket, cell) in cells.buckets.iter().enumerate() {
+            let n = cell.load(Ordering::Relaxed);
+            totals.buckets[bucket] += n;
+            count += n;
+        }
+        totals.nanos += cells.nanos.load(Ordering::Relaxed);
+        *requests.entry(cells.key).or_default() += count;
+    }
+    if requests.is_empty() {
+        return;
+    }
+    out.push_str("# TYPE larder_http_requests_total counter\n");
+    for ((route, method, status), n) in &requests {
+        let _ = writeln!(
+            out,
+            "larder_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+        );
+    }
+    out.push_str("\n# TYPE larder_http_request_duration_seconds histogram\n");
+    for ((route, method), totals) in &durations {
+        let labels = format!("route=\"{route}\",method=\"{method}\"");
+        let mut cumulative = 0;
+        for (bound, n) in DURATION_BUCKETS.iter().zip(&totals.buckets) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "larder_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        cumulative += totals.buckets[DURATION_BUCKETS.len()];
+        let _ = writeln!(
+            out,
+            "larder_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            out,
+            "larder_http_request_duration_seconds_sum{{{labels}}} {}",
+            totals.nanos as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "larder_http_request_duration_seconds_count{{{labels}}} {cumulative}"
+        );
+    }
+    out.push('\n');
 }
 
 /// Counts body bytes served from `tier` (`larder_bytes_served_total`), with a handle cached per
@@ -154,4 +313,95 @@ fn static_status(s: StatusCode) -> &'static str {
 /// name such as "uploads" or "header_timeout").
 pub fn limit_rejected(limit: &'static str) {
     metrics::counter!("larder_limit_rejections_total", "limit" => limit).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(route: &'static str, status: StatusCode, took: Duration) {
+        RequestMetrics {
+            route,
+            method: &Method::GET,
+            status,
+            took,
+        }
+        .record();
+    }
+
+    fn line_value(text: &str, prefix: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn durations_fall_in_the_first_bucket_they_do_not_exceed() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(500_000), 0, "le=0.0005 includes 0.5 ms");
+        assert_eq!(bucket_of(500_001), 1);
+        assert_eq!(bucket_of(1_000_000), 1);
+        assert_eq!(bucket_of(300_000_000_000), DURATION_BUCKETS.len() - 1);
+        assert_eq!(bucket_of(300_000_000_001), DURATION_BUCKETS.len());
+        assert_eq!(bucket_of(u64::MAX), DURATION_BUCKETS.len());
+    }
+
+    #[test]
+    fn counts_of_threads_that_ended_are_kept_and_their_cells_do_not_pile_up() {
+        let route = "test-departed";
+        let cells_of_route = || lock(&SERIES).iter().filter(|c| c.key.0 == route).count();
+        for _ in 0..20 {
+            std::thread::spawn(move || {
+                record(route, StatusCode::OK, Duration::from_micros(200));
+                record(route, StatusCode::NOT_FOUND, Duration::from_secs(2));
+            })
+            .join()
+            .unwrap();
+        }
+        record(route, StatusCode::OK, Duration::from_micros(700));
+        // One departed cell per status, and this thread's one.
+        assert_eq!(cells_of_route(), 3);
+        let mut text = String::new();
+        render_requests(&mut text);
+        let series = |status: &str| {
+            format!(
+                "larder_http_requests_total{{route=\"{route}\",method=\"GET\",status=\"{status}\"}} "
+            )
+        };
+        assert_eq!(line_value(&text, &series("200")), Some(21), "{text}");
+        assert_eq!(line_value(&text, &series("404")), Some(20), "{text}");
+        let labels = format!("route=\"{route}\",method=\"GET\"");
+        let bucket = |le: &str| {
+            line_value(
+                &text,
+                &format!("larder_http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} "),
+            )
+        };
+        // Cumulative: 20 under 0.5 ms, one more under 1 ms, the 2 s ones from 2.5 s on.
+        assert_eq!(bucket("0.0005"), Some(20));
+        assert_eq!(bucket("0.001"), Some(21));
+        assert_eq!(bucket("1"), Some(21));
+        assert_eq!(bucket("2.5"), Some(41));
+        assert_eq!(bucket("+Inf"), Some(41));
+        assert_eq!(
+            line_value(
+                &text,
+                &format!("larder_http_request_duration_seconds_count{{{labels}}} ")
+            ),
+            Some(41)
+        );
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "larder_http_request_duration_seconds_sum{{{labels}}} "
+                ))
+            })
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (sum - (20.0 * 0.0002 + 0.0007 + 20.0 * 2.0)).abs() < 1e-9,
+            "{sum}"
+        );
+    }
 }
