@@ -7,6 +7,11 @@
 #       RGW with the same client (curl, SigV4) -> ratio of throughputs, target >= 0.95x, and of
 #       times to first byte. Twice: with all processes sharing the cores, and with RGW alone
 #       on core 0 and larderd and curl on core 1 (the S3 server as if on a machine of its own).
+#       In the same runs, nginx in front of the same RGW, as a platform team would put it there:
+#       a caching proxy (proxy_cache, a miss each time: it streams to the client while it writes
+#       its cache file, as larderd's fill does), and a plain proxy (no cache, no buffering) —
+#       what any process between client and S3 costs on these cores. nginx cannot sign SigV4,
+#       so its object is public-read and it reads anonymously.
 #   (b) 16 clients asking at once for the same cold 1 GiB object on one replica -> how many
 #       S3 body reads larderd made (larder_s3_body_reads_total from /metrics), target 1.
 #   (c) 64 MiB pinned (If-Match) range GETs, 4 connections, served from disk after the fill,
@@ -26,7 +31,8 @@ DPORT=$((LPORT + 1))
 SIZE_MIB=${SIZE_MIB:-1024}
 log() { echo "[$(date +%T)] $*" >&2; }
 
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >&2; }
+command -v wrk >/dev/null && command -v nginx >/dev/null \
+  || { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk nginx-light >&2; }
 (cd "$REPO" && cargo build --release -q -p larderd)
 BIN=$REPO/target/release/larderd
 
@@ -64,9 +70,49 @@ ETAG=$(curl -sfI "$URL" | tr -d '\r' | awk 'tolower($1)=="etag:" {print $2}')
 sigv4=(--aws-sigv4 "aws:amz:$AWS_REGION:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY")
 EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 DIRECT=$AWS_ENDPOINT_URL/bench/direct-big
-curl -sf "${sigv4[@]}" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -T "$WORK/big" "$DIRECT" >/dev/null
+curl -sf "${sigv4[@]}" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -H "x-amz-acl: public-read" \
+  -T "$WORK/big" "$DIRECT" >/dev/null
 size=$(curl -sfI "${sigv4[@]}" -H "x-amz-content-sha256: $EMPTY_SHA256" "$DIRECT" | tr -d '\r' | awk 'tolower($1)=="content-length:" {print $2}')
 [ "$size" = $((SIZE_MIB << 20)) ] || { echo "direct object has $size bytes" >&2; exit 1; }
+
+NPORT=$((LPORT + 2))
+mkdir -p "$WORK/nginx/tmp" "$WORK/nginx/cache"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+daemon off;
+$([[ $(id -u) -eq 0 ]] && echo "user root;")
+worker_processes auto;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    proxy_temp_path $WORK/nginx/tmp;
+    client_body_temp_path $WORK/nginx/tmp;
+    proxy_cache_path $WORK/nginx/cache levels=1:2 keys_zone=s3:10m max_size=20g use_temp_path=off;
+    server {
+        listen 127.0.0.1:$NPORT;
+        location /cache/ {
+            proxy_pass http://127.0.0.1:$S3_PORT/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache s3;
+            proxy_cache_key \$request_uri;
+            proxy_cache_valid 200 1h;
+        }
+        location /pass/ {
+            proxy_pass http://127.0.0.1:$S3_PORT/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" &
+pids+=($!)
+for _ in $(seq 50); do curl -sf -o /dev/null -r 0-0 "http://127.0.0.1:$NPORT/pass/bench/direct-big" && break; sleep 0.1; done
+# The same bytes through nginx as from RGW.
+cmp <(curl -sf -r 0-1048575 "http://127.0.0.1:$NPORT/pass/bench/direct-big") <(head -c 1048576 "$WORK/big")
 
 body_reads() { curl -sf "http://127.0.0.1:$LPORT/metrics" | awk '/^larder_s3_body_reads_total/ {print $2}' | tail -1; }
 command -v bc >/dev/null || { apt-get install -y -qq --no-install-recommends bc >&2; }
@@ -77,15 +123,16 @@ command -v bc >/dev/null || { apt-get install -y -qq --no-install-recommends bc 
 # its own, and larderd's own cost per byte is what it takes from the client's core.
 ceph_pids() { pgrep -f "$WORK/s3/ceph.conf" || true; }
 larderd_pid() { echo "${pids[0]}"; }
+nginx_pids() { echo "${pids[2]}"; pgrep -P "${pids[2]}" || true; }
 all_cores="0-$(($(nproc) - 1))"
 layout() { # shared|split
   local p
   if [ "$1" = split ]; then
     for p in $(ceph_pids); do taskset -a -p -c 0 "$p" >/dev/null; done
-    taskset -a -p -c 1 "$(larderd_pid)" >/dev/null
+    for p in "$(larderd_pid)" $(nginx_pids); do taskset -a -p -c 1 "$p" >/dev/null; done
     client=(taskset -c 1)
   else
-    for p in $(ceph_pids) "$(larderd_pid)"; do taskset -a -p -c "$all_cores" "$p" >/dev/null; done
+    for p in $(ceph_pids) "$(larderd_pid)" $(nginx_pids); do taskset -a -p -c "$all_cores" "$p" >/dev/null; done
     client=()
   fi
 }
@@ -109,8 +156,18 @@ for lay in shared split; do
     [[ $f ]] || exit 1
     log "$lay rep $r rgw-direct ${t}s, first byte ${f}s"
     echo "direct $t $f" >> "$WORK/a-$lay"
+    # A new cache key each time: a miss, like larderd's.
+    read -r t f < <(timed_get "http://127.0.0.1:$NPORT/cache/bench/direct-big?rep=$lay-$r")
+    [[ $f ]] || exit 1
+    log "$lay rep $r nginx-cache-miss ${t}s, first byte ${f}s"
+    echo "nginx-cache $t $f" >> "$WORK/a-$lay"
+    find "$WORK/nginx/cache" -type f -delete # 1 GiB each, never read again
+    read -r t f < <(timed_get "http://127.0.0.1:$NPORT/pass/bench/direct-big")
+    [[ $f ]] || exit 1
+    log "$lay rep $r nginx-proxy ${t}s, first byte ${f}s"
+    echo "nginx-proxy $t $f" >> "$WORK/a-$lay"
   done
-  for who in miss direct; do
+  for who in miss direct nginx-cache nginx-proxy; do
     wall[$lay.$who]=$(awk -v w=$who '$1 == w {print $2}' "$WORK/a-$lay" | median)
     ttfb[$lay.$who]=$(awk -v w=$who '$1 == w {print $3}' "$WORK/a-$lay" | median)
   done
@@ -161,6 +218,15 @@ for lay in shared split; do
   printf '| time to first byte of that miss vs direct (%s) | %.0f ms | %.0f ms | %.2f× | — |\n' \
     "$what" "$(echo "${ttfb[$lay.miss]} * 1000" | bc -l)" "$(echo "${ttfb[$lay.direct]} * 1000" | bc -l)" \
     "$(echo "${ttfb[$lay.miss]} / ${ttfb[$lay.direct]}" | bc -l)"
+  for who in nginx-cache nginx-proxy; do
+    rn=$(echo "$gib / ${wall[$lay.$who]}" | bc -l)
+    how="nginx proxy_cache, a miss"; [ $who = nginx-proxy ] && how="nginx plain proxy, no cache"
+    printf '| same GET through %s vs direct from RGW (%s) | %.2f GiB/s | %.2f GiB/s | %.2f× | — |\n' \
+      "$how" "$what" "$rn" "$rd" "$(echo "$rn / $rd" | bc -l)"
+  done
+  rn=$(echo "$gib / ${wall[$lay.nginx-cache]}" | bc -l)
+  printf '| larderd miss vs nginx proxy_cache miss (%s) | %.2f GiB/s | %.2f GiB/s | %.2f× | — |\n' \
+    "$what" "$rl" "$rn" "$(echo "$rl / $rn" | bc -l)"
 done
 printf '| 16 concurrent cold GETs of %s MiB: S3 body reads by the replica | %s | — | — | 1 |\n' "$SIZE_MIB" "$reads"
 printf '| 64 MiB pinned ranges, 4 conns, from disk after the fill vs disk-only larderd | %.2f GiB/s | %.2f GiB/s | %.2f× | ≈ 1× |\n' "$best_t" "$best_o" "$(echo "$best_t / $best_o" | bc -l)"
