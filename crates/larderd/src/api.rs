@@ -30,7 +30,7 @@ use serde_json::json;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -237,6 +237,8 @@ pub(crate) enum ReadAnswer {
         range: Option<ByteRange>,
         body: Bytes,
         request_id: HeaderValue,
+        /// When the read was answered: the access line's time, and the `Date` to send.
+        answered_at: SystemTime,
     },
     /// A 200 or 206 from the local disk whose body is not small: the fields of [`body_fields`],
     /// then the bytes of `region`, which the fast path hands to `sendfile` (or, with
@@ -248,6 +250,7 @@ pub(crate) enum ReadAnswer {
         region: FileRegion,
         body: larder_tier::BodyStream,
         request_id: HeaderValue,
+        answered_at: SystemTime,
     },
     /// Any other answer, with `X-Request-Id`, and the tier that serves its body.
     Response(Response<Body>, &'static str),
@@ -258,9 +261,13 @@ pub(crate) enum ReadAnswer {
 
 /// Answers a read on the fast path, counted in the metrics and the access log like any other
 /// request; `None` when it must take the general path instead (a malformed name, a refused
-/// token, the test fault hook): nothing has happened yet then.
-pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<ReadAnswer> {
-    let started = Instant::now();
+/// token, the test fault hook): nothing has happened yet then. `started` is when the request's
+/// head had arrived (the caller's clock read, which it keeps for its own timeout).
+pub(crate) async fn read_object(
+    state: &State,
+    read: ObjectRead<'_>,
+    started: Instant,
+) -> Option<ReadAnswer> {
     let (ns, key) = parse_names(read.ns, read.key).ok()?;
     let token = if state.auth.enabled() {
         let mut headers = HeaderMap::new();
@@ -306,7 +313,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
     let answered = AssertUnwindSafe(state.tier.get(&ns, &key, opts))
         .catch_unwind()
         .await;
-    let (answer, status, etag) = match answered {
+    let (mut answer, status, etag) = match answered {
         Ok(Ok(got)) => match local_answer(got).await {
             Ok(Local::Read(status, range, meta, body)) => {
                 log.tier = "disk";
@@ -318,6 +325,8 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
                         range,
                         body,
                         request_id: read.request_id.clone(),
+                        // Set below, from the clock read that stamps the access line.
+                        answered_at: SystemTime::UNIX_EPOCH,
                     },
                     None => ReadAnswer::Broken,
                 };
@@ -333,6 +342,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
                     region,
                     body,
                     request_id: read.request_id.clone(),
+                    answered_at: SystemTime::UNIX_EPOCH,
                 };
                 (answer, status, etag)
             }
@@ -354,7 +364,7 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
         }
         Err(panic) => general(panicked(id, &*panic), &log, read.request_id.clone()),
     };
-    account(
+    let now = account(
         started,
         &method,
         status,
@@ -369,6 +379,11 @@ pub(crate) async fn read_object(state: &State, read: ObjectRead<'_>) -> Option<R
             ..AccessLine::default()
         },
     );
+    if let ReadAnswer::Small { answered_at, .. } | ReadAnswer::File { answered_at, .. } =
+        &mut answer
+    {
+        *answered_at = now;
+    }
     Some(answer)
 }
 
@@ -456,9 +471,16 @@ async fn local_answer(got: GetResponse) -> Result<Local, GetResponse> {
 }
 
 /// Counts a finished request in the metrics and writes its access line (method, status and
-/// time taken filled in here): one place for the general path and the fast path.
-fn account(started: Instant, method: &Method, status: StatusCode, line: AccessLine<'_>) {
+/// time taken filled in here): one place for the general path and the fast path. Returns the
+/// wall-clock time the line carries, for a `Date` field: one clock read serves both.
+fn account(
+    started: Instant,
+    method: &Method,
+    status: StatusCode,
+    line: AccessLine<'_>,
+) -> SystemTime {
     let took = started.elapsed();
+    let now = SystemTime::now();
     RequestMetrics {
         route: line.route,
         method,
@@ -466,12 +488,16 @@ fn account(started: Instant, method: &Method, status: StatusCode, line: AccessLi
         took,
     }
     .record();
-    crate::access_log::record(&AccessLine {
-        method: method.as_str(),
-        status: status.as_u16(),
-        micros: took.as_micros() as u64,
-        ..line
-    });
+    crate::access_log::record(
+        &AccessLine {
+            method: method.as_str(),
+            status: status.as_u16(),
+            micros: took.as_micros() as u64,
+            ..line
+        },
+        now,
+    );
+    now
 }
 
 /// The answer to a request whose handling panicked, logged and counted. `request_id` lets an
@@ -500,7 +526,6 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 /// The request id a request is known by: the client's when usable, else a new one.
 pub(crate) fn valid_request_id(given: Option<&HeaderValue>) -> HeaderValue {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
     if let Some(v) = given
         && !v.is_empty()
         && v.len() <= 64
@@ -508,8 +533,27 @@ pub(crate) fn valid_request_id(given: Option<&HeaderValue>) -> HeaderValue {
     {
         return v.clone();
     }
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from(n)
+    HeaderValue::from(next_request_id())
+}
+
+/// A number no other request of this process gets. Each thread takes a block of them at a
+/// time: one shared counter bumped by every request of every worker is a cache line passed
+/// between cores each time. Ids are unique, increasing within a thread, not across threads.
+fn next_request_id() -> u64 {
+    const BLOCK: u64 = 1024;
+    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static MINE: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    MINE.with(|mine| {
+        let (mut next, mut end) = mine.get();
+        if next == end {
+            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next + BLOCK;
+        }
+        mine.set((next + 1, end));
+        next
+    })
 }
 
 /// 431 for request heads over the configured limits. hyper's own limits sit above these (see
@@ -1545,6 +1589,28 @@ pub(crate) fn tier_error(e: TierError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_request_ids_are_never_given_twice_across_threads() {
+        // More than one block per thread, so blocks are taken while others are in use.
+        let per_thread = 2_500;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let ids: Vec<u64> = (0..per_thread).map(|_| next_request_id()).collect();
+                    assert!(ids.windows(2).all(|w| w[0] < w[1]), "increasing per thread");
+                    ids
+                })
+            })
+            .collect();
+        let mut all = std::collections::HashSet::new();
+        for thread in threads {
+            for id in thread.join().unwrap() {
+                assert!(all.insert(id), "id {id} given twice");
+            }
+        }
+        assert_eq!(all.len(), 4 * per_thread);
+    }
 
     #[test]
     fn paths_parse_into_routes() {

@@ -83,14 +83,13 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
     // Registered once for the connection, not once per request.
     let stopping = stop.wait_for(|stop| *stop);
     tokio::pin!(stopping);
-    // One timer for the connection's life. Each request moves `deadline` (a clock read); the
-    // timer is only re-armed when it fires before the deadline it should be at. Arming and
-    // clearing a timer per request cost more than parsing the request head.
+    // One timer for the connection's life. Each answer moves `deadline`; the timer is only
+    // re-armed when it fires before the deadline it should be at. Arming and clearing a timer
+    // per request cost more than parsing the request head.
     let mut deadline = Instant::now() + limits.header_timeout;
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
     loop {
-        deadline = Instant::now() + limits.header_timeout;
         let request = loop {
             if !buf.is_empty() {
                 match parse(&buf, limits) {
@@ -136,7 +135,10 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
         };
         let head_len = request.head_len;
         let head = request.head;
-        let (close, after_head) = match request.answer(state).await {
+        // The one monotonic clock read before the answer: the request's start for its
+        // duration, and, for an answer written at once, where the next head's time starts.
+        let started = std::time::Instant::now();
+        let (close, after_head) = match request.answer(state, started).await {
             // Nothing happened yet: hyper answers it from scratch.
             None => {
                 return Outcome::HandOver {
@@ -151,8 +153,9 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 range,
                 body,
                 request_id,
+                answered_at,
             }) => {
-                encode_read(&mut out, status, &meta, range, &request_id);
+                encode_read(&mut out, status, &meta, range, &request_id, answered_at);
                 let bodiless = head || status == StatusCode::NOT_MODIFIED || body.is_empty();
                 (false, (!bodiless).then_some(AfterHead::Bytes(body)))
             }
@@ -163,10 +166,11 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 region,
                 body,
                 request_id,
+                answered_at,
             }) => {
                 // The head only: the body follows from the file, or is copied from the tier's
                 // stream when sendfile is off.
-                encode_read(&mut out, status, &meta, range, &request_id);
+                encode_read(&mut out, status, &meta, range, &request_id, answered_at);
                 let large = if sendfile_enabled() {
                     AfterHead::File(region)
                 } else {
@@ -189,6 +193,7 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 }
             }
         };
+        let large = matches!(after_head, Some(AfterHead::File(_) | AfterHead::Stream(_)));
         let written = match after_head {
             // One write from two buffers: copying the body behind the head cost more than
             // the kernel's gathering it.
@@ -208,6 +213,13 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
         if written.is_err() || close {
             return Outcome::Closed;
         }
+        // A small answer went out microseconds after `started`; a large one may have taken
+        // minutes, and the client's next head gets its full time from the answer's end.
+        deadline = if large {
+            Instant::now()
+        } else {
+            Instant::from_std(started)
+        } + limits.header_timeout;
         if out.capacity() > 4 * SMALL_BODY as usize {
             out = Vec::with_capacity(READ_BUFFER);
         }
@@ -235,7 +247,7 @@ struct Request<'a> {
 }
 
 impl Request<'_> {
-    async fn answer(&self, state: &State) -> Option<ReadAnswer> {
+    async fn answer(&self, state: &State, started: std::time::Instant) -> Option<ReadAnswer> {
         let request_id = api::valid_request_id(
             self.request_id
                 .and_then(|v| HeaderValue::from_bytes(v).ok())
@@ -257,6 +269,7 @@ impl Request<'_> {
                 if_none_match: self.if_none_match,
                 range: self.range,
             },
+            started,
         )
         .await
     }
@@ -439,13 +452,14 @@ fn encode(out: &mut Vec<u8>, parts: &http::response::Parts, body: &Bytes, head: 
 }
 
 /// The head of a read's 200, 206 or 304, its fields from the plan `api::respond` follows too;
-/// the body, if any, goes out from its own buffer.
+/// the body, if any, goes out from its own buffer. `answered_at` is the `Date`.
 fn encode_read(
     out: &mut Vec<u8>,
     status: StatusCode,
     meta: &larder_tier::ObjectMeta,
     range: Option<larder_proto::ByteRange>,
     request_id: &HeaderValue,
+    answered_at: SystemTime,
 ) {
     out.clear();
     out.extend_from_slice(match status {
@@ -474,7 +488,11 @@ fn encode_read(
     out.extend_from_slice(b"x-request-id: ");
     out.extend_from_slice(request_id.as_bytes());
     out.extend_from_slice(b"\r\ndate: ");
-    http_date(|date| out.extend_from_slice(date));
+    // A revision committed while this read was looked up (after the clock was read) must not
+    // look modified after the answer's date.
+    http_date_of(answered_at.max(meta.last_modified), |date| {
+        out.extend_from_slice(date)
+    });
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -568,7 +586,7 @@ async fn send_region<T: SendFile>(io: &mut T, head: &[u8], region: &FileRegion) 
 }
 
 fn push_number(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(crate::access_log::decimal(n, &mut [0; 20]).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// `Last-Modified` values: formatting a date cost as much as the lookup of the object, and a

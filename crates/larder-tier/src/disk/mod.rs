@@ -435,19 +435,14 @@ impl Inner {
             Some(ByteRange { start, len }) if !opts.head => {
                 self.index.lock().unwrap().touch(id, rev.file_id);
                 let body_offset = rev.fixed.header_len as u64;
-                let region = FileRegion {
+                // Bytes already in memory need no file for the kernel to send them from.
+                let region = (start + len > rev.prefix.len() as u64).then(|| FileRegion {
                     file: rev.file.clone(),
                     offset: body_offset + start,
                     len,
-                };
-                let body = self.body_stream(
-                    rev.file.clone(),
-                    body_offset,
-                    rev.prefix.clone(),
-                    start,
-                    len,
-                );
-                (Some(body), Some(region))
+                });
+                let body = self.body_stream(&rev.file, body_offset, &rev.prefix, start, len);
+                (Some(body), region)
             }
             _ => (None, None),
         };
@@ -462,9 +457,9 @@ impl Inner {
 
     fn body_stream(
         &self,
-        file: Arc<File>,
+        file: &Arc<File>,
         body_offset: u64,
-        prefix: Bytes,
+        prefix: &Bytes,
         start: u64,
         len: u64,
     ) -> BodyStream {
@@ -473,8 +468,9 @@ impl Inner {
         }
         if start + len <= prefix.len() as u64 {
             let chunk = prefix.slice(start as usize..(start + len) as usize);
-            return futures_util::stream::once(async move { Ok(chunk) }).boxed();
+            return futures_util::stream::once(std::future::ready(Ok(chunk))).boxed();
         }
+        let file = file.clone();
         let chunk = self.config.read_chunk as u64;
         let end = start + len;
         let offsets = (0..len.div_ceil(chunk)).map(move |i| start + i * chunk);
