@@ -17,6 +17,7 @@ mod config;
 mod error;
 mod instrumented;
 mod layout;
+mod per_thread;
 mod read;
 mod reap;
 mod recent;
@@ -133,8 +134,13 @@ impl S3Tier {
     /// Builds the client without talking to S3 (a server may start while S3 is down; requests
     /// then fail with 503 until it is back). Prefer [`S3Tier::connect`].
     pub fn new(config: S3Config) -> Result<S3Tier, TierError> {
-        let store = Arc::new(config.build_store()?);
-        Ok(S3Tier::over(config, store))
+        let first = Arc::new(config.build_store()?);
+        let for_threads = config.clone();
+        let store = per_thread::PerThreadStore::new(first, move || {
+            let client = for_threads.build_store().ok()?;
+            Some(Arc::new(client) as Arc<dyn ObjectStore>)
+        });
+        Ok(S3Tier::over(config, Arc::new(store)))
     }
 
     /// The tier over any object store (unit tests give it one that misbehaves on cue).
