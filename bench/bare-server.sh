@@ -15,6 +15,7 @@
 # Needs nginx-light and wrk (installed from Debian when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib-nginx-static.sh
 SIZE=${SIZE:-4096}
 CONNECTIONS=${CONNECTIONS:-64}
 DURATION=${DURATION:-6s}
@@ -35,25 +36,9 @@ target/release/larderd --listen "127.0.0.1:$PORT" --data-dir "$work/data" >"$wor
 pids+=($!) pid[larderd]=$!
 url[larderd]=http://127.0.0.1:$PORT/api/v1/object/bench/one
 
-mkdir -p "$work/www" "$work/nginx/tmp"
+mkdir -p "$work/www" "$work/nginx"
 cp "$work/object" "$work/www/one"
-cat >"$work/nginx/nginx.conf" <<CONF
-daemon off;
-$([[ $(id -u) -eq 0 ]] && echo "user root;")
-worker_processes auto;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    default_type application/octet-stream;
-    client_body_temp_path $work/nginx/tmp;
-    keepalive_requests 1000000;
-    open_file_cache max=1000 inactive=120s;
-    sendfile on; tcp_nopush on;
-    server { listen 127.0.0.1:$((PORT + 1)); root $work/www; location / { } }
-}
-CONF
+nginx_static_conf "$work/nginx" "$work/www" $((PORT + 1)) >"$work/nginx/nginx.conf"
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
 pids+=($!) pid[nginx]=$!
 url[nginx]=http://127.0.0.1:$((PORT + 1))/one

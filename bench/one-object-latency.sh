@@ -28,6 +28,7 @@
 # Needs nginx-light and wrk (installed from Debian when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib-nginx-static.sh
 SIZE=${SIZE:-1048576}
 CONNECTIONS=${CONNECTIONS:-500}
 DURATION=${DURATION:-10s}
@@ -49,25 +50,9 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 "${server_cpu[@]}" target/release/larderd --listen "127.0.0.1:$LPORT" --data-dir "$work/data" \
     --max-connections $((CONNECTIONS * 2)) >"$work/larderd.out" 2>/dev/null &
 pids+=($!)
-mkdir -p "$work/www/obj" "$work/nginx/tmp"
+mkdir -p "$work/www/obj" "$work/nginx"
 head -c "$SIZE" /dev/urandom >"$work/www/obj/one"
-cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-$([[ $(id -u) -eq 0 ]] && echo "user root;")
-worker_processes auto;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    $nginx_access_log
-    default_type application/octet-stream;
-    client_body_temp_path $work/nginx/tmp;
-    keepalive_requests 1000000;
-    open_file_cache max=1000 inactive=120s;
-    sendfile on; tcp_nopush on;
-    server { listen 127.0.0.1:$NPORT; root $work/www; location / { } }
-}
-EOF
+nginx_static_conf "$work/nginx" "$work/www" "$NPORT" "$nginx_access_log" >"$work/nginx/nginx.conf"
 "${server_cpu[@]}" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
 pids+=($!)
 larderd_pid=${pids[0]} nginx_pid=${pids[1]}

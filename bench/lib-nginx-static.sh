@@ -1,0 +1,31 @@
+# bench/lib-nginx-static.sh — sourced, not run: the nginx every small-object benchmark compares
+# larderd with, so that all of them measure the same anchor. nginx as a platform team would
+# configure it for static files: sendfile, open_file_cache, keep-alive without a request limit.
+#
+#   nginx_static_conf DIR ROOT PORT [ACCESS_LOG_DIRECTIVE] > DIR/nginx.conf
+#   nginx -p DIR -c DIR/nginx.conf -e DIR/error.log &
+#
+# DIR holds nginx's pid, error log and temp files (DIR/tmp is created); ROOT is served at
+# http://127.0.0.1:PORT/. The access log is off unless a directive is given (for example
+# "access_log /dev/null combined buffer=64k flush=1s;").
+nginx_static_conf() {
+    local dir=$1 root=$2 port=$3 access_log=${4:-"access_log off;"}
+    mkdir -p "$dir/tmp"
+    cat <<CONF
+daemon off;
+$([[ $(id -u) -eq 0 ]] && echo "user root;")
+worker_processes auto;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    $access_log
+    default_type application/octet-stream;
+    client_body_temp_path $dir/tmp;
+    keepalive_requests 1000000;
+    open_file_cache max=1000 inactive=120s;
+    sendfile on; tcp_nopush on;
+    server { listen 127.0.0.1:$port; root $root; location / { } }
+}
+CONF
+}
