@@ -21,8 +21,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 DURATION=${DURATION:-6s}
 REPS=${REPS:-5}
 PORT=${FIRST_PORT:-18470}
-command -v wrk >/dev/null && command -v nginx >/dev/null \
-    || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
+ensure_nginx_and_wrk
 cargo build --release -q -p larderd
 CARGO_TARGET_DIR=target/bench-bare cargo build --release -q --manifest-path bench/bare-server/Cargo.toml
 work=$(mktemp -d)

@@ -1,4 +1,4 @@
-# bench/lib-nginx-static.sh — sourced, not run: the nginx every small-object benchmark compares
+# bench/lib-nginx-static.sh — sourced, not run: the nginx the small-object benchmarks compare
 # larderd with, so that all of them measure the same anchor. nginx as a platform team would
 # configure it for static files: sendfile, open_file_cache, keep-alive without a request limit.
 #
@@ -28,4 +28,10 @@ http {
     server { listen 127.0.0.1:$port; root $root; location / { } }
 }
 CONF
+}
+
+# Installs nginx-light and wrk from Debian when either is missing.
+ensure_nginx_and_wrk() {
+    command -v wrk >/dev/null && command -v nginx >/dev/null && return 0
+    apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null
 }

@@ -39,8 +39,7 @@ server_cpu=() generator_cpu=()
 [[ ${SPLIT:-0} == 1 ]] && server_cpu=(taskset -c 0) generator_cpu=(taskset -c 1)
 nginx_access_log="access_log off;"
 [[ ${NGINX_LOG:-0} == 1 ]] && nginx_access_log="access_log /dev/null combined buffer=64k flush=1s;"
-command -v wrk >/dev/null && command -v nginx >/dev/null \
-    || { apt-get update -qq && apt-get install -y -qq nginx-light wrk >/dev/null; }
+ensure_nginx_and_wrk
 cargo build --release -q -p larderd
 work=$(mktemp -d)
 pids=()
