@@ -32,6 +32,7 @@ mod index;
 mod pool;
 mod scan;
 mod spool;
+mod thread_copies;
 
 use files::{
     TempFile, create_dir_all_synced, names, read_cached_at, read_full_at, sync_dir, write_temp,
@@ -55,6 +56,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -110,6 +112,9 @@ struct Inner {
     /// Recently read revisions, open: a hot key is served without open/read/fstat/close, and a
     /// small object straight from the bytes of its first read.
     open_cache: Mutex<OpenCache<Arc<OpenRevision>>>,
+    /// Which tier this is among those of the process, for the threads' copies of its revisions
+    /// (`thread_copies`).
+    serial: u64,
     /// Becomes true once the start-up scan has filled the index.
     loaded: watch::Sender<bool>,
     /// Object directories whose entry in their parent this process has made durable.
@@ -276,6 +281,10 @@ impl Inner {
         let buffers = BufferPool::new(config.read_chunk, 8);
         Ok(Inner {
             open_cache: Mutex::new(OpenCache::new(OPEN_CACHE_ENTRIES)),
+            serial: {
+                static TIERS: AtomicU64 = AtomicU64::new(0);
+                TIERS.fetch_add(1, Ordering::Relaxed)
+            },
             buffers,
             config,
             tmp,
@@ -396,6 +405,7 @@ impl Inner {
             fixed,
             headers: meta.headers.into(),
             prefix,
+            retired: AtomicBool::new(false),
         }))
     }
 
@@ -405,10 +415,28 @@ impl Inner {
         key: &Key,
         opts: &GetOptions,
     ) -> Result<GetResponse, TierError> {
+        let now = now_ms();
+        let from_copy = thread_copies::with_copy(self.serial, ns.as_str(), key.as_str(), |copy| {
+            let revision = Revision {
+                shared: &copy.shared,
+                etag: &copy.etag,
+                headers: &copy.headers,
+                prefix: &copy.prefix,
+            };
+            self.answer((&copy.id).into(), revision, opts, now, &mut copy.touched_ms)
+        });
+        if let Some(answer) = from_copy {
+            return answer;
+        }
         let hash = key_hash(key);
         let id = EntryRef(ns.as_str(), &hash);
         let rev = match self.cached(id) {
-            Some(rev) => rev,
+            Some(rev) => {
+                // Read before: worth a copy of the thread's own.
+                let copy = thread_copies::ThreadCopy::of(id.to_owned(), rev.clone());
+                thread_copies::keep(self.serial, ns.as_str(), key.as_str(), copy);
+                rev
+            }
             None => {
                 let path = self.path_of(ns.as_str(), &hash);
                 let Some(rev) = self.open_revision(id, &path)? else {
@@ -419,29 +447,56 @@ impl Inner {
                 rev
             }
         };
-        if rev.fixed.expires_ms <= now_ms() {
+        let revision = Revision {
+            shared: &rev,
+            etag: &rev.etag,
+            headers: &rev.headers,
+            prefix: &rev.prefix,
+        };
+        self.answer(id, revision, opts, now, &mut 0)
+    }
+
+    /// Answers a read of `revision`, the key's revision when it was looked up. A read of its body
+    /// is recorded in the index unless this thread did so for the key less than
+    /// `TOUCH_INTERVAL_MS` before (`touched_ms`, which it updates).
+    fn answer(
+        &self,
+        id: EntryRef<'_>,
+        revision: Revision<'_>,
+        opts: &GetOptions,
+        now: u64,
+        touched_ms: &mut u64,
+    ) -> Result<GetResponse, TierError> {
+        let rev = revision.shared;
+        if rev.fixed.expires_ms <= now {
             self.remove_expired(&id.to_owned(), rev.file_id);
             return Err(TierError::not_found());
         }
         let meta = ObjectMeta {
-            etag: rev.etag.clone(),
+            etag: revision.etag.clone(),
             size: rev.fixed.body_len,
             last_modified: rev.fixed.last_modified(),
             expires: rev.fixed.expires(),
-            headers: rev.headers.clone(),
+            headers: revision.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
         let (body, file) = match outcome.body_range(meta.size) {
             Some(ByteRange { start, len }) if !opts.head => {
-                self.index.lock().unwrap().touch(id, rev.file_id);
+                if now.saturating_sub(*touched_ms) >= thread_copies::TOUCH_INTERVAL_MS {
+                    *touched_ms = now;
+                    self.index.lock().unwrap().touch(id, rev.file_id);
+                    // The shared cache's own LRU sees the key as read too, or it would push a
+                    // key out that only the threads' copies serve.
+                    self.open_cache.lock().unwrap().refresh(id);
+                }
                 let body_offset = rev.fixed.header_len as u64;
                 // Bytes already in memory need no file for the kernel to send them from.
-                let region = (start + len > rev.prefix.len() as u64).then(|| FileRegion {
+                let region = (start + len > revision.prefix.len() as u64).then(|| FileRegion {
                     file: rev.file.clone(),
                     offset: body_offset + start,
                     len,
                 });
-                let body = self.body_stream(&rev.file, body_offset, &rev.prefix, start, len);
+                let body = self.body_stream(&rev.file, body_offset, revision.prefix, start, len);
                 (Some(body), region)
             }
             _ => (None, None),
@@ -525,16 +580,24 @@ impl Inner {
         if index.get(&id).is_none_or(|e| e.file != rev.file_id) {
             return;
         }
-        self.open_cache
+        let (pushed_out, replaced) = self
+            .open_cache
             .lock()
             .unwrap()
             .insert(id.to_owned(), rev.clone());
         drop(index);
+        // Copies of a revision are only valid while the shared cache holds it: once it has let
+        // go, nothing would retire it when its key changes.
+        for left in [pushed_out, replaced].into_iter().flatten() {
+            left.retire();
+        }
     }
 
     /// Must be called with the index lock held, whenever the key's file changes.
     fn uncache(&self, id: &EntryId) {
-        self.open_cache.lock().unwrap().remove(id);
+        if let Some(rev) = self.open_cache.lock().unwrap().remove(id) {
+            rev.retire();
+        }
     }
 
     /// Removes the expired revision in `file`, if it is still the key's current revision and
@@ -765,7 +828,17 @@ impl<V: Clone> OpenCache<V> {
         Some(value.clone())
     }
 
-    fn insert(&mut self, id: EntryId, value: V) {
+    /// Marks the key as read now, if it is cached.
+    fn refresh(&mut self, id: EntryRef<'_>) {
+        self.clock += 1;
+        if let Some((_, used)) = self.entries.get_mut(&id) {
+            *used = self.clock;
+        }
+    }
+
+    /// Caches `value` for `id`; returns the value pushed out to make room, and the one `id` had.
+    fn insert(&mut self, id: EntryId, value: V) -> (Option<V>, Option<V>) {
+        let mut pushed_out = None;
         // Only on a miss, which also costs an open: a scan of a few hundred stamps is noise.
         if self.entries.len() >= self.capacity
             && !self.entries.contains_key(&id)
@@ -775,15 +848,25 @@ impl<V: Clone> OpenCache<V> {
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(victim, _)| victim.clone())
         {
-            self.entries.remove(&victim);
+            pushed_out = self.entries.remove(&victim).map(|(value, _)| value);
         }
         self.clock += 1;
-        self.entries.insert(id, (value, self.clock));
+        let replaced = self.entries.insert(id, (value, self.clock));
+        (pushed_out, replaced.map(|(value, _)| value))
     }
 
-    fn remove(&mut self, id: &EntryId) {
-        self.entries.remove(id);
+    fn remove(&mut self, id: &EntryId) -> Option<V> {
+        self.entries.remove(id).map(|(value, _)| value)
     }
+}
+
+/// What a read is answered from: a revision, with its ETag, headers and first body bytes either
+/// its own or a thread's copies of them.
+struct Revision<'a> {
+    shared: &'a OpenRevision,
+    etag: &'a ETag,
+    headers: &'a Arc<[(String, String)]>,
+    prefix: &'a Bytes,
 }
 
 struct OpenRevision {
@@ -796,6 +879,14 @@ struct OpenRevision {
     headers: Arc<[(String, String)]>,
     /// Body bytes that came with the header read.
     prefix: Bytes,
+    /// Set once the open-revision cache lets go of it: the threads' copies of it are void.
+    retired: AtomicBool,
+}
+
+impl OpenRevision {
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
 }
 
 #[async_trait]

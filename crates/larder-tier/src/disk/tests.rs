@@ -660,3 +660,141 @@ fn the_open_cache_keeps_the_keys_read_most_recently() {
     assert_eq!(get(&mut cache, 599), Some(1));
     assert_eq!(get(&mut cache, 598), Some(598));
 }
+
+/// Reads `k` until this thread serves it from a copy of its own.
+async fn read_until_copied(t: &DiskTier, n: &Namespace, k: &Key) -> Vec<u8> {
+    let first = read_all(t, n, k).await.unwrap();
+    assert_eq!(read_all(t, n, k).await.unwrap(), first);
+    let copied = thread_copies::with_copy(t.inner.serial, n.as_str(), k.as_str(), |copy| {
+        copy.etag.clone()
+    });
+    assert_eq!(
+        copied,
+        Some(ETag::of(&first)),
+        "the second read made a copy"
+    );
+    first
+}
+
+#[tokio::test]
+async fn a_threads_copy_of_a_revision_never_outlives_it() {
+    let dir = TempDir::new().unwrap();
+    let mut config = DiskConfig::new(dir.path());
+    config.limit = Some(250_000);
+    let t = DiskTier::open(config).await.unwrap();
+    let (n, k) = (ns("ci"), key("hot"));
+    let put = |data: Vec<u8>, opts| t.put(&n, &k, upload(data), opts);
+
+    put(pattern(1000, 1), PutOptions::default()).await.unwrap();
+    read_until_copied(&t, &n, &k).await;
+    put(pattern(1001, 2), PutOptions::default()).await.unwrap();
+    assert_eq!(
+        read_all(&t, &n, &k).await.unwrap(),
+        pattern(1001, 2),
+        "replaced"
+    );
+
+    read_until_copied(&t, &n, &k).await;
+    t.delete(&n, &k).await.unwrap();
+    assert!(read_all(&t, &n, &k).await.is_none(), "deleted");
+
+    let brief = PutOptions {
+        ttl: Duration::from_millis(100),
+        ..Default::default()
+    };
+    put(pattern(1002, 3), brief).await.unwrap();
+    read_until_copied(&t, &n, &k).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(read_all(&t, &n, &k).await.is_none(), "expired");
+
+    put(pattern(100_000, 4), PutOptions::default())
+        .await
+        .unwrap();
+    read_until_copied(&t, &n, &k).await;
+    for other in ["a", "b", "c"] {
+        t.put(
+            &n,
+            &key(other),
+            upload(pattern(100_000, 5)),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(read_all(&t, &n, &k).await.is_none(), "evicted");
+}
+
+#[tokio::test]
+async fn a_copy_dies_with_its_revision_pushed_out_of_the_shared_cache() {
+    let t = DiskTier::open(DiskConfig::new(TempDir::new().unwrap().keep()))
+        .await
+        .unwrap();
+    let (n, k) = (ns("ci"), key("hot"));
+    t.put(&n, &k, upload(pattern(500, 1)), PutOptions::default())
+        .await
+        .unwrap();
+    read_until_copied(&t, &n, &k).await;
+    // Enough other keys opened to push the hot key's revision out of the shared cache: from
+    // then on no change of the key reaches it there.
+    for i in 0..OPEN_CACHE_ENTRIES + 8 {
+        let other = key(&format!("cold-{i}"));
+        t.put(&n, &other, upload(vec![1]), PutOptions::default())
+            .await
+            .unwrap();
+        read_all(&t, &n, &other).await.unwrap();
+    }
+    t.put(&n, &k, upload(pattern(500, 2)), PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all(&t, &n, &k).await.unwrap(),
+        pattern(500, 2),
+        "the new revision, not the thread's copy of the old"
+    );
+}
+
+#[test]
+fn a_copy_on_one_thread_sees_a_replacement_made_on_another() {
+    let dir = TempDir::new().unwrap();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let t = Arc::new(
+        runtime()
+            .block_on(DiskTier::open(DiskConfig::new(dir.path())))
+            .unwrap(),
+    );
+    let (n, k) = (ns("ci"), key("hot"));
+    let (to_reader, reads) = std::sync::mpsc::channel::<()>();
+    let (to_writer, answers) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = {
+        let (t, n, k) = (t.clone(), n.clone(), k.clone());
+        std::thread::spawn(move || {
+            let runtime = runtime();
+            let mut first = true;
+            while reads.recv().is_ok() {
+                let got = if first {
+                    first = false;
+                    runtime.block_on(read_until_copied(&t, &n, &k))
+                } else {
+                    runtime.block_on(read_all(&t, &n, &k)).unwrap()
+                };
+                to_writer.send(got).unwrap();
+            }
+        })
+    };
+    let writer = runtime();
+    for round in 0..5u64 {
+        let data = pattern(300, round);
+        writer
+            .block_on(t.put(&n, &k, upload(data.clone()), PutOptions::default()))
+            .unwrap();
+        to_reader.send(()).unwrap();
+        assert_eq!(answers.recv().unwrap(), data, "round {round}");
+    }
+    drop(to_reader);
+    reader.join().unwrap();
+}

@@ -1,0 +1,154 @@
+//! Each thread's own copies of the revisions it reads most: a hot key is served without touching
+//! memory that another core writes.
+//!
+//! Through the shared open-revision cache alone, every read of a hot key took its lock, moved its
+//! LRU stamp, took the index lock to record the read, and counted references to the revision, its
+//! ETag, its headers and its body bytes: a dozen atomic operations on cache lines that the other
+//! workers were writing too, since under load they read the same hot keys. A thread reading its
+//! own copy makes none of them; it only loads one flag that nobody writes until the revision
+//! stops being current, and records the read in the index at most every [`TOUCH_INTERVAL_MS`]
+//! (memcached bumps an item in its LRU at most once a minute for the same reason).
+//!
+//! A copy is made on a key's second read through the shared cache (a key read once, as most of
+//! a build's blobs are, costs no copy), and is valid while its shared revision is not retired.
+//! The shared cache retires a revision whenever it lets go of it: replaced, deleted, expired,
+//! evicted, or pushed out of the cache. So a copy never outlives the revision being current.
+
+use super::OpenRevision;
+use super::index::EntryId;
+use bytes::Bytes;
+use hashbrown::HashMap;
+use larder_proto::ETag;
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Copies kept per thread (and tier). Each holds at most `FIRST_READ` bytes of body.
+const COPIES_PER_THREAD: usize = 64;
+
+/// Tiers whose copies a thread keeps (a process has one; tests open many).
+const TIERS_PER_THREAD: usize = 4;
+
+/// How often a thread records a read of a key it serves from its copy in the index (for LRU
+/// eviction): eviction order is by last read to within this.
+pub(super) const TOUCH_INTERVAL_MS: u64 = 100;
+
+/// A thread's copy of one open revision.
+pub(super) struct ThreadCopy {
+    /// Keeps the file open, and says whether the copy is still valid.
+    pub shared: Arc<OpenRevision>,
+    pub id: EntryId,
+    pub etag: ETag,
+    pub headers: Arc<[(String, String)]>,
+    pub prefix: Bytes,
+    /// When this thread last recorded a read of the key in the index (0: never).
+    pub touched_ms: u64,
+    used: u64,
+}
+
+impl ThreadCopy {
+    /// A copy of `shared` whose ETag, headers and (for a body that fits in it) body bytes are
+    /// allocations of its own, so that handing them out counts references on this core only.
+    pub fn of(id: EntryId, shared: Arc<OpenRevision>) -> ThreadCopy {
+        let whole_body = shared.prefix.len() as u64 == shared.fixed.body_len;
+        ThreadCopy {
+            etag: ETag::from_bytes(shared.etag.to_bytes()),
+            headers: shared.headers.iter().cloned().collect(),
+            // A large body's first bytes stay shared: its reads go to the file.
+            prefix: if whole_body {
+                Bytes::copy_from_slice(&shared.prefix)
+            } else {
+                shared.prefix.clone()
+            },
+            shared,
+            id,
+            touched_ms: 0,
+            used: 0,
+        }
+    }
+}
+
+/// A borrowed `(namespace, key)`, hashed as the owned pair is.
+#[derive(Hash)]
+struct NameRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(Box<str>, Box<str>)> for NameRef<'_> {
+    fn equivalent(&self, name: &(Box<str>, Box<str>)) -> bool {
+        self.0 == &*name.0 && self.1 == &*name.1
+    }
+}
+
+/// One thread's copies of one tier's revisions, by namespace and key (not by the key's hash:
+/// a hit costs no BLAKE3).
+struct TierCopies {
+    tier: u64,
+    clock: u64,
+    copies: HashMap<(Box<str>, Box<str>), ThreadCopy>,
+}
+
+thread_local! {
+    static COPIES: RefCell<Vec<TierCopies>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's valid copy of `ns`/`key` in tier `tier`; `None` when there is none
+/// (a retired copy is dropped).
+pub(super) fn with_copy<R>(
+    tier: u64,
+    ns: &str,
+    key: &str,
+    f: impl FnOnce(&mut ThreadCopy) -> R,
+) -> Option<R> {
+    COPIES
+        .try_with(|all| {
+            let mut all = all.borrow_mut();
+            let mine = all.iter_mut().find(|c| c.tier == tier)?;
+            let name = NameRef(ns, key);
+            let copy = mine.copies.get_mut(&name)?;
+            if copy.shared.retired.load(Ordering::Acquire) {
+                mine.copies.remove(&name);
+                return None;
+            }
+            mine.clock += 1;
+            copy.used = mine.clock;
+            Some(f(copy))
+        })
+        .ok()
+        .flatten()
+}
+
+/// Keeps `copy` as this thread's copy of `ns`/`key` in tier `tier`, making room by dropping the
+/// least recently used one.
+pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
+    let _ = COPIES.try_with(|all| {
+        let mut all = all.borrow_mut();
+        let at = match all.iter().position(|c| c.tier == tier) {
+            Some(at) => at,
+            None => {
+                if all.len() >= TIERS_PER_THREAD {
+                    all.remove(0);
+                }
+                all.push(TierCopies {
+                    tier,
+                    clock: 0,
+                    copies: HashMap::with_capacity(COPIES_PER_THREAD),
+                });
+                all.len() - 1
+            }
+        };
+        let mine = &mut all[at];
+        let name = NameRef(ns, key);
+        if mine.copies.len() >= COPIES_PER_THREAD
+            && !mine.copies.contains_key(&name)
+            && let Some(victim) = mine
+                .copies
+                .iter()
+                .min_by_key(|(_, c)| c.used)
+                .map(|(victim, _)| victim.clone())
+        {
+            mine.copies.remove(&victim);
+        }
+        mine.clock += 1;
+        copy.used = mine.clock;
+        mine.copies.insert((ns.into(), key.into()), copy);
+    });
+}
