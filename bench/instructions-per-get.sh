@@ -4,22 +4,27 @@
 #
 #   bench/instructions-per-get.sh            # fast path on (the default)
 #   LARDER_FAST_PATH=0 bench/instructions-per-get.sh   # every request through hyper
+#   LARDERD=/tmp/larderd-before bench/instructions-per-get.sh   # a given build, not the tree's
 #
 # One worker under valgrind, COUNT objects of SIZE bytes PUT first, counters zeroed, then
 # `wrk -t1 -c8 -d DURATION` GETs them in rotation (bench/wrk-bench.lua, BENCH_MODE=small); the
 # total instructions of the process after the zero, divided by the requests wrk completed.
-# Access log on, as by default. Needs valgrind and wrk (apt-get install valgrind wrk).
+# Access log on, as by default. KEEP=DIR keeps callgrind's output there.
+# Knobs: COUNT=200 SIZE=4096 DURATION=10s PORT=18591. Needs valgrind and wrk (apt-get install valgrind wrk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${COUNT:-200}
 SIZE=${SIZE:-4096}
 DURATION=${DURATION:-10s}
 PORT=${PORT:-18591}
-cargo build --release -q -p larderd
+if [[ -z "${LARDERD:-}" ]]; then
+    cargo build --release -q -p larderd
+    LARDERD=target/release/larderd
+fi
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
-    target/release/larderd --workers 1 --listen "127.0.0.1:$PORT" --data-dir "$work/data" \
+    "$LARDERD" --workers 1 --listen "127.0.0.1:$PORT" --data-dir "$work/data" \
     >"$work/stdout" 2>"$work/stderr" &
 pid=$!
 for _ in $(seq 600); do

@@ -23,8 +23,14 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-/// Copies kept per thread (and tier). Each holds at most `FIRST_READ` bytes of body.
-const COPIES_PER_THREAD: usize = 64;
+/// Copies kept per thread (and tier): as many as the shared cache holds, so that a working set
+/// the shared cache keeps is kept by each thread too. Fewer made a thread that read a few hundred
+/// keys in turn copy one on nearly every read, half again the instructions of a GET.
+const COPIES_PER_THREAD: usize = super::OPEN_CACHE_ENTRIES;
+
+/// Body bytes a thread copies, over all its copies. Beyond it a copy shares the revision's
+/// bytes (their reference count is then the one write per read that other cores see).
+const COPIED_BYTES_PER_THREAD: usize = 1 << 20;
 
 /// Tiers whose copies a thread keeps (a process has one; tests open many).
 const TIERS_PER_THREAD: usize = 4;
@@ -41,29 +47,24 @@ pub(super) struct ThreadCopy {
     pub etag: ETag,
     pub headers: Arc<[(String, String)]>,
     pub prefix: Bytes,
+    /// Whether `prefix` is a copy of this thread's (counted against `COPIED_BYTES_PER_THREAD`).
+    prefix_copied: bool,
     /// When this thread last recorded a read of the key in the index (0: never).
     pub touched_ms: u64,
-    used: u64,
 }
 
 impl ThreadCopy {
-    /// A copy of `shared` whose ETag, headers and (for a body that fits in it) body bytes are
-    /// allocations of its own, so that handing them out counts references on this core only.
+    /// A copy of `shared` whose ETag and headers are allocations of its own, so that handing
+    /// them out counts references on this core only. Its body bytes are copied by [`keep`].
     pub fn of(id: EntryId, shared: Arc<OpenRevision>) -> ThreadCopy {
-        let whole_body = shared.prefix.len() as u64 == shared.fixed.body_len;
         ThreadCopy {
             etag: ETag::from_bytes(shared.etag.to_bytes()),
             headers: shared.headers.iter().cloned().collect(),
-            // A large body's first bytes stay shared: its reads go to the file.
-            prefix: if whole_body {
-                Bytes::copy_from_slice(&shared.prefix)
-            } else {
-                shared.prefix.clone()
-            },
+            prefix: shared.prefix.clone(),
+            prefix_copied: false,
             shared,
             id,
             touched_ms: 0,
-            used: 0,
         }
     }
 }
@@ -82,8 +83,18 @@ impl hashbrown::Equivalent<(Box<str>, Box<str>)> for NameRef<'_> {
 /// a hit costs no BLAKE3).
 struct TierCopies {
     tier: u64,
-    clock: u64,
     copies: HashMap<(Box<str>, Box<str>), ThreadCopy>,
+    copied_bytes: usize,
+}
+
+impl TierCopies {
+    fn remove(&mut self, name: &NameRef<'_>) {
+        if let Some(gone) = self.copies.remove(name)
+            && gone.prefix_copied
+        {
+            self.copied_bytes -= gone.prefix.len();
+        }
+    }
 }
 
 thread_local! {
@@ -105,19 +116,19 @@ pub(super) fn with_copy<R>(
             let name = NameRef(ns, key);
             let copy = mine.copies.get_mut(&name)?;
             if copy.shared.retired.load(Ordering::Acquire) {
-                mine.copies.remove(&name);
+                mine.remove(&name);
                 return None;
             }
-            mine.clock += 1;
-            copy.used = mine.clock;
             Some(f(copy))
         })
         .ok()
         .flatten()
 }
 
-/// Keeps `copy` as this thread's copy of `ns`/`key` in tier `tier`, making room by dropping the
-/// least recently used one.
+/// Keeps `copy` as this thread's copy of `ns`/`key` in tier `tier`, making room by dropping
+/// another (any: eviction is on the path of a read, and the shared cache already keeps the
+/// recently read ones). A body that fits in its first bytes is copied while the thread's
+/// budget allows; a large body's first bytes stay shared, as its reads go to the file.
 pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
     let _ = COPIES.try_with(|all| {
         let mut all = all.borrow_mut();
@@ -129,26 +140,26 @@ pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
                 }
                 all.push(TierCopies {
                     tier,
-                    clock: 0,
-                    copies: HashMap::with_capacity(COPIES_PER_THREAD),
+                    copies: HashMap::new(),
+                    copied_bytes: 0,
                 });
                 all.len() - 1
             }
         };
         let mine = &mut all[at];
         let name = NameRef(ns, key);
+        mine.remove(&name);
         if mine.copies.len() >= COPIES_PER_THREAD
-            && !mine.copies.contains_key(&name)
-            && let Some(victim) = mine
-                .copies
-                .iter()
-                .min_by_key(|(_, c)| c.used)
-                .map(|(victim, _)| victim.clone())
+            && let Some(victim) = mine.copies.keys().next().cloned()
         {
-            mine.copies.remove(&victim);
+            mine.remove(&NameRef(&victim.0, &victim.1));
         }
-        mine.clock += 1;
-        copy.used = mine.clock;
+        let whole_body = copy.prefix.len() as u64 == copy.shared.fixed.body_len;
+        if whole_body && mine.copied_bytes + copy.prefix.len() <= COPIED_BYTES_PER_THREAD {
+            copy.prefix = Bytes::copy_from_slice(&copy.prefix);
+            copy.prefix_copied = true;
+            mine.copied_bytes += copy.prefix.len();
+        }
         mine.copies.insert((ns.into(), key.into()), copy);
     });
 }
