@@ -405,7 +405,7 @@ impl Inner {
             fixed,
             headers: meta.headers.into(),
             prefix,
-            retired: AtomicBool::new(false),
+            retired: Arc::new(AtomicBool::new(false)),
         }))
     }
 
@@ -418,14 +418,17 @@ impl Inner {
         let now = now_ms();
         let from_copy = thread_copies::with_copy(self.serial, ns.as_str(), key.as_str(), |copy| {
             let revision = Revision {
-                shared: &copy.shared,
+                fixed: &copy.fixed,
+                file_id: copy.file_id,
+                file: RevisionFile::OfCopy(&copy.revision),
                 etag: &copy.etag,
                 headers: &copy.headers,
                 prefix: &copy.prefix,
             };
             self.answer((&copy.id).into(), revision, opts, now, &mut copy.touched_ms)
         });
-        if let Some(answer) = from_copy {
+        // `None` inside: the revision went while the copy was read; the shared path decides.
+        if let Some(Some(answer)) = from_copy {
             return answer;
         }
         let hash = key_hash(key);
@@ -433,7 +436,7 @@ impl Inner {
         let rev = match self.cached(id) {
             Some(rev) => {
                 // Read before: worth a copy of the thread's own.
-                let copy = thread_copies::ThreadCopy::of(id.to_owned(), rev.clone());
+                let copy = thread_copies::ThreadCopy::of(id.to_owned(), &rev);
                 thread_copies::keep(self.serial, ns.as_str(), key.as_str(), copy);
                 rev
             }
@@ -448,16 +451,20 @@ impl Inner {
             }
         };
         let revision = Revision {
-            shared: &rev,
+            fixed: &rev.fixed,
+            file_id: rev.file_id,
+            file: RevisionFile::Open(&rev.file),
             etag: &rev.etag,
             headers: &rev.headers,
             prefix: &rev.prefix,
         };
         self.answer(id, revision, opts, now, &mut 0)
+            .expect("an open revision's file is at hand")
     }
 
-    /// Answers a read of `revision`, the key's revision when it was looked up. A read of its body
-    /// is recorded in the index unless this thread did so for the key less than
+    /// Answers a read of `revision`, the key's revision when it was looked up; `None` when the
+    /// body needs the file and a thread's copy finds its revision gone. A read of the body is
+    /// recorded in the index unless this thread did so for the key less than
     /// `TOUCH_INTERVAL_MS` before (`touched_ms`, which it updates).
     fn answer(
         &self,
@@ -466,66 +473,67 @@ impl Inner {
         opts: &GetOptions,
         now: u64,
         touched_ms: &mut u64,
-    ) -> Result<GetResponse, TierError> {
-        let rev = revision.shared;
-        if rev.fixed.expires_ms <= now {
-            self.remove_expired(&id.to_owned(), rev.file_id);
-            return Err(TierError::not_found());
+    ) -> Option<Result<GetResponse, TierError>> {
+        let fixed = revision.fixed;
+        if fixed.expires_ms <= now {
+            self.remove_expired(&id.to_owned(), revision.file_id);
+            return Some(Err(TierError::not_found()));
         }
         let meta = ObjectMeta {
             etag: revision.etag.clone(),
-            size: rev.fixed.body_len,
-            last_modified: rev.fixed.last_modified(),
-            expires: rev.fixed.expires(),
+            size: fixed.body_len,
+            last_modified: fixed.last_modified(),
+            expires: fixed.expires(),
             headers: revision.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
         let (body, file) = match outcome.body_range(meta.size) {
             Some(ByteRange { start, len }) if !opts.head => {
+                let body_offset = fixed.header_len as u64;
+                let (body, region) = if start + len <= revision.prefix.len() as u64 {
+                    // Bytes already in memory need no file for the kernel to send them from.
+                    (in_memory(revision.prefix, start, len), None)
+                } else {
+                    let file = revision.file.get()?;
+                    let region = FileRegion {
+                        file: file.clone(),
+                        offset: body_offset + start,
+                        len,
+                    };
+                    let body = self.body_stream(file, body_offset, revision.prefix, start, len);
+                    (body, Some(region))
+                };
                 if now.saturating_sub(*touched_ms) >= thread_copies::TOUCH_INTERVAL_MS {
                     *touched_ms = now;
-                    self.index.lock().unwrap().touch(id, rev.file_id);
+                    self.index.lock().unwrap().touch(id, revision.file_id);
                     // The shared cache's own LRU sees the key as read too, or it would push a
                     // key out that only the threads' copies serve.
                     self.open_cache.lock().unwrap().refresh(id);
                 }
-                let body_offset = rev.fixed.header_len as u64;
-                // Bytes already in memory need no file for the kernel to send them from.
-                let region = (start + len > revision.prefix.len() as u64).then(|| FileRegion {
-                    file: rev.file.clone(),
-                    offset: body_offset + start,
-                    len,
-                });
-                let body = self.body_stream(&rev.file, body_offset, revision.prefix, start, len);
                 (Some(body), region)
             }
             _ => (None, None),
         };
-        Ok(GetResponse {
+        Some(Ok(GetResponse {
             outcome,
             meta,
             body,
             source: "disk",
             file,
-        })
+        }))
     }
 
     fn body_stream(
         &self,
-        file: &Arc<File>,
+        file: Arc<File>,
         body_offset: u64,
         prefix: &Bytes,
         start: u64,
         len: u64,
     ) -> BodyStream {
-        if len == 0 {
-            return futures_util::stream::empty().boxed();
-        }
         if start + len <= prefix.len() as u64 {
-            let chunk = prefix.slice(start as usize..(start + len) as usize);
-            return futures_util::stream::once(std::future::ready(Ok(chunk))).boxed();
+            return in_memory(prefix, start, len);
         }
-        let file = file.clone();
         let chunk = self.config.read_chunk as u64;
         let end = start + len;
         let offsets = (0..len.div_ceil(chunk)).map(move |i| start + i * chunk);
@@ -860,13 +868,40 @@ impl<V: Clone> OpenCache<V> {
     }
 }
 
-/// What a read is answered from: a revision, with its ETag, headers and first body bytes either
-/// its own or a thread's copies of them.
+/// `len` bytes from `start` of `prefix`, which holds them.
+fn in_memory(prefix: &Bytes, start: u64, len: u64) -> BodyStream {
+    if len == 0 {
+        return futures_util::stream::empty().boxed();
+    }
+    let chunk = prefix.slice(start as usize..(start + len) as usize);
+    futures_util::stream::once(std::future::ready(Ok(chunk))).boxed()
+}
+
+/// What a read is answered from: an open revision, or a thread's copy of one.
 struct Revision<'a> {
-    shared: &'a OpenRevision,
+    fixed: &'a Fixed,
+    file_id: FileId,
+    file: RevisionFile<'a>,
     etag: &'a ETag,
     headers: &'a Arc<[(String, String)]>,
     prefix: &'a Bytes,
+}
+
+/// The revision's file, for the bytes its first read did not bring.
+enum RevisionFile<'a> {
+    Open(&'a Arc<File>),
+    /// A thread's copy does not keep the file open: a revision the shared cache has let go of
+    /// must not hold its disk space for as long as some thread keeps a copy.
+    OfCopy(&'a std::sync::Weak<OpenRevision>),
+}
+
+impl RevisionFile<'_> {
+    fn get(&self) -> Option<Arc<File>> {
+        match self {
+            RevisionFile::Open(file) => Some(Arc::clone(file)),
+            RevisionFile::OfCopy(revision) => Some(revision.upgrade()?.file.clone()),
+        }
+    }
 }
 
 struct OpenRevision {
@@ -880,7 +915,8 @@ struct OpenRevision {
     /// Body bytes that came with the header read.
     prefix: Bytes,
     /// Set once the open-revision cache lets go of it: the threads' copies of it are void.
-    retired: AtomicBool,
+    /// An allocation of its own, which copies hold and nobody writes until then.
+    retired: Arc<AtomicBool>,
 }
 
 impl OpenRevision {

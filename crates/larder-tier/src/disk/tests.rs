@@ -798,3 +798,37 @@ fn a_copy_on_one_thread_sees_a_replacement_made_on_another() {
     drop(to_reader);
     reader.join().unwrap();
 }
+
+#[tokio::test]
+async fn a_threads_copy_does_not_keep_a_removed_revisions_file_open() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    let (n, k) = (ns("ci"), key("big"));
+    t.put(&n, &k, upload(pattern(100_000, 1)), PutOptions::default())
+        .await
+        .unwrap();
+    read_until_copied(&t, &n, &k).await;
+    let (_, path) = id_and_path(&t, &n, &k);
+    let open_on_path = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| {
+                target
+                    .to_string_lossy()
+                    .starts_with(&*path.to_string_lossy())
+            })
+            .count()
+    };
+    assert_eq!(
+        open_on_path(),
+        1,
+        "the shared cache holds the revision open"
+    );
+    t.delete(&n, &k).await.unwrap();
+    assert_eq!(
+        open_on_path(),
+        0,
+        "deleted: its disk space is free although this thread copied it"
+    );
+}

@@ -15,21 +15,21 @@
 //! evicted, or pushed out of the cache. So a copy never outlives the revision being current.
 
 use super::OpenRevision;
-use super::index::EntryId;
+use super::format::Fixed;
+use super::index::{EntryId, FileId};
 use bytes::Bytes;
 use hashbrown::HashMap;
 use larder_proto::ETag;
 use std::cell::RefCell;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 
 /// Copies kept per thread (and tier): as many as the shared cache holds, so that a working set
 /// the shared cache keeps is kept by each thread too. Fewer made a thread that read a few hundred
 /// keys in turn copy one on nearly every read, half again the instructions of a GET.
 const COPIES_PER_THREAD: usize = super::OPEN_CACHE_ENTRIES;
 
-/// Body bytes a thread copies, over all its copies. Beyond it a copy shares the revision's
-/// bytes (their reference count is then the one write per read that other cores see).
+/// Body bytes a thread copies, over all its copies; a small object beyond it gets no copy.
 const COPIED_BYTES_PER_THREAD: usize = 1 << 20;
 
 /// Tiers whose copies a thread keeps (a process has one; tests open many).
@@ -39,31 +39,42 @@ const TIERS_PER_THREAD: usize = 4;
 /// eviction): eviction order is by last read to within this.
 pub(super) const TOUCH_INTERVAL_MS: u64 = 100;
 
-/// A thread's copy of one open revision.
+/// A thread's copy of one open revision. It keeps neither the revision nor its file: once the
+/// shared cache lets go of a revision, its disk space must not wait for every thread that copied
+/// it to read the key again.
 pub(super) struct ThreadCopy {
-    /// Keeps the file open, and says whether the copy is still valid.
-    pub shared: Arc<OpenRevision>,
+    /// Set when the copy is void.
+    retired: Arc<AtomicBool>,
+    /// For the bytes of a large body, read from the file.
+    pub revision: Weak<OpenRevision>,
     pub id: EntryId,
+    pub fixed: Fixed,
+    pub file_id: FileId,
     pub etag: ETag,
     pub headers: Arc<[(String, String)]>,
+    /// The whole body of a small object, copied; empty for a large one.
     pub prefix: Bytes,
-    /// Whether `prefix` is a copy of this thread's (counted against `COPIED_BYTES_PER_THREAD`).
-    prefix_copied: bool,
     /// When this thread last recorded a read of the key in the index (0: never).
     pub touched_ms: u64,
 }
 
 impl ThreadCopy {
-    /// A copy of `shared` whose ETag and headers are allocations of its own, so that handing
-    /// them out counts references on this core only. Its body bytes are copied by [`keep`].
-    pub fn of(id: EntryId, shared: Arc<OpenRevision>) -> ThreadCopy {
+    /// A copy of `shared` whose ETag, headers and small body are allocations of its own, so
+    /// that handing them out counts references on this core only.
+    pub fn of(id: EntryId, shared: &Arc<OpenRevision>) -> ThreadCopy {
         ThreadCopy {
+            retired: shared.retired.clone(),
+            revision: Arc::downgrade(shared),
+            id,
+            fixed: shared.fixed.clone(),
+            file_id: shared.file_id,
             etag: ETag::from_bytes(shared.etag.to_bytes()),
             headers: shared.headers.iter().cloned().collect(),
-            prefix: shared.prefix.clone(),
-            prefix_copied: false,
-            shared,
-            id,
+            prefix: if shared.prefix.len() as u64 == shared.fixed.body_len {
+                shared.prefix.clone()
+            } else {
+                Bytes::new()
+            },
             touched_ms: 0,
         }
     }
@@ -89,9 +100,7 @@ struct TierCopies {
 
 impl TierCopies {
     fn remove(&mut self, name: &NameRef<'_>) {
-        if let Some(gone) = self.copies.remove(name)
-            && gone.prefix_copied
-        {
+        if let Some(gone) = self.copies.remove(name) {
             self.copied_bytes -= gone.prefix.len();
         }
     }
@@ -115,7 +124,7 @@ pub(super) fn with_copy<R>(
             let mine = all.iter_mut().find(|c| c.tier == tier)?;
             let name = NameRef(ns, key);
             let copy = mine.copies.get_mut(&name)?;
-            if copy.shared.retired.load(Ordering::Acquire) {
+            if copy.retired.load(Ordering::Acquire) {
                 mine.remove(&name);
                 return None;
             }
@@ -127,8 +136,8 @@ pub(super) fn with_copy<R>(
 
 /// Keeps `copy` as this thread's copy of `ns`/`key` in tier `tier`, making room by dropping
 /// another (any: eviction is on the path of a read, and the shared cache already keeps the
-/// recently read ones). A body that fits in its first bytes is copied while the thread's
-/// budget allows; a large body's first bytes stay shared, as its reads go to the file.
+/// recently read ones). A small body is copied while the thread's budget allows; beyond it the
+/// key gets no copy.
 pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
     let _ = COPIES.try_with(|all| {
         let mut all = all.borrow_mut();
@@ -154,12 +163,11 @@ pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
         {
             mine.remove(&NameRef(&victim.0, &victim.1));
         }
-        let whole_body = copy.prefix.len() as u64 == copy.shared.fixed.body_len;
-        if whole_body && mine.copied_bytes + copy.prefix.len() <= COPIED_BYTES_PER_THREAD {
-            copy.prefix = Bytes::copy_from_slice(&copy.prefix);
-            copy.prefix_copied = true;
-            mine.copied_bytes += copy.prefix.len();
+        if mine.copied_bytes + copy.prefix.len() > COPIED_BYTES_PER_THREAD {
+            return;
         }
+        copy.prefix = Bytes::copy_from_slice(&copy.prefix);
+        mine.copied_bytes += copy.prefix.len();
         mine.copies.insert((ns.into(), key.into()), copy);
     });
 }
