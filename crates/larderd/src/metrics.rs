@@ -65,25 +65,36 @@ impl RequestMetrics<'_> {
             static_status(self.status),
         );
         let nanos = u64::try_from(self.took.as_nanos()).unwrap_or(u64::MAX);
-        let bucket = bucket_of(nanos);
-        let recorded = THREAD_SERIES.try_with(|mine| {
-            let mut mine = mine.borrow_mut();
-            // A thread sees a few dozen series: a scan of short static strings beats hashing.
-            let at = match mine.cells.iter().position(|c| c.key == key) {
-                Some(at) => at,
-                None => {
-                    let cells = Arc::new(SeriesCells::new(key, false));
-                    lock(&SERIES).push(cells.clone());
-                    mine.cells.push(cells);
-                    mine.cells.len() - 1
-                }
-            };
-            mine.cells[at].add(1, bucket, nanos);
-        });
-        if recorded.is_err() {
-            // The thread is exiting and its cells are gone: count it with the departed ones.
-            departed_cells(&mut lock(&SERIES), key).add(1, bucket, nanos);
-        }
+        record_in(&REQUESTS, &REQUEST_SERIES, key, 1, bucket_of(nanos), nanos);
+    }
+}
+
+/// Adds to `key`'s cells of this thread in `family` (`mine`), or, on a thread that is
+/// exiting and whose cells are gone, to the departed ones.
+fn record_in(
+    mine: &'static std::thread::LocalKey<RefCell<ThreadSeries>>,
+    family: &'static Family,
+    key: SeriesKey,
+    count: u64,
+    bucket: usize,
+    sum: u64,
+) {
+    let recorded = mine.try_with(|mine| {
+        let mut mine = mine.borrow_mut();
+        // A thread sees a few dozen series: a scan of short static strings beats hashing.
+        let at = match mine.cells.iter().position(|c| c.key == key) {
+            Some(at) => at,
+            None => {
+                let cells = Arc::new(SeriesCells::new(key, false));
+                lock(&family.0).push(cells.clone());
+                mine.cells.push(cells);
+                mine.cells.len() - 1
+            }
+        };
+        mine.cells[at].add(count, bucket, sum);
+    });
+    if recorded.is_err() {
+        departed_cells(&mut lock(&family.0), key).add(count, bucket, sum);
     }
 }
 
@@ -107,15 +118,17 @@ fn bucket_of(nanos: u64) -> usize {
         .unwrap_or(BUCKET_NANOS.len())
 }
 
-/// (route, method, status).
+/// (route, method, status) of a request series; (tier, "", "") of a bytes-served one.
 type SeriesKey = (&'static str, &'static str, &'static str);
 
 /// One series' counts, as one thread recorded them, or as threads that have ended left them.
 struct SeriesCells {
     key: SeriesKey,
     /// Requests per duration bucket, not cumulative; the last one is past the largest bound.
+    /// Unused by bytes served.
     buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
-    nanos: AtomicU64,
+    /// Nanoseconds of the requests, or bytes served.
+    sum: AtomicU64,
     /// Whether these cells keep the counts of threads that have ended.
     departed: bool,
 }
@@ -125,20 +138,25 @@ impl SeriesCells {
         SeriesCells {
             key,
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            nanos: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
             departed,
         }
     }
 
-    fn add(&self, requests: u64, bucket: usize, nanos: u64) {
-        self.buckets[bucket].fetch_add(requests, Ordering::Relaxed);
-        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    fn add(&self, count: u64, bucket: usize, sum: u64) {
+        if count > 0 {
+            self.buckets[bucket].fetch_add(count, Ordering::Relaxed);
+        }
+        self.sum.fetch_add(sum, Ordering::Relaxed);
     }
 }
 
-/// Every live thread's cells, and the departed threads' ones. Scrapes read them under the
-/// lock; a thread takes it only to add a series, and when it ends.
-static SERIES: Mutex<Vec<Arc<SeriesCells>>> = Mutex::new(Vec::new());
+/// Every live thread's cells of one family of series, and the departed threads' ones. Scrapes
+/// read them under the lock; a thread takes it only to add a series, and when it ends.
+struct Family(Mutex<Vec<Arc<SeriesCells>>>);
+
+static REQUEST_SERIES: Family = Family(Mutex::new(Vec::new()));
+static BYTES_SERVED_SERIES: Family = Family(Mutex::new(Vec::new()));
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -156,41 +174,60 @@ fn departed_cells(series: &mut Vec<Arc<SeriesCells>>, key: SeriesKey) -> &Series
     &series[at]
 }
 
-/// A thread's own cells. When the thread ends its counts move to the departed cells, so a
-/// server whose blocking threads come and go keeps a bounded list and loses no count.
-#[derive(Default)]
+/// A thread's own cells of one family. When the thread ends its counts move to the departed
+/// cells, so a server whose blocking threads come and go keeps a bounded list and loses no
+/// count.
 struct ThreadSeries {
+    family: &'static Family,
     cells: Vec<Arc<SeriesCells>>,
 }
 
 impl Drop for ThreadSeries {
     fn drop(&mut self) {
         // Under the lock: a scrape sees these counts either here or there, never twice.
-        let mut series = lock(&SERIES);
+        let mut series = lock(&self.family.0);
         for mine in self.cells.drain(..) {
             let departed = departed_cells(&mut series, mine.key);
             for (bucket, count) in mine.buckets.iter().enumerate() {
                 departed.add(count.load(Ordering::Relaxed), bucket, 0);
             }
-            departed
-                .nanos
-                .fetch_add(mine.nanos.load(Ordering::Relaxed), Ordering::Relaxed);
+            departed.add(0, 0, mine.sum.load(Ordering::Relaxed));
             series.retain(|c| !Arc::ptr_eq(c, &mine));
         }
     }
 }
 
 thread_local! {
-    static THREAD_SERIES: RefCell<ThreadSeries> = RefCell::default();
-    static BYTES_SERVED: RefCell<Vec<(&'static str, metrics::Counter)>> =
-        const { RefCell::new(Vec::new()) };
+    static REQUESTS: RefCell<ThreadSeries> = const {
+        RefCell::new(ThreadSeries { family: &REQUEST_SERIES, cells: Vec::new() })
+    };
+    static BYTES_SERVED: RefCell<ThreadSeries> = const {
+        RefCell::new(ThreadSeries { family: &BYTES_SERVED_SERIES, cells: Vec::new() })
+    };
 }
 
-/// The exposition: the exporter's series, then the request series kept here.
+/// The exposition: the exporter's series, then the series kept here.
 pub fn render(handle: &PrometheusHandle) -> String {
     let mut out = handle.render();
     render_requests(&mut out);
+    render_bytes_served(&mut out);
     out
+}
+
+/// `larder_bytes_served_total` by tier, in the exporter's format.
+fn render_bytes_served(out: &mut String) {
+    let mut served: BTreeMap<&str, u64> = BTreeMap::new();
+    for cells in lock(&BYTES_SERVED_SERIES.0).iter() {
+        *served.entry(cells.key.0).or_default() += cells.sum.load(Ordering::Relaxed);
+    }
+    if served.is_empty() {
+        return;
+    }
+    out.push_str("# TYPE larder_bytes_served_total counter\n");
+    for (tier, n) in &served {
+        let _ = writeln!(out, "larder_bytes_served_total{{tier=\"{tier}\"}} {n}");
+    }
+    out.push('\n');
 }
 
 /// `larder_http_requests_total` by route, method and status, and
@@ -203,7 +240,7 @@ fn render_requests(out: &mut String) {
     }
     let mut requests: BTreeMap<SeriesKey, u64> = BTreeMap::new();
     let mut durations: BTreeMap<(&str, &str), Totals> = BTreeMap::new();
-    for cells in lock(&SERIES).iter() {
+    for cells in lock(&REQUEST_SERIES.0).iter() {
         let (route, method, _) = cells.key;
         let totals = durations.entry((route, method)).or_default();
         let mut count = 0;
@@ -212,7 +249,7 @@ fn render_requests(out: &mut String) {
             totals.buckets[bucket] += n;
             count += n;
         }
-        totals.nanos += cells.nanos.load(Ordering::Relaxed);
+        totals.nanos += cells.sum.load(Ordering::Relaxed);
         *requests.entry(cells.key).or_default() += count;
     }
     if requests.is_empty() {
@@ -254,20 +291,11 @@ fn render_requests(out: &mut String) {
     out.push('\n');
 }
 
-/// Counts body bytes served from `tier` (`larder_bytes_served_total`), with a handle cached per
-/// thread (a handful of tiers: a short list).
+/// Counts body bytes served from `tier` (`larder_bytes_served_total`). Kept here like the
+/// request series: through the exporter's registry, every small GET on every worker added to
+/// the same counter, a cache line the cores took from each other.
 pub fn bytes_served(tier: &'static str, n: u64) {
-    BYTES_SERVED.with_borrow_mut(|cached| {
-        let counter = match cached.iter().find(|(t, _)| *t == tier) {
-            Some((_, c)) => c,
-            None => {
-                let c = metrics::counter!("larder_bytes_served_total", "tier" => tier);
-                cached.push((tier, c));
-                &cached[cached.len() - 1].1
-            }
-        };
-        counter.increment(n);
-    });
+    record_in(&BYTES_SERVED, &BYTES_SERVED_SERIES, (tier, "", ""), 0, 0, n);
 }
 
 fn static_method(m: &Method) -> &'static str {
@@ -346,9 +374,41 @@ mod tests {
     }
 
     #[test]
+    fn bytes_served_add_up_over_threads_live_and_ended() {
+        let tier = "test-tier";
+        for _ in 0..3 {
+            std::thread::spawn(move || bytes_served(tier, 10))
+                .join()
+                .unwrap();
+        }
+        bytes_served(tier, 5);
+        bytes_served(tier, 2);
+        let mut text = String::new();
+        render_bytes_served(&mut text);
+        assert_eq!(
+            line_value(
+                &text,
+                &format!("larder_bytes_served_total{{tier=\"{tier}\"}} ")
+            ),
+            Some(37),
+            "{text}"
+        );
+        let cells = lock(&BYTES_SERVED_SERIES.0)
+            .iter()
+            .filter(|c| c.key.0 == tier)
+            .count();
+        assert_eq!(cells, 2, "the departed threads' counts share one cell");
+    }
+
+    #[test]
     fn counts_of_threads_that_ended_are_kept_and_their_cells_do_not_pile_up() {
         let route = "test-departed";
-        let cells_of_route = || lock(&SERIES).iter().filter(|c| c.key.0 == route).count();
+        let cells_of_route = || {
+            lock(&REQUEST_SERIES.0)
+                .iter()
+                .filter(|c| c.key.0 == route)
+                .count()
+        };
         for _ in 0..20 {
             std::thread::spawn(move || {
                 record(route, StatusCode::OK, Duration::from_micros(200));
