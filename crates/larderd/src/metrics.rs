@@ -81,8 +81,10 @@ fn record_in(
 ) {
     let recorded = mine.try_with(|mine| {
         let mut mine = mine.borrow_mut();
-        // A thread sees a few dozen series: a scan of short static strings beats hashing.
-        let at = match mine.cells.iter().position(|c| c.key == key) {
+        // A thread sees a few dozen series: a scan beats hashing. Keys are static strings,
+        // compared by address: equal strings at two addresses make two cells, which a scrape
+        // adds up by name, and comparing contents cost a `memcmp` call per string.
+        let at = match mine.cells.iter().position(|c| same_key(c.key, key)) {
             Some(at) => at,
             None => {
                 let cells = Arc::new(SeriesCells::new(key, false));
@@ -96,6 +98,10 @@ fn record_in(
     if recorded.is_err() {
         departed_cells(&mut lock(&family.0), key).add(count, bucket, sum);
     }
+}
+
+fn same_key(a: SeriesKey, b: SeriesKey) -> bool {
+    std::ptr::eq(a.0, b.0) && std::ptr::eq(a.1, b.1) && std::ptr::eq(a.2, b.2)
 }
 
 /// Request duration buckets' upper bounds in nanoseconds, [`DURATION_BUCKETS`] exactly.
