@@ -4,6 +4,7 @@
 //! `[A-Za-z0-9._~-]` and `/`; every `/`-separated segment is non-empty and neither `.` nor `..`.
 //! Being this strict keeps keys safe to use in file names, S3 keys and log lines everywhere.
 
+use compact_str::CompactString;
 use thiserror::Error;
 
 /// Why a namespace or key was refused; the Display text is the one-line reason sent with a 400.
@@ -31,8 +32,10 @@ pub enum NameError {
 
 /// A validated namespace: matches `[a-z0-9][a-z0-9_-]{0,63}`, so it is safe as a directory name,
 /// an S3 key prefix and a URL path segment without escaping.
+///
+/// Held inline up to 24 bytes (most namespaces): every request parses one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Namespace(String);
+pub struct Namespace(CompactString);
 
 impl Namespace {
     /// Validates `s`; the error's `Display` is the reason to send with a 400.
@@ -43,7 +46,7 @@ impl Namespace {
             .iter()
             .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-');
         if first_ok && rest_ok && b.len() <= 64 {
-            Ok(Namespace(s.to_owned()))
+            Ok(Namespace(CompactString::new(s)))
         } else {
             Err(NameError::Namespace)
         }
@@ -71,14 +74,16 @@ impl std::str::FromStr for Namespace {
 
 /// A validated, percent-decoded key: 1–512 bytes of `[A-Za-z0-9._~-]` and `/`, with no empty,
 /// `.` or `..` segment, so it is safe in file names, S3 keys and log lines without escaping.
+///
+/// Held inline up to 24 bytes, like [`Namespace`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(String);
+pub struct Key(CompactString);
 
 impl Key {
     /// Validates an already-decoded key.
     pub fn parse(s: &str) -> Result<Key, NameError> {
         validate_key(s.as_bytes())?;
-        Ok(Key(s.to_owned()))
+        Ok(Key(CompactString::new(s)))
     }
 
     /// Percent-decodes a key taken from a URL path, then validates it.
@@ -89,7 +94,7 @@ impl Key {
         if !b.contains(&b'%') {
             // Nothing to decode (the usual case): validated as it is.
             validate_key(b)?;
-            return Ok(Key(raw.to_string()));
+            return Ok(Key(CompactString::new(raw)));
         }
         for (i, &c) in b.iter().enumerate() {
             if c == b'%'
@@ -103,7 +108,7 @@ impl Key {
         // Validating the bytes before converting to a string means a decoded non-UTF-8 sequence
         // is reported as a bad character, like any other byte outside the alphabet.
         validate_key(&decoded)?;
-        let key = String::from_utf8(decoded).map_err(|_| NameError::KeyCharacter)?;
+        let key = CompactString::from_utf8(decoded).map_err(|_| NameError::KeyCharacter)?;
         Ok(Key(key))
     }
 
