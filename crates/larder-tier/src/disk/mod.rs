@@ -400,11 +400,13 @@ impl Inner {
         let prefix = Bytes::from(buf).slice(fixed.header_len as usize..);
         Ok(Some(OpenRevision {
             file: Arc::new(file),
-            file_id: FileId::of(&md),
-            etag: fixed.etag(),
-            fixed,
-            headers: meta.headers.into(),
-            prefix,
+            info: RevisionInfo {
+                file_id: FileId::of(&md),
+                etag: fixed.etag(),
+                fixed,
+                headers: meta.headers.into(),
+                prefix,
+            },
             retired: Arc::new(AtomicBool::new(false)),
         }))
     }
@@ -418,12 +420,8 @@ impl Inner {
         let now = now_ms();
         let from_copy = thread_copies::with_copy(self.serial, ns.as_str(), key.as_str(), |copy| {
             let revision = Revision {
-                fixed: &copy.fixed,
-                file_id: copy.file_id,
+                info: &copy.info,
                 file: RevisionFile::OfCopy(&copy.revision),
-                etag: &copy.etag,
-                headers: &copy.headers,
-                prefix: &copy.prefix,
             };
             self.answer((&copy.id).into(), revision, opts, now, &mut copy.touched_ms)
         });
@@ -451,12 +449,8 @@ impl Inner {
             }
         };
         let revision = Revision {
-            fixed: &rev.fixed,
-            file_id: rev.file_id,
+            info: &rev.info,
             file: RevisionFile::Open(&rev.file),
-            etag: &rev.etag,
-            headers: &rev.headers,
-            prefix: &rev.prefix,
         };
         self.answer(id, revision, opts, now, &mut 0)
             .expect("an open revision's file is at hand")
@@ -474,25 +468,26 @@ impl Inner {
         now: u64,
         touched_ms: &mut u64,
     ) -> Option<Result<GetResponse, TierError>> {
-        let fixed = revision.fixed;
+        let info = revision.info;
+        let fixed = &info.fixed;
         if fixed.expires_ms <= now {
-            self.remove_expired(&id.to_owned(), revision.file_id);
+            self.remove_expired(&id.to_owned(), info.file_id);
             return Some(Err(TierError::not_found()));
         }
         let meta = ObjectMeta {
-            etag: revision.etag.clone(),
+            etag: info.etag.clone(),
             size: fixed.body_len,
             last_modified: fixed.last_modified(),
             expires: fixed.expires(),
-            headers: revision.headers.clone(),
+            headers: info.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
         let (body, file) = match outcome.body_range(meta.size) {
             Some(ByteRange { start, len }) if !opts.head => {
                 let body_offset = fixed.header_len as u64;
-                let (body, region) = if start + len <= revision.prefix.len() as u64 {
+                let (body, region) = if start + len <= info.prefix.len() as u64 {
                     // Bytes already in memory need no file for the kernel to send them from.
-                    (in_memory(revision.prefix, start, len), None)
+                    (in_memory(&info.prefix, start, len), None)
                 } else {
                     let file = revision.file.get()?;
                     let region = FileRegion {
@@ -500,12 +495,12 @@ impl Inner {
                         offset: body_offset + start,
                         len,
                     };
-                    let body = self.body_stream(file, body_offset, revision.prefix, start, len);
+                    let body = self.body_stream(file, body_offset, &info.prefix, start, len);
                     (body, Some(region))
                 };
                 if now.saturating_sub(*touched_ms) >= thread_copies::TOUCH_INTERVAL_MS {
                     *touched_ms = now;
-                    self.index.lock().unwrap().touch(id, revision.file_id);
+                    self.index.lock().unwrap().touch(id, info.file_id);
                     // The shared cache's own LRU sees the key as read too, or it would push a
                     // key out that only the threads' copies serve.
                     self.open_cache.lock().unwrap().refresh(id);
@@ -585,7 +580,7 @@ impl Inner {
     /// caching the old file would serve its TTL and headers, and expire the key with it.
     fn cache_if_current(&self, id: EntryRef<'_>, rev: &Arc<OpenRevision>) {
         let index = self.index.lock().unwrap();
-        if index.get(&id).is_none_or(|e| e.file != rev.file_id) {
+        if index.get(&id).is_none_or(|e| e.file != rev.info.file_id) {
             return;
         }
         let (pushed_out, replaced) = self
@@ -879,12 +874,8 @@ fn in_memory(prefix: &Bytes, start: u64, len: u64) -> BodyStream {
 
 /// What a read is answered from: an open revision, or a thread's copy of one.
 struct Revision<'a> {
-    fixed: &'a Fixed,
-    file_id: FileId,
+    info: &'a RevisionInfo,
     file: RevisionFile<'a>,
-    etag: &'a ETag,
-    headers: &'a Arc<[(String, String)]>,
-    prefix: &'a Bytes,
 }
 
 /// The revision's file, for the bytes its first read did not bring.
@@ -904,16 +895,22 @@ impl RevisionFile<'_> {
     }
 }
 
-struct OpenRevision {
-    file: Arc<File>,
+/// A revision as a read needs it, but for its file: the decoded header and the body bytes that
+/// came with the first read.
+struct RevisionInfo {
+    fixed: Fixed,
     /// Which revision this is, beyond its ETag (see `FileId`).
     file_id: FileId,
-    fixed: Fixed,
     /// The revision's ETag, spelled out once rather than on every read of a hot key.
     etag: ETag,
     headers: Arc<[(String, String)]>,
     /// Body bytes that came with the header read.
     prefix: Bytes,
+}
+
+struct OpenRevision {
+    file: Arc<File>,
+    info: RevisionInfo,
     /// Set once the open-revision cache lets go of it: the threads' copies of it are void.
     /// An allocation of its own, which copies hold and nobody writes until then.
     retired: Arc<AtomicBool>,

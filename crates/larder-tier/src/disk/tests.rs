@@ -666,7 +666,7 @@ async fn read_until_copied(t: &DiskTier, n: &Namespace, k: &Key) -> Vec<u8> {
     let first = read_all(t, n, k).await.unwrap();
     assert_eq!(read_all(t, n, k).await.unwrap(), first);
     let copied = thread_copies::with_copy(t.inner.serial, n.as_str(), k.as_str(), |copy| {
-        copy.etag.clone()
+        copy.info.etag.clone()
     });
     assert_eq!(
         copied,

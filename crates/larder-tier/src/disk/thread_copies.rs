@@ -14,9 +14,8 @@
 //! The shared cache retires a revision whenever it lets go of it: replaced, deleted, expired,
 //! evicted, or pushed out of the cache. So a copy never outlives the revision being current.
 
-use super::OpenRevision;
-use super::format::Fixed;
-use super::index::{EntryId, FileId};
+use super::index::EntryId;
+use super::{OpenRevision, RevisionInfo};
 use bytes::Bytes;
 use hashbrown::HashMap;
 use larder_proto::ETag;
@@ -48,12 +47,8 @@ pub(super) struct ThreadCopy {
     /// For the bytes of a large body, read from the file.
     pub revision: Weak<OpenRevision>,
     pub id: EntryId,
-    pub fixed: Fixed,
-    pub file_id: FileId,
-    pub etag: ETag,
-    pub headers: Arc<[(String, String)]>,
-    /// The whole body of a small object, copied; empty for a large one.
-    pub prefix: Bytes,
+    /// Its `prefix` holds the whole body of a small object, copied, and nothing of a large one.
+    pub info: RevisionInfo,
     /// When this thread last recorded a read of the key in the index (0: never).
     pub touched_ms: u64,
 }
@@ -62,18 +57,21 @@ impl ThreadCopy {
     /// A copy of `shared` whose ETag, headers and small body are allocations of its own, so
     /// that handing them out counts references on this core only.
     pub fn of(id: EntryId, shared: &Arc<OpenRevision>) -> ThreadCopy {
+        let info = &shared.info;
         ThreadCopy {
             retired: shared.retired.clone(),
             revision: Arc::downgrade(shared),
             id,
-            fixed: shared.fixed.clone(),
-            file_id: shared.file_id,
-            etag: ETag::from_bytes(shared.etag.to_bytes()),
-            headers: shared.headers.iter().cloned().collect(),
-            prefix: if shared.prefix.len() as u64 == shared.fixed.body_len {
-                shared.prefix.clone()
-            } else {
-                Bytes::new()
+            info: RevisionInfo {
+                fixed: info.fixed.clone(),
+                file_id: info.file_id,
+                etag: ETag::from_bytes(info.etag.to_bytes()),
+                headers: info.headers.iter().cloned().collect(),
+                prefix: if info.prefix.len() as u64 == info.fixed.body_len {
+                    info.prefix.clone()
+                } else {
+                    Bytes::new()
+                },
             },
             touched_ms: 0,
         }
@@ -101,7 +99,7 @@ struct TierCopies {
 impl TierCopies {
     fn remove(&mut self, name: &NameRef<'_>) {
         if let Some(gone) = self.copies.remove(name) {
-            self.copied_bytes -= gone.prefix.len();
+            self.copied_bytes -= gone.info.prefix.len();
         }
     }
 }
@@ -163,11 +161,12 @@ pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
         {
             mine.remove(&NameRef(&victim.0, &victim.1));
         }
-        if mine.copied_bytes + copy.prefix.len() > COPIED_BYTES_PER_THREAD {
+        let prefix = &mut copy.info.prefix;
+        if mine.copied_bytes + prefix.len() > COPIED_BYTES_PER_THREAD {
             return;
         }
-        copy.prefix = Bytes::copy_from_slice(&copy.prefix);
-        mine.copied_bytes += copy.prefix.len();
+        *prefix = Bytes::copy_from_slice(prefix);
+        mine.copied_bytes += prefix.len();
         mine.copies.insert((ns.into(), key.into()), copy);
     });
 }
