@@ -229,11 +229,10 @@ fn needs_no_escape(s: &str) -> bool {
     let clean_words = words
         .by_ref()
         .all(|w| needs_a_look(u64::from_le_bytes(w.try_into().unwrap_or_default())) == 0);
-    clean_words
-        && words
-            .remainder()
-            .iter()
-            .all(|&b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    // The last few bytes as a word too, filled up with a byte that needs no look.
+    let mut last = [b'a'; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    clean_words && needs_a_look(u64::from_le_bytes(last)) == 0
 }
 
 const ONES: u64 = u64::from_ne_bytes([0x01; 8]);

@@ -726,9 +726,8 @@ async fn a_threads_copy_of_a_revision_never_outlives_it() {
 
 #[tokio::test]
 async fn a_copy_dies_with_its_revision_pushed_out_of_the_shared_cache() {
-    let t = DiskTier::open(DiskConfig::new(TempDir::new().unwrap().keep()))
-        .await
-        .unwrap();
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
     let (n, k) = (ns("ci"), key("hot"));
     t.put(&n, &k, upload(pattern(500, 1)), PutOptions::default())
         .await
