@@ -426,6 +426,8 @@ pub struct DiskSection {
     pub limit: Option<ByteSize>,
     /// Write big bodies with O_DIRECT (default true).
     pub direct_writes: Option<bool>,
+    /// Bytes of small revisions kept in memory (default 16 MiB).
+    pub memory_cache: Option<ByteSize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -445,6 +447,8 @@ pub struct Config {
     pub disk_limit: Option<u64>,
     /// Big bodies written past the page cache (`[disk] direct_writes`).
     pub disk_direct_writes: bool,
+    /// Small revisions kept in memory (`[disk] memory_cache`), in bytes.
+    pub disk_memory_cache: u64,
     pub max_ttl: Duration,
     pub max_object_size: u64,
     pub log_format: LogFormat,
@@ -507,6 +511,10 @@ impl Config {
             bazel,
             disk_limit: cli.disk_limit.or(file.disk.limit).map(|s| s.0),
             disk_direct_writes: file.disk.direct_writes.unwrap_or(true),
+            disk_memory_cache: file
+                .disk
+                .memory_cache
+                .map_or(larder_tier::disk::DEFAULT_MEMORY_CACHE, |s| s.0),
             max_ttl: or_default(cli.max_ttl.or(file.max_ttl), DEFAULT_MAX_TTL),
             max_object_size: cli
                 .max_object_size
@@ -821,17 +829,19 @@ mod tests {
         assert_eq!(c.max_ttl, DEFAULT_MAX_TTL);
         assert_eq!(c.disk_limit, None);
         assert!(c.disk_direct_writes);
+        assert_eq!(c.disk_memory_cache, 16 << 20);
     }
 
     #[test]
     fn file_values_apply_and_flags_win() {
-        let toml = "listen = \"127.0.0.1:9999\"\nmax_ttl = \"2d\"\nmax_object_size = 1000\n[disk]\ndir = \"/var/cache/larder\"\nlimit = \"50GiB\"\ndirect_writes = false\n";
+        let toml = "listen = \"127.0.0.1:9999\"\nmax_ttl = \"2d\"\nmax_object_size = 1000\n[disk]\ndir = \"/var/cache/larder\"\nlimit = \"50GiB\"\ndirect_writes = false\nmemory_cache = \"1GiB\"\n";
         let c = with_file(toml, Cli::default()).unwrap();
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.max_ttl, Duration::from_secs(2 * 86400));
         assert_eq!(c.max_object_size, 1000);
         assert_eq!(c.disk_limit, Some(50 << 30));
         assert!(!c.disk_direct_writes);
+        assert_eq!(c.disk_memory_cache, 1 << 30);
         assert_eq!(c.data_dir, PathBuf::from("/var/cache/larder"));
         let c = with_file(
             toml,

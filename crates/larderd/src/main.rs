@@ -111,6 +111,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut disk = DiskConfig::new(&config.data_dir);
     disk.limit = config.disk_limit;
     disk.direct_writes = config.disk_direct_writes;
+    disk.memory_cache = config.disk_memory_cache;
     let disk = DiskTier::open(disk).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot open the disk tier in {}: {e}",

@@ -1,6 +1,6 @@
 //! The disk tier's promises under races and faults, checked against the real `larderd` binary
-//! in disk-only mode: a revision is identified by its file, not by its ETag, and what was
-//! acknowledged survives a power loss.
+//! in disk-only mode: a revision is identified by its file, not by its ETag, what was
+//! acknowledged survives a power loss, and small objects read again come from memory.
 //!
 //! Durability cannot be tested by cutting the power, so the durability tests run larderd under
 //! `strace` and read from the trace that every directory change was fsynced before the answer
@@ -8,7 +8,8 @@
 //! an error. They need strace (scripts/test.sh installs it) and print SKIPPED without it, or
 //! fail when `CI` is set.
 
-use larder_testkit::{Larderd, etag_of};
+use futures_util::StreamExt;
+use larder_testkit::{Larderd, etag_of, metric};
 use reqwest::{Client, StatusCode};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,66 @@ fn body_of(key: usize) -> Vec<u8> {
                 >> 5) as u8
         })
         .collect()
+}
+
+/// A build reads the same few thousand small blobs over and over. Once read, they come from
+/// memory, with no open of their file, within `[disk] memory_cache` (16 MiB by default); with it
+/// at 0, every read opens the file again. A thousand 4 KiB objects read in turn are more than
+/// the 256 open files kept for larger objects: a cache bounded by count would open each again.
+#[tokio::test]
+async fn small_objects_read_again_come_from_memory_not_their_files() {
+    const KEYS: usize = 1000;
+    for (memory_cache, opens_per_reread) in [(None, 0), (Some("0"), KEYS)] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("larder.toml");
+        let mut args = vec![];
+        if let Some(size) = memory_cache {
+            std::fs::write(&config, format!("[disk]\nmemory_cache = \"{size}\"\n")).unwrap();
+            args = vec!["--config", config.to_str().unwrap()];
+        }
+        let srv = Larderd::start(&args);
+        let http = Client::new();
+        let each_key = |read: bool| {
+            let (http, srv) = (&http, &srv);
+            futures_util::stream::iter(0..KEYS)
+                .map(move |k| async move {
+                    let url = srv.object_url("build", &format!("blob-{k}"));
+                    if read {
+                        let r = http.get(url).send().await.unwrap();
+                        assert_eq!(r.status(), StatusCode::OK);
+                        assert_eq!(r.bytes().await.unwrap(), body_of(k), "key {k}");
+                    } else {
+                        let r = http.put(url).body(body_of(k)).send().await.unwrap();
+                        assert_eq!(r.status(), StatusCode::CREATED);
+                    }
+                })
+                .buffer_unordered(16)
+                .collect::<Vec<()>>()
+        };
+        let opens = || async {
+            metric(&srv.scrape(&http).await, "larder_disk_revision_opens_total").unwrap_or(0.0)
+        };
+        each_key(false).await;
+        assert_eq!(
+            opens().await,
+            0.0,
+            "writes open no revision file to read it"
+        );
+        each_key(true).await;
+        assert_eq!(
+            opens().await,
+            KEYS as f64,
+            "the first read of each key opens it"
+        );
+        for round in 1..=2 {
+            each_key(true).await;
+            assert_eq!(
+                opens().await,
+                (KEYS + round * opens_per_reread) as f64,
+                "memory_cache {memory_cache:?}, read again {round} times"
+            );
+        }
+    }
 }
 
 /// Issue 10, item 4. Rewriting identical bytes with a longer TTL keeps the ETag. A GET that had

@@ -23,12 +23,15 @@
 //! the revision file's header; `index` the in-memory index; `files` temp files, positioned reads
 //! and durable directory changes; `block_writer` writing a temp file mostly past the page cache;
 //! `scan` the start-up scan; `spool` the `CacheTier` capability (spooling a copy from another
-//! tier while readers follow it); `pool` the read buffers.
+//! tier while readers follow it); `pool` the read buffers; `open_cache` the revisions kept for
+//! recently read keys (small ones in memory, larger ones open); `thread_copies` each thread's
+//! copies of the hot ones.
 
 mod block_writer;
 mod files;
 mod format;
 mod index;
+mod open_cache;
 mod pool;
 mod scan;
 mod spool;
@@ -50,6 +53,7 @@ use format::{Fixed, MetaJson};
 use futures_util::{FutureExt, StreamExt};
 use index::{Entry, EntryId, EntryRef, FileId, Index};
 use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, decide_write};
+use open_cache::{OpenCache, OpenRevisions};
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -61,8 +65,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
-/// Open revisions kept for hot keys. Each holds a descriptor and up to `FIRST_READ` bytes.
-const OPEN_CACHE_ENTRIES: usize = 256;
+/// Open revisions kept for recently read keys whose body is read from their file: each holds a
+/// descriptor and up to `FIRST_READ` bytes.
+const OPEN_FILES_CACHED: usize = 256;
+
+/// What a revision kept in memory costs beyond its body, counted against
+/// `DiskConfig::memory_cache` (the entry, its ETag and headers, its slots in the cache): a
+/// cache of empty bodies is bounded too.
+const IN_MEMORY_ENTRY_OVERHEAD: usize = 512;
+
+/// `DiskConfig::memory_cache` unless configured: the working set of small blobs a build reads
+/// over and over (thousands of them), at a memory cost any machine running a cache can afford.
+pub const DEFAULT_MEMORY_CACHE: u64 = 16 << 20;
 
 /// How much of a file the first read takes: the header plus, for small objects, the whole body.
 const FIRST_READ: usize = 16 * 1024;
@@ -86,11 +100,15 @@ pub struct DiskConfig {
     /// goes through the page cache: for a device whose direct writes are slow one at a time
     /// (high-latency network block storage), where the kernel's writeback keeps more in flight.
     pub direct_writes: bool,
+    /// Bytes of small revisions (whose whole body comes with the read of their header, up to
+    /// about 16 KiB) kept in memory for the keys read recently, each counting its body plus
+    /// `IN_MEMORY_ENTRY_OVERHEAD`. A hit costs no syscall; 0 keeps none.
+    pub memory_cache: u64,
 }
 
 impl DiskConfig {
     /// Defaults for `dir`: no size limit, 1 MiB reads, one chunk of read-ahead, a sweep every
-    /// minute, direct writes.
+    /// minute, direct writes, 16 MiB of small revisions in memory.
     pub fn new(dir: impl Into<PathBuf>) -> DiskConfig {
         DiskConfig {
             dir: dir.into(),
@@ -99,6 +117,7 @@ impl DiskConfig {
             read_ahead: 1,
             sweep_interval: Duration::from_secs(60),
             direct_writes: true,
+            memory_cache: DEFAULT_MEMORY_CACHE,
         }
     }
 }
@@ -111,7 +130,7 @@ struct Inner {
     buffers: Arc<BufferPool>,
     /// Recently read revisions, open: a hot key is served without open/read/fstat/close, and a
     /// small object straight from the bytes of its first read.
-    open_cache: Mutex<OpenCache<Arc<OpenRevision>>>,
+    open_cache: Mutex<OpenRevisions<Arc<OpenRevision>>>,
     /// Which tier this is among those of the process, for the threads' copies of its revisions
     /// (`thread_copies`).
     serial: u64,
@@ -171,10 +190,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64
-}
-
-fn hex(bytes: &[u8; 32]) -> String {
-    ETag::from_bytes(*bytes).as_str().to_string()
 }
 
 /// A revision file that cannot be read as one: an operator should hear of it (a failing disk,
@@ -280,7 +295,13 @@ impl Inner {
         // Enough idle buffers for a few dozen downloads' read-ahead; beyond that, buffers are freed.
         let buffers = BufferPool::new(config.read_chunk, 8);
         Ok(Inner {
-            open_cache: Mutex::new(OpenCache::new(OPEN_CACHE_ENTRIES)),
+            open_cache: Mutex::new(OpenRevisions::new(
+                OpenCache::new(
+                    usize::MAX,
+                    usize::try_from(config.memory_cache).unwrap_or(usize::MAX),
+                ),
+                OpenCache::new(OPEN_FILES_CACHED, usize::MAX),
+            )),
             serial: {
                 static TIERS: AtomicU64 = AtomicU64::new(0);
                 TIERS.fetch_add(1, Ordering::Relaxed)
@@ -329,8 +350,23 @@ impl Inner {
     }
 
     fn path_of(&self, ns: &str, hash: &[u8; 32]) -> PathBuf {
-        let h = hex(hash);
-        self.objects.join(ns).join(&h[..2]).join(h)
+        // Built in one allocation: three `join`s reallocated twice, on every read of a key
+        // that is not cached.
+        let hash = ETag::from_bytes(*hash);
+        let (h, objects) = (hash.as_str(), self.objects.as_os_str());
+        let mut path = std::ffi::OsString::with_capacity(objects.len() + ns.len() + h.len() + 5);
+        for part in [
+            objects,
+            "/".as_ref(),
+            ns.as_ref(),
+            "/".as_ref(),
+            h[..2].as_ref(),
+        ] {
+            path.push(part);
+        }
+        path.push("/");
+        path.push(h);
+        PathBuf::from(path)
     }
 
     /// Refuses a conditional write that already fails, before a byte of its body is read (CI
@@ -367,23 +403,49 @@ impl Inner {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(TierError::io("open revision", &e)),
         };
-        let mut buf = vec![0u8; FIRST_READ];
-        let n = read_full_at(&file, &mut buf, 0).map_err(|e| TierError::io("read revision", &e))?;
-        buf.truncate(n);
-        let fixed = match Fixed::decode(&buf) {
+        metrics::counter!("larder_disk_revision_opens_total").increment(1);
+        // The first read lands in this thread's scratch buffer and only the bytes read are kept:
+        // a zeroed 16 KiB allocation per open was a third of the instructions of a read that
+        // opens its file, and a cached revision held all of it however small its body.
+        thread_local! {
+            static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut scratch = SCRATCH.take();
+        scratch.resize(FIRST_READ, 0);
+        let opened = self.decode_revision(id, path, file, &mut scratch);
+        SCRATCH.set(scratch);
+        opened
+    }
+
+    /// `open_revision` past the open, `scratch` being `FIRST_READ` bytes to read into.
+    fn decode_revision(
+        &self,
+        id: EntryRef<'_>,
+        path: &Path,
+        file: File,
+        scratch: &mut [u8],
+    ) -> Result<Option<OpenRevision>, TierError> {
+        let n = read_full_at(&file, scratch, 0).map_err(|e| TierError::io("read revision", &e))?;
+        let fixed = match Fixed::decode(&scratch[..n]) {
             Ok(f) => f,
             Err(e) => {
                 self.remove_damaged(id, path, &file, &e);
                 return Ok(None);
             }
         };
-        if (fixed.header_len as usize) > buf.len() {
-            let mut more = vec![0u8; fixed.header_len as usize - buf.len()];
-            let m = read_full_at(&file, &mut more, buf.len() as u64)
+        let longer_header;
+        let first: &[u8] = if fixed.header_len as usize > n {
+            let mut all = scratch[..n].to_vec();
+            all.resize(fixed.header_len as usize, 0);
+            let m = read_full_at(&file, &mut all[n..], n as u64)
                 .map_err(|e| TierError::io("read revision", &e))?;
-            buf.extend_from_slice(&more[..m]);
-        }
-        let (fixed, meta) = match format::decode_header(&buf) {
+            all.truncate(n + m);
+            longer_header = all;
+            &longer_header
+        } else {
+            &scratch[..n]
+        };
+        let (fixed, meta) = match format::decode_header(first) {
             Ok(decoded) => decoded,
             Err(e) => {
                 self.remove_damaged(id, path, &file, &e);
@@ -397,9 +459,11 @@ impl Inner {
             self.remove_damaged(id, path, &file, &"file length does not match its header");
             return Ok(None);
         }
-        let prefix = Bytes::from(buf).slice(fixed.header_len as usize..);
+        let prefix = Bytes::copy_from_slice(&first[fixed.header_len as usize..]);
+        // A body that came whole with the header needs its file no more.
+        let file = (prefix.len() as u64 != fixed.body_len).then(|| Arc::new(file));
         Ok(Some(OpenRevision {
-            file: Arc::new(file),
+            file,
             info: RevisionInfo {
                 file_id: FileId::of(&md),
                 etag: fixed.etag(),
@@ -434,8 +498,7 @@ impl Inner {
         let rev = match self.cached(id) {
             Some(rev) => {
                 // Read before: worth a copy of the thread's own.
-                let copy = thread_copies::ThreadCopy::of(id.to_owned(), &rev);
-                thread_copies::keep(self.serial, ns.as_str(), key.as_str(), copy);
+                thread_copies::keep(self.serial, ns.as_str(), key.as_str(), id, &rev);
                 rev
             }
             None => {
@@ -450,10 +513,10 @@ impl Inner {
         };
         let revision = Revision {
             info: &rev.info,
-            file: RevisionFile::Open(&rev.file),
+            file: RevisionFile::Open(rev.file.as_ref()),
         };
         self.answer(id, revision, opts, now, &mut 0)
-            .expect("an open revision's file is at hand")
+            .expect("an open revision has its file, or its whole body in memory")
     }
 
     /// Answers a read of `revision`, the key's revision when it was looked up; `None` when the
@@ -583,17 +646,20 @@ impl Inner {
         if index.get(&id).is_none_or(|e| e.file != rev.info.file_id) {
             return;
         }
-        let (pushed_out, replaced) = self
-            .open_cache
-            .lock()
-            .unwrap()
-            .insert(id.to_owned(), rev.clone());
-        drop(index);
+        let in_memory = rev.file.is_none();
+        let weight = rev.info.prefix.len() + IN_MEMORY_ENTRY_OVERHEAD;
+        let (pushed_out, replaced) =
+            self.open_cache
+                .lock()
+                .unwrap()
+                .insert(id.to_owned(), rev.clone(), weight, in_memory);
         // Copies of a revision are only valid while the shared cache holds it: once it has let
-        // go, nothing would retire it when its key changes.
-        for left in [pushed_out, replaced].into_iter().flatten() {
+        // go, nothing would retire it when its key changes. Retired before the index lock goes,
+        // so that no commit of the key can be acknowledged while a copy still passes for current.
+        for left in pushed_out.iter().chain(&replaced) {
             left.retire();
         }
+        drop(index);
     }
 
     /// Must be called with the index lock held, whenever the key's file changes.
@@ -806,63 +872,6 @@ impl Inner {
     }
 }
 
-/// Revisions kept open for the keys read most recently: when full, the least recently read one
-/// makes room, so the hot keys stay open however many cold ones pass through.
-struct OpenCache<V> {
-    capacity: usize,
-    /// Each entry with the `clock` of its last use.
-    entries: hashbrown::HashMap<EntryId, (V, u64)>,
-    clock: u64,
-}
-
-impl<V: Clone> OpenCache<V> {
-    fn new(capacity: usize) -> Self {
-        OpenCache {
-            capacity,
-            entries: hashbrown::HashMap::with_capacity(capacity),
-            clock: 0,
-        }
-    }
-
-    fn get(&mut self, id: EntryRef<'_>) -> Option<V> {
-        self.clock += 1;
-        let (value, used) = self.entries.get_mut(&id)?;
-        *used = self.clock;
-        Some(value.clone())
-    }
-
-    /// Marks the key as read now, if it is cached.
-    fn refresh(&mut self, id: EntryRef<'_>) {
-        self.clock += 1;
-        if let Some((_, used)) = self.entries.get_mut(&id) {
-            *used = self.clock;
-        }
-    }
-
-    /// Caches `value` for `id`; returns the value pushed out to make room, and the one `id` had.
-    fn insert(&mut self, id: EntryId, value: V) -> (Option<V>, Option<V>) {
-        let mut pushed_out = None;
-        // Only on a miss, which also costs an open: a scan of a few hundred stamps is noise.
-        if self.entries.len() >= self.capacity
-            && !self.entries.contains_key(&id)
-            && let Some(victim) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(victim, _)| victim.clone())
-        {
-            pushed_out = self.entries.remove(&victim).map(|(value, _)| value);
-        }
-        self.clock += 1;
-        let replaced = self.entries.insert(id, (value, self.clock));
-        (pushed_out, replaced.map(|(value, _)| value))
-    }
-
-    fn remove(&mut self, id: &EntryId) -> Option<V> {
-        self.entries.remove(id).map(|(value, _)| value)
-    }
-}
-
 /// `len` bytes from `start` of `prefix`, which holds them.
 fn in_memory(prefix: &Bytes, start: u64, len: u64) -> BodyStream {
     if len == 0 {
@@ -880,7 +889,8 @@ struct Revision<'a> {
 
 /// The revision's file, for the bytes its first read did not bring.
 enum RevisionFile<'a> {
-    Open(&'a Arc<File>),
+    /// `None` for a revision whose whole body is in memory.
+    Open(Option<&'a Arc<File>>),
     /// A thread's copy does not keep the file open: a revision the shared cache has let go of
     /// must not hold its disk space for as long as some thread keeps a copy.
     OfCopy(&'a std::sync::Weak<OpenRevision>),
@@ -889,8 +899,8 @@ enum RevisionFile<'a> {
 impl RevisionFile<'_> {
     fn get(&self) -> Option<Arc<File>> {
         match self {
-            RevisionFile::Open(file) => Some(Arc::clone(file)),
-            RevisionFile::OfCopy(revision) => Some(revision.upgrade()?.file.clone()),
+            RevisionFile::Open(file) => file.cloned(),
+            RevisionFile::OfCopy(revision) => revision.upgrade()?.file.clone(),
         }
     }
 }
@@ -909,7 +919,8 @@ struct RevisionInfo {
 }
 
 struct OpenRevision {
-    file: Arc<File>,
+    /// `None` once the whole body is in `info.prefix`: such a revision holds no descriptor.
+    file: Option<Arc<File>>,
     info: RevisionInfo,
     /// Set once the open-revision cache lets go of it: the threads' copies of it are void.
     /// An allocation of its own, which copies hold and nobody writes until then.

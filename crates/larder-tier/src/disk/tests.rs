@@ -628,39 +628,6 @@ async fn a_damaged_revision_file_reads_as_absent_and_takes_new_writes() {
     assert_eq!(t.used_bytes(), std::fs::metadata(&path).unwrap().len());
 }
 
-#[test]
-fn the_open_cache_keeps_the_keys_read_most_recently() {
-    let id = |i: u16| -> EntryId {
-        let mut hash = [0u8; 32];
-        hash[..2].copy_from_slice(&i.to_le_bytes());
-        (Arc::from("ns"), hash)
-    };
-    let get = |cache: &mut OpenCache<u16>, i: u16| cache.get(EntryRef("ns", &id(i).1));
-    let mut cache = OpenCache::new(16);
-    // Eight hot keys are read between the opens of 500 keys read once each.
-    for cold in 100..600 {
-        for hot in 0..8 {
-            if get(&mut cache, hot).is_none() {
-                assert!(
-                    cold == 100,
-                    "hot key {hot} was evicted before cold key {cold}"
-                );
-                cache.insert(id(hot), hot);
-            }
-        }
-        cache.insert(id(cold), cold);
-        assert!(cache.entries.len() <= 16);
-    }
-    assert_eq!(get(&mut cache, 599), Some(599), "the newest key is there");
-    assert_eq!(get(&mut cache, 100), None, "the oldest cold key made room");
-    // Replacing a cached key's revision makes no room.
-    let before = cache.entries.len();
-    cache.insert(id(599), 1);
-    assert_eq!(cache.entries.len(), before);
-    assert_eq!(get(&mut cache, 599), Some(1));
-    assert_eq!(get(&mut cache, 598), Some(598));
-}
-
 /// Reads `k` until this thread serves it from a copy of its own.
 async fn read_until_copied(t: &DiskTier, n: &Namespace, k: &Key) -> Vec<u8> {
     let first = read_all(t, n, k).await.unwrap();
@@ -724,32 +691,66 @@ async fn a_threads_copy_of_a_revision_never_outlives_it() {
     assert!(read_all(&t, &n, &k).await.is_none(), "evicted");
 }
 
-#[tokio::test]
-async fn a_copy_dies_with_its_revision_pushed_out_of_the_shared_cache() {
-    let dir = TempDir::new().unwrap();
-    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+/// A thread copies a hot key of `size` bytes, `others` keys of that size read once push its
+/// revision out of the shared cache (from then on no change of the key reaches it there), and
+/// the key is replaced: the next read must see the new revision, not the thread's copy.
+async fn copy_dies_with_revision_pushed_out(config: DiskConfig, size: usize, others: usize) {
+    let t = DiskTier::open(config).await.unwrap();
     let (n, k) = (ns("ci"), key("hot"));
-    t.put(&n, &k, upload(pattern(500, 1)), PutOptions::default())
+    t.put(&n, &k, upload(pattern(size, 1)), PutOptions::default())
         .await
         .unwrap();
     read_until_copied(&t, &n, &k).await;
-    // Enough other keys opened to push the hot key's revision out of the shared cache: from
-    // then on no change of the key reaches it there.
-    for i in 0..OPEN_CACHE_ENTRIES + 8 {
+    for i in 0..others {
         let other = key(&format!("cold-{i}"));
-        t.put(&n, &other, upload(vec![1]), PutOptions::default())
+        t.put(&n, &other, upload(pattern(size, 3)), PutOptions::default())
             .await
             .unwrap();
         read_all(&t, &n, &other).await.unwrap();
     }
-    t.put(&n, &k, upload(pattern(500, 2)), PutOptions::default())
+    let shared = t
+        .inner
+        .open_cache
+        .lock()
+        .unwrap()
+        .get(EntryRef(n.as_str(), &key_hash(&k)));
+    assert!(shared.is_none(), "pushed out of the shared cache");
+    t.put(&n, &k, upload(pattern(size, 2)), PutOptions::default())
         .await
         .unwrap();
+    // A HEAD first: it needs no byte of the body, so not the file either, which a copy of a
+    // large revision could not reach any more.
+    let head = GetOptions {
+        head: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        t.get(&n, &k, head).await.unwrap().meta.etag,
+        ETag::of(&pattern(size, 2)),
+        "the new revision's ETag, not the thread's copy's"
+    );
     assert_eq!(
         read_all(&t, &n, &k).await.unwrap(),
-        pattern(500, 2),
+        pattern(size, 2),
         "the new revision, not the thread's copy of the old"
     );
+}
+
+#[tokio::test]
+async fn a_copy_dies_with_its_small_revision_pushed_out_of_memory() {
+    let dir = TempDir::new().unwrap();
+    let mut config = DiskConfig::new(dir.path());
+    // Room for about eight small revisions.
+    config.memory_cache = 8 * (IN_MEMORY_ENTRY_OVERHEAD as u64 + 500);
+    copy_dies_with_revision_pushed_out(config, 500, 24).await;
+}
+
+#[tokio::test]
+async fn a_copy_dies_with_its_large_revision_pushed_out_of_the_open_files() {
+    let dir = TempDir::new().unwrap();
+    let large = FIRST_READ + 1000;
+    copy_dies_with_revision_pushed_out(DiskConfig::new(dir.path()), large, OPEN_FILES_CACHED + 8)
+        .await;
 }
 
 #[test]
@@ -798,6 +799,35 @@ fn a_copy_on_one_thread_sees_a_replacement_made_on_another() {
     reader.join().unwrap();
 }
 
+/// This process's descriptors open on `path` (or on what it was, once unlinked).
+fn descriptors_open_on(path: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| {
+            target
+                .to_string_lossy()
+                .starts_with(&*path.to_string_lossy())
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn a_small_revision_kept_in_memory_holds_no_descriptor() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    let n = ns("ci");
+    for (name, size, descriptors) in [("small", 4000, 0), ("large", FIRST_READ + 1, 1)] {
+        let k = key(name);
+        t.put(&n, &k, upload(pattern(size, 1)), PutOptions::default())
+            .await
+            .unwrap();
+        read_until_copied(&t, &n, &k).await;
+        let (_, path) = id_and_path(&t, &n, &k);
+        assert_eq!(descriptors_open_on(&path), descriptors, "{name}");
+    }
+}
+
 #[tokio::test]
 async fn a_threads_copy_does_not_keep_a_removed_revisions_file_open() {
     let dir = TempDir::new().unwrap();
@@ -808,17 +838,7 @@ async fn a_threads_copy_does_not_keep_a_removed_revisions_file_open() {
         .unwrap();
     read_until_copied(&t, &n, &k).await;
     let (_, path) = id_and_path(&t, &n, &k);
-    let open_on_path = || {
-        std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-            .filter(|target| {
-                target
-                    .to_string_lossy()
-                    .starts_with(&*path.to_string_lossy())
-            })
-            .count()
-    };
+    let open_on_path = || descriptors_open_on(&path);
     assert_eq!(
         open_on_path(),
         1,
@@ -829,5 +849,39 @@ async fn a_threads_copy_does_not_keep_a_removed_revisions_file_open() {
         open_on_path(),
         0,
         "deleted: its disk space is free although this thread copied it"
+    );
+}
+
+#[tokio::test]
+async fn a_key_read_often_gets_a_copy_after_the_threads_copies_are_full() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    let n = ns("ci");
+    for i in 0..thread_copies::COPIES_PER_THREAD {
+        let k = key(&format!("early-{i}"));
+        t.put(&n, &k, upload(pattern(100, 1)), PutOptions::default())
+            .await
+            .unwrap();
+        read_until_copied(&t, &n, &k).await;
+    }
+    let hot = key("late");
+    t.put(&n, &hot, upload(pattern(100, 2)), PutOptions::default())
+        .await
+        .unwrap();
+    let copied = |t: &DiskTier| {
+        thread_copies::with_copy(t.inner.serial, n.as_str(), hot.as_str(), |_| ()).is_some()
+    };
+    let mut reads = 0;
+    while !copied(&t) {
+        assert_eq!(read_all(&t, &n, &hot).await.unwrap(), pattern(100, 2));
+        reads += 1;
+        assert!(
+            reads <= 1 + thread_copies::REPLACE_ONE_IN,
+            "no copy after {reads} reads"
+        );
+    }
+    assert!(
+        reads > 2,
+        "a full thread copies a key only now and then ({reads} reads)"
     );
 }

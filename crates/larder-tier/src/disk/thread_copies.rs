@@ -11,10 +11,13 @@
 //!
 //! A copy is made on a key's second read through the shared cache (a key read once, as most of
 //! a build's blobs are, costs no copy), and is valid while its shared revision is not retired.
+//! Once a thread's copies are at their limit, only one read in [`REPLACE_ONE_IN`] through the
+//! shared cache replaces a copy: a working set larger than the limit is then mostly served from
+//! the shared cache instead of copying a key on every read.
 //! The shared cache retires a revision whenever it lets go of it: replaced, deleted, expired,
 //! evicted, or pushed out of the cache. So a copy never outlives the revision being current.
 
-use super::index::EntryId;
+use super::index::{EntryId, EntryRef};
 use super::{OpenRevision, RevisionInfo};
 use bytes::Bytes;
 use hashbrown::HashMap;
@@ -23,13 +26,17 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
-/// Copies kept per thread (and tier): as many as the shared cache holds, so that a working set
-/// the shared cache keeps is kept by each thread too. Fewer made a thread that read a few hundred
-/// keys in turn copy one on nearly every read, half again the instructions of a GET.
-const COPIES_PER_THREAD: usize = super::OPEN_CACHE_ENTRIES;
+/// Copies kept per thread (and tier). Fewer made a thread that read a few hundred keys in turn
+/// copy one on nearly every read, half again the instructions of a GET.
+pub(super) const COPIES_PER_THREAD: usize = 256;
 
 /// Body bytes a thread copies, over all its copies; a small object beyond it gets no copy.
 const COPIED_BYTES_PER_THREAD: usize = 1 << 20;
+
+/// When a thread's copies are at their limit, one read in this many through the shared cache
+/// replaces one of them (any) with a copy of the key read. Replacing on every read made a
+/// thread reading 600 keys in turn spend a sixth of each GET's instructions copying.
+pub(super) const REPLACE_ONE_IN: u32 = 16;
 
 /// Tiers whose copies a thread keeps (a process has one; tests open many).
 const TIERS_PER_THREAD: usize = 4;
@@ -56,7 +63,7 @@ pub(super) struct ThreadCopy {
 impl ThreadCopy {
     /// A copy of `shared` whose ETag, headers and small body are allocations of its own, so
     /// that handing them out counts references on this core only.
-    pub fn of(id: EntryId, shared: &Arc<OpenRevision>) -> ThreadCopy {
+    fn of(id: EntryId, shared: &Arc<OpenRevision>) -> ThreadCopy {
         let info = &shared.info;
         ThreadCopy {
             retired: shared.retired.clone(),
@@ -67,14 +74,19 @@ impl ThreadCopy {
                 file_id: info.file_id,
                 etag: ETag::from_bytes(info.etag.to_bytes()),
                 headers: info.headers.iter().cloned().collect(),
-                prefix: if info.prefix.len() as u64 == info.fixed.body_len {
-                    info.prefix.clone()
-                } else {
-                    Bytes::new()
-                },
+                prefix: Bytes::copy_from_slice(&info.prefix[..copied_len(info)]),
             },
             touched_ms: 0,
         }
+    }
+}
+
+/// How much of a revision's body a copy holds: all of a small body, nothing of a large one.
+fn copied_len(info: &RevisionInfo) -> usize {
+    if info.prefix.len() as u64 == info.fixed.body_len {
+        info.prefix.len()
+    } else {
+        0
     }
 }
 
@@ -94,6 +106,8 @@ struct TierCopies {
     tier: u64,
     copies: HashMap<(Box<str>, Box<str>), ThreadCopy>,
     copied_bytes: usize,
+    /// Reads through the shared cache that found the copies at their limit.
+    reads_when_full: u32,
 }
 
 impl TierCopies {
@@ -132,11 +146,11 @@ pub(super) fn with_copy<R>(
         .flatten()
 }
 
-/// Keeps `copy` as this thread's copy of `ns`/`key` in tier `tier`, making room by dropping
-/// another (any: eviction is on the path of a read, and the shared cache already keeps the
-/// recently read ones). A small body is copied while the thread's budget allows; beyond it the
-/// key gets no copy.
-pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
+/// Makes a copy of `shared`, the revision of `ns`/`key` (`id`) in tier `tier`, this thread's,
+/// if it has room for it, or else on one call in [`REPLACE_ONE_IN`], dropping others to make
+/// room (any: eviction is on the path of a read, and the shared cache already keeps the recently
+/// read ones).
+pub(super) fn keep(tier: u64, ns: &str, key: &str, id: EntryRef<'_>, shared: &Arc<OpenRevision>) {
     let _ = COPIES.try_with(|all| {
         let mut all = all.borrow_mut();
         let at = match all.iter().position(|c| c.tier == tier) {
@@ -149,6 +163,7 @@ pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
                     tier,
                     copies: HashMap::new(),
                     copied_bytes: 0,
+                    reads_when_full: 0,
                 });
                 all.len() - 1
             }
@@ -156,17 +171,27 @@ pub(super) fn keep(tier: u64, ns: &str, key: &str, mut copy: ThreadCopy) {
         let mine = &mut all[at];
         let name = NameRef(ns, key);
         mine.remove(&name);
-        if mine.copies.len() >= COPIES_PER_THREAD
-            && let Some(victim) = mine.copies.keys().next().cloned()
-        {
-            mine.remove(&NameRef(&victim.0, &victim.1));
-        }
-        let prefix = &mut copy.info.prefix;
-        if mine.copied_bytes + prefix.len() > COPIED_BYTES_PER_THREAD {
+        let len = copied_len(&shared.info);
+        if len > COPIED_BYTES_PER_THREAD {
             return;
         }
-        *prefix = Bytes::copy_from_slice(prefix);
-        mine.copied_bytes += prefix.len();
+        let full = |mine: &TierCopies| {
+            mine.copies.len() >= COPIES_PER_THREAD
+                || mine.copied_bytes + len > COPIED_BYTES_PER_THREAD
+        };
+        if full(mine) {
+            mine.reads_when_full = mine.reads_when_full.wrapping_add(1);
+            if mine.reads_when_full % REPLACE_ONE_IN != 0 {
+                return;
+            }
+            while full(mine)
+                && let Some(victim) = mine.copies.keys().next().cloned()
+            {
+                mine.remove(&NameRef(&victim.0, &victim.1));
+            }
+        }
+        let copy = ThreadCopy::of(id.to_owned(), shared);
+        mine.copied_bytes += copy.info.prefix.len();
         mine.copies.insert((ns.into(), key.into()), copy);
     });
 }
