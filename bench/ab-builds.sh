@@ -11,10 +11,13 @@
 #
 # SPLIT=1 starts every build with one worker on core 0 and runs wrk on core 1.
 #
+# KEYS=N serves N objects of SIZE bytes instead of one, GET in rotation (bench/wrk-bench.lua,
+# BENCH_MODE=small): a working set of many small cache entries, as a build tool reads them.
+#
 #   cargo build --release -p larderd && cp target/release/larderd /tmp/larderd-after
 #   git stash && cargo build --release -p larderd && cp target/release/larderd /tmp/larderd-before && git stash pop
 #   bench/ab-builds.sh /tmp/larderd-before /tmp/larderd-after
-# Knobs: SIZE=4096 CONNECTIONS=64 DURATION=5s REPS=5 SPLIT=0 FIRST_PORT=18440
+# Knobs: SIZE=4096 CONNECTIONS=64 DURATION=5s REPS=5 SPLIT=0 FIRST_PORT=18440 KEYS=1
 # Needs wrk (installed from Debian when missing).
 set -euo pipefail
 (($# >= 2)) || { sed -n '2,/^# Needs/p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
@@ -22,6 +25,7 @@ SIZE=${SIZE:-4096}
 CONNECTIONS=${CONNECTIONS:-64}
 DURATION=${DURATION:-5s}
 REPS=${REPS:-5}
+KEYS=${KEYS:-1}
 FIRST_PORT=${FIRST_PORT:-18440}
 server_cpu=() generator_cpu=() workers=()
 if [[ ${SPLIT:-0} == 1 ]]; then
@@ -50,14 +54,24 @@ for n in $(seq 0 $(($# - 1))); do
         sleep 0.1
     done
     cmp -s "$work/object" <(curl -sf "$url") || { echo "build $n does not serve the object" >&2; exit 1; }
+    if ((KEYS > 1)); then
+        seq "$KEYS" | xargs -P4 -I{} curl -sf -X PUT --data-binary @"$work/object" \
+            "http://127.0.0.1:$port/api/v1/object/bench/small-{}" -o /dev/null
+        cmp -s "$work/object" <(curl -sf "http://127.0.0.1:$port/api/v1/object/bench/small-$KEYS") ||
+            { echo "build $n does not serve small-$KEYS" >&2; exit 1; }
+    fi
     urls+=("$url")
 done
+script=()
+((KEYS > 1)) && script=(-s "$(dirname "$0")/wrk-bench.lua")
+export BENCH_MODE=small BENCH_PREFIX=/api/v1/object/bench/small- BENCH_COUNT=$KEYS
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 for rep in $(seq "$REPS"); do
     for n in "${!urls[@]}"; do
         before=$(cpu_ticks "${pids[$n]}")
-        "${generator_cpu[@]}" wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "${urls[$n]}" >"$work/wrk"
+        "${generator_cpu[@]}" wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "${script[@]}" \
+            "${urls[$n]}" >"$work/wrk"
         after=$(cpu_ticks "${pids[$n]}")
         # "build requests/s µs-per-request p99-ms"; wrk counts any answer, so non-2xx must be 0.
         awk -v n="$n" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
@@ -80,7 +94,9 @@ median_of() { # build column
 }
 layout="wrk and servers share the cores"
 [[ ${SPLIT:-0} == 1 ]] && layout="servers on core 0 with one worker, wrk on core 1"
-echo "| build ($SIZE-byte GETs, $CONNECTIONS connections, medians of $REPS; $layout) | req/s | ratio | CPU µs per request | ratio | p99 ms | ratio |"
+what="$SIZE-byte GETs"
+((KEYS > 1)) && what="$SIZE-byte GETs of $KEYS keys in turn"
+echo "| build ($what, $CONNECTIONS connections, medians of $REPS; $layout) | req/s | ratio | CPU µs per request | ratio | p99 ms | ratio |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 first=()
 for n in "${!urls[@]}"; do

@@ -7,7 +7,8 @@
 #
 # DIR holds nginx's pid, error log and temp files (DIR/tmp is created); ROOT is served at
 # http://127.0.0.1:PORT/. The access log is off unless a directive is given (for example
-# "access_log /dev/null combined buffer=64k flush=1s;").
+# "access_log /dev/null combined buffer=64k flush=1s;"). NGINX_OPEN_FILES sets open_file_cache's
+# max (1000, nginx's documented example, unless given): raise it for a working set of more files.
 nginx_static_conf() {
     local dir=$1 root=$2 port=$3 access_log=${4:-"access_log off;"}
     mkdir -p "$dir/tmp"
@@ -23,7 +24,7 @@ http {
     default_type application/octet-stream;
     client_body_temp_path $dir/tmp;
     keepalive_requests 1000000;
-    open_file_cache max=1000 inactive=120s;
+    open_file_cache max=${NGINX_OPEN_FILES:-1000} inactive=120s;
     sendfile on; tcp_nopush on;
     server { listen 127.0.0.1:$port; root $root; location / { } }
 }

@@ -13,6 +13,10 @@
 # throughput depends on where the scheduler puts wrk's threads (BENCHMARKS.md, round 5), so CPU
 # per request is the steadier figure there.
 #
+# KEYS=N serves N objects of SIZE bytes instead of one, GET in rotation by each wrk thread
+# (bench/wrk-bench.lua, BENCH_MODE=small): a working set of many small cache entries, as build
+# tools read them. nginx's open_file_cache then holds 2N files, so it too keeps them all open.
+#
 # NGINX_LOG=1 gives nginx an access log too (the combined format, buffered 64 KiB, flushed every
 # second, to /dev/null like larderd's): the like-for-like anchor; by default nginx logs nothing,
 # the stricter one.
@@ -23,8 +27,9 @@
 #
 #   bench/one-object-latency.sh
 #   SIZE=4096 CONNECTIONS=64 REPS=5 bench/one-object-latency.sh   # the small-object row
+#   SIZE=4096 CONNECTIONS=64 KEYS=2000 bench/one-object-latency.sh   # many small objects
 # Knobs: SIZE=1048576 CONNECTIONS=500 DURATION=10s REPS=3 LARDER_PORT=18380 NGINX_PORT=18381 SPLIT=0
-#        NGINX_LOG=0
+#        NGINX_LOG=0 KEYS=1 LARDERD=<binary> (a given build instead of the tree's, built in release)
 # Needs nginx-light and wrk (installed from Debian when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +38,7 @@ SIZE=${SIZE:-1048576}
 CONNECTIONS=${CONNECTIONS:-500}
 DURATION=${DURATION:-10s}
 REPS=${REPS:-3}
+KEYS=${KEYS:-1}
 LPORT=${LARDER_PORT:-18380}
 NPORT=${NGINX_PORT:-18381}
 server_cpu=() generator_cpu=()
@@ -40,17 +46,21 @@ server_cpu=() generator_cpu=()
 nginx_access_log="access_log off;"
 [[ ${NGINX_LOG:-0} == 1 ]] && nginx_access_log="access_log /dev/null combined buffer=64k flush=1s;"
 ensure_nginx_and_wrk
-cargo build --release -q -p larderd
+if [[ -z "${LARDERD:-}" ]]; then
+    cargo build --release -q -p larderd
+    LARDERD=target/release/larderd
+fi
 work=$(mktemp -d)
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$work"' EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-"${server_cpu[@]}" target/release/larderd --listen "127.0.0.1:$LPORT" --data-dir "$work/data" \
+"${server_cpu[@]}" "$LARDERD" --listen "127.0.0.1:$LPORT" --data-dir "$work/data" \
     --max-connections $((CONNECTIONS * 2)) >"$work/larderd.out" 2>/dev/null &
 pids+=($!)
 mkdir -p "$work/www/obj" "$work/nginx"
 head -c "$SIZE" /dev/urandom >"$work/www/obj/one"
+((KEYS > 1)) && export NGINX_OPEN_FILES=$((2 * KEYS > 1000 ? 2 * KEYS : 1000))
 nginx_static_conf "$work/nginx" "$work/www" "$NPORT" "$nginx_access_log" >"$work/nginx/nginx.conf"
 "${server_cpu[@]}" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
 pids+=($!)
@@ -64,6 +74,15 @@ larder_url="http://127.0.0.1:$LPORT/api/v1/object/bench/one"
 nginx_url="http://127.0.0.1:$NPORT/obj/one"
 # Both answer, with the same bytes.
 cmp <(curl -sf "$larder_url") <(curl -sf "$nginx_url")
+script=()
+if ((KEYS > 1)); then
+    for i in $(seq "$KEYS"); do ln "$work/www/obj/one" "$work/www/obj/small-$i"; done
+    seq "$KEYS" | xargs -P4 -I{} curl -sf -X PUT --data-binary @"$work/www/obj/one" \
+        "http://127.0.0.1:$LPORT/api/v1/object/bench/small-{}" -o /dev/null
+    cmp <(curl -sf "${larder_url%one}small-$KEYS") <(curl -sf "${nginx_url%one}small-$KEYS")
+    script=(-s bench/wrk-bench.lua)
+    export BENCH_MODE=small BENCH_COUNT=$KEYS
+fi
 
 # CPU ticks (user + system) of a process and its children (nginx's workers), all threads.
 ticks() {
@@ -78,7 +97,9 @@ ticks() {
 run() { # url server-pid
     local before after
     before=$(ticks "$2")
-    "${generator_cpu[@]}" wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$1" >"$work/wrk.out"
+    BENCH_PREFIX="$(sed 's|^http://[^/]*||; s|one$|small-|' <<<"$1")" \
+        "${generator_cpu[@]}" wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "${script[@]}" "$1" \
+        >"$work/wrk.out"
     after=$(ticks "$2")
     awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
         function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
@@ -107,7 +128,9 @@ np50=$(col nginx 2) np99=$(col nginx 3) nrate=$(col nginx 4) nrps=$(col nginx 5)
 cores="generator and servers share the cores"
 [[ ${SPLIT:-0} == 1 ]] && cores="servers on core 0, wrk on core 1"
 [[ ${NGINX_LOG:-0} == 1 ]] && cores="$cores; nginx with a buffered access log"
-echo "| one object of $SIZE bytes, $CONNECTIONS connections, medians of $REPS ($cores) | larderd | nginx | larderd / nginx |"
+what="one object of $SIZE bytes"
+((KEYS > 1)) && what="$KEYS objects of $SIZE bytes in turn"
+echo "| $what, $CONNECTIONS connections, medians of $REPS ($cores) | larderd | nginx | larderd / nginx |"
 echo "| --- | ---: | ---: | ---: |"
 awk -v lr="$lrate" -v nr="$nrate" -v l50="$lp50" -v n50="$np50" -v l99="$lp99" -v n99="$np99" \
     -v lq="$lrps" -v nq="$nrps" -v lc="$lcpu" -v nc="$ncpu" 'BEGIN {
