@@ -223,8 +223,10 @@ pub(crate) struct ObjectRead<'a> {
     pub range: Option<&'a str>,
 }
 
-/// Bodies up to this size, read from the local disk, are answered by the fast path itself;
-/// larger ones are sent from the revision's file by the kernel.
+/// Bodies from the local disk that it holds in memory (up to this size) are written by the fast
+/// path with their head. Bodies in a file are sent from it by the kernel, whatever their size:
+/// reading one into memory to write it cost two copies more, which for 64 KiB objects was half
+/// the CPU of a request once they no longer fit in the CPU's cache (BENCHMARKS.md, round 12).
 pub(crate) const SMALL_READ: u64 = 64 * 1024;
 
 /// What [`read_object`] decided.
@@ -435,7 +437,7 @@ async fn local_answer(got: GetResponse) -> Result<Local, GetResponse> {
         return Ok(Local::Read(status, range, got.meta, Some(Bytes::new())));
     };
     let len = range.map_or(got.meta.size, |r| r.len);
-    if len > SMALL_READ {
+    if len > SMALL_READ || got.file.is_some() {
         // Sent from the file; the stream, not polled yet, reads nothing unless sendfile is off.
         return match got.file {
             Some(region) => Ok(Local::File(status, range, got.meta, region, stream)),

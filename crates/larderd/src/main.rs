@@ -101,6 +101,32 @@ fn main() {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one, as nginx (`worker_rlimit_nofile`)
+/// and Go's runtime do: connections, uploads, fills and the disk tier's open revisions (sized
+/// from this limit) all take descriptors, and a login shell's 1024 is reached at a few hundred
+/// clients.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read or write the struct they are given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
+        return;
+    }
+    let from = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        tracing::debug!(
+            from,
+            to = limit.rlim_max,
+            "raised the open descriptor limit"
+        );
+    }
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     auth::check_exposure(config.listen, &config.auth, config.allow_anonymous)?;
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
@@ -108,6 +134,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("no tokens configured: every request may read and write");
     }
     let metrics = metrics::install()?;
+    raise_descriptor_limit();
     let mut disk = DiskConfig::new(&config.data_dir);
     disk.limit = config.disk_limit;
     disk.direct_writes = config.disk_direct_writes;

@@ -408,3 +408,42 @@ fn a_second_larderd_on_a_port_in_use_refuses_to_start() {
         "unclear error: {stderr}"
     );
 }
+
+/// The soft and hard "Max open files" of a process, from /proc.
+fn descriptor_limits(pid: &str) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// A login shell's soft limit of 1024 descriptors would cap larderd at a few hundred clients
+/// and shrink the disk tier's open revisions (sized from it): larderd raises it to the hard
+/// limit when it starts.
+#[test]
+fn larderd_raises_its_descriptor_limit_to_the_hard_limit() {
+    let (_, hard) = descriptor_limits("self");
+    if hard <= 1024 {
+        println!(
+            "SKIPPED larderd_raises_its_descriptor_limit_to_the_hard_limit: hard limit {hard}"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lowered = ["sh", "-c", "ulimit -Sn 1024 && \"$0\" \"$@\""];
+    let srv = Larderd::start_wrapped_in(&lowered, &dir.path().join("data"), &[]);
+    let shell = std::fs::read_to_string(format!("/proc/{}/stat", srv.pid())).unwrap();
+    let parent = shell.rsplit(')').next().unwrap().split_whitespace().nth(1);
+    assert_eq!(
+        descriptor_limits(parent.unwrap()).0,
+        1024,
+        "the wrapper lowered it"
+    );
+    assert_eq!(descriptor_limits(&srv.pid().to_string()), (hard, hard));
+}

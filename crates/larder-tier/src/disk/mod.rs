@@ -65,10 +65,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
-/// Open revisions kept for recently read keys whose body is read from their file: each holds a
-/// descriptor and up to `FIRST_READ` bytes.
-const OPEN_FILES_CACHED: usize = 256;
-
 /// What a revision kept in memory costs beyond its body, counted against
 /// `DiskConfig::memory_cache` (the entry, its ETag and headers, its slots in the cache): a
 /// cache of empty bodies is bounded too.
@@ -104,11 +100,16 @@ pub struct DiskConfig {
     /// about 16 KiB) kept in memory for the keys read recently, each counting its body plus
     /// `IN_MEMORY_ENTRY_OVERHEAD`. A hit costs no syscall; 0 keeps none.
     pub memory_cache: u64,
+    /// Revisions of larger objects kept open for the keys read recently, one descriptor each:
+    /// a re-read costs no open, read, fstat or close. By default a quarter of the process's
+    /// descriptor limit, between 256 and 8192 (`default_open_files`).
+    pub open_files: usize,
 }
 
 impl DiskConfig {
     /// Defaults for `dir`: no size limit, 1 MiB reads, one chunk of read-ahead, a sweep every
-    /// minute, direct writes, 16 MiB of small revisions in memory.
+    /// minute, direct writes, 16 MiB of small revisions in memory, `default_open_files()`
+    /// larger ones open.
     pub fn new(dir: impl Into<PathBuf>) -> DiskConfig {
         DiskConfig {
             dir: dir.into(),
@@ -118,8 +119,27 @@ impl DiskConfig {
             sweep_interval: Duration::from_secs(60),
             direct_writes: true,
             memory_cache: DEFAULT_MEMORY_CACHE,
+            open_files: default_open_files(),
         }
     }
+}
+
+/// A quarter of the process's soft descriptor limit (`RLIMIT_NOFILE`), between 256 and 8192:
+/// the rest is for connections, uploads and fills. Beyond the working set it holds, larger
+/// objects read in turn cost an open per read; 1000 objects of 64 KiB read in turn ran at 0.58x
+/// nginx's requests/s with 256 kept open, against 1.01x for 200 (BENCHMARKS.md, round 12).
+pub fn default_open_files() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        1024
+    };
+    (soft / 4).clamp(256, 8192) as usize
 }
 
 struct Inner {
@@ -300,7 +320,7 @@ impl Inner {
                     usize::MAX,
                     usize::try_from(config.memory_cache).unwrap_or(usize::MAX),
                 ),
-                OpenCache::new(OPEN_FILES_CACHED, usize::MAX),
+                OpenCache::new(config.open_files, usize::MAX),
             )),
             serial: {
                 static TIERS: AtomicU64 = AtomicU64::new(0);
@@ -459,9 +479,15 @@ impl Inner {
             self.remove_damaged(id, path, &file, &"file length does not match its header");
             return Ok(None);
         }
-        let prefix = Bytes::copy_from_slice(&first[fixed.header_len as usize..]);
-        // A body that came whole with the header needs its file no more.
-        let file = (prefix.len() as u64 != fixed.body_len).then(|| Arc::new(file));
+        // A body that came whole with the header needs its file no more. Of a larger one nothing
+        // is kept: it is sent from the file (sendfile, or positioned reads of the page cache),
+        // and thousands of revisions kept open then cost a few hundred bytes each, not 16 KiB.
+        let body = &first[fixed.header_len as usize..];
+        let (small_body, file) = if body.len() as u64 == fixed.body_len {
+            (Bytes::copy_from_slice(body), None)
+        } else {
+            (Bytes::new(), Some(Arc::new(file)))
+        };
         Ok(Some(OpenRevision {
             file,
             info: RevisionInfo {
@@ -469,7 +495,7 @@ impl Inner {
                 etag: fixed.etag(),
                 fixed,
                 headers: meta.headers.into(),
-                prefix,
+                small_body,
             },
             retired: Arc::new(AtomicBool::new(false)),
         }))
@@ -548,9 +574,9 @@ impl Inner {
         let (body, file) = match outcome.body_range(meta.size) {
             Some(ByteRange { start, len }) if !opts.head => {
                 let body_offset = fixed.header_len as u64;
-                let (body, region) = if start + len <= info.prefix.len() as u64 {
+                let (body, region) = if start + len <= info.small_body.len() as u64 {
                     // Bytes already in memory need no file for the kernel to send them from.
-                    (in_memory(&info.prefix, start, len), None)
+                    (in_memory(&info.small_body, start, len), None)
                 } else {
                     let file = revision.file.get()?;
                     let region = FileRegion {
@@ -558,7 +584,7 @@ impl Inner {
                         offset: body_offset + start,
                         len,
                     };
-                    let body = self.body_stream(file, body_offset, &info.prefix, start, len);
+                    let body = self.body_stream(file, body_offset, start, len);
                     (body, Some(region))
                 };
                 if now.saturating_sub(*touched_ms) >= thread_copies::TOUCH_INTERVAL_MS {
@@ -581,17 +607,8 @@ impl Inner {
         }))
     }
 
-    fn body_stream(
-        &self,
-        file: Arc<File>,
-        body_offset: u64,
-        prefix: &Bytes,
-        start: u64,
-        len: u64,
-    ) -> BodyStream {
-        if start + len <= prefix.len() as u64 {
-            return in_memory(prefix, start, len);
-        }
+    /// `len` bytes from `start` of the body, which begins at `body_offset` in `file`.
+    fn body_stream(&self, file: Arc<File>, body_offset: u64, start: u64, len: u64) -> BodyStream {
         let chunk = self.config.read_chunk as u64;
         let end = start + len;
         let offsets = (0..len.div_ceil(chunk)).map(move |i| start + i * chunk);
@@ -647,7 +664,7 @@ impl Inner {
             return;
         }
         let in_memory = rev.file.is_none();
-        let weight = rev.info.prefix.len() + IN_MEMORY_ENTRY_OVERHEAD;
+        let weight = rev.info.small_body.len() + IN_MEMORY_ENTRY_OVERHEAD;
         let (pushed_out, replaced) =
             self.open_cache
                 .lock()
@@ -872,12 +889,12 @@ impl Inner {
     }
 }
 
-/// `len` bytes from `start` of `prefix`, which holds them.
-fn in_memory(prefix: &Bytes, start: u64, len: u64) -> BodyStream {
+/// `len` bytes from `start` of `body`, which holds them.
+fn in_memory(body: &Bytes, start: u64, len: u64) -> BodyStream {
     if len == 0 {
         return futures_util::stream::empty().boxed();
     }
-    let chunk = prefix.slice(start as usize..(start + len) as usize);
+    let chunk = body.slice(start as usize..(start + len) as usize);
     futures_util::stream::once(std::future::ready(Ok(chunk))).boxed()
 }
 
@@ -914,12 +931,13 @@ struct RevisionInfo {
     /// The revision's ETag, spelled out once rather than on every read of a hot key.
     etag: ETag,
     headers: Arc<[(String, String)]>,
-    /// Body bytes that came with the header read.
-    prefix: Bytes,
+    /// The whole body of a small object, which came with the read of its header; empty for a
+    /// larger one, whose body is read from its file.
+    small_body: Bytes,
 }
 
 struct OpenRevision {
-    /// `None` once the whole body is in `info.prefix`: such a revision holds no descriptor.
+    /// `None` when the whole body is in `info.small_body`: such a revision holds no descriptor.
     file: Option<Arc<File>>,
     info: RevisionInfo,
     /// Set once the open-revision cache lets go of it: the threads' copies of it are void.

@@ -748,9 +748,9 @@ async fn a_copy_dies_with_its_small_revision_pushed_out_of_memory() {
 #[tokio::test]
 async fn a_copy_dies_with_its_large_revision_pushed_out_of_the_open_files() {
     let dir = TempDir::new().unwrap();
-    let large = FIRST_READ + 1000;
-    copy_dies_with_revision_pushed_out(DiskConfig::new(dir.path()), large, OPEN_FILES_CACHED + 8)
-        .await;
+    let mut config = DiskConfig::new(dir.path());
+    config.open_files = 8;
+    copy_dies_with_revision_pushed_out(config, FIRST_READ + 1000, 24).await;
 }
 
 #[test]

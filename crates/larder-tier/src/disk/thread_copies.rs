@@ -54,7 +54,7 @@ pub(super) struct ThreadCopy {
     /// For the bytes of a large body, read from the file.
     pub revision: Weak<OpenRevision>,
     pub id: EntryId,
-    /// Its `prefix` holds the whole body of a small object, copied, and nothing of a large one.
+    /// Its `small_body` is a copy of the shared revision's.
     pub info: RevisionInfo,
     /// When this thread last recorded a read of the key in the index (0: never).
     pub touched_ms: u64,
@@ -74,19 +74,10 @@ impl ThreadCopy {
                 file_id: info.file_id,
                 etag: ETag::from_bytes(info.etag.to_bytes()),
                 headers: info.headers.iter().cloned().collect(),
-                prefix: Bytes::copy_from_slice(&info.prefix[..copied_len(info)]),
+                small_body: Bytes::copy_from_slice(&info.small_body),
             },
             touched_ms: 0,
         }
-    }
-}
-
-/// How much of a revision's body a copy holds: all of a small body, nothing of a large one.
-fn copied_len(info: &RevisionInfo) -> usize {
-    if info.prefix.len() as u64 == info.fixed.body_len {
-        info.prefix.len()
-    } else {
-        0
     }
 }
 
@@ -113,7 +104,7 @@ struct TierCopies {
 impl TierCopies {
     fn remove(&mut self, name: &NameRef<'_>) {
         if let Some(gone) = self.copies.remove(name) {
-            self.copied_bytes -= gone.info.prefix.len();
+            self.copied_bytes -= gone.info.small_body.len();
         }
     }
 }
@@ -171,7 +162,7 @@ pub(super) fn keep(tier: u64, ns: &str, key: &str, id: EntryRef<'_>, shared: &Ar
         let mine = &mut all[at];
         let name = NameRef(ns, key);
         mine.remove(&name);
-        let len = copied_len(&shared.info);
+        let len = shared.info.small_body.len();
         if len > COPIED_BYTES_PER_THREAD {
             return;
         }
@@ -191,7 +182,7 @@ pub(super) fn keep(tier: u64, ns: &str, key: &str, id: EntryRef<'_>, shared: &Ar
             }
         }
         let copy = ThreadCopy::of(id.to_owned(), shared);
-        mine.copied_bytes += copy.info.prefix.len();
+        mine.copied_bytes += copy.info.small_body.len();
         mine.copies.insert((ns.into(), key.into()), copy);
     });
 }
