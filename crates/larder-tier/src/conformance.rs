@@ -18,6 +18,53 @@ use std::time::Duration;
 /// The tier under test, as every scenario takes it.
 pub type TierRef = Arc<dyn Tier>;
 
+/// A new empty directory for one test's tier, kept until the test process exits. A tier must
+/// outlive its test's last await (its background tasks hold it until the runtime ends), so the
+/// directory cannot go with a guard dropped at the end of the test; leaking the guards left a
+/// directory per test in the temp directory, hundreds per run. All of a process's directories
+/// are under one parent, removed when the process exits (`atexit`), and a parent left by a
+/// killed run is removed by the next one.
+pub fn lasting_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let parent = LASTING_PARENT.get_or_init(|| {
+        let temp = std::env::temp_dir();
+        remove_parents_of_ended_runs(&temp);
+        let parent = temp.join(format!("{LASTING_PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(&parent).expect("a test directory in the temp directory");
+        // SAFETY: registers a plain function, run once at exit.
+        unsafe { libc::atexit(remove_lasting_parent) };
+        parent
+    });
+    let dir = parent.join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
+    std::fs::create_dir(&dir).expect("a test directory");
+    dir
+}
+
+const LASTING_PREFIX: &str = "larder-tier-tests-";
+static LASTING_PARENT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+extern "C" fn remove_lasting_parent() {
+    if let Some(parent) = LASTING_PARENT.get() {
+        let _ = std::fs::remove_dir_all(parent);
+    }
+}
+
+fn remove_parents_of_ended_runs(temp: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(LASTING_PREFIX)) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// The list of scenarios; the macro below must name each of them.
 #[macro_export]
 macro_rules! conformance_suite {

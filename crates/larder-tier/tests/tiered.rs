@@ -32,8 +32,8 @@ fn s3_config(test: &str) -> Option<S3Config> {
 }
 
 async fn disk() -> Arc<DiskTier> {
-    let dir = Box::leak(Box::new(tempfile::tempdir().unwrap()));
-    Arc::new(DiskTier::open(DiskConfig::new(dir.path())).await.unwrap())
+    let dir = larder_tier::conformance::lasting_dir();
+    Arc::new(DiskTier::open(DiskConfig::new(dir)).await.unwrap())
 }
 
 fn tiered(local: Arc<DiskTier>, remote: Arc<dyn Tier>, window: Duration) -> Arc<TieredTier> {

@@ -6,9 +6,8 @@ use crate::conformance::{TierRef, pattern, upload};
 use tempfile::TempDir;
 
 async fn fresh() -> TierRef {
-    // Each test owns its directory for its whole life; leaking the TempDir keeps it alive.
-    let dir = Box::leak(Box::new(TempDir::new().unwrap()));
-    Arc::new(DiskTier::open(DiskConfig::new(dir.path())).await.unwrap())
+    let dir = crate::conformance::lasting_dir();
+    Arc::new(DiskTier::open(DiskConfig::new(dir)).await.unwrap())
 }
 
 crate::conformance_suite!(fresh().await);
