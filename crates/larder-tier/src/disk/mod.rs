@@ -65,9 +65,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
-/// What a revision kept in memory costs beyond its body, counted against
-/// `DiskConfig::memory_cache` (the entry, its ETag and headers, its slots in the cache): a
-/// cache of empty bodies is bounded too.
+/// What a revision kept in memory costs beyond its body and stored headers, counted against
+/// `DiskConfig::memory_cache` (the entry, its ETag, its slots in the cache): a cache of empty
+/// bodies is bounded too.
 const IN_MEMORY_ENTRY_OVERHEAD: usize = 512;
 
 /// `DiskConfig::memory_cache` unless configured: the working set of small blobs a build reads
@@ -97,8 +97,8 @@ pub struct DiskConfig {
     /// (high-latency network block storage), where the kernel's writeback keeps more in flight.
     pub direct_writes: bool,
     /// Bytes of small revisions (whose whole body comes with the read of their header, up to
-    /// about 16 KiB) kept in memory for the keys read recently, each counting its body plus
-    /// `IN_MEMORY_ENTRY_OVERHEAD`. A hit costs no syscall; 0 keeps none.
+    /// about 16 KiB) kept in memory for the keys read recently, each counting its body, its
+    /// stored headers and `IN_MEMORY_ENTRY_OVERHEAD`. A hit costs no syscall; 0 keeps none.
     pub memory_cache: u64,
     /// Revisions of larger objects kept open for the keys read recently, one descriptor each:
     /// a re-read costs no open, read, fstat or close. By default a quarter of the process's
@@ -664,7 +664,13 @@ impl Inner {
             return;
         }
         let in_memory = rev.file.is_none();
-        let weight = rev.info.small_body.len() + IN_MEMORY_ENTRY_OVERHEAD;
+        let headers: usize = rev
+            .info
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
+        let weight = rev.info.small_body.len() + headers + IN_MEMORY_ENTRY_OVERHEAD;
         let (pushed_out, replaced) =
             self.open_cache
                 .lock()
