@@ -85,6 +85,13 @@ async fn small_objects_read_again_come_from_memory_not_their_files() {
                 "memory_cache {memory_cache:?}, read again {round} times"
             );
         }
+        let kept = metric(&srv.scrape(&http).await, "larder_disk_memory_cache_bytes").unwrap();
+        if memory_cache.is_none() {
+            assert!(kept >= (KEYS * 4096) as f64, "{kept} bytes in memory");
+            assert!(kept <= (16 << 20) as f64, "{kept} bytes in memory");
+        } else {
+            assert_eq!(kept, 0.0);
+        }
     }
 }
 

@@ -671,11 +671,12 @@ impl Inner {
             .map(|(n, v)| n.len() + v.len())
             .sum();
         let weight = rev.info.small_body.len() + headers + IN_MEMORY_ENTRY_OVERHEAD;
-        let (pushed_out, replaced) =
-            self.open_cache
-                .lock()
-                .unwrap()
-                .insert(id.to_owned(), rev.clone(), weight, in_memory);
+        let (pushed_out, replaced) = {
+            let mut cache = self.open_cache.lock().unwrap();
+            let left = cache.insert(id.to_owned(), rev.clone(), weight, in_memory);
+            report_memory_cache(&cache);
+            left
+        };
         // Copies of a revision are only valid while the shared cache holds it: once it has let
         // go, nothing would retire it when its key changes. Retired before the index lock goes,
         // so that no commit of the key can be acknowledged while a copy still passes for current.
@@ -687,7 +688,10 @@ impl Inner {
 
     /// Must be called with the index lock held, whenever the key's file changes.
     fn uncache(&self, id: &EntryId) {
-        if let Some(rev) = self.open_cache.lock().unwrap().remove(id) {
+        let mut cache = self.open_cache.lock().unwrap();
+        if let Some(rev) = cache.remove(id) {
+            report_memory_cache(&cache);
+            drop(cache);
             rev.retire();
         }
     }
@@ -893,6 +897,12 @@ impl Inner {
         }
         Ok(existed)
     }
+}
+
+/// The open-revision cache's size, for the operator sizing `[disk] memory_cache`.
+fn report_memory_cache(cache: &OpenRevisions<Arc<OpenRevision>>) {
+    metrics::gauge!("larder_disk_memory_cache_bytes").set(cache.in_memory.weight() as f64);
+    metrics::gauge!("larder_disk_open_revisions").set(cache.with_file.len() as f64);
 }
 
 /// `len` bytes from `start` of `body`, which holds them.

@@ -50,7 +50,6 @@ impl<V: Clone> OpenCache<V> {
         self.slot_of.len()
     }
 
-    #[cfg(test)]
     pub fn weight(&self) -> usize {
         self.weight
     }
