@@ -56,6 +56,7 @@ use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, d
 use open_cache::{OpenCache, OpenRevisions};
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -370,22 +371,23 @@ impl Inner {
     }
 
     fn path_of(&self, ns: &str, hash: &[u8; 32]) -> PathBuf {
-        // Built in one allocation: three `join`s reallocated twice, on every read of a key
+        // Built at its final capacity: three `join`s reallocated twice, on every read of a key
         // that is not cached.
         let hash = ETag::from_bytes(*hash);
-        let (h, objects) = (hash.as_str(), self.objects.as_os_str());
-        let mut path = std::ffi::OsString::with_capacity(objects.len() + ns.len() + h.len() + 5);
-        for part in [
-            objects,
+        let h = hash.as_str();
+        let parts: [&OsStr; 7] = [
+            self.objects.as_os_str(),
             "/".as_ref(),
             ns.as_ref(),
             "/".as_ref(),
             h[..2].as_ref(),
-        ] {
+            "/".as_ref(),
+            h.as_ref(),
+        ];
+        let mut path = std::ffi::OsString::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for part in parts {
             path.push(part);
         }
-        path.push("/");
-        path.push(h);
         PathBuf::from(path)
     }
 
