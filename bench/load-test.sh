@@ -18,7 +18,8 @@
 # Run from anywhere (as root for the S3 server's first install; ~6 minutes with the defaults):
 #   bench/load-test.sh
 # Knobs: DURATION=2m CONNECTIONS=500 CONFIGS="reads nginx disk tiered" LARDER_PORT=18280 S3_PORT=9500
-#        LOAD_ARGS="--token T …" (extra generator flags), LARDERD_ARGS="…" (extra server flags).
+#        LOAD_ARGS="--token T …" (extra generator flags), LARDERD_ARGS="…" (extra server flags),
+#        LARDERD=<binary> (a given larderd build instead of the tree's).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$REPO/target/bench-load
@@ -37,7 +38,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light >&2; }
 (cd "$REPO" && cargo build --release -q -p larderd -p larder-load)
-BIN=$REPO/target/release/larderd
+BIN=${LARDERD:-$REPO/target/release/larderd}
 LOAD=$REPO/target/release/larder-load
 
 server=
