@@ -428,6 +428,8 @@ pub struct DiskSection {
     pub direct_writes: Option<bool>,
     /// Bytes of small revisions kept in memory (default 16 MiB).
     pub memory_cache: Option<ByteSize>,
+    /// Revisions of larger objects kept open (default: a quarter of the descriptor limit).
+    pub open_files: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -449,6 +451,8 @@ pub struct Config {
     pub disk_direct_writes: bool,
     /// Small revisions kept in memory (`[disk] memory_cache`), in bytes.
     pub disk_memory_cache: u64,
+    /// Larger revisions kept open (`[disk] open_files`); `None`: the disk tier's default.
+    pub disk_open_files: Option<usize>,
     pub max_ttl: Duration,
     pub max_object_size: u64,
     pub log_format: LogFormat,
@@ -515,6 +519,7 @@ impl Config {
                 .disk
                 .memory_cache
                 .map_or(larder_tier::disk::DEFAULT_MEMORY_CACHE, |s| s.0),
+            disk_open_files: file.disk.open_files,
             max_ttl: or_default(cli.max_ttl.or(file.max_ttl), DEFAULT_MAX_TTL),
             max_object_size: cli
                 .max_object_size
@@ -830,11 +835,12 @@ mod tests {
         assert_eq!(c.disk_limit, None);
         assert!(c.disk_direct_writes);
         assert_eq!(c.disk_memory_cache, 16 << 20);
+        assert_eq!(c.disk_open_files, None);
     }
 
     #[test]
     fn file_values_apply_and_flags_win() {
-        let toml = "listen = \"127.0.0.1:9999\"\nmax_ttl = \"2d\"\nmax_object_size = 1000\n[disk]\ndir = \"/var/cache/larder\"\nlimit = \"50GiB\"\ndirect_writes = false\nmemory_cache = \"1GiB\"\n";
+        let toml = "listen = \"127.0.0.1:9999\"\nmax_ttl = \"2d\"\nmax_object_size = 1000\n[disk]\ndir = \"/var/cache/larder\"\nlimit = \"50GiB\"\ndirect_writes = false\nmemory_cache = \"1GiB\"\nopen_files = 100\n";
         let c = with_file(toml, Cli::default()).unwrap();
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.max_ttl, Duration::from_secs(2 * 86400));
@@ -842,6 +848,7 @@ mod tests {
         assert_eq!(c.disk_limit, Some(50 << 30));
         assert!(!c.disk_direct_writes);
         assert_eq!(c.disk_memory_cache, 1 << 30);
+        assert_eq!(c.disk_open_files, Some(100));
         assert_eq!(c.data_dir, PathBuf::from("/var/cache/larder"));
         let c = with_file(
             toml,

@@ -139,6 +139,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     disk.limit = config.disk_limit;
     disk.direct_writes = config.disk_direct_writes;
     disk.memory_cache = config.disk_memory_cache;
+    if let Some(open_files) = config.disk_open_files {
+        disk.open_files = open_files;
+    }
     let disk = DiskTier::open(disk).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot open the disk tier in {}: {e}",

@@ -137,10 +137,10 @@ pub(super) fn with_copy<R>(
         .flatten()
 }
 
-/// Makes a copy of `shared`, the revision of `ns`/`key` (`id`) in tier `tier`, this thread's,
-/// if it has room for it, or else on one call in [`REPLACE_ONE_IN`], dropping others to make
-/// room (any: eviction is on the path of a read, and the shared cache already keeps the recently
-/// read ones).
+/// Gives this thread a copy of `shared`, the current revision of `ns`/`key` (`id`) in tier
+/// `tier`, if it has room for one. If it has not, one call in [`REPLACE_ONE_IN`] makes room by
+/// dropping other copies (any: eviction is on the path of a read, and the shared cache already
+/// keeps the recently read ones).
 pub(super) fn keep(tier: u64, ns: &str, key: &str, id: EntryRef<'_>, shared: &Arc<OpenRevision>) {
     let _ = COPIES.try_with(|all| {
         let mut all = all.borrow_mut();
