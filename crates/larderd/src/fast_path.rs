@@ -514,13 +514,9 @@ fn revision_fields(
 /// How many revisions' fields of a whole 200 each thread keeps written out.
 const CACHED_HEADS: usize = 256;
 
-/// Once a thread's written fields are full, one miss in this many replaces an entry.
-const REPLACE_ONE_IN: u32 = 16;
-
 /// [`revision_fields`] of a whole 200 (or its HEAD), as written for a recent read of the same
 /// revision on this thread. Writing them costs a check of every stored header, a number, the
-/// ETag and a date, about a tenth of a small GET's instructions (callgrind), and a fleet reads
-/// the same revisions over and over.
+/// ETag and a date, about a tenth of a small GET's instructions (callgrind).
 fn whole_body_fields(out: &mut Vec<u8>, meta: &larder_tier::ObjectMeta) {
     /// The fields were written from these. Holding the stored headers' `Arc` keeps its address
     /// from being reused by other headers while the entry lives, so the same address means the
@@ -533,49 +529,34 @@ fn whole_body_fields(out: &mut Vec<u8>, meta: &larder_tier::ObjectMeta) {
         fields: Vec<u8>,
     }
     thread_local! {
-        static WRITTEN: RefCell<(hashbrown::HashMap<u64, Written>, u32)> =
-            RefCell::new((hashbrown::HashMap::with_capacity(CACHED_HEADS), 0));
+        static WRITTEN: RefCell<crate::recent::Recent<Written>> =
+            RefCell::new(crate::recent::Recent::new(CACHED_HEADS));
     }
     // Each revision has stored headers of its own; the ETag's digits tell apart revisions that
-    // might share them (or an address freed and reused).
+    // might share them.
     let address = std::sync::Arc::as_ptr(&meta.headers).cast::<u8>() as usize as u64;
     let digits = meta.etag.as_str().as_bytes();
-    let id = address ^ u64::from_le_bytes(std::array::from_fn(|i| digits[i]));
-    WRITTEN.with_borrow_mut(|(written, misses_when_full)| {
-        if let Some(entry) = written.get(&id)
-            && std::sync::Arc::ptr_eq(&entry.headers, &meta.headers)
-            && entry.size == meta.size
-            && entry.last_modified == meta.last_modified
-            && entry.etag == meta.etag
-        {
+    let hash = address ^ u64::from_le_bytes(std::array::from_fn(|i| digits[i]));
+    WRITTEN.with_borrow_mut(|written| {
+        let same = |entry: &Written| {
+            std::sync::Arc::ptr_eq(&entry.headers, &meta.headers)
+                && entry.size == meta.size
+                && entry.last_modified == meta.last_modified
+                && entry.etag == meta.etag
+        };
+        if let Some(entry) = written.get(hash, same) {
             out.extend_from_slice(&entry.fields);
             return;
         }
         let start = out.len();
         revision_fields(out, StatusCode::OK, meta, None);
-        if written.len() >= CACHED_HEADS && !written.contains_key(&id) {
-            // A thread reading more revisions than this in turn would replace one on every
-            // read and keep none long enough to gain by it; one miss in 16 gives a hot
-            // revision its entry soon all the same (the disk tier's thread copies do the
-            // same). Any entry may go.
-            *misses_when_full = misses_when_full.wrapping_add(1);
-            if *misses_when_full % REPLACE_ONE_IN != 0 {
-                return;
-            }
-            if let Some(&any) = written.keys().next() {
-                written.remove(&any);
-            }
-        }
-        written.insert(
-            id,
-            Written {
-                headers: meta.headers.clone(),
-                etag: meta.etag.clone(),
-                size: meta.size,
-                last_modified: meta.last_modified,
-                fields: out[start..].to_vec(),
-            },
-        );
+        written.keep(hash, || Written {
+            headers: meta.headers.clone(),
+            etag: meta.etag.clone(),
+            size: meta.size,
+            last_modified: meta.last_modified,
+            fields: out[start..].to_vec(),
+        });
     });
 }
 

@@ -15,6 +15,7 @@ mod io;
 mod memory;
 mod metrics;
 mod nx;
+mod recent;
 mod server;
 mod tls;
 mod turbo;
