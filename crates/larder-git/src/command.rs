@@ -22,6 +22,18 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+/// The soft limit on open descriptors git children start with; 0 leaves them the service's.
+static CHILD_DESCRIPTOR_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Starts every git child with `soft` as its soft limit on open descriptors (the hard limit is
+/// left as it is), not the service's own. larderd raises its soft limit to the hard one to keep
+/// thousands of files open; a child that loops over every possible descriptor (closing them
+/// before an exec, or `select`) slows down or breaks with a huge one, which is why Go restores
+/// the original limit in the processes it starts. 0 turns it off.
+pub fn start_children_with_descriptor_limit(soft: u64) {
+    CHILD_DESCRIPTOR_LIMIT.store(soft, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How long a git command may run unless told otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -244,6 +256,27 @@ impl<'a> GitCommand<'a> {
         }
         if let Some(dir) = &self.dir {
             cmd.current_dir(dir);
+        }
+        let soft = CHILD_DESCRIPTOR_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+        if soft != 0 {
+            // SAFETY: runs in the forked child before exec, calling only getrlimit and
+            // setrlimit, which are async-signal-safe and touch nothing but the struct given.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+                        && soft < limit.rlim_cur
+                    {
+                        limit.rlim_cur = soft;
+                        // Failing leaves the child the service's limit: no reason not to run it.
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().map_err(|e| GitError {
             command: command.clone(),
@@ -551,6 +584,38 @@ mod tests {
         for secret in ["hunter2", "s3cr3t"] {
             assert!(!text.contains(secret), "{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn children_start_with_the_descriptor_limit_they_are_given() {
+        let mut ours = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) },
+            0
+        );
+        let limit_in_child = |which: &'static str| async move {
+            Git::from_env()
+                .cmd(["-c", &format!("alias.limit=!ulimit -{which}n"), "limit"])
+                .stdout_string()
+                .await
+                .unwrap()
+        };
+        let wanted = (ours.rlim_cur / 2).max(64);
+        start_children_with_descriptor_limit(wanted);
+        let soft = limit_in_child("S").await;
+        let hard = limit_in_child("H").await;
+        start_children_with_descriptor_limit(0);
+        assert_eq!(soft, wanted.to_string());
+        let ours_hard = if ours.rlim_max == libc::RLIM_INFINITY {
+            "unlimited".to_owned()
+        } else {
+            ours.rlim_max.to_string()
+        };
+        assert_eq!(hard, ours_hard, "the hard limit is left as it is");
     }
 
     #[tokio::test]

@@ -120,6 +120,8 @@ fn raise_descriptor_limit() {
     let from = limit.rlim_cur;
     limit.rlim_cur = limit.rlim_max;
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        // git and what it starts get the limit larderd was started with.
+        larder_git::command::start_children_with_descriptor_limit(from);
         tracing::debug!(
             from,
             to = limit.rlim_max,
