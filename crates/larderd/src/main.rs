@@ -41,8 +41,10 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         // A full buffer (a stuck stderr) makes requests wait instead of losing lines.
         .lossy(false)
         .buffered_lines_limit(LOG_CHANNEL_MESSAGES)
+        // Smaller than an access batch (`access_log::BATCH_BYTES`), which `BufWriter` then
+        // writes straight out instead of copying it into its buffer first.
         .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
+            access_log::BATCH_BYTES / 2,
             std::io::stderr(),
         ));
     // Colours only for a person at a terminal: escape codes cost a third of a request's
@@ -51,13 +53,14 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(writer.clone());
-    access_log::install(writer, format == LogFormat::Json);
     match format {
         LogFormat::Json => builder.json().init(),
         // Fields as `name=value` without the default formatter's styling machinery, which
         // runs even with colours off: the request span's fields are formatted on every request.
         LogFormat::Text => builder.init(),
     }
+    // After the filter is in place: whether the access log is on is decided once, from it.
+    access_log::install(writer, format == LogFormat::Json);
     guard
 }
 

@@ -778,6 +778,42 @@ async fn access_lines_reach_the_log_soon_while_the_server_runs() {
     drop(srv);
 }
 
+/// `LARDER_LOG=…,larderd::access=off` turns the access log off, and only it: the filter is read
+/// once at start for the access log, so a server told so writes no access line for any request,
+/// on the fast path or through hyper, while its other lines still reach the log.
+#[tokio::test]
+async fn the_access_log_can_be_turned_off_by_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("larderd.log");
+    let mut srv = Launch::new(&[])
+        .env("LARDER_LOG", "info,larderd::access=off")
+        .stderr_to(&log)
+        .start();
+    let mut c = Client::new(&srv.addr);
+    let path = "/api/v1/object/quiet/k";
+    let requests = [
+        (Request::new("GET", path), 404),
+        (Request::new("PUT", path).body(b"quiet"), 201),
+        (Request::new("GET", path), 200),
+        // An extra field sends the request to hyper.
+        (Request::new("GET", path).header("x-other", "1"), 200),
+    ];
+    for (req, status) in requests {
+        assert_eq!(c.send(&req).await.unwrap().status, status);
+    }
+    // A graceful stop hands over every batch a worker still holds.
+    assert!(srv.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("listening"),
+        "other info lines stay on: {text}"
+    );
+    assert!(
+        !text.contains("larderd::access"),
+        "no access line with the access log off: {text}"
+    );
+}
+
 /// The header fields of an answer that must not differ between two servings of one request:
 /// all but the date.
 fn comparable(r: &Response) -> (u16, Vec<(String, String)>, usize, String) {
