@@ -216,7 +216,7 @@ pub(crate) struct ObjectRead<'a> {
     pub ns: &'a str,
     pub key: &'a str,
     pub head: bool,
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
     pub authorization: Option<HeaderValue>,
     pub if_match: Option<&'a str>,
     pub if_none_match: Option<&'a str>,
@@ -238,7 +238,7 @@ pub(crate) enum ReadAnswer {
         meta: ObjectMeta,
         range: Option<ByteRange>,
         body: Bytes,
-        request_id: HeaderValue,
+        request_id: RequestId,
         /// When the read was answered: the access line's time, and the `Date` to send.
         answered_at: SystemTime,
     },
@@ -251,7 +251,7 @@ pub(crate) enum ReadAnswer {
         range: Option<ByteRange>,
         region: FileRegion,
         body: larder_tier::BodyStream,
-        request_id: HeaderValue,
+        request_id: RequestId,
         answered_at: SystemTime,
     },
     /// Any other answer, with `X-Request-Id`, and the tier that serves its body.
@@ -289,7 +289,7 @@ pub(crate) async fn read_object(
     {
         return None;
     }
-    let id = read.request_id.to_str().unwrap_or("");
+    let id = read.request_id.as_str();
     let method = if read.head { Method::HEAD } else { Method::GET };
     let mut log = RequestLog {
         ns: None,
@@ -326,7 +326,7 @@ pub(crate) async fn read_object(
                         meta,
                         range,
                         body,
-                        request_id: read.request_id.clone(),
+                        request_id: read.request_id,
                         // Set below, from the clock read that stamps the access line.
                         answered_at: SystemTime::UNIX_EPOCH,
                     },
@@ -343,12 +343,12 @@ pub(crate) async fn read_object(
                     range,
                     region,
                     body,
-                    request_id: read.request_id.clone(),
+                    request_id: read.request_id,
                     answered_at: SystemTime::UNIX_EPOCH,
                 };
                 (answer, status, etag)
             }
-            Err(got) => general(respond(got, &mut log), &log, read.request_id.clone()),
+            Err(got) => general(respond(got, &mut log), &log, &read.request_id),
         },
         Ok(Err(e)) => {
             let span = tracing::info_span!(
@@ -358,13 +358,9 @@ pub(crate) async fn read_object(
                 ns = ns.as_str(),
                 key = key.as_str()
             );
-            general(
-                span.in_scope(|| tier_error(e)),
-                &log,
-                read.request_id.clone(),
-            )
+            general(span.in_scope(|| tier_error(e)), &log, &read.request_id)
         }
-        Err(panic) => general(panicked(id, &*panic), &log, read.request_id.clone()),
+        Err(panic) => general(panicked(id, &*panic), &log, &read.request_id),
     };
     let now = account(
         started,
@@ -393,7 +389,7 @@ pub(crate) async fn read_object(
 fn general(
     mut response: Response<Body>,
     log: &RequestLog,
-    request_id: HeaderValue,
+    request_id: &RequestId,
 ) -> (ReadAnswer, StatusCode, Option<larder_proto::ETag>) {
     let status = response.status();
     let etag = response
@@ -401,9 +397,10 @@ fn general(
         .get(header::ETAG)
         .and_then(|v| v.to_str().ok())
         .and_then(larder_proto::ETag::parse);
-    response
-        .headers_mut()
-        .insert(HeaderName::from_static("x-request-id"), request_id);
+    response.headers_mut().insert(
+        HeaderName::from_static("x-request-id"),
+        request_id.header_value(),
+    );
     (ReadAnswer::Response(response, log.tier), status, etag)
 }
 
@@ -529,9 +526,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// The request id a request is known by: the client's when usable, else a new one.
 pub(crate) fn valid_request_id(given: Option<&HeaderValue>) -> HeaderValue {
     if let Some(v) = given
-        && !v.is_empty()
-        && v.len() <= 64
-        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        && usable_request_id(v.as_bytes())
     {
         return v.clone();
     }
@@ -556,6 +551,59 @@ fn new_request_id() -> HeaderValue {
     });
     // Decimal digits are a valid value; the fallback is never taken.
     HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// The id of a request the fast path answers, held in place: the client's `X-Request-Id` when
+/// usable (as [`valid_request_id`] decides), else a new number. Making a [`HeaderValue`] for
+/// every request (a shared block's reference count taken and dropped twice, the digits checked
+/// again) cost more than parsing the request's path.
+#[derive(Clone, Copy)]
+pub(crate) struct RequestId {
+    bytes: [u8; MAX_REQUEST_ID],
+    len: u8,
+}
+
+/// The longest client request id kept; a longer one is replaced by a new id.
+const MAX_REQUEST_ID: usize = 64;
+
+impl RequestId {
+    /// The client's id (the value of its `X-Request-Id`, if it sent one) when it is short and
+    /// printable, else a new one, unique within this process.
+    pub(crate) fn of_request(given: Option<&[u8]>) -> RequestId {
+        let mut id = RequestId {
+            bytes: [0; MAX_REQUEST_ID],
+            len: 0,
+        };
+        let mut number = itoa::Buffer::new();
+        let kept = match given {
+            Some(v) if usable_request_id(v) => v,
+            _ => number.format(next_request_id()).as_bytes(),
+        };
+        id.bytes[..kept.len()].copy_from_slice(kept);
+        id.len = kept.len() as u8;
+        id
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// Printable ASCII, so never empty for a valid id.
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+
+    /// For an answer built as a [`Response`].
+    pub(crate) fn header_value(&self) -> HeaderValue {
+        // Printable ASCII is a valid value; the fallback is never taken.
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    }
+}
+
+/// Whether a client's request id is kept: short and printable, so that it can be written into
+/// a log line and an answer as it is.
+fn usable_request_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// A number no other request of this process gets. Each thread takes a block of them at a
@@ -1625,6 +1673,36 @@ mod tests {
             "{:?}",
             &numbers[..4]
         );
+    }
+
+    #[test]
+    fn a_fast_path_request_id_is_the_clients_when_usable_else_a_new_number() {
+        let longest = "i".repeat(MAX_REQUEST_ID);
+        for kept in ["job-7", "a", longest.as_str(), "x\"y"] {
+            let id = RequestId::of_request(Some(kept.as_bytes()));
+            assert_eq!(id.as_str(), kept);
+            assert_eq!(id.header_value().as_bytes(), kept.as_bytes());
+        }
+        let too_long = "i".repeat(MAX_REQUEST_ID + 1);
+        let replaced: Vec<RequestId> = [
+            None,
+            Some(&b""[..]),
+            Some(b"two words"),
+            Some(b"tab\there"),
+            Some("caf\u{e9}".as_bytes()),
+            Some(too_long.as_bytes()),
+        ]
+        .into_iter()
+        .map(RequestId::of_request)
+        .collect();
+        let numbers: Vec<u64> = replaced
+            .iter()
+            .map(|id| {
+                assert_eq!(id.header_value().to_str().unwrap(), id.as_str());
+                id.as_str().parse().unwrap()
+            })
+            .collect();
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
     }
 
     #[test]

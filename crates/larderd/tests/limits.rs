@@ -182,6 +182,65 @@ fn the_header_timeout_of_a_keep_alive_connection_counts_from_its_last_answer() {
     );
 }
 
+/// A stopping server closes the keep-alive connections that sit between requests at once, not
+/// at the end of its grace period: connections that served requests (on the fast path, which
+/// watches the stop signal without polling it per request) and then went idle.
+#[test]
+fn a_stopping_server_closes_idle_keep_alive_connections_at_once() {
+    let mut srv = Larderd::start(&["--shutdown-grace", "60s", "--header-timeout", "60s"]);
+    assert!(put(&srv, "idle", b"idle bytes").starts_with("HTTP/1.1 201"));
+    let mut idle: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = connect(&srv);
+            for n in 0..3 {
+                s.write_all(b"HEAD /api/v1/object/ci/idle HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .unwrap();
+                let head = read_head(&mut s);
+                assert!(head.starts_with("HTTP/1.1 200"), "request {n}: {head:?}");
+            }
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let status = srv.terminate();
+    let took = started.elapsed();
+    assert!(status.success(), "graceful exit, got {status}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop waited {took:?} for idle connections"
+    );
+    for s in &mut idle {
+        assert_eq!(read_all(s), "", "closed without a word");
+    }
+}
+
+/// The connection's one timer fires at its first deadline while a request's answer has moved
+/// the deadline on; re-armed then, it must still fire at the new deadline even though nothing
+/// else happens on the connection: part of a head sent right after the answer gets its 408.
+#[test]
+fn a_head_started_after_an_answer_gets_its_408_when_the_timer_was_re_armed() {
+    let srv = Larderd::start(&["--header-timeout", "1s"]);
+    assert!(put(&srv, "rearmed", b"rearmed").starts_with("HTTP/1.1 201"));
+    let mut s = connect(&srv);
+    // The timer is armed for one second after the connection began; the answer at 0.6 s moves
+    // the deadline to 1.6 s, so the timer fires early once and is re-armed.
+    std::thread::sleep(Duration::from_millis(600));
+    s.write_all(b"HEAD /api/v1/object/ci/rearmed HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    let started = Instant::now();
+    s.write_all(b"HEAD /api/v1/object/ci/rearmed HTTP/1.1\r\n")
+        .unwrap();
+    let answer = read_all(&mut s);
+    let waited = started.elapsed();
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "{answer:?} after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(8), "408 after {waited:?}");
+}
+
 #[test]
 fn too_many_or_too_large_header_fields_get_431_with_a_reason() {
     let srv = Larderd::start(&[]);
