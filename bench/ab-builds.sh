@@ -5,9 +5,12 @@
 # Each build serves one object of SIZE bytes from its own disk tier; `wrk -t2 -cCONNECTIONS
 # -dDURATION --latency` GETs it from each build in turn, REPS times (alternating, so all builds see
 # the same machine). Printed per build: the medians of requests/s, of the server's CPU time per
-# request (user + system, all threads, from /proc/<pid>/stat) and of wrk's p99, and each
-# median's ratio to the first build's. On a shared machine CPU per request is the steady figure;
-# requests/s and p99 follow where the scheduler puts wrk's threads (BENCHMARKS.md, rounds 5 and 9).
+# request (user + system, all threads, from /proc/<pid>/stat), of its user time alone and of
+# wrk's p99, and each median's ratio to the first build's. On a shared machine CPU per request is
+# the steady figure; requests/s and p99 follow where the scheduler puts wrk's threads
+# (BENCHMARKS.md, rounds 5 and 9). User time is what a change in the request path moves: system
+# time (two thirds of the total on small GETs, loopback TCP both ways) varies by ±10 % between
+# runs of one build, more than most such changes (BENCHMARKS.md, round 14).
 #
 # SPLIT=1 starts every build with one worker on core 0 and runs wrk on core 1.
 #
@@ -67,14 +70,17 @@ script=()
 export BENCH_MODE=small BENCH_PREFIX=/api/v1/object/bench/small- BENCH_COUNT=$KEYS
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+user_ticks() { awk '{ print $14 }' "/proc/$1/stat"; }
 for rep in $(seq "$REPS"); do
     for n in "${!urls[@]}"; do
-        before=$(cpu_ticks "${pids[$n]}")
+        before=$(cpu_ticks "${pids[$n]}") user_before=$(user_ticks "${pids[$n]}")
         "${generator_cpu[@]}" wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "${script[@]}" \
             "${urls[$n]}" >"$work/wrk"
-        after=$(cpu_ticks "${pids[$n]}")
-        # "build requests/s µs-per-request p99-ms"; wrk counts any answer, so non-2xx must be 0.
-        awk -v n="$n" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+        after=$(cpu_ticks "${pids[$n]}") user_after=$(user_ticks "${pids[$n]}")
+        # "build requests/s µs-per-request p99-ms user-µs-per-request"; wrk counts any answer, so
+        # non-2xx must be 0.
+        awk -v n="$n" -v ticks=$((after - before)) -v user=$((user_after - user_before)) \
+            -v hz="$(getconf CLK_TCK)" '
             function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; return v * 1000 }
             /Non-2xx/ { bad = $NF }
             $1 == "99%" { p99 = ms($2) }
@@ -82,9 +88,10 @@ for rep in $(seq "$REPS"); do
             $2 == "requests" && $3 == "in" { requests = $1 }
             END {
                 if (bad > 0) { print "build " n " answered " bad " requests with non-2xx" > "/dev/stderr"; exit 1 }
-                printf "%d %.0f %.2f %.2f\n", n, rps, ticks / hz * 1e6 / requests, p99
+                printf "%d %.0f %.2f %.2f %.2f\n", n, rps, ticks / hz * 1e6 / requests, p99,
+                    user / hz * 1e6 / requests
             }' "$work/wrk" | tee -a "$work/runs" |
-            awk -v r="$rep" '{ printf "rep %d, build %d: %s req/s, %s µs CPU per request, p99 %s ms\n", r, $1, $2, $3, $4 }' >&2
+            awk -v r="$rep" '{ printf "rep %d, build %d: %s req/s, %s µs CPU per request (user %s), p99 %s ms\n", r, $1, $2, $3, $5, $4 }' >&2
     done
 done
 
@@ -96,14 +103,14 @@ layout="wrk and servers share the cores"
 [[ ${SPLIT:-0} == 1 ]] && layout="servers on core 0 with one worker, wrk on core 1"
 what="$SIZE-byte GETs"
 ((KEYS > 1)) && what="$SIZE-byte GETs of $KEYS keys in turn"
-echo "| build ($what, $CONNECTIONS connections, medians of $REPS; $layout) | req/s | ratio | CPU µs per request | ratio | p99 ms | ratio |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| build ($what, $CONNECTIONS connections, medians of $REPS; $layout) | req/s | ratio | CPU µs per request | ratio | user µs per request | ratio | p99 ms | ratio |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 first=()
 for n in "${!urls[@]}"; do
-    row=("$(median_of "$n" 2)" "$(median_of "$n" 3)" "$(median_of "$n" 4)")
+    row=("$(median_of "$n" 2)" "$(median_of "$n" 3)" "$(median_of "$n" 4)" "$(median_of "$n" 5)")
     ((n == 0)) && first=("${row[@]}")
-    awk -v b="${*:$((n + 1)):1}" -v q="${row[0]}" -v c="${row[1]}" -v p="${row[2]}" \
-        -v q0="${first[0]}" -v c0="${first[1]}" -v p0="${first[2]}" 'BEGIN {
-        printf "| %s | %.0f | %.3f | %.2f | %.3f | %.2f | %.2f |\n", b, q, q / q0, c, c / c0, p, p / p0
+    awk -v b="${*:$((n + 1)):1}" -v q="${row[0]}" -v c="${row[1]}" -v p="${row[2]}" -v u="${row[3]}" \
+        -v q0="${first[0]}" -v c0="${first[1]}" -v p0="${first[2]}" -v u0="${first[3]}" 'BEGIN {
+        printf "| %s | %.0f | %.3f | %.2f | %.3f | %.2f | %.3f | %.2f | %.2f |\n", b, q, q / q0, c, c / c0, u, u / u0, p, p / p0
     }'
 done
