@@ -120,7 +120,8 @@ pub fn decide_read(cond: &ReadConditions, current: Option<&Validators>) -> ReadO
     let Some(cur) = current else {
         return ReadOutcome::NotFound;
     };
-    let last_modified = whole_seconds(cur.last_modified);
+    // Only the date conditions need it; most reads carry none.
+    let last_modified = || whole_seconds(cur.last_modified);
 
     // Step 1/2: If-Match, or else If-Unmodified-Since (§13.1.4: ignored when If-Match is sent).
     if let Some(if_match) = &cond.if_match {
@@ -129,7 +130,7 @@ pub fn decide_read(cond: &ReadConditions, current: Option<&Validators>) -> ReadO
         }
     } else if cond
         .if_unmodified_since
-        .is_some_and(|date| last_modified > whole_seconds(date))
+        .is_some_and(|date| last_modified() > whole_seconds(date))
     {
         return ReadOutcome::PreconditionFailed;
     }
@@ -142,7 +143,7 @@ pub fn decide_read(cond: &ReadConditions, current: Option<&Validators>) -> ReadO
         }
     } else if cond
         .if_modified_since
-        .is_some_and(|date| last_modified <= whole_seconds(date))
+        .is_some_and(|date| last_modified() <= whole_seconds(date))
     {
         return ReadOutcome::NotModified;
     }
