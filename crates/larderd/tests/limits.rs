@@ -28,6 +28,16 @@ fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// Sends a HEAD of `ci/{key}` on `s` and returns the answer's head.
+fn head_of(s: &mut TcpStream, key: &str) -> String {
+    write!(
+        s,
+        "HEAD /api/v1/object/ci/{key} HTTP/1.1\r\nhost: x\r\n\r\n"
+    )
+    .unwrap();
+    read_head(s)
+}
+
 fn read_all(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
@@ -162,9 +172,7 @@ fn the_header_timeout_of_a_keep_alive_connection_counts_from_its_last_answer() {
     // for a loaded machine.
     let mut s = connect(&srv);
     for n in 0..7 {
-        s.write_all(b"HEAD /api/v1/object/ci/kept HTTP/1.1\r\nhost: x\r\n\r\n")
-            .unwrap();
-        let head = read_head(&mut s);
+        let head = head_of(&mut s, "kept");
         assert!(head.starts_with("HTTP/1.1 200"), "request {n}: {head:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -193,9 +201,7 @@ fn a_stopping_server_closes_idle_keep_alive_connections_at_once() {
         .map(|_| {
             let mut s = connect(&srv);
             for n in 0..3 {
-                s.write_all(b"HEAD /api/v1/object/ci/idle HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .unwrap();
-                let head = read_head(&mut s);
+                let head = head_of(&mut s, "idle");
                 assert!(head.starts_with("HTTP/1.1 200"), "request {n}: {head:?}");
             }
             s
@@ -225,9 +231,7 @@ fn a_head_started_after_an_answer_gets_its_408_when_the_timer_was_re_armed() {
     // The timer is armed for one second after the connection began; the answer at 0.6 s moves
     // the deadline to 1.6 s, so the timer fires early once and is re-armed.
     std::thread::sleep(Duration::from_millis(600));
-    s.write_all(b"HEAD /api/v1/object/ci/rearmed HTTP/1.1\r\nhost: x\r\n\r\n")
-        .unwrap();
-    let head = read_head(&mut s);
+    let head = head_of(&mut s, "rearmed");
     assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
     let started = Instant::now();
     s.write_all(b"HEAD /api/v1/object/ci/rearmed HTTP/1.1\r\n")
