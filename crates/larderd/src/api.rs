@@ -588,7 +588,7 @@ impl RequestId {
         &self.bytes[..usize::from(self.len)]
     }
 
-    /// Printable ASCII, so never empty for a valid id.
+    /// The id as text (printable ASCII, so the empty fallback is never taken).
     pub(crate) fn as_str(&self) -> &str {
         std::str::from_utf8(self.as_bytes()).unwrap_or("")
     }
