@@ -142,8 +142,9 @@ fn is_storable_header(name: &str) -> bool {
 pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let request_id = request_id(req.headers());
-    let id = request_id.to_str().unwrap_or("");
+    let request_id =
+        RequestId::of_request(req.headers().get("x-request-id").map(HeaderValue::as_bytes));
+    let id = request_id.as_str();
     // The futures are instrumented, never entered across an `.await`: a guard held over a
     // suspension point stays on the stack of whichever thread ran it, so other requests' log
     // lines inherited it (chains of dozens of spans) and the subscriber could panic.
@@ -204,9 +205,10 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
             ..AccessLine::default()
         },
     );
-    response
-        .headers_mut()
-        .insert(HeaderName::from_static("x-request-id"), request_id);
+    response.headers_mut().insert(
+        HeaderName::from_static("x-request-id"),
+        request_id.header_value(),
+    );
     response
 }
 
@@ -517,46 +519,11 @@ pub fn panicked(request_id: &str, panic: &(dyn std::any::Any + Send)) -> Respons
     )
 }
 
-/// The client's `X-Request-Id` when it is short and printable (so logs of a CI job and of the
-/// cache can be joined), else a new one, unique within this process.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
-    valid_request_id(headers.get("x-request-id"))
-}
-
-/// The request id a request is known by: the client's when usable, else a new one.
-pub(crate) fn valid_request_id(given: Option<&HeaderValue>) -> HeaderValue {
-    if let Some(v) = given
-        && usable_request_id(v.as_bytes())
-    {
-        return v.clone();
-    }
-    new_request_id()
-}
-
-/// A new request id as a header value, its digits written into a block of memory the thread
-/// shares between many ids: an id of its own cost an allocation, and another when the answer
-/// took a copy of it, each with its free.
-fn new_request_id() -> HeaderValue {
-    thread_local! {
-        static DIGITS: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::default();
-    }
-    let mut number = itoa::Buffer::new();
-    let digits = number.format(next_request_id()).as_bytes();
-    let id = DIGITS.with_borrow_mut(|block| {
-        if block.capacity() < digits.len() {
-            *block = bytes::BytesMut::with_capacity(4096);
-        }
-        block.extend_from_slice(digits);
-        block.split().freeze()
-    });
-    // Decimal digits are a valid value; the fallback is never taken.
-    HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// The id of a request the fast path answers, held in place: the client's `X-Request-Id` when
-/// usable (as [`valid_request_id`] decides), else a new number. Making a [`HeaderValue`] for
-/// every request (a shared block's reference count taken and dropped twice, the digits checked
-/// again) cost more than parsing the request's path.
+/// The id a request is known by, held in place: the client's `X-Request-Id` when it is short
+/// and printable (so logs of a CI job and of the cache can be joined), else a new number, unique
+/// within this process. A [`HeaderValue`] is made of it only for an answer built as a
+/// [`Response`]: making one for every small GET on the fast path (a shared block's reference
+/// count taken and dropped twice, the digits checked again) cost more than parsing its path.
 #[derive(Clone, Copy)]
 pub(crate) struct RequestId {
     bytes: [u8; MAX_REQUEST_ID],
@@ -1661,22 +1628,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_ids_sharing_a_block_of_memory_keep_their_own_digits() {
-        // Several blocks' worth, so ids outlive the block they were written into.
-        let ids: Vec<HeaderValue> = (0..5_000).map(|_| new_request_id()).collect();
-        let numbers: Vec<u64> = ids
-            .iter()
-            .map(|id| id.to_str().unwrap().parse().unwrap())
-            .collect();
-        assert!(
-            numbers.windows(2).all(|w| w[0] < w[1]),
-            "{:?}",
-            &numbers[..4]
-        );
-    }
-
-    #[test]
-    fn a_fast_path_request_id_is_the_clients_when_usable_else_a_new_number() {
+    fn a_request_id_is_the_clients_when_usable_else_a_new_number() {
         let longest = "i".repeat(MAX_REQUEST_ID);
         for kept in ["job-7", "a", longest.as_str(), "x\"y"] {
             let id = RequestId::of_request(Some(kept.as_bytes()));
