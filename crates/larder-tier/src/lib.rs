@@ -24,8 +24,8 @@ pub use disk::{DiskConfig, DiskTier, Spool, StagedRevision};
 pub use error::{ErrorKind, Fault, TierError};
 pub use s3::{ConditionalPut, ReapReport, S3Config, S3Tier};
 pub use tier::{
-    BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
-    PutOptions, PutResult, SpoolWrite, Tier, TierStats, UploadStream, body_to_bytes,
+    AtHand, BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
+    PutOptions, PutResult, SpoolWrite, Tier, TierStats, UploadStream, body_to_bytes, bytes_stream,
     upload_channel,
 };
 pub use tiered::TieredTier;

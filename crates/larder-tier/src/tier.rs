@@ -107,6 +107,41 @@ pub struct GetResponse {
     pub file: Option<FileRegion>,
 }
 
+/// A read answered from memory ([`Tier::read_at_hand`]): a [`GetResponse`] whose body, if any,
+/// is in hand rather than behind a stream.
+#[derive(Debug)]
+pub struct AtHand {
+    /// How the read was decided; never [`ReadOutcome::NotFound`].
+    pub outcome: ReadOutcome,
+    /// Metadata of the revision the outcome was decided against.
+    pub meta: ObjectMeta,
+    /// The bytes of `outcome.body_range(meta.size)`, as [`GetResponse::body`] would stream them;
+    /// `None` for a HEAD or an outcome without a body.
+    pub body: Option<Bytes>,
+    /// The tier the answer came from, as in [`GetResponse::source`].
+    pub source: &'static str,
+}
+
+impl From<AtHand> for GetResponse {
+    fn from(read: AtHand) -> GetResponse {
+        GetResponse {
+            outcome: read.outcome,
+            meta: read.meta,
+            body: read.body.map(bytes_stream),
+            source: read.source,
+            file: None,
+        }
+    }
+}
+
+/// A body stream of bytes in memory: one chunk, or none when they are empty.
+pub fn bytes_stream(bytes: Bytes) -> BodyStream {
+    if bytes.is_empty() {
+        return futures_util::stream::empty().boxed();
+    }
+    futures_util::stream::once(std::future::ready(Ok(bytes))).boxed()
+}
+
 /// Bytes of an open, never-modified revision file.
 #[derive(Clone, Debug)]
 pub struct FileRegion {
@@ -221,6 +256,21 @@ pub trait Tier: Send + Sync + 'static {
         key: &Key,
         opts: GetOptions,
     ) -> Result<GetResponse, TierError>;
+
+    /// Answers a read at once, without waiting on anything, when this tier holds all it needs in
+    /// memory: the revision's metadata and, for an outcome with a body, those bytes (a small
+    /// object). `None` when it does not, and the caller uses [`Tier::get`], which answers
+    /// exactly as this would have. A server answers most reads of small cache entries this way:
+    /// a `get` costs an allocated future and a body stream, each more than the lookup itself.
+    /// By default, never.
+    fn read_at_hand(
+        &self,
+        _ns: &Namespace,
+        _key: &Key,
+        _opts: &GetOptions,
+    ) -> Option<Result<AtHand, TierError>> {
+        None
+    }
 
     /// Opens the bytes of revision `etag` (all of them, or `range`) for a caller that decided
     /// its read against that revision moments ago and now wants only its bytes: a fill copying

@@ -847,3 +847,63 @@ async fn unpinned_reads_on_one_replica_never_go_backwards_under_overwrites() {
         }
     }
 }
+
+/// A read is answered at hand only while the key is known current within the window and the
+/// local tier holds that revision: what `get` would serve without asking the remote. Past the
+/// window the read must go to `get`, which revalidates.
+#[tokio::test]
+async fn reads_are_answered_at_hand_only_while_the_key_is_known_current() {
+    let window = Duration::from_millis(300);
+    let (local, remote) = (disk().await, disk().await);
+    let t = tiered(local, remote.clone(), window);
+    let k = key("at-hand");
+    let at_hand = |conditions: ReadConditions| {
+        let opts = GetOptions {
+            conditions,
+            head: false,
+        };
+        t.read_at_hand(&ns(), &k, &opts)
+            .map(|r| r.map(|r| (r.outcome, r.meta.etag, r.body.unwrap_or_default())))
+    };
+    let v1 = t
+        .put(&ns(), &k, upload(b"one".to_vec()), PutOptions::default())
+        .await
+        .unwrap()
+        .etag;
+    let got = at_hand(ReadConditions::default()).expect("known current after the write");
+    assert_eq!(got.unwrap(), (ReadOutcome::Full, v1.clone(), "one".into()));
+    // Another replica writes; within the window this one still serves what it knows.
+    let v2 = remote
+        .put(&ns(), &k, upload(b"two".to_vec()), PutOptions::default())
+        .await
+        .unwrap()
+        .etag;
+    assert!(at_hand(ReadConditions::default()).is_some());
+    tokio::time::sleep(window + Duration::from_millis(100)).await;
+    assert!(
+        at_hand(ReadConditions::default()).is_none(),
+        "past the window"
+    );
+    // `get` revalidates, finds the newer revision and fills it; then it is at hand again.
+    assert_eq!(
+        read(t.as_ref(), &k, ReadConditions::default())
+            .await
+            .unwrap()
+            .1,
+        v2
+    );
+    let pinned_v2 =
+        ReadConditions::from_headers(Some(&v2.to_string()), None, None, None, None, None);
+    for _ in 0..100 {
+        if at_hand(pinned_v2.clone()).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = at_hand(pinned_v2).expect("the fill of the current revision is local");
+    assert_eq!(got.unwrap(), (ReadOutcome::Full, v2, "two".into()));
+    // Pinned to the replaced revision: not at hand (the local copy is gone), `get` decides.
+    let pinned_v1 =
+        ReadConditions::from_headers(Some(&v1.to_string()), None, None, None, None, None);
+    assert!(at_hand(pinned_v1).is_none());
+}

@@ -314,9 +314,19 @@ pub(crate) async fn read_object(
     // No request span around the read: creating one (its fields formatted by the subscriber)
     // cost as much as serving a small object from disk. What the tiers log on their own names
     // the key; the line that reports a failed request is written inside the request's span.
-    let answered = AssertUnwindSafe(state.tier.get(&ns, &key, opts))
-        .catch_unwind()
-        .await;
+    // A small object the tier holds in memory is answered without a future or a body stream
+    // (each cost about as much as the lookup); anything else takes the tier's `get`.
+    let at_hand = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        state.tier.read_at_hand(&ns, &key, &opts)
+    }));
+    let answered = match at_hand {
+        Ok(Some(read)) => Ok(read.map(Got::AtHand)),
+        Ok(None) => AssertUnwindSafe(state.tier.get(&ns, &key, opts))
+            .catch_unwind()
+            .await
+            .map(|got| got.map(Got::Streamed)),
+        Err(panic) => Err(panic),
+    };
     let (mut answer, status, etag) = match answered {
         Ok(Ok(got)) => match local_answer(got).await {
             Ok(Local::Read(status, range, meta, body)) => {
@@ -420,9 +430,19 @@ enum Local {
     ),
 }
 
+/// A read as the tier answered it.
+enum Got {
+    AtHand(larder_tier::AtHand),
+    Streamed(GetResponse),
+}
+
 /// What the fast path writes of a decided read, or the response back for the general path.
 #[allow(clippy::result_large_err)]
-async fn local_answer(got: GetResponse) -> Result<Local, GetResponse> {
+async fn local_answer(got: Got) -> Result<Local, GetResponse> {
+    let got = match got {
+        Got::AtHand(read) => return at_hand_answer(read),
+        Got::Streamed(got) => got,
+    };
     let (status, range) = match got.outcome {
         ReadOutcome::Full => (StatusCode::OK, None),
         ReadOutcome::Partial(range) => (StatusCode::PARTIAL_CONTENT, Some(range)),
@@ -469,6 +489,30 @@ async fn local_answer(got: GetResponse) -> Result<Local, GetResponse> {
         return Ok(Local::Read(status, range, got.meta, None));
     }
     Ok(Local::Read(status, range, got.meta, Some(body)))
+}
+
+/// [`local_answer`] of a read answered from memory.
+#[allow(clippy::result_large_err)]
+fn at_hand_answer(read: larder_tier::AtHand) -> Result<Local, GetResponse> {
+    let (status, range) = match read.outcome {
+        ReadOutcome::Full => (StatusCode::OK, None),
+        ReadOutcome::Partial(range) => (StatusCode::PARTIAL_CONTENT, Some(range)),
+        ReadOutcome::NotModified => (StatusCode::NOT_MODIFIED, None),
+        _ => return Err(read.into()),
+    };
+    if read.source != "disk" {
+        return Err(read.into());
+    }
+    let body = match read.body {
+        Some(body) => {
+            if !body.is_empty() {
+                crate::metrics::bytes_served("disk", body.len() as u64);
+            }
+            body
+        }
+        None => Bytes::new(),
+    };
+    Ok(Local::Read(status, range, read.meta, Some(body)))
 }
 
 /// Counts a finished request in the metrics and writes its access line (method, status and

@@ -44,7 +44,7 @@ pub use spool::{Spool, StagedRevision};
 
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
+    AtHand, BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
     PutOptions, PutResult, Tier, TierStats, UploadStream,
 };
 use async_trait::async_trait;
@@ -52,7 +52,9 @@ use bytes::Bytes;
 use format::{Fixed, MetaJson};
 use futures_util::{FutureExt, StreamExt};
 use index::{Entry, EntryId, EntryRef, FileId, Index};
-use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, decide_write};
+use larder_proto::{
+    ByteRange, ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write,
+};
 use open_cache::{OpenCache, OpenRevisions};
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
@@ -509,17 +511,86 @@ impl Inner {
         key: &Key,
         opts: &GetOptions,
     ) -> Result<GetResponse, TierError> {
+        let Decided {
+            outcome,
+            meta,
+            body,
+        } = self.decide_get(ns, key, opts)?;
+        let (body, file) = match body {
+            DecidedBody::None => (None, None),
+            DecidedBody::InMemory(bytes) => (Some(crate::tier::bytes_stream(bytes)), None),
+            DecidedBody::File(region) => {
+                let BodyRegion {
+                    file,
+                    body_offset,
+                    start,
+                    len,
+                } = region;
+                let stream = self.body_stream(file.clone(), body_offset, start, len);
+                let region = FileRegion {
+                    file,
+                    offset: body_offset + start,
+                    len,
+                };
+                (Some(stream), Some(region))
+            }
+        };
+        Ok(GetResponse {
+            outcome,
+            meta,
+            body,
+            source: "disk",
+            file,
+        })
+    }
+
+    /// The read answered from memory, or `None` when its body must come from the file.
+    fn read_at_hand(
+        self: &Arc<Self>,
+        ns: &Namespace,
+        key: &Key,
+        opts: &GetOptions,
+    ) -> Option<Result<AtHand, TierError>> {
+        let Decided {
+            outcome,
+            meta,
+            body,
+        } = match self.decide_get(ns, key, opts) {
+            Ok(decided) => decided,
+            Err(e) => return Some(Err(e)),
+        };
+        let body = match body {
+            DecidedBody::None => None,
+            DecidedBody::InMemory(bytes) => Some(bytes),
+            DecidedBody::File(_) => return None,
+        };
+        Some(Ok(AtHand {
+            outcome,
+            meta,
+            body,
+            source: "disk",
+        }))
+    }
+
+    /// Looks the key's revision up (in this thread's copies, the open-revision cache, or on
+    /// disk) and decides the read against it.
+    fn decide_get(
+        self: &Arc<Self>,
+        ns: &Namespace,
+        key: &Key,
+        opts: &GetOptions,
+    ) -> Result<Decided, TierError> {
         let now = now_ms();
         let from_copy = thread_copies::with_copy(self.serial, ns.as_str(), key.as_str(), |copy| {
             let revision = Revision {
                 info: &copy.info,
                 file: RevisionFile::OfCopy(&copy.revision),
             };
-            self.answer((&copy.id).into(), revision, opts, now, &mut copy.touched_ms)
+            self.decide((&copy.id).into(), revision, opts, now, &mut copy.touched_ms)
         });
         // `None` inside: the revision went while the copy was read; the shared path decides.
-        if let Some(Some(answer)) = from_copy {
-            return answer;
+        if let Some(Some(decided)) = from_copy {
+            return decided;
         }
         let hash = key_hash(key);
         let id = EntryRef(ns.as_str(), &hash);
@@ -543,22 +614,22 @@ impl Inner {
             info: &rev.info,
             file: RevisionFile::Open(rev.file.as_ref()),
         };
-        self.answer(id, revision, opts, now, &mut 0)
+        self.decide(id, revision, opts, now, &mut 0)
             .expect("an open revision has its file, or its whole body in memory")
     }
 
-    /// Answers a read of `revision`, the key's revision when it was looked up; `None` when the
+    /// Decides a read of `revision`, the key's revision when it was looked up; `None` when the
     /// body needs the file and a thread's copy finds its revision gone. A read of the body is
     /// recorded in the index unless this thread did so for the key less than
     /// `TOUCH_INTERVAL_MS` before (`touched_ms`, which it updates).
-    fn answer(
+    fn decide(
         &self,
         id: EntryRef<'_>,
         revision: Revision<'_>,
         opts: &GetOptions,
         now: u64,
         touched_ms: &mut u64,
-    ) -> Option<Result<GetResponse, TierError>> {
+    ) -> Option<Result<Decided, TierError>> {
         let info = revision.info;
         let fixed = &info.fixed;
         if fixed.expires_ms <= now {
@@ -573,21 +644,21 @@ impl Inner {
             headers: info.headers.clone(),
         };
         let outcome = decide_read(&opts.conditions, Some(&meta.validators()));
-        let (body, file) = match outcome.body_range(meta.size) {
+        let body = match outcome.body_range(meta.size) {
             Some(ByteRange { start, len }) if !opts.head => {
-                let body_offset = fixed.header_len as u64;
-                let (body, region) = if start + len <= info.small_body.len() as u64 {
+                let body = if start + len <= info.small_body.len() as u64 {
                     // Bytes already in memory need no file for the kernel to send them from.
-                    (in_memory(&info.small_body, start, len), None)
+                    DecidedBody::InMemory(
+                        info.small_body
+                            .slice(start as usize..(start + len) as usize),
+                    )
                 } else {
-                    let file = revision.file.get()?;
-                    let region = FileRegion {
-                        file: file.clone(),
-                        offset: body_offset + start,
+                    DecidedBody::File(BodyRegion {
+                        file: revision.file.get()?,
+                        body_offset: fixed.header_len as u64,
+                        start,
                         len,
-                    };
-                    let body = self.body_stream(file, body_offset, start, len);
-                    (body, Some(region))
+                    })
                 };
                 if now.saturating_sub(*touched_ms) >= thread_copies::TOUCH_INTERVAL_MS {
                     *touched_ms = now;
@@ -596,16 +667,14 @@ impl Inner {
                     // key out that only the threads' copies serve.
                     self.open_cache.lock().unwrap().refresh(id);
                 }
-                (Some(body), region)
+                body
             }
-            _ => (None, None),
+            _ => DecidedBody::None,
         };
-        Some(Ok(GetResponse {
+        Some(Ok(Decided {
             outcome,
             meta,
             body,
-            source: "disk",
-            file,
         }))
     }
 
@@ -907,13 +976,27 @@ fn report_memory_cache(cache: &OpenRevisions<Arc<OpenRevision>>) {
     metrics::gauge!("larder_disk_open_revisions").set(cache.with_file.len() as f64);
 }
 
-/// `len` bytes from `start` of `body`, which holds them.
-fn in_memory(body: &Bytes, start: u64, len: u64) -> BodyStream {
-    if len == 0 {
-        return futures_util::stream::empty().boxed();
-    }
-    let chunk = body.slice(start as usize..(start + len) as usize);
-    futures_util::stream::once(std::future::ready(Ok(chunk))).boxed()
+/// A read decided against a revision, its body not yet a stream.
+struct Decided {
+    outcome: ReadOutcome,
+    meta: ObjectMeta,
+    body: DecidedBody,
+}
+
+/// Where the bytes of a decided read are.
+enum DecidedBody {
+    /// A HEAD, or an outcome without a body.
+    None,
+    InMemory(Bytes),
+    File(BodyRegion),
+}
+
+/// `len` bytes from `start` of the body, which begins at `body_offset` in `file`.
+struct BodyRegion {
+    file: Arc<File>,
+    body_offset: u64,
+    start: u64,
+    len: u64,
 }
 
 /// What a read is answered from: an open revision, or a thread's copy of one.
@@ -986,6 +1069,15 @@ impl Tier for DiskTier {
         // small-object throughput. nginx makes the same trade. Body chunks beyond the first read
         // do go to the blocking pool.
         self.inner.get_blocking(ns, key, &opts)
+    }
+
+    fn read_at_hand(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: &GetOptions,
+    ) -> Option<Result<AtHand, TierError>> {
+        self.inner.read_at_hand(ns, key, opts)
     }
 
     async fn put(

@@ -884,3 +884,46 @@ async fn a_key_read_often_gets_a_copy_after_the_threads_copies_are_full() {
         "a full thread copies a key only now and then ({reads} reads)"
     );
 }
+
+/// What the disk tier answers at hand: any read of a small object and any read without a body,
+/// from the first read on; a body that must come from the file, never (the conformance suite
+/// checks every answer at hand against `get`).
+#[tokio::test]
+async fn reads_that_need_no_file_are_answered_at_hand() {
+    let dir = TempDir::new().unwrap();
+    let t = DiskTier::open(DiskConfig::new(dir.path())).await.unwrap();
+    let n = ns("ci");
+    let (small, large) = (pattern(4000, 1), pattern(FIRST_READ + 1, 2));
+    for (name, data) in [("small", &small), ("large", &large)] {
+        t.put(&n, &key(name), upload(data.clone()), PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let read = |name: &str, range: Option<&str>, head: bool| {
+        let opts = GetOptions {
+            conditions: larder_proto::ReadConditions::from_headers(
+                None, None, None, None, None, range,
+            ),
+            head,
+        };
+        t.read_at_hand(&n, &key(name), &opts)
+    };
+    for _ in 0..3 {
+        let whole = read("small", None, false).expect("at hand").unwrap();
+        assert_eq!(whole.outcome, ReadOutcome::Full);
+        assert_eq!(whole.body.as_deref(), Some(&small[..]));
+        let part = read("small", Some("bytes=10-19"), false)
+            .expect("at hand")
+            .unwrap();
+        assert_eq!(part.body.as_deref(), Some(&small[10..20]));
+        assert!(
+            read("large", None, false).is_none(),
+            "the body is in the file"
+        );
+        assert!(read("large", Some("bytes=0-99"), false).is_none());
+        let head = read("large", None, true).expect("at hand").unwrap();
+        assert_eq!((head.outcome, head.body), (ReadOutcome::Full, None));
+        let missing = read("missing", None, false).expect("at hand");
+        assert_eq!(missing.unwrap_err().kind, ErrorKind::NotFound);
+    }
+}

@@ -26,8 +26,8 @@ mod knowledge;
 use crate::disk::DiskTier;
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult, Tier,
-    TierStats, UploadStream,
+    AtHand, CacheTier, GetOptions, GetResponse, NamespaceUsage, ObjectMeta, PutOptions, PutResult,
+    Tier, TierStats, UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -328,6 +328,30 @@ impl<L: CacheTier> Tier for TieredTier<L> {
             return Ok(r);
         }
         inner.serve_from_remote(&id, opts, Some(current)).await
+    }
+
+    /// What [`Tier::get`] answers from the local tier without asking the remote: a key seen
+    /// current within the window, held locally at that revision (or, for a pinned read, at the
+    /// pinned one). Anything else waits for the async path.
+    fn read_at_hand(
+        &self,
+        ns: &Namespace,
+        key: &Key,
+        opts: &GetOptions,
+    ) -> Option<Result<AtHand, TierError>> {
+        let inner = &self.inner;
+        let Freshness::Current(fresh) = inner.keys.freshness(&(ns.clone(), key.clone())) else {
+            return None;
+        };
+        let wanted = opts.conditions.pinned_etag().unwrap_or(fresh.as_str());
+        match inner.local.read_at_hand(ns, key, opts)? {
+            Ok(r) if r.meta.etag.as_str() == wanted => {
+                hit(inner.local.name());
+                Some(Ok(r))
+            }
+            // Another revision, none, or a failure: `get` decides (and logs the failure).
+            _ => None,
+        }
     }
 
     async fn put(
