@@ -173,7 +173,21 @@ async fn get_both(
         (Some(Ok(a)), Ok((r, body))) => {
             assert_eq!(a.outcome, r.outcome, "read at hand: outcome");
             assert_eq!(a.meta, r.meta, "read at hand: revision");
-            assert_eq!(a.body.as_deref(), body.as_deref(), "read at hand: bytes");
+            let at_hand = match &a.body {
+                crate::AtHandBody::None => None,
+                crate::AtHandBody::Bytes(bytes) => Some(bytes.to_vec()),
+                crate::AtHandBody::File(region) => {
+                    let mut bytes = vec![0; region.len as usize];
+                    std::os::unix::fs::FileExt::read_exact_at(
+                        region.file.as_ref(),
+                        &mut bytes,
+                        region.offset,
+                    )
+                    .expect("the region of an answer at hand is readable");
+                    Some(bytes)
+                }
+            };
+            assert!(at_hand == *body, "read at hand: bytes");
         }
         (Some(Err(a)), Err(e)) => assert_eq!(a.kind, e.kind, "read at hand: error"),
         (Some(a), got) => panic!(

@@ -24,8 +24,8 @@ pub use disk::{DiskConfig, DiskTier, Spool, StagedRevision};
 pub use error::{ErrorKind, Fault, TierError};
 pub use s3::{ConditionalPut, ReapReport, S3Config, S3Tier};
 pub use tier::{
-    AtHand, BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
-    PutOptions, PutResult, SpoolWrite, Tier, TierStats, UploadStream, body_to_bytes, bytes_stream,
+    AtHand, AtHandBody, BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage,
+    ObjectMeta, PutOptions, PutResult, SpoolWrite, Tier, TierStats, UploadStream, body_to_bytes,
     upload_channel,
 };
 pub use tiered::TieredTier;

@@ -107,35 +107,34 @@ pub struct GetResponse {
     pub file: Option<FileRegion>,
 }
 
-/// A read answered from memory ([`Tier::read_at_hand`]): a [`GetResponse`] whose body, if any,
-/// is in hand rather than behind a stream.
+/// A read answered at once ([`Tier::read_at_hand`]): a [`GetResponse`] whose body, if any, is
+/// in hand (in memory, or a region of an open file) rather than behind a stream.
 #[derive(Debug)]
 pub struct AtHand {
     /// How the read was decided; never [`ReadOutcome::NotFound`].
     pub outcome: ReadOutcome,
     /// Metadata of the revision the outcome was decided against.
     pub meta: ObjectMeta,
-    /// The bytes of `outcome.body_range(meta.size)`, as [`GetResponse::body`] would stream them;
-    /// `None` for a HEAD or an outcome without a body.
-    pub body: Option<Bytes>,
+    /// Where the bytes of `outcome.body_range(meta.size)` are.
+    pub body: AtHandBody,
     /// The tier the answer came from, as in [`GetResponse::source`].
     pub source: &'static str,
 }
 
-impl From<AtHand> for GetResponse {
-    fn from(read: AtHand) -> GetResponse {
-        GetResponse {
-            outcome: read.outcome,
-            meta: read.meta,
-            body: read.body.map(bytes_stream),
-            source: read.source,
-            file: None,
-        }
-    }
+/// Where the bytes of a read answered at hand are.
+#[derive(Debug)]
+pub enum AtHandBody {
+    /// A HEAD, or an outcome without a body.
+    None,
+    /// In memory (a small object).
+    Bytes(Bytes),
+    /// In an open revision file, for a server to hand to the kernel (`sendfile`); a caller
+    /// that wants them as a stream asks [`Tier::get`].
+    File(FileRegion),
 }
 
 /// A body stream of bytes in memory: one chunk, or none when they are empty.
-pub fn bytes_stream(bytes: Bytes) -> BodyStream {
+pub(crate) fn bytes_stream(bytes: Bytes) -> BodyStream {
     if bytes.is_empty() {
         return futures_util::stream::empty().boxed();
     }
@@ -257,11 +256,11 @@ pub trait Tier: Send + Sync + 'static {
         opts: GetOptions,
     ) -> Result<GetResponse, TierError>;
 
-    /// Answers a read at once, without waiting on anything, when this tier holds all it needs in
-    /// memory: the revision's metadata and, for an outcome with a body, those bytes (a small
-    /// object). `None` when it does not, and the caller uses [`Tier::get`], which answers
-    /// exactly as this would have. A server answers most reads of small cache entries this way:
-    /// a `get` costs an allocated future and a body stream, each more than the lookup itself.
+    /// Answers a read at once, without waiting on anything, when this tier has all it needs at
+    /// hand: the revision's metadata and, for an outcome with a body, its bytes in memory or in
+    /// an open file. `None` when it has not, and the caller uses [`Tier::get`], which answers
+    /// exactly as this would have. A server answers most reads of a local tier this way: a `get`
+    /// costs an allocated future and a body stream, each more than the lookup of a small object.
     /// By default, never.
     fn read_at_hand(
         &self,

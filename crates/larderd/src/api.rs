@@ -23,7 +23,8 @@ use hyper::body::{Frame, Incoming};
 use larder_proto::units::parse_duration;
 use larder_proto::{ByteRange, Key, Namespace, ReadConditions, ReadOutcome, WritePrecondition};
 use larder_tier::{
-    ErrorKind, FileRegion, GetOptions, GetResponse, ObjectMeta, PutOptions, Tier, TierError,
+    AtHandBody, ErrorKind, FileRegion, GetOptions, GetResponse, ObjectMeta, PutOptions, Tier,
+    TierError,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -246,13 +247,13 @@ pub(crate) enum ReadAnswer {
     },
     /// A 200 or 206 from the local disk whose body is not small: the fields of [`body_fields`],
     /// then the bytes of `region`, which the fast path hands to `sendfile` (or, with
-    /// `LARDER_SENDFILE=0`, copies from `body`).
+    /// `LARDER_SENDFILE=0`, copies from `body`, which is there in that case).
     File {
         status: StatusCode,
         meta: ObjectMeta,
         range: Option<ByteRange>,
         region: FileRegion,
-        body: larder_tier::BodyStream,
+        body: Option<larder_tier::BodyStream>,
         request_id: RequestId,
         answered_at: SystemTime,
     },
@@ -320,6 +321,17 @@ pub(crate) async fn read_object(
         state.tier.read_at_hand(&ns, &key, &opts)
     }));
     let answered = match at_hand {
+        // A body in a file goes out by `sendfile`; copied through user space instead
+        // (`LARDER_SENDFILE=0`) it needs the tier's body stream, which only `get` makes.
+        Ok(Some(Ok(read)))
+            if matches!(read.body, AtHandBody::File(_))
+                && !crate::fast_path::sendfile_enabled() =>
+        {
+            AssertUnwindSafe(state.tier.get(&ns, &key, opts))
+                .catch_unwind()
+                .await
+                .map(|got| got.map(Got::Streamed))
+        }
         Ok(Some(read)) => Ok(read.map(Got::AtHand)),
         Ok(None) => AssertUnwindSafe(state.tier.get(&ns, &key, opts))
             .catch_unwind()
@@ -420,13 +432,14 @@ fn general(
 enum Local {
     /// Its body, small, read whole (`None`: the body failed).
     Read(StatusCode, Option<ByteRange>, ObjectMeta, Option<Bytes>),
-    /// Its body, large, as a region of the revision's file.
+    /// Its body, large, as a region of the revision's file (and as the tier's stream, when
+    /// the tier made one).
     File(
         StatusCode,
         Option<ByteRange>,
         ObjectMeta,
         FileRegion,
-        larder_tier::BodyStream,
+        Option<larder_tier::BodyStream>,
     ),
 }
 
@@ -459,7 +472,7 @@ async fn local_answer(got: Got) -> Result<Local, GetResponse> {
     if len > SMALL_READ || got.file.is_some() {
         // Sent from the file; the stream, not polled yet, reads nothing unless sendfile is off.
         return match got.file {
-            Some(region) => Ok(Local::File(status, range, got.meta, region, stream)),
+            Some(region) => Ok(Local::File(status, range, got.meta, region, Some(stream))),
             None => Err(GetResponse {
                 body: Some(stream),
                 ..got
@@ -491,28 +504,36 @@ async fn local_answer(got: Got) -> Result<Local, GetResponse> {
     Ok(Local::Read(status, range, got.meta, Some(body)))
 }
 
-/// [`local_answer`] of a read answered from memory.
+/// [`local_answer`] of a read answered at hand: whatever its tier, its body is in memory or in
+/// a local file, which the fast path writes itself.
 #[allow(clippy::result_large_err)]
 fn at_hand_answer(read: larder_tier::AtHand) -> Result<Local, GetResponse> {
     let (status, range) = match read.outcome {
         ReadOutcome::Full => (StatusCode::OK, None),
         ReadOutcome::Partial(range) => (StatusCode::PARTIAL_CONTENT, Some(range)),
         ReadOutcome::NotModified => (StatusCode::NOT_MODIFIED, None),
-        _ => return Err(read.into()),
-    };
-    if read.source != "disk" {
-        return Err(read.into());
-    }
-    let body = match read.body {
-        Some(body) => {
-            if !body.is_empty() {
-                crate::metrics::bytes_served("disk", body.len() as u64);
-            }
-            body
+        // An outcome without a body (412, 416): the general path writes it.
+        _ => {
+            debug_assert!(matches!(read.body, AtHandBody::None));
+            return Err(GetResponse {
+                outcome: read.outcome,
+                meta: read.meta,
+                body: None,
+                source: read.source,
+                file: None,
+            });
         }
-        None => Bytes::new(),
     };
-    Ok(Local::Read(status, range, read.meta, Some(body)))
+    match read.body {
+        AtHandBody::None => Ok(Local::Read(status, range, read.meta, Some(Bytes::new()))),
+        AtHandBody::Bytes(body) => {
+            if !body.is_empty() {
+                crate::metrics::bytes_served(read.source, body.len() as u64);
+            }
+            Ok(Local::Read(status, range, read.meta, Some(body)))
+        }
+        AtHandBody::File(region) => Ok(Local::File(status, range, read.meta, region, None)),
+    }
 }
 
 /// Counts a finished request in the metrics and writes its access line (method, status and

@@ -200,10 +200,9 @@ pub(crate) async fn serve<T: AsyncRead + AsyncWrite + SendFile + Unpin>(
                 // The head only: the body follows from the file, or is copied from the tier's
                 // stream when sendfile is off.
                 encode_read(&mut out, status, &meta, range, &request_id, answered_at);
-                let large = if sendfile_enabled() {
-                    AfterHead::File(region)
-                } else {
-                    AfterHead::Stream(body)
+                let large = match body {
+                    Some(body) if !sendfile_enabled() => AfterHead::Stream(body),
+                    _ => AfterHead::File(region),
                 };
                 (false, Some(large))
             }
@@ -611,7 +610,7 @@ enum AfterHead {
 
 /// Whether large bodies from disk go out with `sendfile` (`LARDER_SENDFILE=0` copies them
 /// through user space instead), read once.
-fn sendfile_enabled() -> bool {
+pub(crate) fn sendfile_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("LARDER_SENDFILE").map_or(true, |v| v != "0"))
 }

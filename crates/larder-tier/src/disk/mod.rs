@@ -44,8 +44,8 @@ pub use spool::{Spool, StagedRevision};
 
 use crate::error::{ErrorKind, TierError};
 use crate::tier::{
-    AtHand, BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage, ObjectMeta,
-    PutOptions, PutResult, Tier, TierStats, UploadStream,
+    AtHand, AtHandBody, BodyStream, CacheTier, FileRegion, GetOptions, GetResponse, NamespaceUsage,
+    ObjectMeta, PutOptions, PutResult, Tier, TierStats, UploadStream,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -544,32 +544,38 @@ impl Inner {
         })
     }
 
-    /// The read answered from memory, or `None` when its body must come from the file.
+    /// The read answered at hand: every read is, its body in memory or in the revision's file.
     fn read_at_hand(
         self: &Arc<Self>,
         ns: &Namespace,
         key: &Key,
         opts: &GetOptions,
-    ) -> Option<Result<AtHand, TierError>> {
+    ) -> Result<AtHand, TierError> {
         let Decided {
             outcome,
             meta,
             body,
-        } = match self.decide_get(ns, key, opts) {
-            Ok(decided) => decided,
-            Err(e) => return Some(Err(e)),
-        };
+        } = self.decide_get(ns, key, opts)?;
         let body = match body {
-            DecidedBody::None => None,
-            DecidedBody::InMemory(bytes) => Some(bytes),
-            DecidedBody::File(_) => return None,
+            DecidedBody::None => AtHandBody::None,
+            DecidedBody::InMemory(bytes) => AtHandBody::Bytes(bytes),
+            DecidedBody::File(BodyRegion {
+                file,
+                body_offset,
+                start,
+                len,
+            }) => AtHandBody::File(FileRegion {
+                file,
+                offset: body_offset + start,
+                len,
+            }),
         };
-        Some(Ok(AtHand {
+        Ok(AtHand {
             outcome,
             meta,
             body,
             source: "disk",
-        }))
+        })
     }
 
     /// Looks the key's revision up (in this thread's copies, the open-revision cache, or on
@@ -1077,7 +1083,7 @@ impl Tier for DiskTier {
         key: &Key,
         opts: &GetOptions,
     ) -> Option<Result<AtHand, TierError>> {
-        self.inner.read_at_hand(ns, key, opts)
+        Some(self.inner.read_at_hand(ns, key, opts))
     }
 
     async fn put(
