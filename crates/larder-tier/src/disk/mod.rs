@@ -52,9 +52,7 @@ use bytes::Bytes;
 use format::{Fixed, MetaJson};
 use futures_util::{FutureExt, StreamExt};
 use index::{Entry, EntryId, EntryRef, FileId, Index};
-use larder_proto::{
-    ByteRange, ETag, Key, Namespace, ReadOutcome, WriteOutcome, decide_read, decide_write,
-};
+use larder_proto::{ByteRange, ETag, Key, Namespace, WriteOutcome, decide_read, decide_write};
 use open_cache::{OpenCache, OpenRevisions};
 use pool::BufferPool;
 use std::collections::{HashMap, HashSet};
@@ -511,81 +509,35 @@ impl Inner {
         key: &Key,
         opts: &GetOptions,
     ) -> Result<GetResponse, TierError> {
-        let Decided {
+        let AtHand {
             outcome,
             meta,
             body,
-        } = self.decide_get(ns, key, opts)?;
+            source,
+        } = self.read_at_hand(ns, key, opts)?;
         let (body, file) = match body {
-            DecidedBody::None => (None, None),
-            DecidedBody::InMemory(bytes) => (Some(crate::tier::bytes_stream(bytes)), None),
-            DecidedBody::File(region) => {
-                let BodyRegion {
-                    file,
-                    body_offset,
-                    start,
-                    len,
-                } = region;
-                let stream = self.body_stream(file.clone(), body_offset, start, len);
-                let region = FileRegion {
-                    file,
-                    offset: body_offset + start,
-                    len,
-                };
-                (Some(stream), Some(region))
-            }
+            AtHandBody::None => (None, None),
+            AtHandBody::Bytes(bytes) => (Some(crate::tier::bytes_stream(bytes)), None),
+            AtHandBody::File(region) => (Some(self.body_stream(&region)), Some(region)),
         };
         Ok(GetResponse {
             outcome,
             meta,
             body,
-            source: "disk",
+            source,
             file,
         })
     }
 
-    /// The read answered at hand: every read is, its body in memory or in the revision's file.
+    /// Looks the key's revision up (in this thread's copies, the open-revision cache, or on
+    /// disk) and decides the read against it: every read is answered at hand, its body in
+    /// memory or in the revision's file.
     fn read_at_hand(
         self: &Arc<Self>,
         ns: &Namespace,
         key: &Key,
         opts: &GetOptions,
     ) -> Result<AtHand, TierError> {
-        let Decided {
-            outcome,
-            meta,
-            body,
-        } = self.decide_get(ns, key, opts)?;
-        let body = match body {
-            DecidedBody::None => AtHandBody::None,
-            DecidedBody::InMemory(bytes) => AtHandBody::Bytes(bytes),
-            DecidedBody::File(BodyRegion {
-                file,
-                body_offset,
-                start,
-                len,
-            }) => AtHandBody::File(FileRegion {
-                file,
-                offset: body_offset + start,
-                len,
-            }),
-        };
-        Ok(AtHand {
-            outcome,
-            meta,
-            body,
-            source: "disk",
-        })
-    }
-
-    /// Looks the key's revision up (in this thread's copies, the open-revision cache, or on
-    /// disk) and decides the read against it.
-    fn decide_get(
-        self: &Arc<Self>,
-        ns: &Namespace,
-        key: &Key,
-        opts: &GetOptions,
-    ) -> Result<Decided, TierError> {
         let now = now_ms();
         let from_copy = thread_copies::with_copy(self.serial, ns.as_str(), key.as_str(), |copy| {
             let revision = Revision {
@@ -635,7 +587,7 @@ impl Inner {
         opts: &GetOptions,
         now: u64,
         touched_ms: &mut u64,
-    ) -> Option<Result<Decided, TierError>> {
+    ) -> Option<Result<AtHand, TierError>> {
         let info = revision.info;
         let fixed = &info.fixed;
         if fixed.expires_ms <= now {
@@ -654,15 +606,14 @@ impl Inner {
             Some(ByteRange { start, len }) if !opts.head => {
                 let body = if start + len <= info.small_body.len() as u64 {
                     // Bytes already in memory need no file for the kernel to send them from.
-                    DecidedBody::InMemory(
+                    AtHandBody::Bytes(
                         info.small_body
                             .slice(start as usize..(start + len) as usize),
                     )
                 } else {
-                    DecidedBody::File(BodyRegion {
+                    AtHandBody::File(FileRegion {
                         file: revision.file.get()?,
-                        body_offset: fixed.header_len as u64,
-                        start,
+                        offset: fixed.header_len as u64 + start,
                         len,
                     })
                 };
@@ -675,20 +626,25 @@ impl Inner {
                 }
                 body
             }
-            _ => DecidedBody::None,
+            _ => AtHandBody::None,
         };
-        Some(Ok(Decided {
+        Some(Ok(AtHand {
             outcome,
             meta,
             body,
+            source: "disk",
         }))
     }
 
-    /// `len` bytes from `start` of the body, which begins at `body_offset` in `file`.
-    fn body_stream(&self, file: Arc<File>, body_offset: u64, start: u64, len: u64) -> BodyStream {
+    /// The bytes of `region`, read in chunks of `read_chunk`.
+    fn body_stream(&self, region: &FileRegion) -> BodyStream {
         let chunk = self.config.read_chunk as u64;
-        let end = start + len;
-        let offsets = (0..len.div_ceil(chunk)).map(move |i| start + i * chunk);
+        let (file, start, end) = (
+            region.file.clone(),
+            region.offset,
+            region.offset + region.len,
+        );
+        let offsets = (0..region.len.div_ceil(chunk)).map(move |i| start + i * chunk);
         let pool = self.buffers.clone();
         let reads = futures_util::stream::iter(offsets).map(move |off| {
             let (file, pool) = (file.clone(), pool.clone());
@@ -697,18 +653,14 @@ impl Inner {
                 // Page-cached bytes are copied right here; only what would wait for the disk
                 // goes to the blocking pool (the hop costs more than the copy).
                 let mut buf = pool.take();
-                let cached = read_cached_at(&file, &mut buf[..n], body_offset + off);
+                let cached = read_cached_at(&file, &mut buf[..n], off);
                 if cached == n {
                     return Ok(pool.freeze(buf, n));
                 }
                 tokio::task::spawn_blocking(move || {
                     let got = cached
-                        + read_full_at(
-                            &file,
-                            &mut buf[cached..n],
-                            body_offset + off + cached as u64,
-                        )
-                        .map_err(|e| TierError::io("read body", &e))?;
+                        + read_full_at(&file, &mut buf[cached..n], off + cached as u64)
+                            .map_err(|e| TierError::io("read body", &e))?;
                     if got != n {
                         // Revision files are immutable; a short read means the disk lied.
                         return Err(TierError::internal(
@@ -980,29 +932,6 @@ impl Inner {
 fn report_memory_cache(cache: &OpenRevisions<Arc<OpenRevision>>) {
     metrics::gauge!("larder_disk_memory_cache_bytes").set(cache.in_memory.weight() as f64);
     metrics::gauge!("larder_disk_open_revisions").set(cache.with_file.len() as f64);
-}
-
-/// A read decided against a revision, its body not yet a stream.
-struct Decided {
-    outcome: ReadOutcome,
-    meta: ObjectMeta,
-    body: DecidedBody,
-}
-
-/// Where the bytes of a decided read are.
-enum DecidedBody {
-    /// A HEAD, or an outcome without a body.
-    None,
-    InMemory(Bytes),
-    File(BodyRegion),
-}
-
-/// `len` bytes from `start` of the body, which begins at `body_offset` in `file`.
-struct BodyRegion {
-    file: Arc<File>,
-    body_offset: u64,
-    start: u64,
-    len: u64,
 }
 
 /// What a read is answered from: an open revision, or a thread's copy of one.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::conformance::{TierRef, pattern, upload};
+use larder_proto::ReadOutcome;
 use tempfile::TempDir;
 
 async fn fresh() -> TierRef {
