@@ -315,23 +315,19 @@ pub(crate) async fn read_object(
     // No request span around the read: creating one (its fields formatted by the subscriber)
     // cost as much as serving a small object from disk. What the tiers log on their own names
     // the key; the line that reports a failed request is written inside the request's span.
-    // A small object the tier holds in memory is answered without a future or a body stream
-    // (each cost about as much as the lookup); anything else takes the tier's `get`.
-    let at_hand = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        state.tier.read_at_hand(&ns, &key, &opts)
-    }));
+    // What the tier has at hand (a body in memory or in an open file) is answered without a
+    // future or a body stream, each of which cost about as much as the lookup; anything else
+    // takes the tier's `get`. With `LARDER_SENDFILE=0` every read takes `get`: copying a body
+    // from a file needs the tier's stream, and asking twice would look the key up (and count
+    // its hit) twice.
+    let at_hand = if crate::fast_path::sendfile_enabled() {
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            state.tier.read_at_hand(&ns, &key, &opts)
+        }))
+    } else {
+        Ok(None)
+    };
     let answered = match at_hand {
-        // A body in a file goes out by `sendfile`; copied through user space instead
-        // (`LARDER_SENDFILE=0`) it needs the tier's body stream, which only `get` makes.
-        Ok(Some(Ok(read)))
-            if matches!(read.body, AtHandBody::File(_))
-                && !crate::fast_path::sendfile_enabled() =>
-        {
-            AssertUnwindSafe(state.tier.get(&ns, &key, opts))
-                .catch_unwind()
-                .await
-                .map(|got| got.map(Got::Streamed))
-        }
         Ok(Some(read)) => Ok(read.map(Got::AtHand)),
         Ok(None) => AssertUnwindSafe(state.tier.get(&ns, &key, opts))
             .catch_unwind()
