@@ -42,6 +42,14 @@ fn config() -> Option<S3Config> {
     Some(config)
 }
 
+/// [`config`] with every body in an object of its own, for tests of what happens to body objects
+/// (small bodies otherwise travel inside their reference).
+fn config_with_body_objects() -> Option<S3Config> {
+    let mut config = config()?;
+    config.inline_body_max = 0;
+    Some(config)
+}
+
 async fn connect(config: S3Config) -> S3Tier {
     S3Tier::connect(config).await.expect("connect to S3")
 }
@@ -291,7 +299,9 @@ async fn a_body_reaped_during_a_read_fails_the_stream() {
 /// line could be written, because the first body GET is answered before `get` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_body_object_is_an_upstream_error_never_a_404() {
-    let Some(config) = config() else { return };
+    let Some(config) = config_with_body_objects() else {
+        return;
+    };
     let tier = connect(config.clone()).await;
     let store = bucket(&config);
     let (n, k) = (ns("lost"), key("k"));
@@ -389,7 +399,9 @@ async fn large_bodies_go_up_in_parts_and_come_back_in_parallel_ranges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaper_deletes_unreferenced_bodies_after_grace_and_keeps_referenced_ones() {
-    let Some(config) = config() else { return };
+    let Some(config) = config_with_body_objects() else {
+        return;
+    };
     let tier = connect(config.clone()).await;
     let store = bucket(&config);
     let n = ns("reap");
@@ -453,7 +465,9 @@ async fn reaper_deletes_unreferenced_bodies_after_grace_and_keeps_referenced_one
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_only_put_on_an_existing_key_uploads_nothing() {
-    let Some(config) = config() else { return };
+    let Some(config) = config_with_body_objects() else {
+        return;
+    };
     let tier = connect(config.clone()).await;
     let store = bucket(&config);
     let (n, k) = (ns("co"), key("k"));
@@ -476,7 +490,9 @@ async fn create_only_put_on_an_existing_key_uploads_nothing() {
 /// S3's ETag of the body keeps its bytes from going out under the old revision's ETag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_object_changed_behind_our_back_is_never_served() {
-    let Some(config) = config() else { return };
+    let Some(config) = config_with_body_objects() else {
+        return;
+    };
     let tier = connect(config.clone()).await;
     let store = bucket(&config);
     let (n, k) = (ns("tamper"), key("k"));
@@ -532,4 +548,101 @@ async fn get_revision_opens_a_revision_read_moments_ago_without_its_reference() 
     let other = ETag::of(b"another revision");
     let err = tier.get_revision(&n, &k, &other, None).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::NotFound);
+}
+
+/// The raw reference object of `n/k`: its JSON line, and the inline body after it if any.
+async fn raw_ref(store: &Arc<dyn ObjectStore>, config: &S3Config, n: &str, k: &str) -> Vec<u8> {
+    let r = store
+        .get(&at(config, &format!("refs/{n}/{k}")))
+        .await
+        .unwrap();
+    r.bytes().await.unwrap().to_vec()
+}
+
+/// A body of at most `inline_body_max` bytes is written inside its reference: no body object,
+/// nothing to retire when it is replaced or deleted, and another replica reads it back whole.
+/// One byte more and it gets a body object of its own, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_travel_inside_their_reference() {
+    let Some(mut config) = config() else { return };
+    config.inline_body_max = 1000;
+    let tier = connect(config.clone()).await;
+    let other = connect(config.clone()).await;
+    let store = bucket(&config);
+    let n = ns("inline");
+
+    let small = pattern(1000, 1);
+    let etag = put(&tier, &n, &key("small"), small.clone()).await;
+    assert!(names(&store, &config, "bodies").await.is_empty());
+    let raw = raw_ref(&store, &config, "inline", "small").await;
+    assert!(
+        raw.ends_with(&small),
+        "the bytes follow the reference's JSON"
+    );
+    assert_eq!(
+        read_verified(&other, &n, &key("small")).await,
+        (etag, small)
+    );
+    let range = GetOptions {
+        conditions: ReadConditions {
+            range: Some(larder_proto::RangeSpec::FromTo(10, 19)),
+            ..Default::default()
+        },
+        head: false,
+    };
+    let got = other.get(&n, &key("small"), range).await.unwrap();
+    assert_eq!(
+        got.outcome,
+        ReadOutcome::Partial(ByteRange { start: 10, len: 10 })
+    );
+    assert_eq!(
+        body_to_bytes(got.body.unwrap()).await.unwrap(),
+        &pattern(1000, 1)[10..20]
+    );
+
+    let big = pattern(1001, 2);
+    put(&tier, &n, &key("big"), big.clone()).await;
+    assert_eq!(names(&store, &config, "bodies").await.len(), 1);
+    assert_eq!(read_verified(&other, &n, &key("big")).await.1, big);
+
+    // Replacing or deleting an inline revision leaves nothing for the reaper; replacing a body
+    // object with an inline revision retires that body.
+    put(&tier, &n, &key("small"), b"v2".to_vec()).await;
+    assert!(tier.delete(&n, &key("small")).await.unwrap());
+    assert!(names(&store, &config, "retired").await.is_empty());
+    let big_body = body_of(&store, &config, "inline", "big").await;
+    put(&tier, &n, &key("big"), b"small now".to_vec()).await;
+    assert_eq!(
+        names(&store, &config, "retired").await,
+        vec![format!("retired/{}", &big_body["bodies/".len()..])]
+    );
+    assert_eq!(read_verified(&other, &n, &key("big")).await.1, b"small now");
+    let report = tier.reap(Duration::ZERO).await.unwrap();
+    assert_eq!(report.bodies_deleted, 1, "{report:?}");
+    assert!(names(&store, &config, "bodies").await.is_empty());
+    assert_eq!(read_verified(&other, &n, &key("big")).await.1, b"small now");
+}
+
+/// An inline body changed in the bucket behind larder's back no longer matches its ETag: the
+/// read fails as a corrupt reference (an upstream error), and no byte of it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_body_changed_behind_our_back_is_never_served() {
+    let Some(config) = config() else { return };
+    let tier = connect(config.clone()).await;
+    let store = bucket(&config);
+    let (n, k) = (ns("tamper-inline"), key("k"));
+    put(&tier, &n, &k, pattern(500, 1)).await;
+    let mut raw = raw_ref(&store, &config, "tamper-inline", "k").await;
+    *raw.last_mut().unwrap() ^= 0xff;
+    store
+        .put(&at(&config, "refs/tamper-inline/k"), raw.into())
+        .await
+        .unwrap();
+    let err = connect(config.clone())
+        .await
+        .get(&n, &k, GetOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Upstream, "{err:?}");
+    assert!(err.message.contains("corrupt"), "{err:?}");
 }

@@ -400,6 +400,8 @@ pub struct S3Section {
     pub reap_interval: Option<Interval>,
     /// Multipart upload part size.
     pub part_size: Option<ByteSize>,
+    /// Bodies up to this size are stored inside their key's reference object.
+    pub inline_body_max: Option<ByteSize>,
     /// Size and number of parallel ranged GETs for large reads.
     pub read_part_size: Option<ByteSize>,
     pub read_concurrency: Option<usize>,
@@ -796,6 +798,9 @@ fn resolve_s3(cli: &Cli, file: S3Section) -> anyhow::Result<Option<S3Settings>> 
     if let Some(part) = file.read_part_size {
         tier.read_part_size = part.0;
     }
+    if let Some(max) = file.inline_body_max {
+        tier.inline_body_max = usize::try_from(max.0).unwrap_or(usize::MAX);
+    }
     if let Some(n) = file.read_concurrency {
         tier.read_concurrency = n;
     }
@@ -890,7 +895,7 @@ mod tests {
 
     #[test]
     fn s3_settings_come_from_the_file_and_flags() {
-        let toml = "[s3]\nbucket = \"cache\"\nendpoint = \"http://127.0.0.1:9000\"\nprefix = \"larder\"\nrevalidate_after = \"10s\"\nread_part_size = \"16MiB\"\nmetadata_timeout = \"20s\"\nrequest_timeout = \"2m\"\n";
+        let toml = "[s3]\nbucket = \"cache\"\nendpoint = \"http://127.0.0.1:9000\"\nprefix = \"larder\"\nrevalidate_after = \"10s\"\nread_part_size = \"16MiB\"\ninline_body_max = \"4KiB\"\nmetadata_timeout = \"20s\"\nrequest_timeout = \"2m\"\n";
         let c = with_file(toml, Cli::default()).unwrap();
         let s3 = c.s3.unwrap();
         assert_eq!(s3.tier.bucket, "cache");
@@ -898,6 +903,7 @@ mod tests {
         assert!(s3.tier.allow_http);
         assert_eq!(s3.revalidate_after, Duration::from_secs(10));
         assert_eq!(s3.tier.read_part_size, 16 << 20);
+        assert_eq!(s3.tier.inline_body_max, 4 << 10);
         assert_eq!(s3.tier.metadata_timeout, Duration::from_secs(20));
         assert_eq!(s3.tier.request_timeout, Duration::from_secs(120));
         let c = with_file(

@@ -14,6 +14,11 @@ use std::time::Duration;
 /// S3 rejects multipart parts smaller than this (except the last one).
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 
+/// The largest `inline_body_max` accepted. A reference is read whole on every revalidation,
+/// listing and compare-and-swap, and recently read ones are kept in memory, so only bodies whose
+/// transfer costs less than a round trip belong in it.
+pub const MAX_INLINE_BODY: usize = 1 << 20;
+
 /// Settings of an [`S3Tier`](crate::S3Tier): where the bucket is, credentials, and the client's
 /// sizes, concurrency and time limits. [`S3Config::new`] gives the defaults; `Debug` redacts the
 /// secret and the session token.
@@ -42,6 +47,11 @@ pub struct S3Config {
     pub part_size: usize,
     /// Parts of one upload in flight at once (memory: about this many × `part_size`).
     pub upload_concurrency: usize,
+    /// Bodies of at most this many bytes travel inside their reference object instead of a body
+    /// object of their own: a small write is then one conditional PUT after the reference read,
+    /// and a cold small read one GET, where a separate body costs a round trip more each way.
+    /// 0 keeps every body in its own object. At most [`MAX_INLINE_BODY`].
+    pub inline_body_max: usize,
     /// Size of each ranged GET when reading a body.
     pub read_part_size: u64,
     /// Ranged GETs of one read in flight at once (memory: about this many × `read_part_size`).
@@ -83,6 +93,7 @@ impl fmt::Debug for S3Config {
             .field("virtual_hosted_style", &self.virtual_hosted_style)
             .field("part_size", &self.part_size)
             .field("upload_concurrency", &self.upload_concurrency)
+            .field("inline_body_max", &self.inline_body_max)
             .field("read_part_size", &self.read_part_size)
             .field("read_concurrency", &self.read_concurrency)
             .field("request_timeout", &self.request_timeout)
@@ -110,6 +121,7 @@ impl S3Config {
             virtual_hosted_style: false,
             part_size: 8 << 20,
             upload_concurrency: 4,
+            inline_body_max: 64 << 10,
             read_part_size: 8 << 20,
             read_concurrency: 4,
             request_timeout: Duration::from_secs(60),
@@ -154,6 +166,12 @@ impl S3Config {
         }
         if self.read_part_size == 0 || self.read_concurrency == 0 || self.upload_concurrency == 0 {
             return invalid("S3 read part size and concurrencies must be positive".into());
+        }
+        if self.inline_body_max > MAX_INLINE_BODY {
+            return invalid(format!(
+                "S3 inline body limit {} is above the maximum of {MAX_INLINE_BODY} bytes",
+                self.inline_body_max
+            ));
         }
         if self.prefix.starts_with('/') || self.prefix.ends_with('/') {
             return invalid(format!(

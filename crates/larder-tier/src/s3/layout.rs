@@ -12,9 +12,16 @@
 //! reader that learned a body name from a reference reads exactly that revision's bytes or
 //! nothing. The reference is the single point of truth for a key and is what conditional PUT
 //! protects.
+//!
+//! A small body (up to `S3Config::inline_body_max`) is stored inside its reference instead:
+//! format version 2, the reference's JSON line, a newline, then the body's bytes. Such a
+//! revision still gets a body name, never used for an object: it is how a writer whose answer
+//! was lost recognises its own revision. A reader that knows only version 1 refuses such a
+//! reference as corrupt (bytes after its JSON) rather than misread it.
 
 use crate::error::{ErrorKind, TierError};
 use crate::tier::ObjectMeta;
+use bytes::Bytes;
 use larder_proto::ETag;
 use object_store::path::Path;
 use serde::{Deserialize, Serialize};
@@ -27,6 +34,9 @@ pub(crate) const PROBE: &str = "probe";
 
 /// Bumped on incompatible changes; readers refuse what they do not know rather than misread it.
 const FORMAT_VERSION: u32 = 1;
+
+/// A reference that carries its body after its JSON line.
+const INLINE_FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug)]
 pub(crate) struct Layout {
@@ -109,7 +119,8 @@ impl Layout {
     }
 }
 
-/// The reference object of a key: everything about its current revision except the bytes.
+/// The reference object of a key: everything about its current revision, and the bytes too when
+/// they are few.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RefDoc {
     pub v: u32,
@@ -128,6 +139,9 @@ pub(crate) struct RefDoc {
     /// object replaced behind larder's back cannot be served under this revision's ETag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body_etag: Option<String>,
+    /// The body itself, for a reference of format version 2; `body` then names no object.
+    #[serde(skip)]
+    pub inline: Option<Bytes>,
 }
 
 impl RefDoc {
@@ -150,7 +164,21 @@ impl RefDoc {
             headers,
             body,
             body_etag,
+            inline: None,
         }
+    }
+
+    /// The same revision with its body carried inside the reference.
+    pub(crate) fn with_inline_body(mut self, bytes: Bytes) -> RefDoc {
+        self.v = INLINE_FORMAT_VERSION;
+        self.body_etag = None;
+        self.inline = Some(bytes);
+        self
+    }
+
+    /// The body object this revision's bytes live in, if they are not inline.
+    pub(crate) fn body_object(&self) -> Option<&str> {
+        self.inline.is_none().then_some(self.body.as_str())
     }
 
     pub(crate) fn parse(bytes: &[u8]) -> Result<RefDoc, TierError> {
@@ -160,21 +188,51 @@ impl RefDoc {
                 format!("S3 reference object is corrupt: {why}"),
             )
         };
-        let doc: RefDoc = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        if doc.v != FORMAT_VERSION {
-            return Err(bad(format!("unknown format version {}", doc.v)));
-        }
-        if ETag::parse(&doc.etag).is_none() {
+        // Compact JSON never holds a raw newline, so the first one ends the JSON line.
+        let (json, rest) = match bytes.iter().position(|&b| b == b'\n') {
+            Some(at) => (&bytes[..at], Some(&bytes[at + 1..])),
+            None => (bytes, None),
+        };
+        let mut doc: RefDoc = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
+        let Some(etag) = ETag::parse(&doc.etag) else {
             return Err(bad("invalid etag".into()));
-        }
+        };
         if !Layout::is_body_name(&doc.body) {
             return Err(bad(format!("invalid body name {:?}", doc.body)));
+        }
+        match (doc.v, rest) {
+            (FORMAT_VERSION, None) => {}
+            (INLINE_FORMAT_VERSION, Some(body)) => {
+                // Checked here, once per reference read, because nothing downstream would: an
+                // inline body is served straight from this object.
+                if body.len() as u64 != doc.size {
+                    return Err(bad(format!(
+                        "it carries {} bytes of a {}-byte body",
+                        body.len(),
+                        doc.size
+                    )));
+                }
+                if ETag::of(body) != etag {
+                    return Err(bad("its body does not match its etag".into()));
+                }
+                doc.inline = Some(Bytes::copy_from_slice(body));
+            }
+            (FORMAT_VERSION, Some(_)) => return Err(bad("trailing bytes after its JSON".into())),
+            (INLINE_FORMAT_VERSION, None) => return Err(bad("its inline body is missing".into())),
+            (v, _) => return Err(bad(format!("unknown format version {v}"))),
         }
         Ok(doc)
     }
 
-    pub(crate) fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a RefDoc always serializes")
+    /// The reference object's bytes: the JSON line, and the body after it when it is inline.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec(self).expect("a RefDoc always serializes");
+        if let Some(body) = &self.inline {
+            out.reserve(1 + body.len());
+            out.push(b'\n');
+            out.extend_from_slice(body);
+        }
+        out
     }
 
     pub(crate) fn expired_at(&self, now: SystemTime) -> bool {
@@ -238,7 +296,7 @@ mod tests {
             "bodies/ci/00112233445566778899aabbccddeeff".into(),
             Some("\"abc\"".into()),
         );
-        assert_eq!(RefDoc::parse(&doc.to_json()).unwrap(), doc);
+        assert_eq!(RefDoc::parse(&doc.to_bytes()).unwrap(), doc);
         assert_eq!(
             doc.meta().last_modified,
             UNIX_EPOCH + Duration::from_secs(1_700_000_000),
@@ -262,7 +320,59 @@ mod tests {
         ] {
             let mut bad_body = doc.clone();
             bad_body.body = body.into();
-            assert!(RefDoc::parse(&bad_body.to_json()).is_err(), "{body}");
+            assert!(RefDoc::parse(&bad_body.to_bytes()).is_err(), "{body}");
         }
+    }
+
+    #[test]
+    fn an_inline_body_round_trips_and_is_checked_against_its_etag() {
+        let body = b"a small body\nwith a newline".to_vec();
+        let doc = RefDoc::new(
+            &ETag::of(&body),
+            body.len() as u64,
+            UNIX_EPOCH + Duration::from_millis(1_700_000_000_500),
+            Duration::from_secs(60),
+            vec![("content-type".into(), "text/plain".into())],
+            Layout::new_body_name("ci"),
+            Some("\"abc\"".into()),
+        )
+        .with_inline_body(Bytes::from(body.clone()));
+        let bytes = doc.to_bytes();
+        assert!(bytes.ends_with(&body), "the raw bytes follow the JSON line");
+        let parsed = RefDoc::parse(&bytes).unwrap();
+        assert_eq!(parsed, doc);
+        assert_eq!(parsed.inline.as_deref(), Some(&body[..]));
+        assert_eq!(
+            parsed.body_object(),
+            None,
+            "no body object to read or retire"
+        );
+        assert_eq!(parsed.body_etag, None);
+
+        let json_line = &bytes[..bytes.len() - body.len() - 1];
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        let mut longer = bytes.clone();
+        longer.push(b'!');
+        for (what, corrupt) in [
+            ("a changed byte", flipped),
+            ("a byte more", longer),
+            ("a byte less", bytes[..bytes.len() - 1].to_vec()),
+            ("no body", json_line.to_vec()),
+        ] {
+            let err = RefDoc::parse(&corrupt).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Upstream, "{what}");
+            assert!(err.message.contains("corrupt"), "{what}: {err:?}");
+        }
+        // A version 1 reference with anything after its JSON is refused too.
+        let mut v1 = RefDoc {
+            inline: None,
+            v: 1,
+            ..doc
+        }
+        .to_bytes();
+        assert!(RefDoc::parse(&v1).is_ok());
+        v1.extend_from_slice(b"\nextra");
+        assert!(RefDoc::parse(&v1).is_err());
     }
 }

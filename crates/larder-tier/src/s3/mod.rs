@@ -10,6 +10,10 @@
 //! that got a body name from a reference reads that revision's bytes or fails, never another
 //! revision's bytes.
 //!
+//! A small body travels inside its reference instead (`S3Config::inline_body_max`): a write of a
+//! small cache entry is then one conditional PUT after the reference read, and its first read on
+//! a replica one GET, where a body object costs a round trip more each way.
+//!
 //! Replaced and deleted bodies are not removed at once, because downloads in flight (on this or
 //! another replica) may still be reading them; [`S3Tier::reap`] removes them after a grace period.
 
@@ -23,7 +27,7 @@ mod reap;
 mod recent;
 mod upload;
 
-pub use config::{MIN_PART_SIZE, S3Config};
+pub use config::{MAX_INLINE_BODY, MIN_PART_SIZE, S3Config};
 pub use reap::ReapReport;
 
 use crate::error::{ErrorKind, TierError};
@@ -341,7 +345,7 @@ impl Inner {
     }
 
     /// Decides `opts` against the revision `doc` describes and, for a body outcome, opens the
-    /// first part of its body.
+    /// first part of its body (or serves it from the reference, when it is inline).
     async fn serve(&self, doc: &RefDoc, opts: &GetOptions) -> Result<GetResponse, OpenError> {
         if doc.expired_at(SystemTime::now()) {
             return Err(OpenError::Failed(TierError::not_found()));
@@ -363,6 +367,16 @@ impl Inner {
                 outcome,
                 meta,
                 body: Some(futures_util::stream::empty().boxed()),
+                source: "s3",
+                file: None,
+            });
+        }
+        if let Some(inline) = &doc.inline {
+            let bytes = inline.slice(start as usize..(start + len) as usize);
+            return Ok(GetResponse {
+                outcome,
+                meta,
+                body: Some(futures_util::stream::once(async move { Ok(bytes) }).boxed()),
                 source: "s3",
                 file: None,
             });
@@ -516,10 +530,12 @@ impl Inner {
 
     /// Commits `doc` as the key's revision if `opts.precondition` holds against the current one
     /// at the moment of the conditional PUT. Returns whether the key had no live revision.
+    /// `body_path` is the body object uploaded for it (`None` for an inline body), deleted when
+    /// the revision is refused.
     async fn commit_ref(
         &self,
         ref_path: &Path,
-        body_path: &Path,
+        body_path: Option<&Path>,
         mut make_doc: impl FnMut(SystemTime) -> RefDoc,
         opts: &PutOptions,
     ) -> Result<bool, TierError> {
@@ -545,7 +561,9 @@ impl Inner {
                 .filter(|c| !c.doc.expired_at(now))
                 .map(|c| c.doc.meta().validators());
             if decide_write(&opts.precondition, live.as_ref()) == WriteOutcome::PreconditionFailed {
-                self.discard_body(body_path).await;
+                if let Some(body) = body_path {
+                    self.discard_body(body).await;
+                }
                 return Err(TierError::precondition_failed(live.map(|v| v.etag)));
             }
             let created = live.is_none();
@@ -555,8 +573,9 @@ impl Inner {
                 Some(c) => PutMode::Update(self.update_version(&c.s3_etag)),
                 None => PutMode::Create,
             };
-            let replaced = current.map(|c| c.doc.body);
-            let payload = PutPayload::from(doc.to_json());
+            // Only a body object needs retiring; an inline body goes with its reference.
+            let replaced = current.and_then(|c| c.doc.body_object().map(str::to_owned));
+            let payload = PutPayload::from(doc.to_bytes());
             let put = self
                 .small("reference write", async {
                     self.store.put_opts(ref_path, payload, mode.into()).await
@@ -601,7 +620,9 @@ impl Inner {
                 }
             }
         }
-        self.discard_body(body_path).await;
+        if let Some(body) = body_path {
+            self.discard_body(body).await;
+        }
         Err(TierError::new(
             ErrorKind::Unavailable,
             "too many concurrent writers to this key; try again",
@@ -701,6 +722,7 @@ impl Tier for S3Tier {
             concurrency: inner.config.upload_concurrency,
             max_size: opts.max_size,
             metadata_timeout: inner.config.metadata_timeout,
+            inline_max: inner.config.inline_body_max,
         }
         .run(body)
         .await?;
@@ -717,10 +739,14 @@ impl Tier for S3Tier {
             if let Some(t) = opts.last_modified {
                 doc.last_modified_ms = layout::unix_ms(t);
             }
-            doc
+            match &uploaded.inline {
+                Some(bytes) => doc.with_inline_body(bytes.clone()),
+                None => doc,
+            }
         };
+        let uploaded_body = uploaded.inline.is_none().then_some(&body_path);
         let created = inner
-            .commit_ref(&ref_path, &body_path, make_doc, &opts)
+            .commit_ref(&ref_path, uploaded_body, make_doc, &opts)
             .await?;
         Ok(PutResult {
             etag: uploaded.etag,
@@ -740,7 +766,9 @@ impl Tier for S3Tier {
         let _change = RefChange(&inner.ref_changes);
         inner.delete_object(&ref_path, "reference delete").await?;
         // The body stays for the reaper: another replica may be streaming it right now.
-        inner.retire(&current.doc.body).await;
+        if let Some(body) = current.doc.body_object() {
+            inner.retire(body).await;
+        }
         Ok(!current.doc.expired_at(SystemTime::now()))
     }
 
@@ -845,6 +873,11 @@ mod tests {
         let mut c = S3Config::new("b");
         c.prefix = "/x".into();
         assert!(c.validate().is_err());
+        let mut c = S3Config::new("b");
+        c.inline_body_max = MAX_INLINE_BODY + 1;
+        assert!(c.validate().is_err());
+        c.inline_body_max = MAX_INLINE_BODY;
+        assert!(c.validate().is_ok());
         let mut c = S3Config::new("b");
         c.secret_access_key = Some("hunter2".into());
         assert!(
@@ -998,8 +1031,17 @@ mod tests {
     /// revision's bytes after the key has moved on.
     #[tokio::test(flavor = "current_thread")]
     async fn a_revision_read_moments_ago_opens_without_reading_its_reference_again() {
+        // With its body in an object of its own, and inside its reference.
+        for inline_body_max in [0, 64 << 10] {
+            revision_read_moments_ago(inline_body_max).await;
+        }
+    }
+
+    async fn revision_read_moments_ago(inline_body_max: usize) {
         let store = Arc::new(ScriptedStore::default());
-        let tier = S3Tier::over(S3Config::new("bucket"), store.clone());
+        let mut config = S3Config::new("bucket");
+        config.inline_body_max = inline_body_max;
+        let tier = S3Tier::over(config, store.clone());
         tier.check_conditional_put().await.unwrap();
         let (ns, key) = (Namespace::parse("ci").unwrap(), Key::parse("k").unwrap());
         tier.put(&ns, &key, body(b"first"), PutOptions::default())

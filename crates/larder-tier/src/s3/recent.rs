@@ -5,8 +5,10 @@
 //!
 //! What is remembered only ever names a body: bodies are immutable and their names used once,
 //! so a remembered reference can be out of date (the key moved on) but never wrong about the
-//! bytes of the revision it names. Entries are kept for [`LIFETIME`] and at most [`CAPACITY`]
-//! of them, which bounds the memory whatever the number of keys.
+//! bytes of the revision it names. Entries are kept for [`LIFETIME`], at most [`CAPACITY`] of
+//! them and at most [`INLINE_BYTES`] of inline bodies (a reference that carries its body: the
+//! fill after the decision then needs no S3 request at all), which bounds the memory whatever
+//! the number of keys.
 
 use super::layout::RefDoc;
 use larder_proto::ETag;
@@ -22,30 +24,54 @@ const LIFETIME: Duration = Duration::from_secs(10);
 /// References remembered at most.
 const CAPACITY: usize = 1024;
 
+/// Bytes of inline bodies remembered at most.
+const INLINE_BYTES: usize = 16 << 20;
+
 #[derive(Default)]
 pub(super) struct RecentRefs {
-    by_path: Mutex<HashMap<Path, (RefDoc, Instant)>>,
+    remembered: Mutex<Remembered>,
+}
+
+#[derive(Default)]
+struct Remembered {
+    by_path: HashMap<Path, (RefDoc, Instant)>,
+    inline_bytes: usize,
+}
+
+fn inline_len(doc: &RefDoc) -> usize {
+    doc.inline.as_ref().map_or(0, |b| b.len())
 }
 
 impl RecentRefs {
     pub(super) fn remember(&self, path: &Path, doc: &RefDoc) {
         let now = Instant::now();
-        let mut map = self.by_path.lock().unwrap();
-        if map.len() >= CAPACITY && !map.contains_key(path) {
-            map.retain(|_, (_, read)| now.duration_since(*read) < LIFETIME);
-            if map.len() >= CAPACITY {
-                // Over a thousand keys read within the lifetime: forgetting them costs each of
-                // their fills one reference read, as before this memory existed.
-                map.clear();
+        let mut r = self.remembered.lock().unwrap();
+        let full = |r: &Remembered| {
+            (r.by_path.len() >= CAPACITY && !r.by_path.contains_key(path))
+                || r.inline_bytes + inline_len(doc) > INLINE_BYTES
+        };
+        if full(&r) {
+            r.by_path
+                .retain(|_, (_, read)| now.duration_since(*read) < LIFETIME);
+            r.inline_bytes = r.by_path.values().map(|(d, _)| inline_len(d)).sum();
+            if full(&r) {
+                // Over a thousand keys (or 16 MiB of small bodies) read within the lifetime:
+                // forgetting them costs each of their fills one reference read, as before this
+                // memory existed.
+                r.by_path.clear();
+                r.inline_bytes = 0;
             }
         }
-        map.insert(path.clone(), (doc.clone(), now));
+        r.inline_bytes += inline_len(doc);
+        if let Some((old, _)) = r.by_path.insert(path.clone(), (doc.clone(), now)) {
+            r.inline_bytes -= inline_len(&old);
+        }
     }
 
     /// The reference of revision `etag` of the key at `path`, if it was read recently.
     pub(super) fn revision(&self, path: &Path, etag: &ETag) -> Option<RefDoc> {
-        let map = self.by_path.lock().unwrap();
-        let (doc, read) = map.get(path)?;
+        let r = self.remembered.lock().unwrap();
+        let (doc, read) = r.by_path.get(path)?;
         (read.elapsed() < LIFETIME && doc.etag == etag.as_str()).then(|| doc.clone())
     }
 }
@@ -102,12 +128,36 @@ mod tests {
         let recent = RecentRefs::default();
         for i in 0..CAPACITY * 3 {
             recent.remember(&Path::from(format!("refs/ns/k{i}")), &doc(&etag(1)));
-            assert!(recent.by_path.lock().unwrap().len() <= CAPACITY);
+            assert!(recent.remembered.lock().unwrap().by_path.len() <= CAPACITY);
         }
         let last = Path::from(format!("refs/ns/k{}", CAPACITY * 3 - 1));
         assert!(
             recent.revision(&last, &etag(1)).is_some(),
             "the newest is kept"
         );
+    }
+
+    #[test]
+    fn inline_bodies_held_stay_bounded() {
+        let recent = RecentRefs::default();
+        let body = bytes::Bytes::from(vec![7u8; 1 << 20]);
+        for i in 0..40 {
+            let doc = doc(&etag(1)).with_inline_body(body.clone());
+            recent.remember(&Path::from(format!("refs/ns/k{i}")), &doc);
+            let r = recent.remembered.lock().unwrap();
+            assert!(r.inline_bytes <= INLINE_BYTES, "{} bytes", r.inline_bytes);
+            let counted: usize = r.by_path.values().map(|(d, _)| inline_len(d)).sum();
+            assert_eq!(r.inline_bytes, counted);
+        }
+        let newest = recent
+            .revision(&Path::from("refs/ns/k39"), &etag(1))
+            .unwrap();
+        assert_eq!(newest.inline.unwrap().len(), 1 << 20);
+        // Remembering a key again replaces its body in the count instead of adding to it.
+        let doc = doc(&etag(2)).with_inline_body(bytes::Bytes::from_static(b"x"));
+        recent.remember(&Path::from("refs/ns/k39"), &doc);
+        let r = recent.remembered.lock().unwrap();
+        let counted: usize = r.by_path.values().map(|(d, _)| inline_len(d)).sum();
+        assert_eq!(r.inline_bytes, counted);
     }
 }

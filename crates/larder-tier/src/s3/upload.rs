@@ -1,7 +1,8 @@
 //! Streaming a request body into a new, immutable body object while hashing it.
 //!
-//! Bodies smaller than one part are buffered and sent with a single PUT (one request instead of
-//! three); larger ones switch to a multipart upload as soon as the first part is full, so memory
+//! Bodies of at most `inline_max` bytes are only buffered: they go up inside the reference, with
+//! no body object at all. Bodies smaller than one part are buffered and sent with a single PUT
+//! (one request instead of three); larger ones switch to a multipart upload as soon as the first part is full, so memory
 //! stays at about `upload_concurrency` parts whatever the object size. The BLAKE3 digest — the
 //! revision's ETag — is computed on the way. Any failure aborts the multipart upload, and so does
 //! dropping the upload half-way (the client went away), so no half-written body lingers beyond
@@ -23,6 +24,9 @@ pub(crate) struct UploadedBody {
     pub size: u64,
     /// S3's ETag of the body object, when the server told us one.
     pub s3_etag: Option<String>,
+    /// The whole body, when it is small enough to travel inside the reference; nothing was
+    /// written to the body object's path then.
+    pub inline: Option<Bytes>,
 }
 
 pub(crate) struct Uploader<'a> {
@@ -32,6 +36,8 @@ pub(crate) struct Uploader<'a> {
     pub concurrency: usize,
     pub max_size: Option<u64>,
     pub metadata_timeout: Duration,
+    /// Bodies of at most this many bytes are returned inline instead of uploaded.
+    pub inline_max: usize,
 }
 
 /// A multipart upload that aborts itself unless it was finished.
@@ -127,6 +133,18 @@ impl Uploader<'_> {
             return Err(failure);
         }
         let etag = ETag::from_digest(&hasher.finalize());
+        if multipart.is_none() && size <= self.inline_max as u64 {
+            let inline = match pending.len() {
+                1 => pending.pop().expect("one chunk"),
+                _ => pending.concat().into(),
+            };
+            return Ok(UploadedBody {
+                etag,
+                size,
+                s3_etag: None,
+                inline: Some(inline),
+            });
+        }
         let s3_etag = match multipart {
             None => {
                 let payload: PutPayload = pending.into_iter().collect();
@@ -147,6 +165,7 @@ impl Uploader<'_> {
             etag,
             size,
             s3_etag: s3_etag.filter(|e| !e.is_empty()),
+            inline: None,
         })
     }
 
