@@ -532,12 +532,18 @@ impl Inner {
     /// at the moment of the conditional PUT. Returns whether the key had no live revision.
     /// `body_path` is the body object uploaded for it (`None` for an inline body), deleted when
     /// the revision is refused.
+    ///
+    /// `believed` is what the caller takes the current reference to be (`Some(None)`: no
+    /// reference), read earlier or assumed; the first attempt is made against it instead of a
+    /// fresh read, which saves a round trip when it is right. When it is wrong the conditional
+    /// PUT fails and the next attempt reads, so it never decides anything.
     async fn commit_ref(
         &self,
         ref_path: &Path,
         body_path: Option<&Path>,
         mut make_doc: impl FnMut(SystemTime) -> RefDoc,
         opts: &PutOptions,
+        mut believed: Option<Option<Current>>,
     ) -> Result<bool, TierError> {
         let _change = RefChange(&self.ref_changes);
         // The outcome of a PUT whose answer was lost: if the reference now names our body, it
@@ -545,7 +551,11 @@ impl Inner {
         let mut landed: Option<(bool, Option<String>)> = None;
         let mut backoff = Duration::from_millis(5);
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let current = self.read_ref(ref_path).await?;
+            let read_now = believed.is_none();
+            let current = match believed.take() {
+                Some(current) => current,
+                None => self.read_ref(ref_path).await?,
+            };
             let now = SystemTime::now();
             let doc = make_doc(now);
             if let (Some(c), Some((created, replaced))) = (&current, &landed)
@@ -583,10 +593,19 @@ impl Inner {
                 .await;
             match put {
                 Ok(Ok(_)) => {
+                    self.recent.wrote(ref_path);
                     if let Some(old) = replaced {
                         self.retire(&old).await;
                     }
                     return Ok(created);
+                }
+                Ok(Err(
+                    object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. },
+                )) if !read_now => {
+                    // The belief was out of date: nobody to back off from. (Our own PUT may
+                    // still have landed with its answer lost, as below.)
+                    landed = Some((created, replaced));
                 }
                 Ok(Err(
                     object_store::Error::AlreadyExists { .. }
@@ -702,17 +721,25 @@ impl Tier for S3Tier {
         // A conditional write that already fails needs no upload (CI clients save caches with
         // If-None-Match: * over and over). The decisive check is the conditional PUT below.
         let pre = &opts.precondition;
-        if pre.if_match.is_some() || pre.if_none_match.is_some() {
+        let believed = if pre.if_match.is_some() || pre.if_none_match.is_some() {
+            let current = inner.read_ref(&ref_path).await?;
             let now = SystemTime::now();
-            let live = inner
-                .read_ref(&ref_path)
-                .await?
+            let live = current
+                .as_ref()
                 .filter(|c| !c.doc.expired_at(now))
                 .map(|c| c.doc.meta().validators());
             if decide_write(pre, live.as_ref()) == WriteOutcome::PreconditionFailed {
                 return Err(TierError::precondition_failed(live.map(|v| v.etag)));
             }
-        }
+            Some(current)
+        } else if inner.conditional_put.load(Ordering::Relaxed) && !inner.recent.knows(&ref_path) {
+            // Most keys a build tool writes are new (their names are digests): try a
+            // create-only PUT straight away. If the key exists after all, that PUT fails and
+            // costs one round trip more than reading first would have.
+            Some(None)
+        } else {
+            None
+        };
         let body_name = Layout::new_body_name(ns.as_str());
         let body_path = inner.layout.path(&body_name)?;
         let uploaded = Uploader {
@@ -746,7 +773,7 @@ impl Tier for S3Tier {
         };
         let uploaded_body = uploaded.inline.is_none().then_some(&body_path);
         let created = inner
-            .commit_ref(&ref_path, uploaded_body, make_doc, &opts)
+            .commit_ref(&ref_path, uploaded_body, make_doc, &opts, believed)
             .await?;
         Ok(PutResult {
             etag: uploaded.etag,
@@ -895,6 +922,7 @@ mod tests {
         armed: AtomicBool,
         quiet: AtomicBool,
         ref_reads: AtomicU64,
+        ref_writes: AtomicU64,
     }
 
     impl ScriptedStore {
@@ -917,6 +945,9 @@ mod tests {
             payload: PutPayload,
             opts: object_store::PutOptions,
         ) -> object_store::Result<object_store::PutResult> {
+            if Self::is_ref(location) {
+                self.ref_writes.fetch_add(1, Ordering::SeqCst);
+            }
             let r = self.inner.put_opts(location, payload, opts).await;
             if Self::is_ref(location) && self.armed.load(Ordering::SeqCst) {
                 self.quiet.store(true, Ordering::SeqCst);
@@ -1094,5 +1125,116 @@ mod tests {
         let got = tier.get_revision(&ns, &key, &unknown, None).await.unwrap();
         assert_eq!(got.outcome, larder_proto::ReadOutcome::PreconditionFailed);
         assert!(got.body.is_none());
+    }
+
+    /// A write reads the key's reference only when it must: never for a new key, once for a key
+    /// this replica saw lately or for a conditional write (the check before the upload is the
+    /// first attempt's belief), and once more, after a refused create-only PUT, for a key that
+    /// exists without this replica knowing. Each way the outcome is what reading first gives:
+    /// the right `created`, and a replaced body object retired.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_reads_the_reference_only_when_it_must() {
+        use larder_proto::WritePrecondition;
+        let store = Arc::new(ScriptedStore::default());
+        let mut config = S3Config::new("bucket");
+        config.inline_body_max = 4;
+        let tier = S3Tier::over(config.clone(), store.clone());
+        let other = S3Tier::over(config, store.clone());
+        tier.check_conditional_put().await.unwrap();
+        other.check_conditional_put().await.unwrap();
+        let ns = Namespace::parse("ci").unwrap();
+        // (reference reads, reference PUTs) so far
+        let reads = || {
+            (
+                store.ref_reads.load(Ordering::SeqCst),
+                store.ref_writes.load(Ordering::SeqCst),
+            )
+        };
+        let since = |before: (u64, u64)| {
+            let now = reads();
+            (now.0 - before.0, now.1 - before.1)
+        };
+        let put = |tier: &S3Tier, key: &str, bytes: &'static [u8], pre: WritePrecondition| {
+            let (ns, key, tier) = (ns.clone(), Key::parse(key).unwrap(), tier.clone());
+            async move {
+                let opts = PutOptions {
+                    precondition: pre,
+                    ..Default::default()
+                };
+                tier.put(&ns, &key, body(bytes), opts).await
+            }
+        };
+        let none = WritePrecondition::default;
+
+        let before = reads();
+        assert!(put(&tier, "new", b"v1", none()).await.unwrap().created);
+        assert_eq!(since(before), (0, 1), "a new key: one create-only PUT");
+
+        let before = reads();
+        assert!(!put(&tier, "new", b"v2", none()).await.unwrap().created);
+        assert_eq!(
+            since(before),
+            (1, 1),
+            "a key written here lately: read, then swap"
+        );
+
+        // Replaced through a replica that never saw the key: its create-only PUT is refused,
+        // then it reads and swaps, and retires the body object it replaced.
+        let before = reads();
+        let r = put(&other, "new", b"v3", none()).await.unwrap();
+        assert!(!r.created);
+        assert_eq!(since(before), (1, 2), "refused create, read, swap");
+        let old_body_retired = store
+            .inner
+            .list(Some(&Path::from(RETIRED)))
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap();
+        assert!(
+            old_body_retired.is_empty(),
+            "v1 and v2 were inline: nothing to retire"
+        );
+        put(&tier, "big", b"a body object", none()).await.unwrap();
+        put(&other, "big", b"another one", none()).await.unwrap();
+        let retired = store
+            .inner
+            .list(Some(&Path::from(RETIRED)))
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap();
+        assert_eq!(retired.len(), 1, "the replaced body object is retired");
+        let got = tier
+            .get(&ns, &Key::parse("big").unwrap(), GetOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            crate::body_to_bytes(got.body.unwrap()).await.unwrap(),
+            b"another one"
+        );
+
+        let before = reads();
+        let create = WritePrecondition::create_only();
+        assert!(
+            put(&tier, "fresh", b"x", create.clone())
+                .await
+                .unwrap()
+                .created
+        );
+        assert_eq!(
+            since(before),
+            (1, 1),
+            "create-only: the check before the upload, only"
+        );
+        let err = put(&other, "fresh", b"y", create).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::PreconditionFailed);
+
+        let current = ETag::of(b"v3");
+        let before = reads();
+        let swap = WritePrecondition {
+            if_match: Some(larder_proto::TagList::parse(&current.to_string())),
+            ..Default::default()
+        };
+        assert!(!put(&other, "new", b"v4", swap).await.unwrap().created);
+        assert_eq!(since(before), (1, 1), "compare-and-swap: one read");
     }
 }

@@ -1,7 +1,8 @@
-//! References read moments ago, so that a caller who has just decided a read against a revision
-//! (the tiered cache's miss: decide, then fill) can open that revision's body without reading
-//! its reference a second time. On a cold miss that second reference read was a whole S3 round
-//! trip before the first byte.
+//! References read (or written) moments ago, so that a caller who has just decided a read
+//! against a revision (the tiered cache's miss: decide, then fill) can open that revision's body
+//! without reading its reference a second time. On a cold miss that second reference read was a
+//! whole S3 round trip before the first byte. A write asks whether its key was seen lately to
+//! choose between a create-only PUT at once and reading the reference first.
 //!
 //! What is remembered only ever names a body: bodies are immutable and their names used once,
 //! so a remembered reference can be out of date (the key moved on) but never wrong about the
@@ -36,6 +37,9 @@ pub(super) struct RecentRefs {
 struct Remembered {
     by_path: HashMap<Path, (RefDoc, Instant)>,
     inline_bytes: usize,
+    /// When this replica last committed a reference of each key (not what it wrote: a read
+    /// decided moments ago may still be filling the revision it replaced).
+    written: HashMap<Path, Instant>,
 }
 
 fn inline_len(doc: &RefDoc) -> usize {
@@ -66,6 +70,28 @@ impl RecentRefs {
         if let Some((old, _)) = r.by_path.insert(path.clone(), (doc.clone(), now)) {
             r.inline_bytes -= inline_len(&old);
         }
+    }
+
+    /// Notes that this replica committed a reference of the key at `path`.
+    pub(super) fn wrote(&self, path: &Path) {
+        let now = Instant::now();
+        let mut r = self.remembered.lock().unwrap();
+        if r.written.len() >= CAPACITY && !r.written.contains_key(path) {
+            r.written.retain(|_, at| now.duration_since(*at) < LIFETIME);
+            if r.written.len() >= CAPACITY {
+                r.written.clear();
+            }
+        }
+        r.written.insert(path.clone(), now);
+    }
+
+    /// Whether a reference of the key at `path` was read or written recently: the key most
+    /// likely exists.
+    pub(super) fn knows(&self, path: &Path) -> bool {
+        let r = self.remembered.lock().unwrap();
+        let recent = |at: &Instant| at.elapsed() < LIFETIME;
+        r.by_path.get(path).is_some_and(|(_, read)| recent(read))
+            || r.written.get(path).is_some_and(recent)
     }
 
     /// The reference of revision `etag` of the key at `path`, if it was read recently.
@@ -159,5 +185,23 @@ mod tests {
         let r = recent.remembered.lock().unwrap();
         let counted: usize = r.by_path.values().map(|(d, _)| inline_len(d)).sum();
         assert_eq!(r.inline_bytes, counted);
+    }
+
+    #[test]
+    fn keys_written_here_are_known_and_stay_bounded() {
+        let recent = RecentRefs::default();
+        let path = Path::from("refs/ns/written");
+        assert!(!recent.knows(&path));
+        recent.wrote(&path);
+        assert!(recent.knows(&path));
+        assert!(
+            recent.revision(&path, &etag(1)).is_none(),
+            "a write says nothing about which revision a read may open"
+        );
+        for i in 0..CAPACITY * 3 {
+            recent.wrote(&Path::from(format!("refs/ns/k{i}")));
+            assert!(recent.remembered.lock().unwrap().written.len() <= CAPACITY);
+        }
+        assert!(recent.knows(&Path::from(format!("refs/ns/k{}", CAPACITY * 3 - 1))));
     }
 }
