@@ -31,7 +31,7 @@ use crate::tier::{
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use fill::{Fill, FillContext};
+use fill::{Fill, FillContext, Following};
 use futures_util::StreamExt;
 use knowledge::{Freshness, KeyId, Keys, Observation};
 use larder_proto::{ByteRange, Key, Namespace, WritePrecondition, decide_read};
@@ -221,7 +221,21 @@ impl<L: CacheTier> Inner<L> {
         }
         let etag = decided.meta.etag.clone();
         let fill = Fill::of(&self.fills, id, &decided.meta);
-        if let Some(spool) = fill.spool().await {
+        let spool = match fill.follow().await {
+            Some(Following::Whole(bytes)) => {
+                let range = bytes.slice(start as usize..(start + len) as usize);
+                return Ok(Through::Served(GetResponse {
+                    outcome: decided.outcome,
+                    meta: decided.meta,
+                    body: Some(futures_util::stream::once(async move { Ok(range) }).boxed()),
+                    source: self.remote.name(),
+                    file: None,
+                }));
+            }
+            Some(Following::Spool(spool)) => Some(spool),
+            None => None,
+        };
+        if let Some(spool) = spool {
             match self.local.read_spool(&spool, start, len).await {
                 Ok(body) => {
                     let body = fill::follow_or_fall_back(
