@@ -209,6 +209,9 @@ impl<L: CacheTier> Owner<L> {
                 Err(e) => return Ended::Failed(e),
             };
             self.phase.send_replace(Phase::Whole(bytes.clone()));
+            // The readers just woken run on this thread too: let them answer before the copy
+            // creates its file.
+            tokio::task::yield_now().await;
             futures_util::stream::once(async move { Ok(bytes) }).boxed()
         } else {
             body.map(|chunk| chunk.map_err(std::io::Error::other))
