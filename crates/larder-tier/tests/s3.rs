@@ -617,9 +617,23 @@ async fn small_bodies_travel_inside_their_reference() {
         vec![format!("retired/{}", &big_body["bodies/".len()..])]
     );
     assert_eq!(read_verified(&other, &n, &key("big")).await.1, b"small now");
+    // An expired inline revision is reaped like any expired reference, with no body to delete.
+    let short = PutOptions {
+        ttl: Duration::from_millis(300),
+        ..Default::default()
+    };
+    tier.put(&n, &key("brief"), upload(b"brief".to_vec()), short)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let report = tier.reap(Duration::ZERO).await.unwrap();
     assert_eq!(report.bodies_deleted, 1, "{report:?}");
+    assert_eq!(report.expired_refs_deleted, 1, "{report:?}");
     assert!(names(&store, &config, "bodies").await.is_empty());
+    assert_eq!(
+        names(&store, &config, "refs").await,
+        vec!["refs/inline/big"]
+    );
     assert_eq!(read_verified(&other, &n, &key("big")).await.1, b"small now");
 }
 
