@@ -48,8 +48,9 @@ pub struct S3Config {
     /// Parts of one upload in flight at once (memory: about this many × `part_size`).
     pub upload_concurrency: usize,
     /// Bodies of at most this many bytes travel inside their reference object instead of a body
-    /// object of their own: a small write is then one conditional PUT after the reference read,
-    /// and a cold small read one GET, where a separate body costs a round trip more each way.
+    /// object of their own: a small write is then one conditional PUT (plus a reference read when
+    /// the key may exist), and a cold small read one GET, where a separate body costs a round
+    /// trip more each way.
     /// 0 keeps every body in its own object. At most [`MAX_INLINE_BODY`].
     pub inline_body_max: usize,
     /// Size of each ranged GET when reading a body.

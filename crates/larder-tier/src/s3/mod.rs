@@ -11,8 +11,9 @@
 //! revision's bytes.
 //!
 //! A small body travels inside its reference instead (`S3Config::inline_body_max`): a write of a
-//! small cache entry is then one conditional PUT after the reference read, and its first read on
-//! a replica one GET, where a body object costs a round trip more each way.
+//! small cache entry is then one conditional PUT (see `put` for when the reference is read
+//! first), and its first read on a replica one GET, where a body object costs a round trip more
+//! each way.
 //!
 //! Replaced and deleted bodies are not removed at once, because downloads in flight (on this or
 //! another replica) may still be reading them; [`S3Tier::reap`] removes them after a grace period.

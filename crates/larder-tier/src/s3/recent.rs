@@ -1,8 +1,8 @@
-//! References read (or written) moments ago, so that a caller who has just decided a read
-//! against a revision (the tiered cache's miss: decide, then fill) can open that revision's body
-//! without reading its reference a second time. On a cold miss that second reference read was a
-//! whole S3 round trip before the first byte. A write asks whether its key was seen lately to
-//! choose between a create-only PUT at once and reading the reference first.
+//! References read moments ago, so that a caller who has just decided a read against a revision
+//! (the tiered cache's miss: decide, then fill) can open that revision's body without reading
+//! its reference a second time. On a cold miss that second reference read was a whole S3 round
+//! trip before the first byte. Also the keys whose reference was read or written lately: a
+//! write asks, to choose between a create-only PUT at once and reading the reference first.
 //!
 //! What is remembered only ever names a body: bodies are immutable and their names used once,
 //! so a remembered reference can be out of date (the key moved on) but never wrong about the

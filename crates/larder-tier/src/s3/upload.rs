@@ -2,11 +2,11 @@
 //!
 //! Bodies of at most `inline_max` bytes are only buffered: they go up inside the reference, with
 //! no body object at all. Bodies smaller than one part are buffered and sent with a single PUT
-//! (one request instead of three); larger ones switch to a multipart upload as soon as the first part is full, so memory
-//! stays at about `upload_concurrency` parts whatever the object size. The BLAKE3 digest — the
-//! revision's ETag — is computed on the way. Any failure aborts the multipart upload, and so does
-//! dropping the upload half-way (the client went away), so no half-written body lingers beyond
-//! what S3 itself keeps of an aborted upload.
+//! (one request instead of three); larger ones switch to a multipart upload as soon as the first
+//! part is full, so memory stays at about `upload_concurrency` parts whatever the object size.
+//! The BLAKE3 digest — the revision's ETag — is computed on the way. Any failure aborts the
+//! multipart upload, and so does dropping the upload half-way (the client went away), so no
+//! half-written body lingers beyond what S3 itself keeps of an aborted upload.
 
 use super::error::{s3_error, timed_out};
 use crate::error::{ErrorKind, TierError};

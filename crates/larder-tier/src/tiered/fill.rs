@@ -209,8 +209,8 @@ impl<L: CacheTier> Owner<L> {
                 Err(e) => return Ended::Failed(e),
             };
             self.phase.send_replace(Phase::Whole(bytes.clone()));
-            // The readers just woken run on this thread too: let them answer before the copy
-            // creates its file.
+            // The reader that started this fill runs on this thread (a current-thread runtime):
+            // let it answer before the copy creates its file.
             tokio::task::yield_now().await;
             futures_util::stream::once(async move { Ok(bytes) }).boxed()
         } else {
