@@ -249,7 +249,11 @@ fn range_header() -> impl Strategy<Value = (Option<String>, RangeForm)> {
             "",
         ])
         .prop_map(|s| RangeForm::Malformed(s.into())),
-        "[ -~]{0,12}".prop_map(|s| RangeForm::Malformed(format!("bytes={s}"))),
+        // Random text is malformed only when it is not, by chance, a valid single range
+        // ("bytes=0-" was once generated as "malformed").
+        "[ -~]{0,12}"
+            .prop_filter("a valid single range", |s| !is_single_range(s))
+            .prop_map(|s| RangeForm::Malformed(format!("bytes={s}"))),
     ];
     let rendered = (form, unit, 0usize..3, ows(), ows()).prop_map(|(form, unit, zeros, a, b)| {
         let value = match &form {
@@ -261,6 +265,19 @@ fn range_header() -> impl Strategy<Value = (Option<String>, RangeForm)> {
         (Some(format!("{a}{value}{b}")), form)
     });
     prop_oneof![1 => Just((None, RangeForm::Malformed(String::new()))), 5 => rendered]
+}
+
+/// Whether `spec` (what follows `bytes=`) is one range of RFC 9110 §14.1.1, `first-[last]` or
+/// `-suffix`, with the optional whitespace a header value may end with. Independent of the
+/// parser under test.
+fn is_single_range(spec: &str) -> bool {
+    let spec = spec.trim_end_matches([' ', '\t']);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match spec.split_once('-') {
+        Some(("", suffix)) => digits(suffix),
+        Some((first, last)) => digits(first) && (last.is_empty() || digits(last)),
+        None => false,
+    }
 }
 
 /// §14.1.1–§14.1.2 on the generated numbers: what the range means for a representation of
