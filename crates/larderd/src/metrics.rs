@@ -311,6 +311,7 @@ fn static_method(m: &Method) -> &'static str {
         Method::PUT => "PUT",
         Method::POST => "POST",
         Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
         _ => "other",
     }
 }

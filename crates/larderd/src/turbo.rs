@@ -19,6 +19,8 @@
 //! - `POST /turbo/v8/artifacts` with `{"hashes":[…]}` (`turbo run --dry`): for each hash
 //!   `{"size","taskDurationMs","tag"}` or `null`.
 //! - `POST /turbo/v8/artifacts/events`: hit/miss analytics, accepted and discarded.
+//! - `OPTIONS` on any of these before each request with `--preflight`: a CORS preflight, whose
+//!   `Access-Control-Allow-Headers` decides whether turbo sends its token on the request.
 //!
 //! The team names the namespace: `turbo-` and the `teamId`, else the `slug`, in lower case
 //! (`TURBO_TEAM=web` → `turbo-web`); a request without a team, or one that cannot name a
@@ -101,25 +103,60 @@ impl<'a> TurboRoute<'a> {
         }
     }
 
-    /// The methods it answers, and the scope each needs.
-    fn scope(self, method: &Method) -> Result<Scope, &'static str> {
+    /// The methods it answers, as `Allow` lists them.
+    fn allowed(self) -> &'static str {
         match self {
-            TurboRoute::Artifact(_) => match *method {
-                Method::GET | Method::HEAD => Ok(Scope::Read),
-                Method::PUT => Ok(Scope::Write),
-                _ => Err("GET, HEAD, PUT"),
-            },
-            TurboRoute::Status => match *method {
-                Method::GET | Method::HEAD => Ok(Scope::Read),
-                _ => Err("GET, HEAD"),
-            },
-            // Both only read: a query looks artifacts up, events are discarded.
-            TurboRoute::Query | TurboRoute::Events => match *method {
-                Method::POST => Ok(Scope::Read),
-                _ => Err("POST"),
-            },
+            TurboRoute::Artifact(_) => "GET, HEAD, PUT",
+            TurboRoute::Status => "GET, HEAD",
+            TurboRoute::Query | TurboRoute::Events => "POST",
         }
     }
+
+    /// The scope a method needs here; `Err` is the `Allow` list of a method it does not answer.
+    fn scope(self, method: &Method) -> Result<Scope, &'static str> {
+        match (self, method) {
+            (TurboRoute::Artifact(_), &Method::PUT) => Ok(Scope::Write),
+            (TurboRoute::Artifact(_) | TurboRoute::Status, &Method::GET | &Method::HEAD) => {
+                Ok(Scope::Read)
+            }
+            // Both only read: a query looks artifacts up, events are discarded.
+            (TurboRoute::Query | TurboRoute::Events, &Method::POST) => Ok(Scope::Read),
+            _ => Err(self.allowed()),
+        }
+    }
+}
+
+/// Request headers a preflight allows: turbo's own, and `Authorization`, which turbo sends on
+/// the request that follows only when this list names it.
+const PREFLIGHT_HEADERS: &str = "Authorization, Content-Type, User-Agent, x-artifact-duration, \
+     x-artifact-tag, x-artifact-client-ci, x-artifact-client-interactive";
+
+/// The answer to `OPTIONS` (`turbo --preflight`, `TURBO_PREFLIGHT=true`): a CORS preflight
+/// that allows the route's methods and turbo's headers. It needs no token and names no team,
+/// as a preflight tells nothing about what is stored; the request that follows is checked in
+/// full. Without it turbo drops its token after the preflight and every request gets 401.
+fn preflight(route: TurboRoute<'_>) -> Response<Body> {
+    let mut r = Response::new(api::empty_body());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let headers = r.headers_mut();
+    headers.insert(header::ALLOW, HeaderValue::from_static(route.allowed()));
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(route.allowed()),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(PREFLIGHT_HEADERS),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    r
 }
 
 pub(crate) async fn handle(
@@ -143,6 +180,9 @@ async fn answer(
     log: &mut RequestLog,
 ) -> Response<Body> {
     let method = req.method().clone();
+    if method == Method::OPTIONS {
+        return preflight(route);
+    }
     let scope = match route.scope(&method) {
         Ok(scope) => scope,
         Err(allow) => return api::method_not_allowed(allow),

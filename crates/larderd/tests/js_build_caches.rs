@@ -467,6 +467,43 @@ async fn turbo_with_a_read_only_or_unknown_token_builds_and_stores_nothing() {
     turbo.assert_offline();
 }
 
+#[tokio::test]
+async fn turbo_with_preflight_requests_keeps_its_token_and_hits() {
+    let name = "turbo_with_preflight_requests_keeps_its_token_and_hits";
+    let Some(bin) = npm_tool(name, "LARDER_TURBO") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let srv = larderd(work.path(), None);
+    let turbo = Turbo::new(bin, work.path(), &srv);
+    let http = Client::new();
+
+    // `--preflight` sends OPTIONS before each request and then sends its token only where the
+    // answer allows `Authorization`: a refused preflight made every request a 401.
+    let first = work.path().join("first");
+    turbo_workspace(&first, false);
+    let out = turbo.build(&first, WRITER, "pre", None, &["--preflight"]);
+    assert!(!out.contains("failed to contact remote cache"), "{out}");
+    let second = work.path().join("second");
+    turbo_workspace(&second, false);
+    let out = turbo.build(&second, READER, "pre", None, &["--preflight"]);
+    for pkg in TURBO_PACKAGES {
+        task_hash(&out, pkg, "cache hit, replaying logs");
+        assert_eq!(turbo_output(&first, pkg), turbo_output(&second, pkg));
+    }
+    let metrics = srv.scrape(&http).await;
+    let preflights =
+        r#"larder_http_requests_total{route="turbo_artifact",method="OPTIONS",status="204"}"#;
+    // Two uploads and two downloads, each after its own preflight.
+    assert!(
+        metric(&metrics, preflights).is_some_and(|n| n >= 4.0),
+        "{metrics}"
+    );
+    let refused = r#"larder_http_requests_total{route="turbo_artifact",method="GET",status="401"}"#;
+    assert_eq!(metric(&metrics, refused), None, "{metrics}");
+    turbo.assert_offline();
+}
+
 /// One request through `http` with an optional bearer token, headers and body.
 async fn send(
     http: &Client,
@@ -688,6 +725,39 @@ async fn turbo_routes_keep_tag_and_duration_and_answer_errors_in_turbo_json() {
     let r = send(&http, Method::DELETE, &artifact, Some(WRITER), &[], b"").await;
     assert_eq!(r.headers()["allow"], "GET, HEAD, PUT");
     assert_turbo_error(r, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    // A preflight (turbo --preflight) needs no token or team, allows the route's methods and
+    // turbo's headers, `Authorization` among them, and changes nothing.
+    for (url, methods) in [
+        (format!("{base}/0123abcd"), "GET, HEAD, PUT"),
+        (format!("{base}/status"), "GET, HEAD"),
+        (format!("{base}/events"), "POST"),
+        (base.clone(), "POST"),
+    ] {
+        let r = send(
+            &http,
+            Method::OPTIONS,
+            &url,
+            None,
+            &[("access-control-request-method", "PUT")],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "{url}");
+        assert_eq!(
+            r.headers()["access-control-allow-methods"],
+            methods,
+            "{url}"
+        );
+        assert_eq!(r.headers()["allow"], methods, "{url}");
+        assert_eq!(r.headers()["access-control-allow-origin"], "*");
+        let allowed = r.headers()["access-control-allow-headers"]
+            .to_str()
+            .unwrap();
+        for name in ["authorization", "x-artifact-tag", "x-artifact-duration"] {
+            assert!(allowed.to_ascii_lowercase().contains(name), "{allowed}");
+        }
+        assert!(r.bytes().await.unwrap().is_empty());
+    }
     // Nothing a refusal touched changed what is stored.
     let r = send(&http, Method::GET, &artifact, Some(READER), &[], b"").await;
     assert_eq!(&r.bytes().await.unwrap()[..], b"artifact-2");
