@@ -7,8 +7,10 @@
 //! runs against a stale server. [`TestPki`] and [`token_sha256`] provide what tests of HTTPS
 //! and access control configure it with; [`TcpRelay`] puts the S3 server behind a slow or broken
 //! link; [`s3`] says whether a real S3 server is there and how to point replicas at it;
-//! [`Launch`] adds environment and a log file to a start.
+//! [`Launch`] adds environment and a log file to a start; [`bazel`] writes what a Bazel client
+//! would store.
 
+pub mod bazel;
 pub mod git;
 mod pki;
 mod relay;

@@ -119,7 +119,7 @@ impl Req {
     }
 }
 
-pub(crate) const OBJECT_PREFIX: &str = "/api/v1/object/";
+const OBJECT_PREFIX: &str = "/api/v1/object/";
 const BAZEL_PREFIX: &str = "/bazel/";
 const GIT_PREFIX: &str = "/api/v1/git/";
 /// Names the namespace of a repository's snapshots in answers of the head route.
@@ -213,9 +213,44 @@ pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body>
     response
 }
 
-/// A GET or HEAD of `/api/v1/object/{ns}/{key}` as the HTTP/1.1 fast path (`fast_path.rs`)
-/// parsed it: the only request fields it lets through.
+/// The routes whose reads the HTTP/1.1 fast path answers: on each, a GET or HEAD is a plain read
+/// of one object, so it means the same on either path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadRoute {
+    /// `/api/v1/object/{ns}/{key}`
+    Object,
+    /// `/bazel/{ns}/cas/{sha256}`: Bazel's blobs, most of a build's cache reads.
+    BazelCas,
+    /// `/bazel/{ns}/ac/{sha256}` where action results are not checked (ccache's `layout=bazel`);
+    /// a checked one is read by `bazel.rs`, with its blobs.
+    BazelAc,
+}
+
+impl ReadRoute {
+    /// The route, namespace and key of `path` when it is one of these routes; Bazel's only with
+    /// a well-formed hash (else `bazel.rs` says what is wrong).
+    pub(crate) fn of_path(path: &str) -> Option<(ReadRoute, &str, &str)> {
+        if let Some(rest) = path.strip_prefix(OBJECT_PREFIX) {
+            let (ns, key) = rest.split_once('/').unwrap_or((rest, ""));
+            return Some((ReadRoute::Object, ns, key));
+        }
+        crate::bazel::read_route(path.strip_prefix(BAZEL_PREFIX)?)
+    }
+
+    /// The label of its metrics and access lines, as on the general path.
+    fn label(self) -> &'static str {
+        match self {
+            ReadRoute::Object => "object",
+            ReadRoute::BazelCas => "bazel_cas",
+            ReadRoute::BazelAc => "bazel_ac",
+        }
+    }
+}
+
+/// A GET or HEAD of an object as the HTTP/1.1 fast path (`fast_path.rs`) parsed it: the only
+/// request fields it lets through.
 pub(crate) struct ObjectRead<'a> {
+    pub route: ReadRoute,
     pub ns: &'a str,
     pub key: &'a str,
     pub head: bool,
@@ -308,6 +343,43 @@ pub(crate) async fn read_object(
         None,
         read.range,
     );
+    if read.route == ReadRoute::BazelAc && state.bazel.checks_action_results(&ns) {
+        // Small, and answered after its blobs are looked up: no file or memory at hand to
+        // write from, but no reason to leave the connection to hyper either.
+        let span = tracing::info_span!(
+            "request",
+            request_id = id,
+            %method,
+            ns = ns.as_str(),
+            key = key.as_str()
+        );
+        let checked = crate::bazel::action_result(state, (&ns, &key), &conditions, read.head);
+        let answered = AssertUnwindSafe(checked.instrument(span))
+            .catch_unwind()
+            .await;
+        let (response, tier) = match answered {
+            Ok(answered) => answered,
+            Err(panic) => (panicked(id, &*panic), ""),
+        };
+        log.tier = tier;
+        let (answer, status, etag) = general(response, &log, &read.request_id);
+        account(
+            started,
+            &method,
+            status,
+            AccessLine {
+                request_id: id,
+                route: read.route.label(),
+                ns: ns.as_str(),
+                key: key.as_str(),
+                tier: log.tier,
+                etag: etag.as_ref().map_or("", larder_proto::ETag::quoted),
+                token: &log.token,
+                ..AccessLine::default()
+            },
+        );
+        return Some(answer);
+    }
     let opts = GetOptions {
         conditions,
         head: read.head,
@@ -388,7 +460,7 @@ pub(crate) async fn read_object(
         status,
         AccessLine {
             request_id: id,
-            route: "object",
+            route: read.route.label(),
             ns: ns.as_str(),
             key: key.as_str(),
             tier: log.tier,

@@ -26,7 +26,7 @@
 //!   see it, an action result therefore never outlives its blobs. (Files inside an output
 //!   directory's tree are not looked at; the tree blob itself is.)
 
-use crate::api::{self, Body, OBJECT_PUT, PutRules, Req, RequestLog, State, text};
+use crate::api::{self, Body, OBJECT_PUT, PutRules, ReadRoute, Req, RequestLog, State, text};
 use crate::auth::Scope;
 use crate::io::{BodyCheck, Refusal};
 use bytes::{Bytes, BytesMut};
@@ -111,6 +111,21 @@ pub(crate) fn object_route_check(key: &Key) -> Option<Box<dyn BodyCheck>> {
     is_sha256_hex(hash).then(|| Box::new(Sha256Check::new(hash)) as Box<dyn BodyCheck>)
 }
 
+/// The route, namespace and key of a read under `/bazel/` (`rest` is the path after it) that
+/// the fast path may answer as a plain object read: a blob, or an action result (which
+/// `api::read_object` leaves to [`handle`] where action results are checked). Anything else, a
+/// malformed hash included, is `handle`'s, which says what is wrong.
+pub(crate) fn read_route(rest: &str) -> Option<(ReadRoute, &str, &str)> {
+    let (ns, key) = rest.split_once('/')?;
+    let (store, hash) = key.split_once('/')?;
+    let route = match store {
+        "cas" => ReadRoute::BazelCas,
+        "ac" => ReadRoute::BazelAc,
+        _ => return None,
+    };
+    is_sha256_hex(hash).then_some((route, ns, key))
+}
+
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
@@ -162,7 +177,12 @@ pub(crate) async fn handle(
             let check = ActionResultCheck::new(max);
             api::put_checked(state, &ns, &key, req, &rules, Some(Box::new(check))).await
         }
-        (Store::Ac, false) if checked => action_result(state, (&ns, &key), req, head, log).await,
+        (Store::Ac, false) if checked => {
+            let conditions = api::read_conditions(req.headers());
+            let (response, tier) = action_result(state, (&ns, &key), &conditions, head).await;
+            log.tier = tier;
+            response
+        }
         (_, true) => api::put(state, &ns, &key, req, &OBJECT_PUT).await,
         (_, false) => api::get(state, &ns, &key, req.headers(), head, log).await,
     }
@@ -424,21 +444,32 @@ fn referenced_blobs(result: &reapi::ActionResult) -> Vec<(String, u64)> {
     unique.into_iter().collect()
 }
 
-/// `GET|HEAD` of an action result in a checked namespace: read whole (it is small), parsed, and
-/// served only while every blob it refers to is stored; then decided against the request's
-/// conditions like any read (`decide_read` on the revision read).
-async fn action_result(
+/// `GET|HEAD` of an action result in a checked namespace, on either path: read whole (it is
+/// small), parsed, and served only while every blob it refers to is stored; then decided
+/// against the request's conditions like any read (`decide_read` on the revision read). With
+/// the answer, the tier that held the entry (empty when none could be asked).
+pub(crate) async fn action_result(
     state: &State,
     (ns, key): (&Namespace, &Key),
-    req: &Req,
+    conditions: &ReadConditions,
     head: bool,
-    log: &mut RequestLog,
-) -> Response<Body> {
+) -> (Response<Body>, &'static str) {
     let got = match state.tier.get(ns, key, GetOptions::default()).await {
         Ok(got) => got,
-        Err(e) => return api::tier_error(e),
+        Err(e) => return (api::tier_error(e), ""),
     };
-    log.tier = got.source;
+    let source = got.source;
+    (checked_read(state, ns, got, conditions, head).await, source)
+}
+
+/// The answer to a read of the action result `got`.
+async fn checked_read(
+    state: &State,
+    ns: &Namespace,
+    got: GetResponse,
+    conditions: &ReadConditions,
+    head: bool,
+) -> Response<Body> {
     let miss = |reason: String| {
         tracing::info!(%reason, "Bazel action result treated as a miss");
         text(StatusCode::NOT_FOUND, reason)
@@ -482,10 +513,7 @@ async fn action_result(
         }
         Err(e) => return api::tier_error(e),
     }
-    let outcome = decide_read(
-        &api::read_conditions(req.headers()),
-        Some(&got.meta.validators()),
-    );
+    let outcome = decide_read(conditions, Some(&got.meta.validators()));
     let body = match outcome.body_range(got.meta.size) {
         Some(range) if !head => {
             let part = bytes.slice(range.start as usize..(range.start + range.len) as usize);
@@ -501,7 +529,8 @@ async fn action_result(
             source: got.source,
             file: None,
         },
-        log,
+        // The caller logs the tier it was given.
+        &mut RequestLog::default(),
     )
 }
 

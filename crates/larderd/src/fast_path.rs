@@ -1,6 +1,7 @@
 //! The HTTP/1.1 fast path: plain-HTTP connections start here, and the requests CI fleets send by
 //! the thousand — a GET or HEAD of one object, or of a range of it, with nothing but validators
-//! and a token — are parsed, answered and written without hyper. Serving a small object from
+//! and a token, on the object route or as a Bazel blob ([`ReadRoute`]) — are parsed, answered
+//! and written without hyper. Serving a small object from
 //! disk costs a few microseconds; hyper's connection machinery (dispatch, header maps in and out,
 //! its encoder) cost more than the lookup and the write together. A large body from disk is
 //! handed to the kernel (`sendfile`) instead of being copied through user space.
@@ -17,7 +18,7 @@
 //!
 //! `LARDER_FAST_PATH=0` turns it off (every connection goes to hyper), for comparisons.
 
-use crate::api::{self, Body, FieldValue, ObjectRead, ReadAnswer, State};
+use crate::api::{self, Body, FieldValue, ObjectRead, ReadAnswer, ReadRoute, State};
 use crate::io::SendFile;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
@@ -272,6 +273,7 @@ enum Parsed<'a> {
 struct Request<'a> {
     head_len: usize,
     head: bool,
+    route: ReadRoute,
     ns: &'a str,
     key: &'a str,
     request_id: Option<&'a [u8]>,
@@ -291,6 +293,7 @@ impl Request<'_> {
         api::read_object(
             state,
             ObjectRead {
+                route: self.route,
                 ns: self.ns,
                 key: self.key,
                 head: self.head,
@@ -327,17 +330,17 @@ fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
     };
     // Only paths hyper's URI parser takes as they are, so that a request handed over with its
     // answer is the same request when hyper reads it.
-    let Some(rest) = req
+    let Some((route, ns, key)) = req
         .path
         .filter(|p| p.bytes().all(plain_path_byte))
-        .and_then(|p| p.strip_prefix(api::OBJECT_PREFIX))
+        .and_then(ReadRoute::of_path)
     else {
         return Parsed::NotOurs;
     };
-    let (ns, key) = rest.split_once('/').unwrap_or((rest, ""));
     let mut request = Request {
         head_len,
         head,
+        route,
         ns,
         key,
         request_id: None,

@@ -309,6 +309,9 @@ impl Server {
                 match crate::fast_path::serve(&self.state, io, &self.fast_limits, &mut stop).await {
                     crate::fast_path::Outcome::Closed => return,
                     crate::fast_path::Outcome::HandOver { io, unread, answer } => {
+                        // Once per connection: how many clients send what the fast path does
+                        // not take (another route, a header off its list).
+                        metrics::counter!("larder_fast_path_handovers_total").increment(1);
                         *decided.lock().unwrap() = answer;
                         crate::fast_path::Rewind::new(io, unread)
                     }

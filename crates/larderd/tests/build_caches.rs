@@ -12,8 +12,8 @@
 //! `{url}/cas/{sha256}`), where larderd checks what is stored: those checks are tested here
 //! over HTTP too, on disk and through S3.
 
+use larder_testkit::bazel::{self as pb, EMPTY_SHA256, sha256_hex};
 use larder_testkit::{Larderd, metric, s3};
-use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -250,57 +250,6 @@ fn gradle_takes_its_outputs_from_larder_with_the_token_as_basic_password() {
 }
 
 // ---- Bazel HTTP remote cache (`/bazel/{ns}`) ----
-
-/// The SHA-256 of no bytes: the key of Bazel's empty blob.
-const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// Protocol Buffers wire format, written by hand from build/bazel/remote/execution/v2/
-/// remote_execution.proto, so that the tests do not share larderd's message definitions.
-mod pb {
-    pub fn varint(mut v: u64, out: &mut Vec<u8>) {
-        while v >= 0x80 {
-            out.push(v as u8 | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-
-    /// A length-delimited field (string, bytes, message).
-    pub fn field(tag: u64, payload: &[u8], out: &mut Vec<u8>) {
-        varint(tag << 3 | 2, out);
-        varint(payload.len() as u64, out);
-        out.extend_from_slice(payload);
-    }
-
-    /// `Digest { hash = 1, size_bytes = 2 }` of `data`.
-    pub fn digest(data: &[u8]) -> Vec<u8> {
-        let mut d = Vec::new();
-        field(1, super::sha256_hex(data).as_bytes(), &mut d);
-        varint(2 << 3, &mut d);
-        varint(data.len() as u64, &mut d);
-        d
-    }
-
-    /// `ActionResult { output_files = 2 [OutputFile { path = 1, digest = 2 }], stdout_digest = 6 }`.
-    pub fn action_result(outputs: &[(&str, &[u8])], stdout: &[u8]) -> Vec<u8> {
-        let mut r = Vec::new();
-        for (path, data) in outputs {
-            let mut file = Vec::new();
-            field(1, path.as_bytes(), &mut file);
-            field(2, &digest(data), &mut file);
-            field(2, &file, &mut r);
-        }
-        field(6, &digest(stdout), &mut r);
-        r
-    }
-}
 
 /// A PUT of `body` to `url`, sent in 64 KiB chunks without a Content-Length (as a stream, so
 /// that a check can only decide at its end); status and the answer's text.
@@ -883,11 +832,26 @@ fn bazel_gets_remote_cache_hits_from_a_token_protected_larder_and_identical_outp
     assert!(total >= 5, "genrules, compiles and a link ran: {total}");
     let first = ws.outputs();
     ws.expunge();
+    // One client, so one connection (with hyper after its first scrape) for every scrape.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let handovers = || {
+        let metrics = runtime.block_on(srv.scrape(&http));
+        metric(&metrics, "larder_fast_path_handovers_total").unwrap_or(0.0)
+    };
+    let before = handovers();
     let (again, hits) = ws.build(&remote, TOKEN);
     assert_eq!(
         (again, hits),
         (total, total),
         "every process is a remote cache hit"
+    );
+    // A build served from the cache only reads, and Bazel's reads (action results with their
+    // blobs checked, blobs) are all answered without hyper.
+    assert_eq!(
+        handovers() - before,
+        0.0,
+        "Bazel's reads stayed on the fast path"
     );
     assert!(
         ws.outputs() == first,
@@ -900,9 +864,7 @@ fn bazel_gets_remote_cache_hits_from_a_token_protected_larder_and_identical_outp
     let (again, hits) = ws.build(&remote, "not-the-token");
     assert_eq!((again, hits), (total, 0));
     assert!(ws.outputs() == first);
-    let metrics = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(srv.scrape(&reqwest::Client::new()));
+    let metrics = runtime.block_on(srv.scrape(&http));
     assert!(
         metric(
             &metrics,

@@ -7,6 +7,7 @@
 //! the same connection was answered or met a reset, and when a request body is sent (after the
 //! head, in its own packet, as clients that stream uploads do).
 
+use larder_testkit::bazel::{self, sha256_hex};
 use larder_testkit::{Larderd, Launch, s3, token_sha256};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -847,6 +848,13 @@ async fn object_reads_on_the_fast_path_without_sendfile_answer_exactly_as_hyper_
 async fn fast_path_answers_as_hyper_does(sendfile: bool) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tokens_config(dir.path());
+    // ccache's `layout=bazel` entries are action results nobody checks.
+    let toml = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{toml}[bazel]\nunchecked_namespaces = [\"ccache\"]\n"),
+    )
+    .unwrap();
     let mut launch = Launch::new(&["--config", &cfg]);
     if !sendfile {
         launch = launch.env("LARDER_SENDFILE", "0");
@@ -865,6 +873,26 @@ async fn fast_path_answers_as_hyper_does(sendfile: bool) {
             .body(&body);
         assert_eq!(c.send(&put).await.unwrap().status, 201);
     }
+    // A Bazel blob; an action result naming it; and the blob's bytes as an unchecked action
+    // result and as a checked one (which is no ActionResult, so it reads as a miss).
+    let blob = b"a bazel blob ".repeat(100);
+    let blob_hash = sha256_hex(&blob);
+    let blob_path = format!("/bazel/ci/cas/{blob_hash}");
+    let action_result = bazel::action_result(&[("out/blob", &blob)], b"");
+    let action_path = format!("/bazel/ci/ac/{}", sha256_hex(b"an action"));
+    let unchecked_ac = format!("/bazel/ccache/ac/{blob_hash}");
+    let not_an_action_result = format!("/bazel/ci/ac/{blob_hash}");
+    for (path, body) in [
+        (&blob_path, &blob),
+        (&action_path, &action_result),
+        (&unchecked_ac, &blob),
+        (&format!("/api/v1/object/ci/ac/{blob_hash}"), &blob),
+    ] {
+        let put = Request::new("PUT", path)
+            .header("authorization", &writer)
+            .body(body);
+        assert_eq!(c.send(&put).await.unwrap().status, 201, "{path}");
+    }
     let mut etag_of = async |path: &str| {
         c.send(&Request::new("HEAD", path).header("authorization", &reader))
             .await
@@ -875,6 +903,9 @@ async fn fast_path_answers_as_hyper_does(sendfile: bool) {
     };
     let etag = etag_of(small_path).await;
     let large_etag = etag_of(large_path).await;
+    let blob_etag = etag_of(&blob_path).await;
+    let action_etag = etag_of(&action_path).await;
+    let missing_blob = format!("/bazel/ci/cas/{}", sha256_hex(b"never stored"));
     let wrong = "\"0000000000000000000000000000000000000000000000000000000000000000\"";
     let cases: Vec<(&str, Request)> = vec![
         ("GET 200", Request::new("GET", small_path)),
@@ -925,9 +956,63 @@ async fn fast_path_answers_as_hyper_does(sendfile: bool) {
             "GET 416",
             Request::new("GET", large_path).header("range", "bytes=5000000-"),
         ),
+        ("bazel blob GET 200", Request::new("GET", &blob_path)),
+        ("bazel blob HEAD 200", Request::new("HEAD", &blob_path)),
+        (
+            "bazel blob GET 304",
+            Request::new("GET", &blob_path).header("if-none-match", &blob_etag),
+        ),
+        (
+            "bazel blob GET 206",
+            Request::new("GET", &blob_path).header("range", "bytes=5-9"),
+        ),
+        ("bazel blob GET 404", Request::new("GET", &missing_blob)),
+        (
+            "bazel blob GET 400",
+            Request::new("GET", "/bazel/ci/cas/ABC"),
+        ),
+        (
+            "bazel unchecked ac GET 200",
+            Request::new("GET", &unchecked_ac),
+        ),
+        ("bazel ac GET 200", Request::new("GET", &action_path)),
+        ("bazel ac HEAD 200", Request::new("HEAD", &action_path)),
+        (
+            "bazel ac GET 304",
+            Request::new("GET", &action_path).header("if-none-match", &action_etag),
+        ),
+        (
+            "bazel ac GET 206",
+            Request::new("GET", &action_path).header("range", "bytes=2-5"),
+        ),
+        (
+            "bazel ac GET 412",
+            Request::new("GET", &action_path).header("if-match", wrong),
+        ),
+        (
+            "bazel ac GET 404",
+            Request::new("GET", &not_an_action_result),
+        ),
     ];
-    let mut fast = Client::new(&srv.addr);
+    // What the fast path leaves to hyper: malformed names and, with access control on, a
+    // request without a token (hyper says why it is refused).
+    let not_on_fast_path = ["GET 400", "bazel blob GET 400"];
     let mut general = Client::new(&srv.addr);
+    let mut scrapes = Client::new(&srv.addr);
+    let mut handovers = async || {
+        let r = scrapes
+            .send(&Request::new("GET", "/metrics"))
+            .await
+            .unwrap();
+        let text = String::from_utf8(r.body).unwrap();
+        larder_testkit::metric(&text, "larder_fast_path_handovers_total").unwrap_or(0.0)
+    };
+    // The connections above are with hyper once they have sent a request.
+    general
+        .send(&Request::new("GET", "/_liveness"))
+        .await
+        .unwrap();
+    handovers().await;
     for (name, request) in cases {
         for token in [Some(&reader), None] {
             let mut plain = Request::new(request.method, &request.path).header(
@@ -943,13 +1028,22 @@ async fn fast_path_answers_as_hyper_does(sendfile: bool) {
             let mut via_hyper = Request::new(plain.method, &plain.path);
             via_hyper.headers = plain.headers.clone();
             let via_hyper = via_hyper.header("x-larder-test", "not on the fast path's list");
-            let a = fast.send(&plain).await.unwrap();
+            // A connection of its own: one the fast path handed to hyper stays there.
+            let before = handovers().await;
+            let a = Client::new(&srv.addr).send(&plain).await.unwrap();
+            let handed_over = handovers().await - before;
             let b = general.send(&via_hyper).await.unwrap();
             assert_eq!(comparable(&a), comparable(&b), "{name}, token {token:?}");
             assert!(a.header("date").is_some(), "{name}: a Date field");
+            let expected = token.is_none() || not_on_fast_path.contains(&name);
+            assert_eq!(
+                handed_over,
+                f64::from(u8::from(expected)),
+                "{name}, token {token:?}: taken by the fast path"
+            );
         }
     }
-    assert_eq!(fast.connects, 1, "one connection served every request");
+    assert_eq!(general.connects, 1);
 
     // Pipelined: small, large, small, then one the fast path does not take, in one write.
     let mut conn = TcpStream::connect(&srv.addr).await.unwrap();
@@ -1015,6 +1109,90 @@ async fn fast_path_answers_as_hyper_does(sendfile: bool) {
         (1 << 20) as f64,
         "bytes served"
     );
+}
+
+/// Bazel's reads are answered on the fast path, like object reads: blobs, and action results
+/// checked or not (a checked one after its blobs are looked up), so a connection that sends
+/// only those is never handed to hyper; a malformed one is. Counted by
+/// `larder_fast_path_handovers_total`, once per connection handed over.
+#[tokio::test]
+async fn bazel_reads_stay_on_the_fast_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("larder.toml");
+    std::fs::write(&cfg, "[bazel]\nunchecked_namespaces = [\"ccache\"]\n").unwrap();
+    let srv = Launch::new(&["--config", cfg.to_str().unwrap()]).start();
+    let blob = b"a bazel blob ".repeat(100);
+    let hash = sha256_hex(&blob);
+    let action = sha256_hex(b"an action");
+    let mut c = Client::new(&srv.addr);
+    for (path, body) in [
+        (format!("/bazel/bz/cas/{hash}"), blob.clone()),
+        (format!("/bazel/ccache/ac/{hash}"), blob.clone()),
+        (
+            format!("/bazel/bz/ac/{action}"),
+            bazel::action_result(&[("out/blob", &blob)], b""),
+        ),
+        (format!("/api/v1/object/bz/ac/{hash}"), blob.clone()),
+    ] {
+        let put = Request::new("PUT", &path).body(&body);
+        assert_eq!(c.send(&put).await.unwrap().status, 201, "{path}");
+    }
+    // This connection is with hyper from now on: later scrapes hand nothing over.
+    let handovers = async |c: &mut Client| {
+        let r = c.send(&Request::new("GET", "/metrics")).await.unwrap();
+        let text = String::from_utf8(r.body).unwrap();
+        larder_testkit::metric(&text, "larder_fast_path_handovers_total").unwrap_or(0.0)
+    };
+    let before = handovers(&mut c).await;
+    let mut reads = Client::new(&srv.addr);
+    for _ in 0..3 {
+        for (path, want) in [
+            (format!("/bazel/bz/cas/{hash}"), 200),
+            (format!("/bazel/bz/cas/{}", sha256_hex(b"other")), 404),
+            (format!("/bazel/ccache/ac/{hash}"), 200),
+            (format!("/bazel/bz/ac/{action}"), 200),
+            // Stored, but no action result: a miss.
+            (format!("/bazel/bz/ac/{hash}"), 404),
+        ] {
+            let r = reads.send(&Request::new("GET", &path)).await.unwrap();
+            assert_eq!(r.status, want, "{path}");
+            if path.contains(&hash) && want == 200 {
+                assert!(r.body == blob, "{path}");
+            }
+        }
+    }
+    assert_eq!(reads.connects, 1);
+    assert_eq!(
+        handovers(&mut c).await - before,
+        0.0,
+        "Bazel reads stayed off hyper"
+    );
+    let r = Client::new(&srv.addr)
+        .send(&Request::new("GET", "/bazel/bz/cas/ABC"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        handovers(&mut c).await - before,
+        1.0,
+        "a malformed hash is left to hyper"
+    );
+    let r = c.send(&Request::new("GET", "/metrics")).await.unwrap();
+    let metrics = String::from_utf8(r.body).unwrap();
+    for (route, status, n) in [
+        ("bazel_cas", 200, 3.0),
+        ("bazel_ac", 200, 6.0),
+        ("bazel_ac", 404, 3.0),
+    ] {
+        let series = format!(
+            "larder_http_requests_total{{route=\"{route}\",method=\"GET\",status=\"{status}\"}}"
+        );
+        assert_eq!(
+            larder_testkit::metric(&metrics, &series),
+            Some(n),
+            "{series}"
+        );
+    }
 }
 
 /// A read the fast path decides but cannot send itself — a large body coming from S3 — is handed
