@@ -29,6 +29,7 @@
 #   bench/build-caches.sh
 # Knobs (environment): REPS=5 GENRULES=200 CCLIBS=100 JOBS=8 SIZES="1024 16384 262144"
 #   COUNT=500 CONNS=32 DURATION=10 LARDER_PORT=18097 KEEP=0 (1 keeps target/bench-build-caches)
+#   LARDERD=<binary> (a given build instead of the tree's, e.g. to compare two)
 # Prints a Markdown table on stdout (progress on stderr) and writes it with the raw per-run
 # numbers to target/bench-build-caches/results.md. Everything it starts is stopped on exit.
 
@@ -81,9 +82,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "building larderd (release)"
-(cd "$REPO" && cargo build --release --locked -p larderd >&2)
-"$REPO/target/release/larderd" --listen "127.0.0.1:$PORT" --data-dir "$WORK/larder-data" \
+LARDERD=${LARDERD:-}
+if [ -z "$LARDERD" ]; then
+  log "building larderd (release)"
+  (cd "$REPO" && cargo build --release --locked -p larderd >&2)
+  LARDERD=$REPO/target/release/larderd
+fi
+"$LARDERD" --listen "127.0.0.1:$PORT" --data-dir "$WORK/larder-data" \
   >"$WORK/larderd.out" 2>"$WORK/larderd.log" &
 LARDERD_PID=$!
 for _ in $(seq 100); do

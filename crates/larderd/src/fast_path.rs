@@ -351,10 +351,12 @@ fn parse<'a>(buf: &'a [u8], limits: &Limits) -> Parsed<'a> {
     };
     for field in req.headers.iter() {
         let name = field.name;
+        // Gradle says who it is in its own field, as others do in `User-Agent`.
         let fine = if name.eq_ignore_ascii_case("host")
             || name.eq_ignore_ascii_case("user-agent")
             || name.eq_ignore_ascii_case("accept")
             || name.eq_ignore_ascii_case("accept-encoding")
+            || name.eq_ignore_ascii_case("x-gradle-version")
         {
             true
         } else if name.eq_ignore_ascii_case("connection") {

@@ -125,8 +125,23 @@ fn ccache_gets_remote_hits_from_larder_and_identical_objects() {
         first.get("remote_storage_write").copied().unwrap_or(0) >= 1,
         "stored in larder: {first:?}"
     );
-    // Another machine: an empty local cache, the same remote.
+    // Another machine: an empty local cache, the same remote. One scraping client, so one
+    // connection (with hyper after its first scrape) for every scrape.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let handovers = || {
+        let metrics = runtime.block_on(srv.scrape(&http));
+        metric(&metrics, "larder_fast_path_handovers_total").unwrap_or(0.0)
+    };
+    let before = handovers();
     let second = build("cache-b", "second.o");
+    // Its reads are all answered without hyper (the fast path's short list of fields is what
+    // ccache sends).
+    assert_eq!(
+        handovers() - before,
+        0.0,
+        "ccache's reads stayed on the fast path"
+    );
     assert!(
         second.get("remote_storage_hit").copied().unwrap_or(0) >= 1,
         "a remote hit from larder: {second:?}"
@@ -232,7 +247,20 @@ fn gradle_takes_its_outputs_from_larder_with_the_token_as_basic_password() {
     // Another checkout, another Gradle home: the compiled class comes from larder.
     let second = work.path().join("second");
     gradle_project(&second, &url, WRITER);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let handovers = || {
+        let metrics = runtime.block_on(srv.scrape(&http));
+        metric(&metrics, "larder_fast_path_handovers_total").unwrap_or(0.0)
+    };
+    let before = handovers();
     let out = gradle_compile(&gradle, &second);
+    // Gradle sends its credentials only after a 401; both are answered without hyper.
+    assert_eq!(
+        handovers() - before,
+        0.0,
+        "Gradle's reads stayed on the fast path"
+    );
     assert!(out.contains(":compileJava FROM-CACHE"), "{out}");
     assert_eq!(
         std::fs::read(first.join(class)).unwrap(),

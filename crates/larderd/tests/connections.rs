@@ -994,8 +994,7 @@ async fn fast_path_answers_as_hyper_does(sendfile: bool) {
             Request::new("GET", &not_an_action_result),
         ),
     ];
-    // What the fast path leaves to hyper: malformed names and, with access control on, a
-    // request without a token (hyper says why it is refused).
+    // What the fast path leaves to hyper: malformed names (hyper says what is wrong).
     let not_on_fast_path = ["GET 400", "bazel blob GET 400"];
     let mut general = Client::new(&srv.addr);
     let mut scrapes = Client::new(&srv.addr);
@@ -1035,7 +1034,7 @@ async fn fast_path_answers_as_hyper_does(sendfile: bool) {
             let b = general.send(&via_hyper).await.unwrap();
             assert_eq!(comparable(&a), comparable(&b), "{name}, token {token:?}");
             assert!(a.header("date").is_some(), "{name}: a Date field");
-            let expected = token.is_none() || not_on_fast_path.contains(&name);
+            let expected = not_on_fast_path.contains(&name);
             assert_eq!(
                 handed_over,
                 f64::from(u8::from(expected)),
