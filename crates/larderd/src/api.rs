@@ -381,21 +381,8 @@ pub(crate) async fn read_object(
         };
         log.tier = tier;
         let (answer, status, etag) = general(response, &log, &read.request_id);
-        account(
-            started,
-            &method,
-            status,
-            AccessLine {
-                request_id: id,
-                route: read.route.label(),
-                ns: ns.as_str(),
-                key: key.as_str(),
-                tier: log.tier,
-                etag: etag.as_ref().map_or("", larder_proto::ETag::quoted),
-                token: &log.token,
-                ..AccessLine::default()
-            },
-        );
+        let read_of = (read.route, &ns, &key);
+        account_read(started, &method, status, id, read_of, &log, etag.as_ref());
         return Some(answer);
     }
     let opts = GetOptions {
@@ -472,27 +459,42 @@ pub(crate) async fn read_object(
         }
         Err(panic) => general(panicked(id, &*panic), &log, &read.request_id),
     };
-    let now = account(
-        started,
-        &method,
-        status,
-        AccessLine {
-            request_id: id,
-            route: read.route.label(),
-            ns: ns.as_str(),
-            key: key.as_str(),
-            tier: log.tier,
-            etag: etag.as_ref().map_or("", larder_proto::ETag::quoted),
-            token: &log.token,
-            ..AccessLine::default()
-        },
-    );
+    let read_of = (read.route, &ns, &key);
+    let now = account_read(started, &method, status, id, read_of, &log, etag.as_ref());
     if let ReadAnswer::Small { answered_at, .. } | ReadAnswer::File { answered_at, .. } =
         &mut answer
     {
         *answered_at = now;
     }
     Some(answer)
+}
+
+/// Counts a read of the fast path in the metrics and writes its access line; the clock read
+/// that stamped it.
+fn account_read(
+    started: Instant,
+    method: &Method,
+    status: StatusCode,
+    request_id: &str,
+    (route, ns, key): (ReadRoute, &Namespace, &Key),
+    log: &RequestLog,
+    etag: Option<&larder_proto::ETag>,
+) -> SystemTime {
+    account(
+        started,
+        method,
+        status,
+        AccessLine {
+            request_id,
+            route: route.label(),
+            ns: ns.as_str(),
+            key: key.as_str(),
+            tier: log.tier,
+            etag: etag.map_or("", larder_proto::ETag::quoted),
+            token: &log.token,
+            ..AccessLine::default()
+        },
+    )
 }
 
 /// A general answer of the fast path, with what its access line needs.

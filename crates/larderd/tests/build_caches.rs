@@ -102,6 +102,27 @@ fn ccache_build(
     ccache_stats(ccache, &cache_dir)
 }
 
+/// Runs `build` (a tool's build that only reads from larder) and asserts that no connection
+/// left larderd's fast path meanwhile (`larder_fast_path_handovers_total`): every request the
+/// tool sent was one the fast path answers. The scrapes share one connection, which is with
+/// hyper after the first and adds nothing.
+fn stays_on_the_fast_path<T>(srv: &Larderd, tool: &str, build: impl FnOnce() -> T) -> T {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let handovers = || {
+        let metrics = runtime.block_on(srv.scrape(&http));
+        metric(&metrics, "larder_fast_path_handovers_total").unwrap_or(0.0)
+    };
+    let before = handovers();
+    let built = build();
+    assert_eq!(
+        handovers() - before,
+        0.0,
+        "{tool}'s reads stayed on the fast path"
+    );
+    built
+}
+
 #[test]
 fn ccache_gets_remote_hits_from_larder_and_identical_objects() {
     let name = "ccache_gets_remote_hits_from_larder_and_identical_objects";
@@ -125,23 +146,8 @@ fn ccache_gets_remote_hits_from_larder_and_identical_objects() {
         first.get("remote_storage_write").copied().unwrap_or(0) >= 1,
         "stored in larder: {first:?}"
     );
-    // Another machine: an empty local cache, the same remote. One scraping client, so one
-    // connection (with hyper after its first scrape) for every scrape.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let http = reqwest::Client::new();
-    let handovers = || {
-        let metrics = runtime.block_on(srv.scrape(&http));
-        metric(&metrics, "larder_fast_path_handovers_total").unwrap_or(0.0)
-    };
-    let before = handovers();
-    let second = build("cache-b", "second.o");
-    // Its reads are all answered without hyper (the fast path's short list of fields is what
-    // ccache sends).
-    assert_eq!(
-        handovers() - before,
-        0.0,
-        "ccache's reads stayed on the fast path"
-    );
+    // Another machine: an empty local cache, the same remote.
+    let second = stays_on_the_fast_path(&srv, "ccache", || build("cache-b", "second.o"));
     assert!(
         second.get("remote_storage_hit").copied().unwrap_or(0) >= 1,
         "a remote hit from larder: {second:?}"
@@ -247,20 +253,8 @@ fn gradle_takes_its_outputs_from_larder_with_the_token_as_basic_password() {
     // Another checkout, another Gradle home: the compiled class comes from larder.
     let second = work.path().join("second");
     gradle_project(&second, &url, WRITER);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let http = reqwest::Client::new();
-    let handovers = || {
-        let metrics = runtime.block_on(srv.scrape(&http));
-        metric(&metrics, "larder_fast_path_handovers_total").unwrap_or(0.0)
-    };
-    let before = handovers();
-    let out = gradle_compile(&gradle, &second);
-    // Gradle sends its credentials only after a 401; both are answered without hyper.
-    assert_eq!(
-        handovers() - before,
-        0.0,
-        "Gradle's reads stayed on the fast path"
-    );
+    // Gradle sends its credentials only after a 401; both are answered on the fast path.
+    let out = stays_on_the_fast_path(&srv, "Gradle", || gradle_compile(&gradle, &second));
     assert!(out.contains(":compileJava FROM-CACHE"), "{out}");
     assert_eq!(
         std::fs::read(first.join(class)).unwrap(),
@@ -860,26 +854,12 @@ fn bazel_gets_remote_cache_hits_from_a_token_protected_larder_and_identical_outp
     assert!(total >= 5, "genrules, compiles and a link ran: {total}");
     let first = ws.outputs();
     ws.expunge();
-    // One client, so one connection (with hyper after its first scrape) for every scrape.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let http = reqwest::Client::new();
-    let handovers = || {
-        let metrics = runtime.block_on(srv.scrape(&http));
-        metric(&metrics, "larder_fast_path_handovers_total").unwrap_or(0.0)
-    };
-    let before = handovers();
-    let (again, hits) = ws.build(&remote, TOKEN);
+    // A build served from the cache only reads: action results (their blobs checked) and blobs.
+    let (again, hits) = stays_on_the_fast_path(&srv, "Bazel", || ws.build(&remote, TOKEN));
     assert_eq!(
         (again, hits),
         (total, total),
         "every process is a remote cache hit"
-    );
-    // A build served from the cache only reads, and Bazel's reads (action results with their
-    // blobs checked, blobs) are all answered without hyper.
-    assert_eq!(
-        handovers() - before,
-        0.0,
-        "Bazel's reads stayed on the fast path"
     );
     assert!(
         ws.outputs() == first,
@@ -892,7 +872,9 @@ fn bazel_gets_remote_cache_hits_from_a_token_protected_larder_and_identical_outp
     let (again, hits) = ws.build(&remote, "not-the-token");
     assert_eq!((again, hits), (total, 0));
     assert!(ws.outputs() == first);
-    let metrics = runtime.block_on(srv.scrape(&http));
+    let metrics = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(srv.scrape(&reqwest::Client::new()));
     assert!(
         metric(
             &metrics,

@@ -243,6 +243,30 @@ impl Turbo {
     }
 }
 
+/// What each turbo test starts with: a work directory, larderd with the two tokens, turbo and
+/// an HTTP client; `None` (the test prints SKIPPED) without turbo.
+struct TurboTest {
+    work: tempfile::TempDir,
+    srv: Larderd,
+    turbo: Turbo,
+    http: Client,
+}
+
+impl TurboTest {
+    fn start(test: &str) -> Option<TurboTest> {
+        let bin = npm_tool(test, "LARDER_TURBO")?;
+        let work = tempfile::tempdir().unwrap();
+        let srv = larderd(work.path(), None);
+        let turbo = Turbo::new(bin, work.path(), &srv);
+        Some(TurboTest {
+            work,
+            srv,
+            turbo,
+            http: Client::new(),
+        })
+    }
+}
+
 /// The hash of `pkg`'s build task from the line turbo prints for it, e.g. `app:build: cache
 /// miss, executing 2aad5ac5ec1e54a0` for `status` "cache miss, executing".
 fn task_hash(out: &str, pkg: &str, status: &str) -> String {
@@ -259,14 +283,15 @@ fn turbo_url(srv: &Larderd, hash: &str, team: &str) -> String {
 
 #[tokio::test]
 async fn turbo_replays_a_clean_copy_from_larder_with_full_turbo() {
-    let name = "turbo_replays_a_clean_copy_from_larder_with_full_turbo";
-    let Some(bin) = npm_tool(name, "LARDER_TURBO") else {
+    let Some(TurboTest {
+        work,
+        srv,
+        turbo,
+        http,
+    }) = TurboTest::start("turbo_replays_a_clean_copy_from_larder_with_full_turbo")
+    else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let srv = larderd(work.path(), None);
-    let turbo = Turbo::new(bin, work.path(), &srv);
-    let http = Client::new();
 
     let first = work.path().join("first");
     turbo_workspace(&first, false);
@@ -331,14 +356,17 @@ async fn turbo_replays_a_clean_copy_from_larder_with_full_turbo() {
 
 #[tokio::test]
 async fn turbo_signed_artifacts_hit_and_a_tampered_artifact_or_wrong_key_is_a_miss() {
-    let name = "turbo_signed_artifacts_hit_and_a_tampered_artifact_or_wrong_key_is_a_miss";
-    let Some(bin) = npm_tool(name, "LARDER_TURBO") else {
+    let Some(TurboTest {
+        work,
+        srv,
+        turbo,
+        http,
+    }) = TurboTest::start(
+        "turbo_signed_artifacts_hit_and_a_tampered_artifact_or_wrong_key_is_a_miss",
+    )
+    else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let srv = larderd(work.path(), None);
-    let turbo = Turbo::new(bin, work.path(), &srv);
-    let http = Client::new();
     let clean_copy = |name: &str| {
         let dir = work.path().join(name);
         turbo_workspace(&dir, true);
@@ -425,14 +453,15 @@ async fn turbo_signed_artifacts_hit_and_a_tampered_artifact_or_wrong_key_is_a_mi
 
 #[tokio::test]
 async fn turbo_with_a_read_only_or_unknown_token_builds_and_stores_nothing() {
-    let name = "turbo_with_a_read_only_or_unknown_token_builds_and_stores_nothing";
-    let Some(bin) = npm_tool(name, "LARDER_TURBO") else {
+    let Some(TurboTest {
+        work,
+        srv,
+        turbo,
+        http,
+    }) = TurboTest::start("turbo_with_a_read_only_or_unknown_token_builds_and_stores_nothing")
+    else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let srv = larderd(work.path(), None);
-    let turbo = Turbo::new(bin, work.path(), &srv);
-    let http = Client::new();
 
     let first = work.path().join("first");
     turbo_workspace(&first, false);
@@ -469,14 +498,15 @@ async fn turbo_with_a_read_only_or_unknown_token_builds_and_stores_nothing() {
 
 #[tokio::test]
 async fn turbo_with_preflight_requests_keeps_its_token_and_hits() {
-    let name = "turbo_with_preflight_requests_keeps_its_token_and_hits";
-    let Some(bin) = npm_tool(name, "LARDER_TURBO") else {
+    let Some(TurboTest {
+        work,
+        srv,
+        turbo,
+        http,
+    }) = TurboTest::start("turbo_with_preflight_requests_keeps_its_token_and_hits")
+    else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let srv = larderd(work.path(), None);
-    let turbo = Turbo::new(bin, work.path(), &srv);
-    let http = Client::new();
 
     // `--preflight` sends OPTIONS before each request and then sends its token only where the
     // answer allows `Authorization`: a refused preflight made every request a 401.
