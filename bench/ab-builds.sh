@@ -53,12 +53,12 @@ for n in $(seq 0 $(($# - 1))); do
     pids+=($!)
     url="http://127.0.0.1:$port/api/v1/object/bench/one"
     for _ in $(seq 100); do
-        curl -sf -X PUT --data-binary @"$work/object" "$url" >/dev/null 2>&1 && break
+        curl -sf -T "$work/object" "$url" >/dev/null 2>&1 && break
         sleep 0.1
     done
     cmp -s "$work/object" <(curl -sf "$url") || { echo "build $n does not serve the object" >&2; exit 1; }
     if ((KEYS > 1)); then
-        seq "$KEYS" | xargs -P4 -I{} curl -sf -X PUT --data-binary @"$work/object" \
+        seq "$KEYS" | xargs -P4 -I{} curl -sf -T "$work/object" \
             "http://127.0.0.1:$port/api/v1/object/bench/small-{}" -o /dev/null
         cmp -s "$work/object" <(curl -sf "http://127.0.0.1:$port/api/v1/object/bench/small-$KEYS") ||
             { echo "build $n does not serve small-$KEYS" >&2; exit 1; }

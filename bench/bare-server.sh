@@ -52,7 +52,7 @@ for _ in $(seq 100); do
     grep -q listening "$work/larderd.out" 2>/dev/null && break
     sleep 0.1
 done
-curl -sf -X PUT --data-binary @"$work/object" "${url[larderd]}" >/dev/null
+curl -sf -T "$work/object" "${url[larderd]}" >/dev/null
 servers=(nginx larderd bare-tokio bare-epoll)
 for server in "${servers[@]}"; do
     # Every server answers 200 with SIZE bytes (the bare ones with other bytes: they never read).

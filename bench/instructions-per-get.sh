@@ -33,7 +33,7 @@ for _ in $(seq 600); do
 done
 head -c "$SIZE" /dev/urandom >"$work/body"
 for n in $(seq "$COUNT"); do
-    curl -sf -X PUT --data-binary @"$work/body" "http://127.0.0.1:$PORT/api/v1/object/bench/small-$n" >/dev/null
+    curl -sf -T "$work/body" "http://127.0.0.1:$PORT/api/v1/object/bench/small-$n" >/dev/null
 done
 callgrind_control -z "$pid" >/dev/null 2>&1
 out=$(BENCH_MODE=small BENCH_PREFIX="/api/v1/object/bench/small-" BENCH_COUNT="$COUNT" \

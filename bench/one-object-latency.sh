@@ -69,7 +69,7 @@ for _ in $(seq 100); do
     grep -q listening "$work/larderd.out" 2>/dev/null && break
     sleep 0.1
 done
-curl -sf -X PUT --data-binary @"$work/www/obj/one" "http://127.0.0.1:$LPORT/api/v1/object/bench/one" >/dev/null
+curl -sf -T "$work/www/obj/one" "http://127.0.0.1:$LPORT/api/v1/object/bench/one" >/dev/null
 larder_url="http://127.0.0.1:$LPORT/api/v1/object/bench/one"
 nginx_url="http://127.0.0.1:$NPORT/obj/one"
 # Both answer, with the same bytes.
@@ -77,7 +77,7 @@ cmp <(curl -sf "$larder_url") <(curl -sf "$nginx_url")
 script=()
 if ((KEYS > 1)); then
     for i in $(seq "$KEYS"); do ln "$work/www/obj/one" "$work/www/obj/small-$i"; done
-    seq "$KEYS" | xargs -P4 -I{} curl -sf -X PUT --data-binary @"$work/www/obj/one" \
+    seq "$KEYS" | xargs -P4 -I{} curl -sf -T "$work/www/obj/one" \
         "http://127.0.0.1:$LPORT/api/v1/object/bench/small-{}" -o /dev/null
     cmp <(curl -sf "${larder_url%one}small-$KEYS") <(curl -sf "${nginx_url%one}small-$KEYS")
     script=(-s bench/wrk-bench.lua)
