@@ -1128,6 +1128,53 @@ mod tests {
         assert!(got.body.is_none());
     }
 
+    /// With inline bodies off (`inline_body_max = 0`, for a fleet still running replicas that
+    /// know only format version 1), every body gets an object of its own, the empty one too,
+    /// and every reference is a bare JSON line.
+    #[tokio::test(flavor = "current_thread")]
+    async fn with_inline_bodies_off_every_body_has_an_object_of_its_own() {
+        let store = Arc::new(ScriptedStore::default());
+        let mut config = S3Config::new("bucket");
+        config.inline_body_max = 0;
+        let tier = S3Tier::over(config, store.clone());
+        tier.check_conditional_put().await.unwrap();
+        let ns = Namespace::parse("ci").unwrap();
+        for (key, bytes) in [("empty", &b""[..]), ("one", &b"x"[..])] {
+            let key = Key::parse(key).unwrap();
+            let bytes: &'static [u8] = bytes;
+            tier.put(&ns, &key, body(bytes), PutOptions::default())
+                .await
+                .unwrap();
+            let reference = store
+                .inner
+                .get(
+                    &tier
+                        .inner
+                        .layout
+                        .path(&Layout::ref_name(ns.as_str(), key.as_str()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert!(!reference.contains(&b'\n'), "{key}: a bare JSON line");
+            let doc = RefDoc::parse(&reference).unwrap();
+            assert_eq!(doc.v, 1, "{key}");
+            let object = doc.body_object().expect("a body object");
+            let stored = store
+                .inner
+                .get(&tier.inner.layout.path(object).unwrap())
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(&stored[..], bytes, "{key}");
+        }
+    }
+
     /// A write reads the key's reference only when it must: never for a new key, once for a key
     /// this replica saw lately or for a conditional write (the check before the upload is the
     /// first attempt's belief), and once more, after a refused create-only PUT, for a key that

@@ -133,7 +133,9 @@ impl Uploader<'_> {
             return Err(failure);
         }
         let etag = ETag::from_digest(&hasher.finalize());
-        if multipart.is_none() && size <= self.inline_max as u64 {
+        // `inline_max` 0 turns inline bodies off, for the empty body too: a replica that only
+        // knows references of format version 1 must be able to read every one.
+        if multipart.is_none() && self.inline_max > 0 && size <= self.inline_max as u64 {
             let inline = match pending.len() {
                 1 => pending.pop().expect("one chunk"),
                 _ => pending.concat().into(),
