@@ -221,8 +221,8 @@ pub(crate) enum ReadRoute {
     Object,
     /// `/bazel/{ns}/cas/{sha256}`: Bazel's blobs, most of a build's cache reads.
     BazelCas,
-    /// `/bazel/{ns}/ac/{sha256}` where action results are not checked (ccache's `layout=bazel`);
-    /// a checked one is read by `bazel.rs`, with its blobs.
+    /// `/bazel/{ns}/ac/{sha256}`: a plain object read where action results are not checked
+    /// (ccache's `layout=bazel`), else answered by `bazel::action_result`, after its blobs.
     BazelAc,
 }
 

@@ -112,9 +112,9 @@ pub(crate) fn object_route_check(key: &Key) -> Option<Box<dyn BodyCheck>> {
 }
 
 /// The route, namespace and key of a read under `/bazel/` (`rest` is the path after it) that
-/// the fast path may answer as a plain object read: a blob, or an action result (which
-/// `api::read_object` leaves to [`handle`] where action results are checked). Anything else, a
-/// malformed hash included, is `handle`'s, which says what is wrong.
+/// the fast path answers: a blob, or an action result (a plain object read where action results
+/// are unchecked, else [`action_result`]). Anything else, a malformed hash included, is
+/// [`handle`]'s, which says what is wrong.
 pub(crate) fn read_route(rest: &str) -> Option<(ReadRoute, &str, &str)> {
     let (ns, key) = rest.split_once('/')?;
     let (store, hash) = key.split_once('/')?;

@@ -1,9 +1,9 @@
 //! The HTTP/1.1 fast path: plain-HTTP connections start here, and the requests CI fleets send by
 //! the thousand — a GET or HEAD of one object, or of a range of it, with nothing but validators
-//! and a token, on the object route or as a Bazel blob ([`ReadRoute`]) — are parsed, answered
-//! and written without hyper. Serving a small object from
-//! disk costs a few microseconds; hyper's connection machinery (dispatch, header maps in and out,
-//! its encoder) cost more than the lookup and the write together. A large body from disk is
+//! and a token, on the object route or as a Bazel blob or action result ([`ReadRoute`]) — are
+//! parsed, answered and written without hyper. Serving a small object from disk costs a few
+//! microseconds; hyper's connection machinery (dispatch, header maps in and out, its encoder)
+//! cost more than the lookup and the write together. A large body from disk is
 //! handed to the kernel (`sendfile`) instead of being copied through user space.
 //!
 //! Only the transport is replaced. What a request means is decided by the same code as on the
