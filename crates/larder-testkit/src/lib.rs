@@ -208,6 +208,11 @@ impl Larderd {
             .ok()
     }
 
+    /// Sends `signal` (a name `kill` knows: `HUP`, `TERM`, …) to larderd.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid(), signal);
+    }
+
     /// `kill -9`: no chance to clean up.
     pub fn kill9(&mut self) {
         if !self.launch.wrapper.is_empty()

@@ -8,7 +8,7 @@
 //! so a failure can never look like a clean short body.
 
 use crate::access_log::AccessLine;
-use crate::auth::{Auth, Caller, Denied, Scope};
+use crate::auth::{Caller, Denied, LiveAuth, Scope};
 use crate::config::Limits;
 use crate::io::{BodyCheck, Pump};
 use crate::metrics::{RequestMetrics, limit_rejected};
@@ -43,7 +43,7 @@ pub struct State {
     pub max_object_size: u64,
     pub metrics: PrometheusHandle,
     pub started: Instant,
-    pub auth: Arc<Auth>,
+    pub auth: LiveAuth,
     pub limits: Limits,
     /// One permit per upload in progress (`limits.max_uploads`).
     pub uploads: Arc<Semaphore>,
@@ -318,12 +318,19 @@ pub(crate) async fn read_object(
     }
     let id = read.request_id.as_str();
     let method = if read.head { Method::HEAD } else { Method::GET };
-    let token = if state.auth.enabled() {
+    let token = if state.auth.open() {
+        String::new()
+    } else {
         let mut headers = HeaderMap::new();
         if let Some(value) = read.authorization {
             headers.insert(header::AUTHORIZATION, value);
         }
-        match state.auth.authorize(&headers, Scope::Read, Some(&ns)) {
+        // The token set is let go at the end of this statement, before the read waits.
+        match state
+            .auth
+            .current()
+            .authorize(&headers, Scope::Read, Some(&ns))
+        {
             Ok(caller) => caller.name().to_string(),
             // Answered here, as the general path answers it: a client that sends its
             // credentials only after a challenge (Gradle, Maven) would otherwise take its
@@ -344,8 +351,6 @@ pub(crate) async fn read_object(
                 return Some(answer);
             }
         }
-    } else {
-        String::new()
     };
     let mut log = RequestLog {
         ns: None,
@@ -920,16 +925,18 @@ async fn service(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return method_not_allowed(READ_METHODS);
     }
+    // Owned: the namespace listing checks the caller again after waiting for the tier.
+    let auth = state.auth.current_owned();
     // Health checks stay open: load balancers and supervisors carry no tokens.
     let needs = match route {
         ServiceRoute::Liveness | ServiceRoute::Readiness => None,
-        ServiceRoute::Metrics if state.auth.public_metrics => None,
+        ServiceRoute::Metrics if auth.public_metrics => None,
         ServiceRoute::Metrics | ServiceRoute::Stats => Some(Scope::Admin),
         ServiceRoute::Namespaces => Some(Scope::Read),
     };
     let caller = match needs {
         None => Caller::Open,
-        Some(scope) => match state.auth.authorize(req.headers(), scope, None) {
+        Some(scope) => match auth.authorize(req.headers(), scope, None) {
             Ok(caller) => caller,
             Err(d) => return denied(d),
         },
@@ -1016,7 +1023,11 @@ async fn object(
             Ok(names) => names,
             Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
         };
-        match state.auth.authorize(req.headers(), Scope::Admin, Some(&ns)) {
+        match state
+            .auth
+            .current()
+            .authorize(req.headers(), Scope::Admin, Some(&ns))
+        {
             Ok(caller) => log.token = caller.name().to_string(),
             Err(d) => return denied(d),
         }
@@ -1068,7 +1079,11 @@ pub(crate) fn admit(
     (ns, key): (&Namespace, &Key),
     scope: Scope,
 ) -> Result<(), Box<Response<Body>>> {
-    match state.auth.authorize(req.headers(), scope, Some(ns)) {
+    match state
+        .auth
+        .current()
+        .authorize(req.headers(), scope, Some(ns))
+    {
         Ok(caller) => log.token = caller.name().to_string(),
         Err(d) => return Err(Box::new(denied(d))),
     }
@@ -1104,7 +1119,11 @@ fn git_repository(
         .map_err(|refused| Box::new(text(refused.status, refused.reason)))?;
     // Access is checked before anything is registered: a caller who may not read the
     // namespace must not be able to make the server fetch repositories either.
-    match state.auth.authorize(req.headers(), Scope::Read, Some(&ns)) {
+    match state
+        .auth
+        .current()
+        .authorize(req.headers(), Scope::Read, Some(&ns))
+    {
         Ok(caller) => log.token = caller.name().to_string(),
         Err(d) => return Err(Box::new(denied(d))),
     }

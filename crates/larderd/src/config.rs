@@ -43,7 +43,7 @@ pub const DEFAULT_BAZEL_MAX_ACTION_RESULT_SIZE: u64 = 1 << 20;
 /// setting can also come from an environment variable or the TOML file given with --config
 /// (a flag wins over the environment, which wins over the file). Sizes accept B, KiB, MiB, GiB,
 /// TiB (and KB, MB, GB, TB); durations s, m, h, d.
-#[derive(Parser, Debug, Default)]
+#[derive(Parser, Clone, Debug, Default)]
 #[command(name = "larderd", version, about, long_about)]
 pub struct Cli {
     /// TOML configuration file
@@ -548,6 +548,69 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The settings that differ in `newer`, other than the token set (`[[tokens]]` and
+    /// `public_metrics`, which a reload puts in force): they are read once, at start.
+    pub fn restart_only_changes(&self, newer: &Config) -> Vec<&'static str> {
+        // Compared through their Debug form: every setting has one, and a new setting added
+        // to `Config` must be listed here (the destructuring below does not compile without).
+        let Config {
+            listen,
+            data_dir,
+            disk_limit,
+            disk_direct_writes,
+            disk_memory_cache,
+            disk_open_files,
+            max_ttl,
+            max_object_size,
+            log_format,
+            shutdown_grace,
+            workers,
+            s3,
+            allow_anonymous,
+            auth: _,
+            limits,
+            tls,
+            git,
+            bazel,
+        } = self;
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        let settings: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 17] = [
+            ("listen", listen, &newer.listen),
+            ("data dir", data_dir, &newer.data_dir),
+            ("disk limit", disk_limit, &newer.disk_limit),
+            (
+                "[disk] direct_writes",
+                disk_direct_writes,
+                &newer.disk_direct_writes,
+            ),
+            (
+                "[disk] memory_cache",
+                disk_memory_cache,
+                &newer.disk_memory_cache,
+            ),
+            ("[disk] open_files", disk_open_files, &newer.disk_open_files),
+            ("max_ttl", max_ttl, &newer.max_ttl),
+            ("max_object_size", max_object_size, &newer.max_object_size),
+            ("log_format", log_format, &newer.log_format),
+            ("shutdown_grace", shutdown_grace, &newer.shutdown_grace),
+            ("workers", workers, &newer.workers),
+            ("[s3]", s3, &newer.s3),
+            ("allow_anonymous", allow_anonymous, &newer.allow_anonymous),
+            ("[limits]", limits, &newer.limits),
+            ("[tls]", tls, &newer.tls),
+            ("[git]", git, &newer.git),
+            ("[bazel]", bazel, &newer.bazel),
+        ];
+        settings
+            .into_iter()
+            .filter(|(_, old, new)| !same(*old, *new))
+            .map(|(name, _, _)| name)
+            .collect()
+    }
+}
+
 /// One connection-serving thread per core the process may run on.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -947,6 +1010,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.limits.max_connections, 20);
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_only_a_restart_applies() {
+        let digest = crate::auth::token_digest_hex("s3cret");
+        let tokens =
+            format!("[[tokens]]\nname = \"ci\"\nsha256 = \"{digest}\"\nscopes = [\"read\"]\n");
+        let running = with_file(
+            "max_ttl = \"2d\"\n[limits]\nmax_uploads = 8\n",
+            Cli::default(),
+        )
+        .unwrap();
+        // Tokens and public_metrics are what a reload applies: nothing to report.
+        let same = with_file(
+            &format!(
+                "max_ttl = \"2d\"\npublic_metrics = false\n[limits]\nmax_uploads = 8\n{tokens}"
+            ),
+            Cli::default(),
+        )
+        .unwrap();
+        assert_eq!(running.restart_only_changes(&same), Vec::<&str>::new());
+        let changed = with_file(
+            "max_ttl = \"3d\"\n[limits]\nmax_uploads = 9\n[s3]\nbucket = \"b\"\n",
+            Cli::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            running.restart_only_changes(&changed),
+            ["max_ttl", "[s3]", "[limits]"]
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod memory;
 mod metrics;
 mod nx;
 mod recent;
+mod reload;
 mod server;
 mod tls;
 mod turbo;
@@ -81,7 +82,7 @@ fn main() {
         println!("sha256 = \"{}\"", auth::token_digest_hex(token));
         return;
     }
-    let config = match Config::resolve(cli) {
+    let config = match Config::resolve(cli.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("larderd: {e:#}");
@@ -93,7 +94,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = runtime.block_on(run(config));
+    let result = runtime.block_on(run(cli, config));
     if let Err(e) = &result {
         tracing::error!("{e:#}");
     }
@@ -133,7 +134,7 @@ fn raise_descriptor_limit() {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(cli: config::Cli, config: Config) -> anyhow::Result<()> {
     auth::check_exposure(config.listen, &config.auth, config.allow_anonymous)?;
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     if !config.auth.enabled() {
@@ -194,11 +195,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_object_size: config.max_object_size,
         metrics,
         started: Instant::now(),
-        auth: config.auth.clone(),
+        auth: auth::LiveAuth::new(config.auth.clone()),
         uploads: Arc::new(tokio::sync::Semaphore::new(config.limits.max_uploads)),
         limits: config.limits.clone(),
         test_fault_panic: test_fault_panic()?,
     });
+    // Before the listener opens: a SIGHUP from then on reloads instead of ending the process.
+    reload::on_hangup(cli, config.clone(), state.clone())?;
     let options = server::ServeOptions {
         limits: config.limits,
         tls,

@@ -65,7 +65,11 @@ pub(crate) async fn handle(
         Ok(key) => key,
         Err(reason) => return api::text(StatusCode::BAD_REQUEST, reason),
     };
-    match state.auth.authorize(req.headers(), scope, Some(&ns)) {
+    match state
+        .auth
+        .current()
+        .authorize(req.headers(), scope, Some(&ns))
+    {
         Ok(caller) => log.token = caller.name().to_string(),
         Err(d) => return for_nx(api::denied(d)),
     }

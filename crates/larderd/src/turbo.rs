@@ -200,7 +200,11 @@ async fn answer(
         },
         _ => None,
     };
-    match state.auth.authorize(req.headers(), scope, Some(&ns)) {
+    match state
+        .auth
+        .current()
+        .authorize(req.headers(), scope, Some(&ns))
+    {
         Ok(caller) => log.token = caller.name().to_string(),
         Err(d) => return api::denied(d),
     }

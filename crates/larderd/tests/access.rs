@@ -440,3 +440,204 @@ async fn basic_authentication_carries_the_token_as_the_password() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// One request on an open HTTP/1.1 connection; the status and the body.
+async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "connection closed"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn token_section(name: &str, token: &str, scopes: &str) -> String {
+    format!(
+        "[[tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\nscopes = [{scopes}]\n",
+        token_sha256(token)
+    )
+}
+
+/// Waits until larderd's log (`path`) holds `needle` `count` times.
+fn wait_for_log(path: &std::path::Path, needle: &str, count: usize) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in the log:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// SIGHUP puts the file's new token set in force for the next request of every connection,
+/// open ones included (the fast path's reads as much as the general path's writes), and
+/// `public_metrics` with it. A file that no longer parses changes nothing.
+#[tokio::test]
+async fn sighup_puts_the_files_new_tokens_in_force_and_a_broken_file_changes_nothing() {
+    const OLD: &str = "old-token-4e1f";
+    const NEW: &str = "new-token-9a7c";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("larder.toml");
+    let log = dir.path().join("stderr.log");
+    std::fs::write(&cfg, token_section("old", OLD, "\"read\", \"write\"")).unwrap();
+    let srv = Launch::new(&["--config", cfg.to_str().unwrap()])
+        .env("LARDER_LOG", "info")
+        .stderr_to(&log)
+        .start();
+    let http = Client::new();
+    let url = srv.object_url("ci-a", "k");
+    let put = |token: &'static str| http.put(&url).bearer_auth(token).body("v").send();
+    assert!(put(OLD).await.unwrap().status().is_success());
+    let mut open = tokio::net::TcpStream::connect(&srv.addr).await.unwrap();
+    let get = |token: &str| {
+        format!(
+            "GET /api/v1/object/ci-a/k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+    };
+    assert_eq!(exchange(&mut open, &get(OLD)).await, (200, "v".into()));
+    assert_eq!(exchange(&mut open, &get(NEW)).await.0, 401);
+    let metrics_url = format!("{}/metrics", srv.url());
+    assert_eq!(http.get(&metrics_url).send().await.unwrap().status(), 200);
+
+    // The old token revoked, a new one with admin, /metrics private, and a setting that only
+    // a restart applies.
+    std::fs::write(
+        &cfg,
+        format!(
+            "public_metrics = false\nmax_ttl = \"1h\"\n{}",
+            token_section("new", NEW, "\"read\", \"write\", \"admin\"")
+        ),
+    )
+    .unwrap();
+    srv.signal("HUP");
+    // The warning comes after the reload's own line.
+    let text = wait_for_log(
+        &log,
+        "max_ttl changed in the file and take effect at the next restart only",
+        1,
+    );
+    assert!(
+        text.contains("configuration reloaded, 1 tokens in force"),
+        "{text}"
+    );
+    // The same connection, now under the new set: the old token is unknown.
+    assert_eq!(exchange(&mut open, &get(NEW)).await, (200, "v".into()));
+    let (status, reason) = exchange(&mut open, &get(OLD)).await;
+    assert_eq!((status, reason.trim()), (401, "unknown token"));
+    assert_eq!(put(OLD).await.unwrap().status(), 401);
+    assert!(put(NEW).await.unwrap().status().is_success());
+    assert_eq!(http.get(&metrics_url).send().await.unwrap().status(), 401);
+
+    // A file that does not parse: refused, said so, and the set in force stays.
+    std::fs::write(&cfg, "[[tokens]\nname = ").unwrap();
+    srv.signal("HUP");
+    let text = wait_for_log(&log, "configuration not reloaded", 1);
+    assert!(text.contains("invalid config file"), "{text}");
+    assert_eq!(exchange(&mut open, &get(NEW)).await, (200, "v".into()));
+    assert_eq!(exchange(&mut open, &get(OLD)).await.0, 401);
+    let metrics = http
+        .get(&metrics_url)
+        .bearer_auth(NEW)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        larder_testkit::metric(&metrics, "larder_config_reloads_total{result=\"applied\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        larder_testkit::metric(&metrics, "larder_config_reloads_total{result=\"refused\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+/// A reload that would leave a network listener without tokens is refused like such a start,
+/// and a SIGHUP to a larderd without a config file leaves it serving (the signal's default
+/// action would end it).
+#[tokio::test]
+async fn sighup_never_opens_a_network_listener_and_never_stops_the_server() {
+    const TOKEN: &str = "only-token-77d0";
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("larder.toml");
+    let log = dir.path().join("stderr.log");
+    std::fs::write(&cfg, token_section("only", TOKEN, "\"read\", \"write\"")).unwrap();
+    let mut child = Command::new(binary("larderd"))
+        .args(["--listen", "0.0.0.0:0", "--config", cfg.to_str().unwrap()])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("LARDER_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port = line.trim().rsplit(':').next().unwrap().to_string();
+    let url = format!("http://127.0.0.1:{port}/api/v1/object/ci-a/k");
+    let http = Client::new();
+    std::fs::write(&cfg, "# every token removed\n").unwrap();
+    let _ = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status();
+    let text = wait_for_log(&log, "configuration not reloaded", 1);
+    let anonymous = http.put(&url).body("v").send().await.map(|r| r.status());
+    let with_token = http.put(&url).bearer_auth(TOKEN).body("v").send().await;
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    assert!(text.contains("refusing to listen on 0.0.0.0:"), "{text}");
+    assert!(!text.contains("configuration reloaded"), "{text}");
+    assert_eq!(anonymous.unwrap(), StatusCode::UNAUTHORIZED);
+    assert!(with_token.unwrap().status().is_success());
+
+    let log = dir.path().join("open.log");
+    let srv = Launch::new(&[])
+        .env("LARDER_LOG", "info")
+        .stderr_to(&log)
+        .start();
+    srv.signal("HUP");
+    wait_for_log(
+        &log,
+        "nothing to reload, larderd was started without --config",
+        1,
+    );
+    let r = http
+        .put(srv.object_url("ns", "k"))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+}
