@@ -136,7 +136,7 @@ fn raise_descriptor_limit() {
 
 async fn run(cli: config::Cli, config: Config) -> anyhow::Result<()> {
     auth::check_exposure(config.listen, &config.auth, config.allow_anonymous)?;
-    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let (tls, certificate) = config.tls.as_ref().map(tls::acceptor).transpose()?.unzip();
     if !config.auth.enabled() {
         tracing::info!("no tokens configured: every request may read and write");
     }
@@ -201,7 +201,7 @@ async fn run(cli: config::Cli, config: Config) -> anyhow::Result<()> {
         test_fault_panic: test_fault_panic()?,
     });
     // Before the listener opens: a SIGHUP from then on reloads instead of ending the process.
-    reload::on_hangup(cli, config.clone(), state.clone())?;
+    reload::on_hangup(cli, config.clone(), state.clone(), certificate)?;
     let options = server::ServeOptions {
         limits: config.limits,
         tls,

@@ -126,3 +126,70 @@ fn bad_certificate_files_are_refused_with_a_reason() {
     let err = start_error(&pki.cert, &pki.cert);
     assert!(err.contains("cannot read a PEM private key"), "{err}");
 }
+
+/// Waits until larderd's log (`path`) holds `needle`.
+fn wait_for_log(path: &Path, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in the log:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A renewed certificate is put in force by SIGHUP, without a config file: new handshakes get
+/// it, a connection opened before keeps serving. A key that does not fit the new certificate
+/// is refused and the certificate in force stays.
+#[tokio::test]
+async fn sighup_serves_a_renewed_certificate_and_refuses_a_mismatched_key() {
+    let serving = TestPki::new("first");
+    let renewed = TestPki::new("renewed");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let srv = larder_testkit::Launch::new(&serving.server_args())
+        .env("LARDER_LOG", "info")
+        .stderr_to(&log)
+        .start();
+    let liveness = format!("{}/_liveness", srv.url());
+    let status = |pki: &TestPki| {
+        let client = trusting(pki).build().unwrap();
+        let url = liveness.clone();
+        async move { client.get(url).send().await.map(|r| r.status()) }
+    };
+    let opened_before = trusting(&serving).http1_only().build().unwrap();
+    assert_eq!(
+        opened_before.get(&liveness).send().await.unwrap().status(),
+        200
+    );
+    assert!(status(&renewed).await.is_err(), "not renewed yet");
+
+    std::fs::copy(&renewed.cert, &serving.cert).unwrap();
+    std::fs::copy(&renewed.key, &serving.key).unwrap();
+    srv.signal("HUP");
+    let text = wait_for_log(&log, "configuration reloaded");
+    assert!(text.contains("certificate read again from"), "{text}");
+    assert_eq!(status(&renewed).await.unwrap(), StatusCode::OK);
+    assert!(
+        status(&serving).await.is_err(),
+        "the old CA's certificate is gone"
+    );
+    // The connection opened under the first certificate carries on.
+    assert_eq!(
+        opened_before.get(&liveness).send().await.unwrap().status(),
+        200
+    );
+
+    // A key of another certificate: refused, the renewed certificate stays.
+    let other = TestPki::new("other");
+    std::fs::copy(&other.key, &serving.key).unwrap();
+    srv.signal("HUP");
+    let text = wait_for_log(&log, "configuration not reloaded");
+    assert!(text.contains("does not fit the certificate"), "{text}");
+    assert_eq!(status(&renewed).await.unwrap(), StatusCode::OK);
+}
