@@ -379,6 +379,23 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Waits up to 10 s until the log file at `path` (see [`Launch::stderr_to`]) holds `needle`,
+/// and returns the log.
+pub fn wait_for_log(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The value of the first Prometheus series in `metrics` whose text starts with `prefix`
 /// (name and labels), e.g. `larder_fills_total{result="filled"}`.
 pub fn metric(metrics: &str, prefix: &str) -> Option<f64> {

@@ -2,7 +2,7 @@
 //! the loopback-only default without tokens, and tokens kept out of logs, metrics and stored
 //! headers.
 
-use larder_testkit::{Larderd, Launch, binary, token_sha256};
+use larder_testkit::{Larderd, Launch, binary, token_sha256, wait_for_log};
 use reqwest::{Client, StatusCode};
 use std::process::{Command, Stdio};
 
@@ -321,6 +321,17 @@ async fn tokens_never_appear_in_logs_metrics_or_stored_headers() {
     assert_eq!(put["fields"]["request_id"], "job-42-step-7");
 }
 
+/// The line a larderd started with a piped stdout prints once it listens.
+fn listening_line(child: &mut std::process::Child) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    line
+}
+
 #[test]
 fn without_tokens_larderd_stays_on_loopback_unless_told() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,12 +353,7 @@ fn without_tokens_larderd_stays_on_loopback_unless_told() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let line = listening_line(&mut child);
     let _ = child.kill();
     let _ = child.wait();
     assert!(
@@ -477,22 +483,6 @@ fn token_section(name: &str, token: &str, scopes: &str) -> String {
     )
 }
 
-/// Waits until larderd's log (`path`) holds `needle` `count` times.
-fn wait_for_log(path: &std::path::Path, needle: &str, count: usize) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.matches(needle).count() >= count {
-            return log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 /// SIGHUP puts the file's new token set in force for the next request of every connection,
 /// open ones included (the fast path's reads as much as the general path's writes), and
 /// `public_metrics` with it. A file that no longer parses changes nothing.
@@ -538,7 +528,6 @@ async fn sighup_puts_the_files_new_tokens_in_force_and_a_broken_file_changes_not
     let text = wait_for_log(
         &log,
         "max_ttl changed in the file and take effect at the next restart only",
-        1,
     );
     assert!(
         text.contains("configuration reloaded, 1 tokens in force"),
@@ -555,7 +544,7 @@ async fn sighup_puts_the_files_new_tokens_in_force_and_a_broken_file_changes_not
     // A file that does not parse: refused, said so, and the set in force stays.
     std::fs::write(&cfg, "[[tokens]\nname = ").unwrap();
     srv.signal("HUP");
-    let text = wait_for_log(&log, "configuration not reloaded", 1);
+    let text = wait_for_log(&log, "configuration not reloaded");
     assert!(text.contains("invalid config file"), "{text}");
     assert_eq!(exchange(&mut open, &get(NEW)).await, (200, "v".into()));
     assert_eq!(exchange(&mut open, &get(OLD)).await.0, 401);
@@ -599,12 +588,7 @@ async fn sighup_never_opens_a_network_listener_and_never_stops_the_server() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let line = listening_line(&mut child);
     let port = line.trim().rsplit(':').next().unwrap().to_string();
     let url = format!("http://127.0.0.1:{port}/api/v1/object/ci-a/k");
     let http = Client::new();
@@ -612,7 +596,7 @@ async fn sighup_never_opens_a_network_listener_and_never_stops_the_server() {
     let _ = Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status();
-    let text = wait_for_log(&log, "configuration not reloaded", 1);
+    let text = wait_for_log(&log, "configuration not reloaded");
     let anonymous = http.put(&url).body("v").send().await.map(|r| r.status());
     let with_token = http.put(&url).bearer_auth(TOKEN).body("v").send().await;
     let _ = Command::new("kill").arg(child.id().to_string()).status();
@@ -631,7 +615,6 @@ async fn sighup_never_opens_a_network_listener_and_never_stops_the_server() {
     wait_for_log(
         &log,
         "nothing to reload, larderd was started without --config",
-        1,
     );
     let r = http
         .put(srv.object_url("ns", "k"))

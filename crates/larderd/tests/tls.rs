@@ -2,7 +2,7 @@
 //! uploads over both, clients that do not trust the CA refused, bad certificate files refused
 //! at start-up with a reason.
 
-use larder_testkit::{Larderd, TestPki, binary};
+use larder_testkit::{Larderd, TestPki, binary, wait_for_log};
 use reqwest::{Certificate, Client, StatusCode, Version};
 use std::path::Path;
 use std::process::Command;
@@ -125,22 +125,6 @@ fn bad_certificate_files_are_refused_with_a_reason() {
     assert!(err.contains("cannot read a PEM certificate chain"), "{err}");
     let err = start_error(&pki.cert, &pki.cert);
     assert!(err.contains("cannot read a PEM private key"), "{err}");
-}
-
-/// Waits until larderd's log (`path`) holds `needle`.
-fn wait_for_log(path: &Path, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {needle:?} in the log:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 /// A renewed certificate is put in force by SIGHUP, without a config file: new handshakes get
