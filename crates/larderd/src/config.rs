@@ -55,6 +55,12 @@ pub struct Cli {
     #[arg(long)]
     pub hash_token: bool,
 
+    /// Check the configuration as a start would (files, listener exposure, TLS certificate and
+    /// key), print a summary and exit: 0 if larderd would start with it, 2 with the reason if
+    /// not. Nothing is opened or written (for `systemctl reload`, before SIGHUP)
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Address to listen on (TOML: listen)
     #[arg(long, env = "LARDER_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,

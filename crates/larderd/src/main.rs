@@ -89,6 +89,16 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if cli.check_config {
+        match check(&config) {
+            Ok(summary) => println!("larderd: configuration OK: {summary}"),
+            Err(e) => {
+                eprintln!("larderd: {e:#}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     let log_guard = init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -104,6 +114,33 @@ fn main() {
         eprintln!("larderd: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `--check-config`: the checks a start makes before it opens anything, and what the
+/// configuration amounts to, in one line.
+fn check(config: &Config) -> anyhow::Result<String> {
+    auth::check_exposure(config.listen, &config.auth, config.allow_anonymous)?;
+    if let Some(files) = &config.tls {
+        tls::load(files)?;
+    }
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let tiers = match &config.s3 {
+        None => format!("disk tier in {}", config.data_dir.display()),
+        Some(s3) => format!(
+            "disk tier in {} over S3 bucket {:?}",
+            config.data_dir.display(),
+            s3.tier.bucket
+        ),
+    };
+    let access = match config.auth.token_count() {
+        0 => "no tokens (every request may read and write)".to_string(),
+        n => format!("{n} tokens"),
+    };
+    Ok(format!("{scheme}://{}, {tiers}, {access}", config.listen))
 }
 
 /// Raises the soft limit on open descriptors to the hard one, as nginx (`worker_rlimit_nofile`)

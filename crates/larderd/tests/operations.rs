@@ -360,6 +360,36 @@ fn the_sample_systemd_unit_verifies_and_starts_larderd() {
     let mut srv = Larderd::start_in(&dir.path().join("data"), &patched);
     assert!(srv.terminate().success(), "SIGTERM is a clean stop");
 
+    // A reload checks the configuration with ExecStart's flags first, then signals.
+    let reload: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecReload="))
+        .collect();
+    assert_eq!(
+        reload,
+        [
+            format!("{exec} --check-config").as_str(),
+            "/bin/kill -HUP $MAINPID"
+        ]
+    );
+    let out = Command::new(binary("larderd"))
+        .args(&patched)
+        .arg("--data-dir")
+        .arg(dir.path().join("unused"))
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("larderd: configuration OK: "),
+        "{stdout}"
+    );
+
     let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
         println!("SKIPPED systemd-analyze verify: systemd-analyze is not installed");
         return;
@@ -446,4 +476,77 @@ fn larderd_raises_its_descriptor_limit_to_the_hard_limit() {
         "the wrapper lowered it"
     );
     assert_eq!(descriptor_limits(&srv.pid().to_string()), (hard, hard));
+}
+
+/// `--check-config` says whether larderd would start with what it is given, and why not, without
+/// opening or writing anything: a parse error, a network listener without tokens and a key that
+/// does not fit its certificate are refused with exit code 2, as a start refuses them.
+#[test]
+fn check_config_says_whether_a_start_would_succeed_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let check = |args: &[&str]| {
+        let out = Command::new(binary("larderd"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = check(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("configuration OK: http://127.0.0.1:8080, disk tier in")
+            && text.contains("no tokens"),
+        "{text}"
+    );
+
+    let cfg = dir.path().join("larder.toml");
+    let cfg_arg = cfg.to_str().unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[tokens]]\nname = \"ci\"\nsha256 = \"{}\"\nscopes = [\"read\"]\n",
+            larder_testkit::token_sha256("t")
+        ),
+    )
+    .unwrap();
+    let (code, text) = check(&["--config", cfg_arg, "--listen", "0.0.0.0:8080"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("http://0.0.0.0:8080") && text.contains("1 tokens"),
+        "{text}"
+    );
+
+    let (code, text) = check(&["--listen", "0.0.0.0:8080"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("refusing to listen on 0.0.0.0:8080"),
+        "{text}"
+    );
+
+    std::fs::write(&cfg, "[[tokens]\n").unwrap();
+    let (code, text) = check(&["--config", cfg_arg]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("invalid config file"), "{text}");
+
+    let pki = larder_testkit::TestPki::new("check");
+    let other = larder_testkit::TestPki::new("other");
+    let (cert, key) = (pki.cert.to_str().unwrap(), other.key.to_str().unwrap());
+    let (code, text) = check(&["--tls-cert", cert, "--tls-key", key]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("does not fit the certificate"), "{text}");
+    let key = pki.key.to_str().unwrap();
+    let (code, text) = check(&["--tls-cert", cert, "--tls-key", key]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("configuration OK: https://127.0.0.1:8080"),
+        "{text}"
+    );
+
+    assert!(!data.exists(), "--check-config created the data directory");
 }
